@@ -1,0 +1,44 @@
+# alexnet-pipe: the DAG  setup → prepare (shard train, shard val, pca-stats) → train → eval.
+# Every DAG target is .PHONY and one CLI call: the CLI itself knows when a stage is up to date (Make cannot see a
+# changed parameter in file times), so a second `make prepare` returns in seconds and does no work.
+
+PYTHON   ?= python3.11
+VENV     := .venv
+PY       := $(VENV)/bin/python
+CLI      := $(VENV)/bin/alexnet-pipe
+STAMP    := $(VENV)/.setup-stamp
+WHEELS   := $(VENV)/wheels
+
+WORK     ?= ./work
+RUN      ?= demo
+DEVICES  ?= auto
+IMAGENET ?=
+SEED     ?= 0
+
+# The embedded default data set (no IMAGENET): generated, small enough for a laptop CPU.
+DEMO_CLASSES   ?= 10
+DEMO_TRAIN     ?= 60
+DEMO_VAL       ?= 10
+DEMO_DATA      := $(WORK)/demo-data
+DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
+
+.PHONY: setup test lint synth prepare shard-train shard-val pca status clean bench
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml tools/build-pillow-simd.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	tools/build-pillow-simd.sh $(PY) $(WHEELS)
+	$(PY) -m pip install --quiet --find-links $(WHEELS) -e '.[test]'
+	$(PY) -m pip check
+	$(PY) -c "import PIL, sys; v = PIL.__version__; print('PIL', v); sys.exit(0 if v.endswith('+simd') else 'stock Pillow replaced pillow-simd')"
+	touch $@
+
+test: $(STAMP)
+	$(VENV)/bin/pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline stages cli tests
+
+clean:
+	rm -rf $(WORK)

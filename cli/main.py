@@ -1,0 +1,160 @@
+"""The `alexnet-pipe` command line: one thin function per DAG stage. Heavy imports (torch, DALI) happen inside the
+commands, so `--help` and up-to-date stages return in well under a second.
+
+Exit codes: 0 success, 1 unexpected error (a bug: rerun with --debug for the traceback), 2 bad usage or input,
+3 the stage is already running in that folder, 4 verification found mismatches.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(
+    name="alexnet-pipe",
+    help="Reproduce AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012) stage by stage: synth → shard → pca-stats "
+    "→ train → eval. Every stage is cached (a finished stage returns at once) and restartable (a killed stage "
+    "resumes where it stopped).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+_debug = False
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False):
+    global _debug
+    _debug = debug
+
+
+def _reporter():
+    from cli.report import CliReporter
+
+    return CliReporter()
+
+
+Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores). "
+                                            "Not part of the cache key.", min=1)]
+TaskIndex = Annotated[int | None, typer.Option(help="Array task index (default: $SLURM_ARRAY_TASK_ID). This task "
+                                              "writes only units [⌊iU/T⌋, ⌊(i+1)U/T⌋).")]
+NumTasks = Annotated[int | None, typer.Option(help="Number of array tasks T; required with --task-index.", min=1)]
+Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
+Seed = Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical outputs.")]
+
+
+def _task_index(task_index: int | None) -> int | None:
+    if task_index is not None:
+        return task_index
+    env = os.environ.get("SLURM_ARRAY_TASK_ID")
+    return int(env) if env is not None else None
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to create the data set in.")],
+    classes: Annotated[int, typer.Option(help="Number of classes: the first N ILSVRC-2012 wnids.", min=1,
+                                         max=1000)] = 10,
+    train_per_class: Annotated[int, typer.Option(help="Training images per class.", min=1)] = 100,
+    val_per_class: Annotated[int, typer.Option(help="Validation images per class.", min=1)] = 20,
+    format: Annotated[str, typer.Option("--format", help="tree: train/<wnid>/*.JPEG + flat val/ + "
+                                        "LOC_val_solution.csv; tars: the three official ILSVRC-2012 archives.")
+                      ] = "tree",
+    seed: Seed = 0,
+    force: Force = False,
+):
+    """Generate the embedded default data set: an ImageNet look-alike with real ILSVRC conventions (wnids, file
+    names, val labels, one grayscale, one CMYK and one PNG-named-.JPEG file per split)."""
+    from stages import synth as stage
+
+    stage.run(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, fmt=format,
+              seed=seed, force=force, reporter=_reporter())
+
+
+@app.command()
+def shard(
+    source: Annotated[Path, typer.Argument(help="ImageNet: a folder with the official tars, an extracted tree "
+                                           "(train/<wnid>/, val/), or a single split folder or archive.")],
+    out: Annotated[Path, typer.Argument(help="Folder for this split's shards, .idx files and manifest.json.")],
+    split: Annotated[str, typer.Option(help="train or val.")] = ...,
+    labels: Annotated[Path | None, typer.Option(help="Val ground truth: LOC_val_solution.csv, the devkit "
+                                                "tar.gz or ILSVRC2012_validation_ground_truth.txt (devkit IDs). "
+                                                "Found automatically beside the source.")] = None,
+    classes: Annotated[Path | None, typer.Option(help="Class list in LOC_synset_mapping.txt format (default: "
+                                                 "the 1,000 ILSVRC-2012 wnids, sorted).")] = None,
+    shard_size: Annotated[int, typer.Option(help="Samples per shard.", min=1)] = 1000,
+    workers: Workers = None,
+    task_index: TaskIndex = None,
+    num_tasks: NumTasks = None,
+    short_side: Annotated[int, typer.Option(help="Resize so the short side is this many pixels.", min=1)] = 256,
+    quality: Annotated[int, typer.Option(help="JPEG quality of the shard images.", min=1, max=100)] = 95,
+    seed: Seed = 0,
+    force: Force = False,
+):
+    """Shard one ImageNet split into WebDataset tars (short side 256, RGB baseline JPEG, global sorted-wnid
+    labels), with a DALI .idx per shard and manifest.json. Bad images are skipped and listed, never fatal."""
+    from stages import shard as stage
+
+    stage.run(source, out, split=split, labels=labels, classes_file=classes, shard_size=shard_size,
+              workers=workers, task_index=_task_index(task_index), num_tasks=num_tasks, short_side=short_side,
+              quality=quality, seed=seed, force=force, reporter=_reporter())
+
+
+@app.command()
+def verify(
+    shard_dir: Annotated[Path, typer.Argument(help="A shard folder (holding manifest.json).")],
+    decode: Annotated[bool, typer.Option(help="Also decode every image.")] = False,
+):
+    """Re-read every shard and check its sha256 and sample count against the manifest (exit 4 on a mismatch)."""
+    from pipeline.errors import VerifyFailed
+    from pipeline.shards import load_manifest, verify_shards
+
+    reporter = _reporter()
+    total = len(load_manifest(shard_dir)["shards"])
+    with reporter.progress("verify", total=total) as advance:
+        problems = verify_shards(shard_dir, decode=decode, on_shard=lambda _: advance(1))
+    for p in problems:
+        reporter.warn(p)
+    if problems:
+        raise VerifyFailed(f"{shard_dir}: {len(problems)} problem(s) in {total} shards")
+    reporter.info(f"verify: {total} shards match the manifest{' and decode' if decode else ''}")
+
+
+@app.command()
+def status(work: Annotated[Path, typer.Argument(help="The work folder (default ./work).")] = Path("work")):
+    """One row per DAG stage: done, stale (and why), partial (k of n units) or missing."""
+    from rich.table import Table
+
+    from cli.report import console
+    from stages.status import stage_rows
+
+    table = Table(title=f"alexnet-pipe status: {work}")
+    for col in ("stage", "folder", "state", "detail"):
+        table.add_column(col)
+    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red"}
+    for name, folder, state in stage_rows(work):
+        table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
+    console.print(table)
+
+
+def main() -> None:
+    """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
+    from pipeline.errors import PipeError
+
+    try:
+        app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
+    except PipeError as e:
+        if _debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except Exception as e:  # noqa: BLE001 - the last line of defence
+        if _debug:
+            raise
+        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)

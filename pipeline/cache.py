@@ -1,0 +1,350 @@
+"""The stage engine: cache keys, done markers, atomic writes, locks. The only place that knows about caching.
+
+A stage's key hashes its params, its hand-bumped `VERSION` and its inputs' digests. Its folder holds
+  _stage.json        the done marker (written last, atomically): key, params, inputs, timings
+  _plan.json         the key and unit list of the run in progress, so `status` can say "partial k of n"
+  _units/<u>.json    one record per finished unit, written after the unit's own files were renamed into place
+  .locks/            flock files: `run` (one full run at a time), `finalize`, and one per unit
+A unit writes its files under temp names and renames them when complete, so a SIGKILL loses only the units in
+flight and never leaves a truncated file under a final name. `--workers` and the task flags are not in the key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from pipeline.errors import PipeError, StageBusy
+
+MARKER = "_stage.json"
+PLAN = "_plan.json"
+UNITS = "_units"
+LOCKS = ".locks"
+TMP_TAG = ".tmp-"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# atomic files
+
+
+@contextlib.contextmanager
+def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
+    """Write `path` under a temp name in the same folder; fsync and rename only when the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path, "w") as f:
+        f.write(canonical_json(obj))
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipeError(f"{path}: not valid JSON ({e})") from None
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Temp files of writers that were killed (their pid is in the name); call only when no writer can be alive."""
+    for tmp in folder.rglob(f".*{TMP_TAG}*"):
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# digests
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint_source(path: Path) -> str:
+    """A raw source's digest: names, sizes and mtimes of every file under it (never reads 150 GB of content)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        st = path.stat()
+        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "fp:" + h.hexdigest()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = Path(root, name)
+            st = full.stat()
+            h.update(f"{full.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return "fp:" + h.hexdigest()
+
+
+def stage_key(name: str, version: int, params: dict, inputs: dict[str, str]) -> str:
+    blob = canonical_json({"stage": name, "version": version, "params": params, "inputs": inputs})
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# locks
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, blocking: bool) -> Iterator[bool]:
+    """flock on `path`; yields whether it was acquired. The kernel drops it when the holder dies (SIGKILL too)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        try:
+            yield True
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stages
+
+
+@dataclass(frozen=True)
+class Input:
+    """An input of a stage: its digest (in the key) and where it lives (so `status` can re-check it)."""
+
+    path: Path
+    digest: str
+
+    @staticmethod
+    def of_stage(folder: Path, product: str) -> Input:
+        """A derived input: the digest of an upstream stage's product file (its manifest / pca.json)."""
+        f = folder / product
+        if not (folder / MARKER).is_file() or not f.is_file():
+            raise PipeError(f"{folder}: expected a finished stage holding {product}; run the upstream stage first")
+        return Input(folder, "sha256:" + sha256_file(f))
+
+    @staticmethod
+    def of_source(path: Path) -> Input:
+        if not path.exists():
+            raise PipeError(f"input not found: {path}")
+        return Input(path, fingerprint_source(path))
+
+
+@dataclass
+class Stage:
+    """One run of a stage over one output folder."""
+
+    name: str
+    version: int
+    out: Path
+    params: dict
+    inputs: dict[str, Input] = field(default_factory=dict)
+    product: str | None = None  # the file downstream stages digest (manifest.json, pca.json, …)
+    outputs: tuple[str, ...] = ()  # globs of this stage's files, removed when the key changes
+
+    @property
+    def key(self) -> str:
+        return stage_key(self.name, self.version, self.params, {k: v.digest for k, v in self.inputs.items()})
+
+    def marker(self) -> dict | None:
+        p = self.out / MARKER
+        return read_json(p) if p.is_file() else None
+
+    def up_to_date(self) -> bool:
+        m = self.marker()
+        return m is not None and m.get("key") == self.key
+
+    def stale_reason(self) -> str | None:
+        """Why a finished stage no longer matches this configuration (None if it matches or never ran)."""
+        m = self.marker()
+        if m is None or m.get("key") == self.key:
+            return None
+        if m.get("version") != self.version:
+            return f"stage version {m.get('version')} → {self.version}"
+        changed = [k for k, v in self.inputs.items() if m.get("inputs", {}).get(k, {}).get("digest") != v.digest]
+        if changed:
+            return "input changed: " + ", ".join(changed)
+        diff = [k for k in sorted(set(self.params) | set(m.get("params", {})))
+                if self.params.get(k) != m.get("params", {}).get(k)]
+        return "params changed: " + ", ".join(diff) if diff else "key changed"
+
+    # -- running ---------------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def run_lock(self, exclusive: bool) -> Iterator[None]:
+        """A full run (no task flags) holds the run lock throughout; array tasks share the folder without it."""
+        if not exclusive:
+            yield
+            return
+        lock = self.out / LOCKS / "run"
+        with file_lock(lock, blocking=False) as got:
+            if not got:
+                holder = lock.read_text().strip() if lock.exists() else "another process"
+                raise StageBusy(f"stage {self.name} is already running in {self.out} ({holder}); "
+                                "wait for it, or split the work with --task-index/--num-tasks")
+            yield
+
+    def plan(self, units: list[str], force: bool = False) -> None:
+        """Record the unit list for this key; a different key (or --force) first removes the old outputs."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.out / LOCKS / "finalize", blocking=True):
+            p = self.out / PLAN
+            old = read_json(p) if p.is_file() else None
+            marker = self.marker()
+            old_key = (old or {}).get("key") or (marker or {}).get("key")
+            if force or (old_key is not None and old_key != self.key):
+                self.clear()
+            if old is None or old.get("key") != self.key or force:
+                write_json(p, {"stage": self.name, "key": self.key, "units": units})
+
+    def clear(self) -> None:
+        (self.out / MARKER).unlink(missing_ok=True)
+        for pattern in (*self.outputs, f"{UNITS}/*.json", PLAN):
+            for f in self.out.glob(pattern):
+                f.unlink()
+        remove_temp_files(self.out)
+
+    def unit_record_path(self, unit: str) -> Path:
+        return self.out / UNITS / f"{unit}.json"
+
+    def unit_done(self, unit: str) -> bool:
+        return self.unit_record_path(unit).is_file()
+
+    def records(self, units: Iterable[str]) -> dict[str, dict]:
+        return {u: read_json(self.unit_record_path(u)) for u in units}
+
+    def run_units(self, units: list[str], work: Callable[[str], dict], *, workers: int = 1,
+                  on_done: Callable[[str, dict], None] | None = None, wait_for_others: bool = True) -> None:
+        """Run every unit of `units` that is not done yet. `work(unit)` writes the unit's files atomically and
+        returns its record (picklable; a top-level function when workers > 1). A unit locked by another process is
+        left to it; with `wait_for_others`, this run then waits for those units to appear."""
+        todo = [u for u in units if not self.unit_done(u)]
+        job = _UnitJob(str(self.out), work)
+        if workers > 1 and len(todo) > 1:
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("forkserver")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+                results = list(_report(pool.map(job, todo), on_done))
+        else:
+            results = list(_report(map(job, todo), on_done))
+        held = [u for u, rec in results if rec is None]
+        if held and wait_for_others:
+            for u in held:
+                with file_lock(self.out / LOCKS / f"unit-{u}", blocking=True):
+                    pass
+                if not self.unit_done(u):  # its holder died: do it ourselves
+                    list(_report(map(job, [u]), on_done))
+
+    def finalize(self, write_products: Callable[[], None], *, started: float, extra: dict | None = None) -> bool:
+        """Under the finalize lock: write the products, then the done marker last. False if already done."""
+        with file_lock(self.out / LOCKS / "finalize", blocking=True):
+            if self.up_to_date():
+                return False
+            write_products()
+            remove_temp_files(self.out)
+            write_json(self.out / MARKER, {
+                "stage": self.name,
+                "key": self.key,
+                "version": self.version,
+                "params": self.params,
+                "inputs": {k: {"path": str(v.path), "digest": v.digest} for k, v in self.inputs.items()},
+                "product": self.product,
+                "seconds": round(time.time() - started, 3),
+                **(extra or {}),
+            })
+            return True
+
+
+@dataclass(frozen=True)
+class _UnitJob:
+    """Runs one unit under its lock and writes its record; picklable so worker processes can run it."""
+
+    out: str
+    work: Callable[[str], dict]
+
+    def __call__(self, unit: str) -> tuple[str, dict | None]:
+        out = Path(self.out)
+        record_path = out / UNITS / f"{unit}.json"
+        with file_lock(out / LOCKS / f"unit-{unit}", blocking=False) as got:
+            if not got:
+                return unit, None
+            if record_path.is_file():  # finished by another process between our check and our lock
+                return unit, read_json(record_path)
+            record = self.work(unit)
+            write_json(record_path, record)
+            return unit, record
+
+
+def _report(results: Iterable[tuple[str, dict | None]], on_done) -> Iterator[tuple[str, dict | None]]:
+    for unit, rec in results:
+        if rec is not None and on_done is not None:
+            on_done(unit, rec)
+        yield unit, rec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# status
+
+
+@dataclass(frozen=True)
+class StageState:
+    state: str  # done | stale | partial | missing
+    detail: str = ""
+
+
+def inspect(folder: Path) -> StageState:
+    """What a stage folder holds, re-checking recorded input digests (used by `alexnet-pipe status`)."""
+    marker_path, plan_path = folder / MARKER, folder / PLAN
+    if marker_path.is_file():
+        marker = read_json(marker_path)
+        for name, inp in marker.get("inputs", {}).items():
+            path = Path(inp["path"])
+            if not path.exists():
+                return StageState("stale", f"input {name} missing: {path}")
+            digest = (fingerprint_source(path) if inp["digest"].startswith("fp:")
+                      else "sha256:" + sha256_file(path / _product_of(path)))
+            if digest != inp["digest"]:
+                return StageState("stale", f"input {name} changed ({path})")
+        return StageState("done", f"key {marker['key']}, {marker.get('seconds', 0):.1f} s")
+    if plan_path.is_file():
+        units = read_json(plan_path)["units"]
+        done = sum((folder / UNITS / f"{u}.json").is_file() for u in units)
+        return StageState("partial", f"{done} of {len(units)} units")
+    return StageState("missing")
+
+
+def _product_of(folder: Path) -> str:
+    marker = read_json(folder / MARKER) if (folder / MARKER).is_file() else {}
+    product = marker.get("product")
+    if not product:
+        raise PipeError(f"{folder}: no finished stage with a product file")
+    return product

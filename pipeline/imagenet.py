@@ -1,0 +1,322 @@
+"""ImageNet label tables: the 1,000 ILSVRC-2012 wnids in sorted order (the global label order) and the devkit IDs.
+
+Labels are always the index of the wnid in `LOC_synset_mapping.txt` order (= sorted wnids = torchvision's
+ImageFolder on full ImageNet = Keras), also for a subset of classes. The devkit's
+`ILSVRC2012_validation_ground_truth.txt` holds *devkit IDs* (meta.mat order), which are NOT sorted indices:
+ID 1 is n02119789 (sorted index 278).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import tarfile
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+from pipeline.errors import PipeError
+
+
+@dataclass(frozen=True)
+class ClassTable:
+    """Wnids in label order, with their human-readable names."""
+
+    wnids: tuple[str, ...]
+    names: tuple[str, ...]
+
+    @cache  # noqa: B019 - tables are few and immutable
+    def index(self) -> dict[str, int]:
+        return {wnid: i for i, wnid in enumerate(self.wnids)}
+
+    def label_of(self, wnid: str) -> int:
+        try:
+            return self.index()[wnid]
+        except KeyError:
+            raise PipeError(f"wnid {wnid!r} is not in the class list ({len(self.wnids)} classes)") from None
+
+
+def parse_synset_mapping(text: str, source: str) -> ClassTable:
+    """Parse `LOC_synset_mapping.txt` lines: `n01440764 tench, Tinca tinca`, in label order."""
+    wnids, names = [], []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        wnid, _, name = line.strip().partition(" ")
+        if not (wnid.startswith("n") and wnid[1:].isdigit()):
+            raise PipeError(f"{source}:{lineno}: expected 'nXXXXXXXX name', found {line!r}")
+        wnids.append(wnid)
+        names.append(name.strip())
+    if len(set(wnids)) != len(wnids):
+        raise PipeError(f"{source}: the class list repeats a wnid")
+    return ClassTable(tuple(wnids), tuple(names))
+
+
+@cache
+def ilsvrc2012_classes() -> ClassTable:
+    """The 1,000 ILSVRC-2012 classes in sorted-wnid order (shipped with the package)."""
+    text = resources.files("pipeline").joinpath("data/LOC_synset_mapping.txt").read_text()
+    return parse_synset_mapping(text, "LOC_synset_mapping.txt")
+
+
+def load_classes(path: Path | None = None) -> ClassTable:
+    """`--classes FILE` (same format as LOC_synset_mapping.txt) or the ILSVRC-2012 list."""
+    if path is None:
+        return ilsvrc2012_classes()
+    if not path.is_file():
+        raise PipeError(f"class list not found: {path} (expected a LOC_synset_mapping.txt-style file)")
+    return parse_synset_mapping(path.read_text(), str(path))
+
+
+@cache
+def devkit_id_to_wnid() -> dict[int, str]:
+    """ILSVRC2012_ID (1..1000, the devkit's meta.mat order) → wnid, from the shipped `map_clsloc.txt`."""
+    text = resources.files("pipeline").joinpath("data/map_clsloc.txt").read_text()
+    mapping = {}
+    for line in text.splitlines():
+        if line.strip():
+            wnid, devkit_id, _name = line.split(" ", 2)
+            mapping[int(devkit_id)] = wnid
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sources: an extracted tree or the official archives, never extracted to disk
+
+TRAIN_TAR = "ILSVRC2012_img_train.tar"
+VAL_TAR = "ILSVRC2012_img_val.tar"
+DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
+KAGGLE_VAL_CSV = "LOC_val_solution.csv"
+DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One image of the source: its key (file stem), wnid and where its bytes are.
+
+    `path` is relative to the source root; for an archive member, `offset`/`size` give the byte range of its
+    data inside that (outer) archive file, so a worker seeks and reads only its own images."""
+
+    key: str
+    wnid: str
+    path: str
+    offset: int = -1
+    size: int = -1
+
+    def read(self, root: Path) -> bytes:
+        full = root / self.path
+        if self.offset < 0:
+            return full.read_bytes()
+        with open(full, "rb") as f:
+            f.seek(self.offset)
+            data = f.read(self.size)
+        if len(data) != self.size:
+            raise OSError(f"{full}: archive ended inside member {self.key}")
+        return data
+
+
+@dataclass
+class SourceListing:
+    root: Path  # member paths are relative to it
+    members: list[Member]
+    ignored: list[dict]  # unsafe or non-file archive members, unlabelled files: {name, reason}
+    inputs: list[Path]  # what the stage fingerprints for its cache key
+
+
+def list_source(source: Path, split: str, labels: Path | None = None) -> SourceListing:
+    """Find `split` in SOURCE, whatever its layout, and list its images with their wnids."""
+    source = source.resolve()
+    official_tar = source / (TRAIN_TAR if split == "train" else VAL_TAR)
+    if source.is_dir() and official_tar.is_file():
+        return _list_archive(official_tar, split, labels or _find_val_labels(source, split))
+    if source.is_dir() and (source / split).is_dir():
+        return _list_tree(source / split, split, labels or _find_val_labels(source, split), source)
+    if source.is_file() and tarfile.is_tarfile(source):
+        return _list_archive(source, split, labels or _find_val_labels(source.parent, split))
+    if source.is_dir() and any(_is_wnid(p.name) and p.is_dir() for p in source.iterdir()):
+        return _list_tree(source, split, labels, source)
+    if source.is_dir() and split == "val" and any(_is_image(p) for p in source.iterdir()):
+        return _list_tree(source, split, labels or _find_val_labels(source, split)
+                          or _find_val_labels(source.parent, split), source)
+    raise PipeError(
+        f"{source}: no ImageNet {split} split found. Expected one of: a folder holding {official_tar.name} "
+        f"(official archives), a folder holding {split}/ (extracted tree), a {split} .tar archive, a folder "
+        f"of <wnid>/ class folders{', or a flat folder of ILSVRC2012_val_*.JPEG' if split == 'val' else ''}")
+
+
+def _is_wnid(name: str) -> bool:
+    return len(name) == 9 and name[0] == "n" and name[1:].isdigit()
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _find_val_labels(folder: Path, split: str) -> Path | None:
+    if split != "val":
+        return None
+    for name in (KAGGLE_VAL_CSV, DEVKIT_TAR, DEVKIT_GROUND_TRUTH):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> SourceListing:
+    members, ignored, inputs = [], [], [folder]
+    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _is_wnid(p.name))
+    if class_dirs:  # train/<wnid>/… or val in valprep.sh layout
+        for d in class_dirs:
+            for f in sorted(d.iterdir()):
+                if _is_image(f) and not f.is_symlink():
+                    members.append(Member(f.stem, d.name, str(f.relative_to(root))))
+        return SourceListing(root, members, ignored, inputs)
+    if split == "train":
+        raise PipeError(f"{folder}: expected train/<wnid>/*.JPEG class folders, found none")
+    truth = _val_ground_truth(labels, folder)
+    inputs.append(labels)
+    for f in sorted(folder.iterdir()):
+        if not _is_image(f):
+            continue
+        if f.stem in truth:
+            members.append(Member(f.stem, truth[f.stem], str(f.relative_to(root))))
+        else:
+            ignored.append({"name": f.name, "reason": "no label in " + labels.name})
+    return SourceListing(root, members, ignored, inputs)
+
+
+def _list_archive(archive: Path, split: str, labels: Path | None) -> SourceListing:
+    """Index an official archive by reading tar headers only (tarfile seeks over member data)."""
+    members, ignored = [], []
+    truth = _val_ground_truth(labels, archive) if split == "val" else {}
+    root = archive.parent
+    with open(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
+        for m in outer:
+            reason = _unsafe(m)
+            if reason:
+                ignored.append({"name": m.name, "reason": reason})
+                continue
+            name = PurePosixPath(m.name)
+            if name.suffix == ".tar":  # the train tar: one uncompressed tar per class
+                wnid = name.stem
+                with tarfile.open(fileobj=_ByteRange(f, m.offset_data, m.size), mode="r:") as inner:
+                    for im in inner:
+                        reason = _unsafe(im)
+                        if reason:
+                            ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
+                        elif PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
+                            members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
+                                                  m.offset_data + im.offset_data, im.size))
+                f.seek(m.offset_data + m.size)  # the inner listing moved the shared file position
+            elif name.suffix.lower() in IMAGE_SUFFIXES:
+                key = name.stem
+                wnid = truth.get(key) if split == "val" else name.parent.name
+                if wnid is None or (split == "train" and not _is_wnid(wnid)):
+                    ignored.append({"name": m.name, "reason": "no label"})
+                    continue
+                members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
+    members.sort(key=lambda m: m.key)
+    return SourceListing(root, members, ignored, [p for p in (archive, labels) if p is not None])
+
+
+def _unsafe(m: tarfile.TarInfo) -> str | None:
+    """Archive members are never written to disk by name; still, list anything a hostile archive could hold."""
+    if not m.isfile():
+        return "directory" if m.isdir() else "not a regular file (link or device)"
+    name = PurePosixPath(m.name)
+    if name.is_absolute() or ".." in name.parts:
+        return "unsafe path"
+    return None
+
+
+class _ByteRange(io.RawIOBase):
+    """A read-only, seekable view of bytes [start, start+size) of an open file (an inner tar of the train tar)."""
+
+    def __init__(self, f, start: int, size: int):
+        self.f, self.start, self.size, self.pos = f, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        self.pos = {io.SEEK_SET: pos, io.SEEK_CUR: self.pos + pos, io.SEEK_END: self.size + pos}[whence]
+        return self.pos
+
+    def readinto(self, buf) -> int:
+        n = max(0, min(len(buf), self.size - self.pos))
+        self.f.seek(self.start + self.pos)
+        data = self.f.read(n)
+        buf[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation labels
+
+def _val_ground_truth(labels: Path | None, where: Path) -> dict[str, str]:
+    """val file stem → wnid, from Kaggle's LOC_val_solution.csv, the devkit tar.gz or its ground-truth txt."""
+    if labels is None:
+        raise PipeError(f"{where}: val labels not found; pass --labels with {KAGGLE_VAL_CSV}, {DEVKIT_TAR} "
+                        f"or {DEVKIT_GROUND_TRUTH}")
+    if not labels.is_file():
+        raise PipeError(f"labels file not found: {labels}")
+    if labels.name.endswith(".csv"):
+        return _parse_kaggle_csv(labels)
+    if labels.name.endswith((".tar.gz", ".tgz")):
+        ids, meta = _read_devkit(labels)
+        return _devkit_truth(ids, meta, labels)
+    return _devkit_truth(labels.read_text(), None, labels)
+
+
+def _parse_kaggle_csv(path: Path) -> dict[str, str]:
+    truth = {}
+    with open(path, newline="") as f:
+        rows = csv.reader(f)
+        header = next(rows, None)
+        if header != ["ImageId", "PredictionString"]:
+            raise PipeError(f"{path}: expected the header 'ImageId,PredictionString', found {header}")
+        for row in rows:
+            if len(row) < 2 or not row[1].split():
+                raise PipeError(f"{path}: line {rows.line_num}: expected 'ImageId,wnid x y x y …', found {row}")
+            truth[row[0]] = row[1].split()[0]
+    return truth
+
+
+def _read_devkit(devkit: Path) -> tuple[str, bytes | None]:
+    ids = meta = None
+    with tarfile.open(devkit, "r:gz") as t:
+        for m in t:
+            if m.isfile() and m.name.endswith("/" + DEVKIT_GROUND_TRUTH):
+                ids = t.extractfile(m).read().decode()
+            elif m.isfile() and m.name.endswith("/meta.mat"):
+                meta = t.extractfile(m).read()
+    if ids is None:
+        raise PipeError(f"{devkit}: no data/{DEVKIT_GROUND_TRUTH} inside the devkit archive")
+    return ids, meta
+
+
+def _devkit_truth(ids_text: str, meta_mat: bytes | None, source: Path) -> dict[str, str]:
+    """Line i of the ground truth is the devkit ID of ILSVRC2012_val_<i>; devkit IDs are meta.mat order."""
+    id_to_wnid = _meta_mat_ids(meta_mat) if meta_mat else devkit_id_to_wnid()
+    truth = {}
+    for i, line in enumerate(ids_text.split(), 1):
+        try:
+            truth[f"ILSVRC2012_val_{i:08d}"] = id_to_wnid[int(line)]
+        except (ValueError, KeyError):
+            raise PipeError(f"{source}: line {i}: expected a devkit ID 1..1000, found {line!r}") from None
+    return truth
+
+
+def _meta_mat_ids(meta_mat: bytes) -> dict[int, str]:
+    from scipy.io import loadmat
+
+    synsets = loadmat(io.BytesIO(meta_mat), squeeze_me=True)["synsets"]
+    return {int(i): str(w) for i, w in zip(synsets["ILSVRC2012_ID"], synsets["WNID"], strict=True) if int(i) <= 1000}

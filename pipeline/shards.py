@@ -1,0 +1,169 @@
+"""WebDataset shards: the seeded assignment of images to shards, shard writing with its DALI index, the manifest,
+and verification.
+
+A sample is `<key>.cls` (the global label as ASCII digits), `<key>.jpg` (RGB baseline JPEG, short side 256) and
+`<key>.json` (wnid, original size/format, repairs). Tar headers carry no time, owner or host, so the same input and
+seed give byte-identical shards whatever the number of workers or array tasks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pipeline.cache import atomic_write, canonical_json, read_json, sha256_file
+from pipeline.errors import PipeError
+from pipeline.imagenet import ClassTable, Member
+from pipeline.images import BadImage, prepare_image
+
+COMPONENTS = ("cls", "jpg", "json")  # in tar order (sorted, as webdataset writes them)
+DALI_INDEX_VERSION = "v1.2"
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}"
+
+
+def assign_shards(members: list[Member], shard_size: int, seed: int) -> list[list[Member]]:
+    """A seeded shuffle of the whole split cut into `shard_size` pieces, fixed before any work starts: every
+    shard mixes classes (DALI's reader only shuffles within a buffer) and any shard can be written alone."""
+    if shard_size < 1:
+        raise PipeError(f"--shard-size must be at least 1, got {shard_size}")
+    order = sorted(members, key=lambda m: m.key)
+    random.Random(seed).shuffle(order)
+    return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
+
+
+def write_member_list(path: Path, members: Iterable[Member]) -> None:
+    with atomic_write(path, "w") as f:
+        for m in members:
+            f.write(json.dumps(asdict(m)) + "\n")
+
+
+def read_member_list(path: Path) -> list[Member]:
+    return [Member(**json.loads(line)) for line in path.read_text().splitlines()]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one worker needs to write one shard (picklable; the member list is read from disk)."""
+
+    out: str
+    split: str
+    source_root: str
+    lists: str  # folder of per-shard member lists written by the index unit
+    short_side: int
+    quality: int
+    labels: tuple[tuple[str, int], ...]  # wnid → global label, for the wnids of this split
+
+    def __call__(self, name: str) -> dict:
+        members = read_member_list(Path(self.lists) / f"{name}.jsonl")
+        return write_shard(Path(self.out), name, members, Path(self.source_root), dict(self.labels),
+                           short_side=self.short_side, quality=self.quality)
+
+
+def write_shard(out: Path, name: str, members: list[Member], source_root: Path, label_of: dict[str, int],
+                *, short_side: int, quality: int) -> dict:
+    """Write `<name>.tar` and `<name>.idx` atomically; return the unit record (counts, digest, skips, repairs)."""
+    skipped, repaired, index_lines, classes = [], [], [], {}
+    tar_path = out / f"{name}.tar"
+    with atomic_write(tar_path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for m in members:
+            try:
+                img = prepare_image(m.read(source_root), short_side=short_side, quality=quality)
+            except (BadImage, OSError) as e:
+                skipped.append({"key": m.key, "wnid": m.wnid, "path": m.path, "reason": str(e)})
+                continue
+            label = label_of[m.wnid]
+            meta = {"key": m.key, "wnid": m.wnid, "label": label, **img.meta}
+            parts = {"cls": str(label).encode(), "jpg": img.jpeg, "json": canonical_json(meta).encode()}
+            index_lines.append(" ".join(_add_member(tar, f"{m.key}.{ext}", parts[ext]) for ext in COMPONENTS))
+            classes[m.wnid] = classes.get(m.wnid, 0) + 1
+            if img.meta["repaired"]:
+                repaired.append({"key": m.key, "repaired": img.meta["repaired"]})
+    samples = len(index_lines)
+    with atomic_write(out / f"{name}.idx", "w") as f:
+        f.write(f"{DALI_INDEX_VERSION} {samples}\n" + "".join(line + "\n" for line in index_lines))
+    return {"name": f"{name}.tar", "samples": samples, "bytes": tar_path.stat().st_size,
+            "sha256": sha256_file(tar_path), "classes": classes, "skipped": skipped, "repaired": repaired}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
+    """Add one file with a fixed header; return its DALI index entry `ext offset size name`."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    tar.addfile(info, io.BytesIO(data))
+    data_offset = tar.offset - (-(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
+    return f"{name.rsplit('.', 1)[1]} {data_offset} {len(data)} {name}"
+
+
+def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict) -> dict:
+    """The single source of truth about a shard set; no times, hosts or absolute paths (its hash keys stages
+    downstream)."""
+    counts: dict[str, int] = {}
+    for r in records:
+        for wnid, n in r["classes"].items():
+            counts[wnid] = counts.get(wnid, 0) + n
+    present = sorted(counts, key=classes.label_of)
+    return {
+        "split": split,
+        "params": params,
+        "samples": sum(r["samples"] for r in records),
+        "bytes": sum(r["bytes"] for r in records),
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "classes": [{"index": classes.label_of(w), "wnid": w, "name": classes.names[classes.label_of(w)],
+                     "samples": counts[w]} for w in present],
+        "num_classes_total": len(classes.wnids),
+        "skipped": [s for r in records for s in r["skipped"]],
+        "repaired": [s for r in records for s in r["repaired"]],
+        "ignored_members": ignored,
+    }
+
+
+def load_manifest(shard_dir: Path) -> dict:
+    path = shard_dir / "manifest.json"
+    if not path.is_file():
+        raise PipeError(f"{shard_dir}: no manifest.json (expected a finished `alexnet-pipe shard` output folder)")
+    return read_json(path)
+
+
+def shard_paths(shard_dir: Path) -> list[tuple[Path, Path]]:
+    """(tar, idx) of every shard in the manifest, in manifest order (we expand names ourselves; DALI does not)."""
+    return [(shard_dir / s["name"], (shard_dir / s["name"]).with_suffix(".idx"))
+            for s in load_manifest(shard_dir)["shards"]]
+
+
+def verify_shards(shard_dir: Path, *, decode: bool = False,
+                  on_shard: Callable[[str], None] | None = None) -> list[str]:
+    """Re-read every shard: sha256 and sample count against the manifest, optionally decode every image.
+    Returns the list of problems (empty when the shard set is intact)."""
+    from PIL import Image
+
+    problems = []
+    for entry in load_manifest(shard_dir)["shards"]:
+        path = shard_dir / entry["name"]
+        if not path.is_file():
+            problems.append(f"{entry['name']}: missing")
+        elif (digest := sha256_file(path)) != entry["sha256"]:
+            problems.append(f"{entry['name']}: sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
+        else:
+            with tarfile.open(path) as tar:
+                names = tar.getnames()
+                samples = len({n.rsplit(".", 1)[0] for n in names})
+                if samples != entry["samples"]:
+                    problems.append(f"{entry['name']}: {samples} samples != manifest {entry['samples']}")
+                if decode:
+                    for n in names:
+                        if n.endswith(".jpg"):
+                            try:
+                                Image.open(io.BytesIO(tar.extractfile(n).read())).load()
+                            except Exception as e:
+                                problems.append(f"{entry['name']}/{n}: does not decode ({e})")
+        if on_shard:
+            on_shard(entry["name"])
+    return problems

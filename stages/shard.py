@@ -1,0 +1,129 @@
+"""Stage `shard`: an ImageNet split (official tars or extracted tree) → WebDataset shards at short side 256.
+
+Units: `index` (list the source once, fix the seeded image→shard assignment, write one member list per shard),
+then one unit per shard. The manifest is written when every shard exists.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import Input, Stage, read_json, write_json
+from pipeline.errors import PipeError
+from pipeline.imagenet import list_source, load_classes
+from pipeline.shards import ShardJob, assign_shards, build_manifest, shard_name, write_member_list
+from stages import QuietReporter, Reporter, task_slice
+
+VERSION = 1
+LISTS = "_lists"
+
+
+@dataclass
+class ShardResult:
+    up_to_date: bool
+    finalized: bool
+    written: int = 0
+    repaired: int = 0
+    skipped: int = 0
+    shards_done: int = 0
+    shards_total: int = 0
+
+
+def run(source: Path, out: Path, *, split: str, labels: Path | None = None, classes_file: Path | None = None,
+        shard_size: int = 1000, workers: int | None = None, task_index: int | None = None,
+        num_tasks: int | None = None, short_side: int = 256, quality: int = 95, seed: int = 0,
+        force: bool = False, reporter: Reporter | None = None) -> ShardResult:
+    reporter = reporter or QuietReporter()
+    if split not in ("train", "val"):
+        raise PipeError(f"--split must be train or val, got {split!r}")
+    if not 1 <= quality <= 100 or short_side < 1:
+        raise PipeError(f"--quality must be 1..100 and --short-side positive, got {quality} and {short_side}")
+    if not source.exists():
+        raise PipeError(f"source not found: {source}")
+    workers = workers or os.cpu_count() or 1
+    classes = load_classes(classes_file)
+    params = {"split": split, "shard_size": shard_size, "short_side": short_side, "quality": quality,
+              "seed": seed, "classes": "ilsvrc2012" if classes_file is None else classes_file.name}
+    inputs = {"source": Input.of_source(source)}
+    if labels is not None:
+        inputs["labels"] = Input.of_source(labels)
+    if classes_file is not None:
+        inputs["classes"] = Input.of_source(classes_file)
+    stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product="manifest.json",
+                  outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json"))
+    if stage.up_to_date() and not force:
+        reporter.info(f"shard {split}: up to date ({out})")
+        return ShardResult(up_to_date=True, finalized=False)
+
+    started = time.time()
+    with stage.run_lock(exclusive=task_index is None):
+        stage.plan(["index"], force=force)
+        stage.run_units(["index"], _IndexJob(str(source), str(out), split, str(labels) if labels else None,
+                                             shard_size, seed))
+        index = read_json(stage.unit_record_path("index"))
+        for item in index["ignored"]:
+            reporter.warn(f"ignored archive member {item['name']}: {item['reason']}")
+        names = [shard_name(split, i) for i in range(index["shards"])]
+        stage.plan(["index", *names])
+        mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
+        wnids = sorted({w for w in index["wnids"]})
+        job = ShardJob(str(out), split, index["source_root"], str(out / LISTS), short_side, quality,
+                       tuple((w, classes.label_of(w)) for w in wnids))
+        todo = [n for n in mine if not stage.unit_done(n)]
+        if len(todo) < len(mine):
+            reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
+        result = ShardResult(up_to_date=False, finalized=False, shards_total=len(names))
+        with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
+            def on_done(unit: str, record: dict) -> None:
+                result.written += record["samples"]
+                result.skipped += len(record["skipped"])
+                result.repaired += len(record["repaired"])
+                for s in record["skipped"]:
+                    reporter.warn(f"skipped {s['path']}: {s['reason']}")
+                advance(record["samples"] + len(record["skipped"]))
+
+            stage.run_units(todo, job, workers=workers, on_done=on_done, wait_for_others=task_index is None)
+        result.shards_done = sum(stage.unit_done(n) for n in names)
+        if result.shards_done < len(names):
+            reporter.info(f"shard {split}: task wrote its shards; {result.shards_done} of {len(names)} exist, "
+                          "the manifest is written when all do")
+            return result
+        records = list(stage.records(names).values())
+        manifest = build_manifest(split, records, classes, index["ignored"], params)
+
+        def write_products() -> None:
+            write_json(out / "manifest.json", manifest)
+
+        result.finalized = stage.finalize(write_products, started=started,
+                                          extra={"samples": manifest["samples"], "shards": len(names)})
+        result.written, result.skipped, result.repaired = (manifest["samples"], len(manifest["skipped"]),
+                                                           len(manifest["repaired"]))
+    reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped "
+                  f"in {len(names)} shards → {out}")
+    return result
+
+
+@dataclass(frozen=True)
+class _IndexJob:
+    """The first unit: list the source once and fix the assignment (one member list per shard)."""
+
+    source: str
+    out: str
+    split: str
+    labels: str | None
+    shard_size: int
+    seed: int
+
+    def __call__(self, unit: str) -> dict:
+        listing = list_source(Path(self.source), self.split, Path(self.labels) if self.labels else None)
+        if not listing.members:
+            raise PipeError(f"{self.source}: no {self.split} images found")
+        shards = assign_shards(listing.members, self.shard_size, self.seed)
+        for i, members in enumerate(shards):
+            write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", members)
+        return {"source_root": str(listing.root), "shards": len(shards), "sizes": [len(s) for s in shards],
+                "images": len(listing.members), "wnids": sorted({m.wnid for m in listing.members}),
+                "ignored": listing.ignored}
