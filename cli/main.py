@@ -105,6 +105,26 @@ def shard(
               quality=quality, seed=seed, force=force, reporter=_reporter())
 
 
+@app.command("pca-stats")
+def pca_stats(
+    shard_dir: Annotated[Path, typer.Argument(help="The training shard folder (holding manifest.json).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for pca.json and its per-shard partials.")],
+    max_images: Annotated[int | None, typer.Option(help="Use a seeded subsample of this many images (a quick "
+                                                   "estimate); default: every pixel of every image.", min=1)] = None,
+    seed: Seed = 0,
+    workers: Workers = None,
+    task_index: TaskIndex = None,
+    num_tasks: NumTasks = None,
+    force: Force = False,
+):
+    """Exact RGB PCA over every training pixel, in [0,1] units (paper §4.1): writes pca.json with mean, std, cov,
+    eigenvalues (descending) and eigenvectors (columns), used for the colour "lighting" augmentation."""
+    from stages import pca as stage
+
+    stage.run(shard_dir, out_dir, max_images=max_images, seed=seed, workers=workers,
+              task_index=_task_index(task_index), num_tasks=num_tasks, force=force, reporter=_reporter())
+
+
 @app.command()
 def verify(
     shard_dir: Annotated[Path, typer.Argument(help="A shard folder (holding manifest.json).")],

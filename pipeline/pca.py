@@ -1,0 +1,116 @@
+"""RGB PCA of the training set (paper §4.1, "PCA on the set of RGB pixel values throughout the training set").
+
+Per shard we keep a partial of exact integer sums over the uint8 pixels: count, Σx (3) and Σxxᵀ (3×3). Partials
+merge by addition, in any order and grouping, bit-identically. The reduce converts to [0,1] units once.
+Per image Σxxᵀ is a float64 GEMM, exact because each sum stays below 2⁵³ (255² · 2.4e10 pixels would be needed to
+lose a bit), then accumulated in int64; all of ImageNet stays below 7e15, far inside int64.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Moments:
+    """Exact integer moments of uint8 RGB pixels."""
+
+    images: int = 0
+    pixels: int = 0
+    sum: tuple[int, ...] = (0, 0, 0)
+    sumsq: tuple[tuple[int, ...], ...] = ((0, 0, 0),) * 3
+
+    def __add__(self, other: Moments) -> Moments:
+        return Moments(
+            self.images + other.images,
+            self.pixels + other.pixels,
+            tuple(a + b for a, b in zip(self.sum, other.sum, strict=True)),
+            tuple(tuple(a + b for a, b in zip(ra, rb, strict=True)) for ra, rb in zip(self.sumsq, other.sumsq,
+                                                                                       strict=True)),
+        )
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "pixels": self.pixels, "sum": list(self.sum),
+                "sumsq": [list(r) for r in self.sumsq]}
+
+    @staticmethod
+    def from_dict(d: dict) -> Moments:
+        return Moments(d["images"], d["pixels"], tuple(d["sum"]), tuple(tuple(r) for r in d["sumsq"]))
+
+
+def pixel_moments(pixels: np.ndarray) -> Moments:
+    """Moments of one image (H×W×3 or N×3 uint8)."""
+    x = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 3)
+    xf = x.astype(np.float64)
+    sumsq = np.rint(xf.T @ xf).astype(np.int64)  # exact: every entry < 2^53 for any image of < 1.4e11 pixels
+    return Moments(1, len(x), tuple(int(v) for v in x.sum(axis=0, dtype=np.int64)),
+                   tuple(tuple(int(v) for v in row) for row in sumsq))
+
+
+def merge(partials: Iterable[Moments]) -> Moments:
+    total = Moments()
+    for p in partials:
+        total = total + p
+    return total
+
+
+def pca_from_moments(m: Moments) -> dict:
+    """mean, std, covariance and eigen-pairs in [0,1] pixel units, as pca.json holds them."""
+    if m.pixels == 0:
+        raise ValueError("no pixels: cannot compute PCA")
+    n, s = m.pixels, m.sum
+    # n²·cov·255² = n·Σxx − Σx Σxᵀ, exact in Python integers; one float division at the end
+    scaled = [[n * m.sumsq[i][j] - s[i] * s[j] for j in range(3)] for i in range(3)]
+    cov = np.array(scaled, dtype=np.float64) / (float(n) * float(n) * 255.0**2)
+    mean = np.array(s, dtype=np.float64) / (n * 255.0)
+    eigvals, eigvecs = np.linalg.eigh(cov)
+    order = np.argsort(eigvals)[::-1]
+    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
+    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), range(3)])  # largest-magnitude component positive
+    eigvecs = eigvecs * signs
+    return {
+        "pixel_scale": "0-1",
+        "pixels": n,
+        "images": m.images,
+        "mean": mean.tolist(),
+        "std": np.sqrt(np.diag(cov)).tolist(),
+        "cov": cov.tolist(),
+        "eigvals": eigvals.tolist(),
+        "eigvecs": eigvecs.tolist(),  # column i = eigenvector i
+    }
+
+
+def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.ndarray]:
+    """Decoded RGB pixels of a shard's images in tar order (only sample positions in `keep`, if given)."""
+    from PIL import Image
+
+    with tarfile.open(tar_path) as tar:
+        position = -1
+        for member in tar:
+            if not member.name.endswith(".jpg"):
+                continue
+            position += 1
+            if keep is not None and position not in keep:
+                continue
+            with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
+                yield np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+
+
+def shard_moments(tar_path: Path, keep: set[int] | None = None) -> Moments:
+    return merge(pixel_moments(px) for px in shard_images(tar_path, keep))
+
+
+def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list[set[int] | None]:
+    """A seeded choice of `max_images` images over the whole shard set, as per-shard sample positions."""
+    total = sum(shard_sizes)
+    if max_images is None or max_images >= total:
+        return [None] * len(shard_sizes)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=max_images, replace=False))
+    starts = np.cumsum([0, *shard_sizes])
+    return [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]

@@ -1,0 +1,77 @@
+"""Stage `pca-stats`: exact RGB PCA over the training shards → pca.json. Units: one moments partial per shard."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import Input, Stage, write_json
+from pipeline.errors import PipeError
+from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
+from pipeline.shards import load_manifest
+from stages import QuietReporter, Reporter, task_slice
+
+VERSION = 1
+
+
+@dataclass
+class PcaResult:
+    up_to_date: bool
+    finalized: bool = False
+    pca: dict | None = None
+
+
+@dataclass(frozen=True)
+class _PartialJob:
+    shard_dir: str
+    keep: tuple[tuple[str, tuple[int, ...] | None], ...]  # shard name → sample positions (None: all)
+
+    def __call__(self, unit: str) -> dict:
+        keep = dict(self.keep)[unit]
+        return shard_moments(Path(self.shard_dir) / f"{unit}.tar", None if keep is None else set(keep)).to_dict()
+
+
+def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int = 0, workers: int | None = None,
+        task_index: int | None = None, num_tasks: int | None = None, force: bool = False,
+        reporter: Reporter | None = None) -> PcaResult:
+    reporter = reporter or QuietReporter()
+    manifest = load_manifest(shard_dir)
+    if manifest.get("split") != "train":
+        reporter.warn(f"{shard_dir} holds the {manifest.get('split')!r} split; the paper's PCA is over train")
+    if max_images is not None and max_images < 1:
+        raise PipeError(f"--max-images must be at least 1, got {max_images}")
+    shards_input = Input.of_stage(shard_dir, "manifest.json")
+    params = {"max_images": max_images, "seed": seed if max_images is not None else None}
+    stage = Stage("pca-stats", VERSION, out, params, {"shards": shards_input}, product="pca.json",
+                  outputs=("pca.json",))
+    if stage.up_to_date() and not force:
+        reporter.info(f"pca-stats: up to date ({out / 'pca.json'})")
+        return PcaResult(up_to_date=True)
+
+    started = time.time()
+    names = [s["name"].removesuffix(".tar") for s in manifest["shards"]]
+    sizes = [s["samples"] for s in manifest["shards"]]
+    keep = subsample(sizes, max_images, seed)
+    job = _PartialJob(str(shard_dir), tuple((n, None if k is None else tuple(sorted(k))) for n, k in zip(names, keep)))
+    with stage.run_lock(exclusive=task_index is None):
+        stage.plan(names, force=force)
+        mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
+        todo = [n for n in mine if not stage.unit_done(n)]
+        count = {n: (sizes[i] if keep[i] is None else len(keep[i])) for i, n in enumerate(names)}
+        with reporter.progress("pca-stats", total=sum(count[n] for n in todo)) as advance:
+            stage.run_units(todo, job, workers=workers or os.cpu_count() or 1,
+                            on_done=lambda unit, rec: advance(count[unit]), wait_for_others=task_index is None)
+        done = sum(stage.unit_done(n) for n in names)
+        if done < len(names):
+            reporter.info(f"pca-stats: task done; {done} of {len(names)} partials exist, pca.json is written "
+                          "when all do")
+            return PcaResult(up_to_date=False)
+        total = merge(Moments.from_dict(r) for r in stage.records(names).values())
+        pca = {**pca_from_moments(total), "source_manifest_sha256": shards_input.digest.removeprefix("sha256:")}
+        finalized = stage.finalize(lambda: write_json(out / "pca.json", pca), started=started,
+                                   extra={"images": pca["images"]})
+    ev = ", ".join(f"{v:.4f}" for v in pca["eigvals"])
+    reporter.info(f"pca-stats: {pca['images']} images, {pca['pixels']} pixels; eigenvalues [{ev}] → {out}")
+    return PcaResult(up_to_date=False, finalized=finalized, pca=pca)

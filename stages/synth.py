@@ -1,0 +1,58 @@
+"""Stage `synth`: the embedded default data set (pipeline/synth.py), generated into a temp folder and moved into
+place whole, then marked done; so a killed run leaves nothing that looks finished and a rerun is up to date."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from pipeline.cache import Stage
+from stages import QuietReporter, Reporter
+
+VERSION = 1
+PRODUCTS = ("train", "val", "LOC_val_solution.csv", "LOC_synset_mapping.txt", "ILSVRC2012_img_train.tar",
+            "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
+
+
+def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20, fmt: str = "tree",
+        seed: int = 0, force: bool = False, reporter: Reporter | None = None) -> bool:
+    """Returns False when the data set was already there (up to date)."""
+    from pipeline import synth
+
+    reporter = reporter or QuietReporter()
+    params = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
+              "format": fmt, "seed": seed}
+    stage = Stage("synth", VERSION, out, params)
+    if stage.up_to_date() and not force:
+        reporter.info(f"synth: up to date ({out})")
+        return False
+    started = time.time()
+    with stage.run_lock(exclusive=True):
+        stage.plan(["generate"], force=True)
+        for leftover in [*out.glob(".synth-tmp-*"), *(out / p for p in PRODUCTS)]:
+            _remove(leftover)
+        tmp = out / f".synth-tmp-{os.getpid()}"
+        tmp.mkdir()
+        total = synth.synth_image_count(classes, train_per_class, val_per_class)
+        with reporter.progress("synth", total=total) as advance:
+            summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
+                                     val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+
+        def move_into_place() -> None:
+            for entry in sorted(tmp.iterdir()):
+                entry.rename(out / entry.name)
+            tmp.rmdir()
+
+        stage.finalize(move_into_place, started=started, extra={"images": total})
+    reporter.info(f"synth: {total} images, {classes} classes ({fmt}) → {out}"
+                  + (f"; quirk files: {', '.join(summary.get('quirks', []))}" if summary.get("quirks") else ""))
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
