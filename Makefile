@@ -22,6 +22,8 @@ DEMO_VAL       ?= 10
 DEMO_DATA      := $(WORK)/demo-data
 DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
 
+SHARD_SIZE     ?= $(if $(IMAGENET),1000,100)
+
 .PHONY: setup test lint synth prepare shard-train shard-val pca status clean bench
 
 setup: $(STAMP)
@@ -39,6 +41,29 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline stages cli tests
+
+synth: $(STAMP)
+	$(CLI) synth $(DEMO_DATA) --classes $(DEMO_CLASSES) --train-per-class $(DEMO_TRAIN) --val-per-class $(DEMO_VAL) --seed $(SEED)
+
+prepare: shard-train shard-val pca
+
+shard-train: $(STAMP) $(if $(IMAGENET),,synth)
+	$(CLI) shard $(DATA) $(WORK)/shards/train --split train --shard-size $(SHARD_SIZE) --seed $(SEED)
+
+shard-val: $(STAMP) $(if $(IMAGENET),,synth)
+	$(CLI) shard $(DATA) $(WORK)/shards/val --split val --shard-size $(SHARD_SIZE) --seed $(SEED)
+
+pca: shard-train
+	$(CLI) pca-stats $(WORK)/shards/train $(WORK)/pca
+
+status: $(STAMP)
+	$(CLI) status $(WORK)
+
+bench: $(STAMP)
+	$(PY) bench/shard.py
+	$(PY) bench/pca.py
+	$(PY) bench/loader.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(WORK)

@@ -2,8 +2,8 @@
 
 Per shard we keep a partial of exact integer sums over the uint8 pixels: count, Σx (3) and Σxxᵀ (3×3). Partials
 merge by addition, in any order and grouping, bit-identically. The reduce converts to [0,1] units once.
-Per image Σxxᵀ is a float64 GEMM, exact because each sum stays below 2⁵³ (255² · 2.4e10 pixels would be needed to
-lose a bit), then accumulated in int64; all of ImageNet stays below 7e15, far inside int64.
+Per image Σxxᵀ is six float64 dot products over contiguous colour planes, exact because each partial sum is an
+integer below 2⁵³, then accumulated as Python/int64 integers; all of ImageNet stays below 7e15.
 """
 
 from __future__ import annotations
@@ -44,13 +44,19 @@ class Moments:
         return Moments(d["images"], d["pixels"], tuple(d["sum"]), tuple(tuple(r) for r in d["sumsq"]))
 
 
+def plane_moments(planes: np.ndarray) -> Moments:
+    """Moments of one image given as 3 contiguous uint8 colour planes (3×N)."""
+    p = planes.astype(np.float64)
+    # six contiguous dot products: exact (all partial sums are integers < 2^53, in any summation order) and ~9x
+    # faster than a 3×N GEMM here
+    dots = {(i, j): int(np.dot(p[i], p[j])) for i in range(3) for j in range(i, 3)}
+    sumsq = tuple(tuple(dots[min(i, j), max(i, j)] for j in range(3)) for i in range(3))
+    return Moments(1, p.shape[1], tuple(int(v) for v in p.sum(axis=1)), sumsq)
+
+
 def pixel_moments(pixels: np.ndarray) -> Moments:
-    """Moments of one image (H×W×3 or N×3 uint8)."""
-    x = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(-1, 3)
-    xf = x.astype(np.float64)
-    sumsq = np.rint(xf.T @ xf).astype(np.int64)  # exact: every entry < 2^53 for any image of < 1.4e11 pixels
-    return Moments(1, len(x), tuple(int(v) for v in x.sum(axis=0, dtype=np.int64)),
-                   tuple(tuple(int(v) for v in row) for row in sumsq))
+    """Moments of one image as H×W×3 or N×3 uint8 pixels."""
+    return plane_moments(np.ascontiguousarray(np.asarray(pixels, dtype=np.uint8).reshape(-1, 3).T))
 
 
 def merge(partials: Iterable[Moments]) -> Moments:
@@ -87,7 +93,7 @@ def pca_from_moments(m: Moments) -> dict:
 
 
 def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.ndarray]:
-    """Decoded RGB pixels of a shard's images in tar order (only sample positions in `keep`, if given)."""
+    """Decoded RGB planes (3×N uint8) of a shard's images in tar order (only sample positions in `keep`)."""
     from PIL import Image
 
     with tarfile.open(tar_path) as tar:
@@ -99,11 +105,12 @@ def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.nd
             if keep is not None and position not in keep:
                 continue
             with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
-                yield np.asarray(img.convert("RGB") if img.mode != "RGB" else img)
+                rgb = img.convert("RGB") if img.mode != "RGB" else img
+                yield np.stack([np.asarray(band).reshape(-1) for band in rgb.split()])
 
 
 def shard_moments(tar_path: Path, keep: set[int] | None = None) -> Moments:
-    return merge(pixel_moments(px) for px in shard_images(tar_path, keep))
+    return merge(plane_moments(px) for px in shard_images(tar_path, keep))
 
 
 def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list[set[int] | None]:
