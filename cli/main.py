@@ -48,11 +48,14 @@ Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if it 
 Seed = Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical outputs.")]
 
 
-def _task_index(task_index: int | None) -> int | None:
-    if task_index is not None:
-        return task_index
-    env = os.environ.get("SLURM_ARRAY_TASK_ID")
-    return int(env) if env is not None else None
+def _task_flags(task_index: int | None, num_tasks: int | None) -> tuple[int | None, int | None]:
+    """--task-index defaults to $SLURM_ARRAY_TASK_ID; checked before any work starts."""
+    from stages import task_slice
+
+    if task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
+        task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+    task_slice(0, task_index, num_tasks)
+    return task_index, num_tasks
 
 
 @app.command()
@@ -100,8 +103,9 @@ def shard(
     labels), with a DALI .idx per shard and manifest.json. Bad images are skipped and listed, never fatal."""
     from stages import shard as stage
 
+    task_index, num_tasks = _task_flags(task_index, num_tasks)
     stage.run(source, out, split=split, labels=labels, classes_file=classes, shard_size=shard_size,
-              workers=workers, task_index=_task_index(task_index), num_tasks=num_tasks, short_side=short_side,
+              workers=workers, task_index=task_index, num_tasks=num_tasks, short_side=short_side,
               quality=quality, seed=seed, force=force, reporter=_reporter())
 
 
@@ -121,8 +125,9 @@ def pca_stats(
     eigenvalues (descending) and eigenvectors (columns), used for the colour "lighting" augmentation."""
     from stages import pca as stage
 
+    task_index, num_tasks = _task_flags(task_index, num_tasks)
     stage.run(shard_dir, out_dir, max_images=max_images, seed=seed, workers=workers,
-              task_index=_task_index(task_index), num_tasks=num_tasks, force=force, reporter=_reporter())
+              task_index=task_index, num_tasks=num_tasks, force=force, reporter=_reporter())
 
 
 @app.command()
@@ -148,9 +153,9 @@ def verify(
 @app.command()
 def status(work: Annotated[Path, typer.Argument(help="The work folder (default ./work).")] = Path("work")):
     """One row per DAG stage: done, stale (and why), partial (k of n units) or missing."""
+    from rich.console import Console
     from rich.table import Table
 
-    from cli.report import console
     from stages.status import stage_rows
 
     table = Table(title=f"alexnet-pipe status: {work}")
@@ -159,7 +164,7 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red"}
     for name, folder, state in stage_rows(work):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
-    console.print(table)
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""The CLI as a user meets it: --help everywhere, one clear line (never a traceback) for bad input, status table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+
+
+def commands() -> list[str]:
+    from cli.main import app
+
+    return sorted(c.name or c.callback.__name__ for c in app.registered_commands)
+
+
+def test_every_command_is_listed_in_the_top_level_help():
+    out = cli("--help")
+    assert out.returncode == 0
+    for name in commands():
+        assert name in out.stdout
+
+
+@pytest.mark.parametrize("command", commands())
+def test_every_command_has_help_that_explains_it(command):
+    out = cli(command, "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Usage:" in out.stdout and len(out.stdout.splitlines()) > 5
+
+
+def test_help_is_fast_because_heavy_libraries_load_lazily():
+    start = time.perf_counter()
+    assert cli("shard", "--help").returncode == 0
+    assert time.perf_counter() - start < 2.0
+    probe = subprocess.run([sys.executable, "-c", "import sys, cli.main; print('torch' in sys.modules, "
+                            "'nvidia.dali' in sys.modules, 'numpy' in sys.modules)"], capture_output=True, text=True)
+    assert probe.stdout.split() == ["False", "False", "False"]
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["shard", "/nonexistent/imagenet", "OUT", "--split", "train"], "source not found: /nonexistent/imagenet"),
+    (["shard", "{tmp}", "{tmp}/out", "--split", "train"], "no ImageNet train split found"),
+    (["shard", "{tmp}", "{tmp}/out", "--split", "test"], "--split must be train or val"),
+    (["pca-stats", "{tmp}", "{tmp}/pca"], "no manifest.json"),
+    (["verify", "{tmp}"], "no manifest.json"),
+    (["shard", "{tmp}", "{tmp}/out", "--split", "train", "--task-index", "1"], "--task-index needs --num-tasks"),
+])
+def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, expected):
+    out = cli(*[a.format(tmp=tmp_path) for a in args])
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0]
+
+
+def test_malformed_labels_file_names_the_file_and_line(tmp_path, sample_dir):
+    bad = tmp_path / "LOC_val_solution.csv"
+    bad.write_text("ImageId,PredictionString\nILSVRC2012_val_00000001,\n")
+    out = cli("shard", str(sample_dir / "val"), str(tmp_path / "out"), "--split", "val", "--labels", str(bad))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert str(bad) in out.stderr and "line 2" in out.stderr
+
+
+def test_usage_errors_exit_2_without_a_traceback():
+    out = cli("shard", "--shard-size", "zero")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    out = cli("--debug", "verify", str(tmp_path))
+    assert out.returncode != 0 and "Traceback" in out.stderr and "PipeError" in out.stderr
+
+
+def test_status_reports_missing_partial_and_done_stages(tmp_path, sample_shards):
+    work = tmp_path / "work"
+    (work / "shards").mkdir(parents=True)
+    (work / "shards" / "train").symlink_to(sample_shards["train"], target_is_directory=True)
+    out = cli("status", str(work))
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 4}
+    assert "done" in rows["shard train"]
+    assert "missing" in rows["shard val"] and "missing" in rows["pca-stats"]
