@@ -131,6 +131,95 @@ def pca_stats(
 
 
 @app.command()
+def train(
+    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")] = ...,
+    val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")] = ...,
+    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
+    devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
+                                         "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")
+                       ] = "auto",
+    epochs: Annotated[int, typer.Option(help="Epochs (paper: 90).", min=1)] = 90,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.", min=1)] = None,
+    batch_size: Annotated[int, typer.Option(help="GLOBAL batch, split evenly over ranks (paper: 128).", min=1)
+                          ] = 128,
+    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (paper: 0.9).")] = 0.9,
+    weight_decay: Annotated[float, typer.Option(help="Weight decay (paper: 5e-4).")] = 5e-4,
+    lr_drops: Annotated[int, typer.Option(help="At most this many lr/10 drops on a val-error plateau (paper: 3).")
+                        ] = 3,
+    lr_patience: Annotated[int, typer.Option(help="Epochs without val improvement before a drop.")] = 1,
+    seed: Seed = 0,
+    width: Annotated[float, typer.Option(help="Channel multiplier (demo only; the paper is 1).")] = 1.0,
+    crop: Annotated[int, typer.Option(help="224 (conv1 padding 2, torchvision) or 227 (padding 0, Caffe).")] = 224,
+    dropout: Annotated[float, typer.Option(help="Dropout in fc6/fc7 (paper: 0.5).")] = 0.5,
+    lrn: Annotated[str, typer.Option(help="paper: alpha=1e-4 as printed; caffe: alpha/n as in Caffe/PyTorch.")
+                   ] = "paper",
+    amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
+    channels_last: Annotated[bool, typer.Option(help="channels-last memory format.")] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    loader: Annotated[str, typer.Option(help="dali, or torch (the reference DataLoader path).")] = "dali",
+    loader_threads: Annotated[int, typer.Option(help="Loader threads/workers per rank.", min=1)] = 2,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).", min=1)
+                                ] = 500,
+    keep_checkpoints: Annotated[int, typer.Option(help="Keep the last K checkpoints.", min=1)] = 3,
+    log_every: Annotated[int, typer.Option(help="Log to metrics.jsonl every N steps.", min=1)] = 10,
+    force: Annotated[bool, typer.Option("--force", help="Start over: delete this run's checkpoints.")] = False,
+):
+    """Train the paper's two-tower AlexNet (SGD, momentum, weight decay, lr/10 on plateaus). Rerun the same command to
+    resume from the highest checkpoint. Distributed: torchrun --no-python --nproc_per_node=K alexnet-pipe train …"""
+    from pipeline.train import TrainConfig
+    from stages import train as stage
+
+    if loader not in ("dali", "torch"):
+        raise typer.BadParameter("--loader must be dali or torch")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                      lr_drops=lr_drops, lr_patience=lr_patience, max_steps=max_steps, seed=seed, amp=amp,
+                      channels_last=channels_last, compile=compile, loader=loader, loader_threads=loader_threads,
+                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every)
+    stage.run(train, val, pca, out, cfg=cfg, model=stage.ModelOptions(width, crop, dropout, lrn), devices=devices,
+              force=force, reporter=_reporter())
+
+
+@app.command("eval")
+def eval_(
+    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
+                                                      "checkpoint file.")],
+    val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="Folder for eval.json.")] = ...,
+    ten_crop: Annotated[bool, typer.Option(help="Also the paper's 10-crop test (4 corners + centre of the 256 "
+                                           "square and their mirrors, softmax averaged).")] = True,
+    devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 64,
+    loader: Annotated[str, typer.Option(help="dali, or torch (the reference path).")] = "dali",
+    force: Force = False,
+):
+    """Top-1/top-5 error of a checkpoint on every val image: centre crop and 10-crop, per-class accuracy, the most
+    confused class pairs, images/s → eval.json. The model settings come from the checkpoint."""
+    from stages import evaluate as stage
+
+    stage.run(run_or_checkpoint, val, out, ten_crop=ten_crop, devices=devices, batch_size=batch_size, loader=loader,
+              force=force, reporter=_reporter())
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="The run folder (metrics.jsonl).")],
+    eval_dir: Annotated[Path, typer.Option("--eval", help="The eval folder (eval.json).")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md and its PNGs.")] = ...,
+):
+    """Write report.md with loss / lr / val-error / images/s plots, this run beside the paper and torchvision's
+    AlexNet (each row labelled with its protocol), per-class accuracy and a grid of val predictions."""
+    from pipeline.errors import PipeError
+    from pipeline.report import write_report
+
+    if not (eval_dir / "eval.json").is_file():
+        raise PipeError(f"{eval_dir}: no eval.json; run `alexnet-pipe eval` first")
+    path = write_report(run_dir, eval_dir, out)
+    _reporter().info(f"report: {path}")
+
+
+@app.command()
 def verify(
     shard_dir: Annotated[Path, typer.Argument(help="A shard folder (holding manifest.json).")],
     decode: Annotated[bool, typer.Option(help="Also decode every image.")] = False,

@@ -27,15 +27,19 @@ class CliReporter:
                        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
             with Progress(*columns, console=console, transient=False) as bar:
                 task = bar.add_task(description, total=total)
-                yield lambda n=1: bar.advance(task, n)
+
+                def advance_bar(n: int = 1, note: str | None = None) -> None:
+                    bar.update(task, advance=n, description=f"{description} {note}" if note else description)
+
+                yield advance_bar
             return
         done, last = 0, time.monotonic()
 
-        def advance(n: int = 1) -> None:
+        def advance(n: int = 1, note: str | None = None) -> None:
             nonlocal done, last
             done += n
             if time.monotonic() - last > 5 or done == total:
                 last = time.monotonic()
-                print(f"{description}: {done}/{total}", file=sys.stderr, flush=True)
+                print(f"{description}: {done}/{total}{' ' + note if note else ''}", file=sys.stderr, flush=True)
 
         yield advance

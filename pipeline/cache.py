@@ -152,6 +152,13 @@ class Input:
         return Input(folder, "sha256:" + sha256_file(f))
 
     @staticmethod
+    def of_file(path: Path) -> Input:
+        """A single derived file (a checkpoint), digested by content."""
+        if not path.is_file():
+            raise PipeError(f"file not found: {path}")
+        return Input(path, "sha256:" + sha256_file(path))
+
+    @staticmethod
     def of_source(path: Path) -> Input:
         if not path.exists():
             raise PipeError(f"input not found: {path}")
@@ -330,8 +337,14 @@ def inspect(folder: Path) -> StageState:
             path = Path(inp["path"])
             if not path.exists():
                 return StageState("stale", f"input {name} missing: {path}")
-            digest = (fingerprint_source(path) if inp["digest"].startswith("fp:")
-                      else "sha256:" + sha256_file(path / _product_of(path)))
+            if inp["digest"].startswith("fp:"):
+                digest = fingerprint_source(path)
+            elif path.is_file():
+                digest = "sha256:" + sha256_file(path)
+            elif (path / MARKER).is_file():
+                digest = "sha256:" + sha256_file(path / _product_of(path))
+            else:
+                return StageState("stale", f"input {name} is no longer a finished stage: {path}")
             if digest != inp["digest"]:
                 return StageState("stale", f"input {name} changed ({path})")
         return StageState("done", f"key {marker['key']}, {marker.get('seconds', 0):.1f} s")

@@ -17,7 +17,7 @@ class Reporter(Protocol):
     def warn(self, message: str) -> None: ...
 
     def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
-        """A context whose value is `advance(n)`."""
+        """A context whose value is `advance(n=1, note=None)`; `note` is a short status (loss, images/s)."""
         ...
 
 
@@ -35,7 +35,7 @@ class QuietReporter:
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
-        yield lambda n=1: None
+        yield lambda n=1, note=None: None
 
 
 def task_slice(n_units: int, task_index: int | None, num_tasks: int | None) -> range:

@@ -1,0 +1,160 @@
+"""The report a person reads: report.md with plots of the run and a table beside the paper's numbers."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
+         "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
+TORCHVISION = {"name": "torchvision AlexNet (one-column model)", "top1_error": 0.435, "top5_error": 0.209,
+               "protocol": "ILSVRC-2012 val, centre 224 crop"}
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, epoch records) from metrics.jsonl."""
+    steps, epochs = [], []
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        record = json.loads(line)
+        (epochs if "val_top1_error" in record else steps).append(record)
+    return steps, epochs
+
+
+def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
+    panels = [("loss.png", "training loss", [("loss", steps, "step")]),
+              ("lr.png", "learning rate", [("lr", steps, "step")]),
+              ("val_error.png", "validation error (centre crop)",
+               [("val_top1_error", epochs, "epoch"), ("val_top5_error", epochs, "epoch")]),
+              ("images_per_s.png", "training images/s", [("images_per_s", steps, "step")])]
+    for name, title, series in panels:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key, records, x in series:
+            if records:
+                ax.plot([r[x] for r in records], [r[key] for r in records], marker="." if x == "epoch" else None,
+                        label=key.replace("_", " "))
+        ax.set_title(title)
+        ax.set_xlabel(series[0][2])
+        if name == "lr.png":
+            ax.set_yscale("log")
+        if len(series) > 1:
+            ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        figures.append(name)
+    return figures
+
+
+def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
+    """Val images with their top-5 predictions; a correct top-1 in green, a correct top-5 in orange."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from pipeline.imagenet import ilsvrc2012_classes
+    from pipeline.shards import shard_paths
+
+    classes = ilsvrc2012_classes()
+    wanted = {e["key"]: e for e in eval_result["examples"]}
+    images = {}
+    for tar_path, _ in shard_paths(val_dir):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key = m.name.rsplit(".", 1)[0]
+                if m.name.endswith(".jpg") and key in wanted:
+                    images[key] = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+        if len(images) == len(wanted):
+            break
+    cols = 4
+    rows = max(1, -(-len(wanted) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (key, example) in zip(axes.flat, wanted.items()):
+        ax.imshow(images[key])
+        truth = classes.names[example["label"]].split(",")[0]
+        lines = []
+        for rank, (c, p) in enumerate(zip(example["top5"], example["top5_prob"])):
+            mark = "✓ " if c == example["label"] else "  "
+            lines.append(f"{mark}{classes.names[c].split(',')[0][:22]} {p:.2f}")
+            if c == example["label"]:
+                colour = "green" if rank == 0 else "darkorange"
+        hit = example["label"] in example["top5"]
+        ax.set_title(f"{key}\ntrue: {truth}", fontsize=8, color=colour if hit else "red")
+        ax.text(0, 1.0, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="top", family="monospace",
+                bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
+    """report.md + PNGs in `out`. Every figure it quotes comes from eval.json and metrics.jsonl."""
+    out.mkdir(parents=True, exist_ok=True)
+    result = json.loads((eval_dir / "eval.json").read_text())
+    steps, epochs = read_metrics(run_dir)
+    figures = plot_curves(steps, epochs, out)
+    prediction_grid(result, Path(result["val"]["dir"]), out / "predictions.png")
+    demo = result["val"].get("demo", _looks_like_demo(result))
+    rows = [("this run, " + Path(result["checkpoint"]["path"]).name, result["centre"], "centre 224 crop")]
+    if "ten_crop" in result:
+        rows.append(("this run, " + Path(result["checkpoint"]["path"]).name, result["ten_crop"], "10-crop"))
+    table = ["| model | top-1 error | top-5 error | protocol |", "|---|---|---|---|"]
+    for name, errs, protocol in rows:
+        data = f"{result['samples']} images of {result['val']['dir']}"
+        table.append(f"| {name} | {errs['top1_error']:.2%} | {errs['top5_error']:.2%} | {protocol}, {data} |")
+    for ref in (PAPER, TORCHVISION):
+        table.append(f"| {ref['name']} | {ref['top1_error']:.1%} | {ref['top5_error']:.1%} | {ref['protocol']} |")
+    chance = 1 / len(result["per_class"]) if result["per_class"] else 0
+    last = epochs[-1] if epochs else {}
+    md = [
+        "# AlexNet run report", "",
+        f"Checkpoint `{result['checkpoint']['path']}` (step {result['checkpoint']['step']}, epoch "
+        f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
+        f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`).", "",
+    ]
+    if demo:
+        md += ["> **Different data.** This run used the generated demo data set, not ILSVRC-2012: its errors are not "
+               f"comparable with the paper's. Chance top-1 error here is {1 - chance:.1%} "
+               f"({len(result['per_class'])} classes present, top-1 over all 1,000 outputs).", ""]
+    md += ["## Error", "", *table, "",
+           f"Evaluation throughput: centre {result['centre']['images_per_s']:.0f} images/s"
+           + (f", 10-crop {result['ten_crop']['images_per_s']:.0f} images/s" if "ten_crop" in result else "") + ".",
+           "", "## Training", ""]
+    if last:
+        md += [f"{len(epochs)} epochs, {last['step']} steps; last epoch: val top-1 error {last['val_top1_error']:.2%}, "
+               f"top-5 {last['val_top5_error']:.2%}, lr {last['lr']:g}.", ""]
+    if steps:
+        rates = [s["images_per_s"] for s in steps]
+        waits = [s["data_wait"] for s in steps]
+        md += [f"Training throughput: median {sorted(rates)[len(rates) // 2]:.0f} images/s; median share of time "
+               f"waiting on data {sorted(waits)[len(waits) // 2]:.1%}.", ""]
+    md += [f"![{f}]({f})" for f in figures] + [""]
+    md += ["## Per class (centre crop)", "", "| label | wnid | name | images | top-1 accuracy |",
+           "|---|---|---|---|---|"]
+    md += [f"| {c['index']} | {c['wnid']} | {c['name']} | {c['samples']} | {c['top1_accuracy']:.1%} |"
+           for c in result["per_class"]]
+    md += ["", "## Most confused pairs", "", "| true | predicted | count |", "|---|---|---|"]
+    md += [f"| {p['true_wnid']} {p['true_name']} | {p['predicted_wnid']} {p['predicted_name']} | {p['count']} |"
+           for p in result["confused"]]
+    md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class).",
+           "", "![predictions](predictions.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path
+
+
+def _looks_like_demo(result: dict) -> bool:
+    return result["samples"] != 50_000

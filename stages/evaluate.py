@@ -1,0 +1,131 @@
+"""Stage `eval`: top-1/top-5 error of a checkpoint on the val shards, centre crop and the paper's 10-crop test.
+
+Everything the model needs (width, crop, classes, mean, LRN convention) comes from the checkpoint's `config`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.cache import Input, Stage, write_json
+from pipeline.errors import PipeError
+from stages import QuietReporter, Reporter
+
+VERSION = 1
+EXAMPLES = 16
+
+
+def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
+    """A run folder means its highest-step checkpoint."""
+    from pipeline.train import latest_checkpoint
+
+    if run_or_checkpoint.is_file():
+        return run_or_checkpoint
+    found = latest_checkpoint(run_or_checkpoint / "checkpoints") if run_or_checkpoint.is_dir() else None
+    if found is None:
+        raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
+                        "checkpoints/step-*.pt")
+    return found
+
+
+def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",
+        batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, force: bool = False,
+        reporter: Reporter | None = None) -> dict | None:
+    reporter = reporter or QuietReporter()
+    checkpoint = resolve_checkpoint(run_or_checkpoint)
+    inputs = {"checkpoint": Input.of_file(checkpoint), "val": Input.of_stage(val_dir, "manifest.json")}
+    stage = Stage("eval", VERSION, out, {"ten_crop": ten_crop}, inputs, product="eval.json",
+                  outputs=("eval.json",))
+    if stage.up_to_date() and not force:
+        reporter.info(f"eval: up to date ({out / 'eval.json'})")
+        return None
+    started = time.time()
+    with stage.run_lock(exclusive=True):
+        stage.plan(["eval"], force=force)
+        result = evaluate_checkpoint(checkpoint, val_dir, ten_crop=ten_crop, devices=devices,
+                                     batch_size=batch_size, loader=loader, loader_threads=loader_threads,
+                                     reporter=reporter)
+        result["checkpoint"]["sha256"] = inputs["checkpoint"].digest.removeprefix("sha256:")
+        result["val"]["manifest_sha256"] = inputs["val"].digest.removeprefix("sha256:")
+        stage.finalize(lambda: write_json(out / "eval.json", result), started=started)
+    lines = [f"eval: {result['samples']} val images, centre crop top-1/top-5 error "
+             f"{result['centre']['top1_error']:.4f}/{result['centre']['top5_error']:.4f}"]
+    if ten_crop:
+        lines.append(f"10-crop {result['ten_crop']['top1_error']:.4f}/{result['ten_crop']['top5_error']:.4f}")
+    reporter.info(", ".join(lines) + f" → {out / 'eval.json'}")
+    return result
+
+
+def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devices: str, batch_size: int,
+                        loader: str, loader_threads: int, reporter: Reporter) -> dict:
+    import torch
+
+    from pipeline.augment import make_eval_loader
+    from pipeline.cluster import resolve_devices
+    from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
+    from pipeline.imagenet import ilsvrc2012_classes
+    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.shards import load_manifest
+    from pipeline.train import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    model_config = AlexNetConfig.from_dict(config["model"])
+    device_list = resolve_devices(devices)
+    model = build_model(model_config, device_list)
+    model.load_state_dict(state["model"])
+    model.eval()
+    pca = {"mean": config["mean"], "eigvals": config["eigvals"], "eigvecs": config["eigvecs"]}
+    manifest = load_manifest(val_dir)
+    classes = ilsvrc2012_classes()
+    result: dict = {"checkpoint": {"path": str(checkpoint), "step": state["step"], "epoch": state["epoch"]},
+                    "val": {"dir": str(val_dir), "split": manifest["split"]}, "model": config["model"]}
+    views = {"centre": False, **({"ten_crop": True} if ten_crop else {})}
+    for name, ten in views.items():
+        batches = make_eval_loader(val_dir, pca, batch_size, crop=model_config.crop, ten_crop=ten,
+                                   device=device_list[0], num_threads=loader_threads, loader=loader)
+        with reporter.progress(f"eval {name.replace('_', '-')}", total=len(batches)) as advance:
+            started = time.perf_counter()
+            probs, labels = predict(model, _counting(batches, advance))
+            seconds = time.perf_counter() - started
+        if len(labels) != manifest["samples"]:
+            raise PipeError(f"eval saw {len(labels)} samples but {val_dir} holds {manifest['samples']}")
+        result[name] = {**errors(probs, labels), "images_per_s": round(len(labels) / seconds, 1)}
+        if name == "centre":
+            accuracy = per_class_accuracy(probs, labels)
+            counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
+            result["per_class"] = [{"index": c, "wnid": classes.wnids[c], "name": classes.names[c],
+                                    "samples": counts[c], "top1_accuracy": round(a, 6)} for c, a in
+                                   sorted(accuracy.items())]
+            result["confused"] = [{**pair, "true_wnid": classes.wnids[pair["true"]],
+                                   "true_name": classes.names[pair["true"]],
+                                   "predicted_wnid": classes.wnids[pair["predicted"]],
+                                   "predicted_name": classes.names[pair["predicted"]]}
+                                  for pair in confused_pairs(probs, labels)]
+    result["samples"] = manifest["samples"]
+    result["examples"] = example_predictions(model, val_dir, pca, model_config.crop, device_list[0])
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return result
+
+
+def _counting(batches, advance):
+    for batch in batches:
+        yield batch
+        advance(1)
+
+
+def example_predictions(model, val_dir: Path, pca: dict, crop: int, device: str) -> list[dict]:
+    """Top-5 predictions for the first val samples (for the report's image grid), via the reference transform."""
+    import torch
+
+    from pipeline.augment import reference_eval_samples
+
+    examples = []
+    for key, image, label in reference_eval_samples(val_dir, pca, crop=crop, limit=EXAMPLES):
+        with torch.no_grad():
+            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+        top = probs.topk(5)
+        examples.append({"key": key, "label": int(label), "top5": top.indices.tolist(),
+                         "top5_prob": [round(p, 4) for p in top.values.tolist()]})
+    return examples

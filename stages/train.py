@@ -1,0 +1,133 @@
+"""Stage `train`: the paper's AlexNet on the shards; resumable, distributed (torchrun), cached.
+
+The run folder holds checkpoints/, metrics.jsonl, _run.json (the settings its checkpoints belong to) and, when
+the run has reached its last epoch / --max-steps, _stage.json. Rerunning the same command resumes from the highest
+checkpoint; more --epochs extend a finished run; other settings are refused unless --force starts over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cache import Input, Stage, canonical_json, read_json, write_json
+from pipeline.errors import PipeError
+from stages import QuietReporter, Reporter
+
+VERSION = 1
+RUN_SETTINGS = "_run.json"
+
+
+@dataclass
+class ModelOptions:
+    width: float = 1.0
+    crop: int = 224
+    dropout: float = 0.5
+    lrn_convention: str = "paper"
+
+
+def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model: ModelOptions | None = None,
+        devices: str = "auto", force: bool = False, reporter: Reporter | None = None) -> dict | None:
+    import torch
+
+    from pipeline.augment import load_pca, make_eval_loader, make_train_loader
+    from pipeline.cluster import placement, resolve_devices
+    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.shards import load_manifest
+    from pipeline.train import Progress, fit
+
+    reporter = reporter or QuietReporter()
+    model = model or ModelOptions()
+    place = placement()
+    if cfg.batch_size % place.world_size:
+        raise PipeError(f"--batch-size {cfg.batch_size} (global) must divide evenly over {place.world_size} ranks")
+    train_manifest = load_manifest(train_dir)
+    inputs = {"train": Input.of_stage(train_dir, "manifest.json"), "val": Input.of_stage(val_dir, "manifest.json"),
+              "pca": Input.of_stage(pca_path.parent, pca_path.name)}
+    model_config = AlexNetConfig(num_classes=train_manifest["num_classes_total"], width=model.width,
+                                 crop=model.crop, dropout=model.dropout, lrn_convention=model.lrn_convention)
+    trajectory = {"model": model_config.to_dict(), "train": cfg.trajectory(),
+                  "inputs": {k: v.digest for k, v in inputs.items()}}
+    stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps}, inputs)
+    if stage.up_to_date() and not force:
+        reporter.info(f"train: up to date ({out})")
+        return None
+
+    started = time.time()
+    with stage.run_lock(exclusive=place.rank == 0):
+        _claim_run_folder(out, trajectory, force, main_rank=place.rank == 0)
+        device_list = resolve_devices(devices, place.local_rank)
+        if place.distributed:
+            import torch.distributed as dist
+
+            if device_list[0].startswith("cuda"):
+                torch.cuda.set_device(device_list[0])
+            dist.init_process_group("nccl" if device_list[0].startswith("cuda") else "gloo")
+        net = build_model(model_config, device_list)
+        if cfg.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        pca = load_pca(pca_path)
+        common = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size, "device": device_list[0],
+                  "num_threads": cfg.loader_threads, "loader": cfg.loader}
+        train_loader = make_train_loader(train_dir, pca, cfg.batch_size // place.world_size, seed=cfg.seed,
+                                         channels_last=cfg.channels_last, **cfg.augment, **common)
+        val_loader = make_eval_loader(val_dir, pca, cfg.eval_batch_size, ten_crop=False, **common)
+        extra = {"devices": device_list, "world_size": place.world_size, "mean": pca["mean"],
+                 "eigvals": pca["eigvals"], "eigvecs": pca["eigvecs"],
+                 "manifests": {k: v.digest for k, v in inputs.items()}}
+        reporter.info(f"train: {sum(p.numel() for p in net.parameters()):,} parameters on {','.join(device_list)}, "
+                      f"rank {place.rank}/{place.world_size}, {len(train_loader)} steps/epoch, loader {cfg.loader}")
+        with reporter.progress("train", total=min(cfg.epochs * len(train_loader), cfg.max_steps or 1 << 62)
+                               ) as advance:
+            done = {"step": 0}
+
+            def on_step(step: int, total: int, rec: dict) -> None:
+                advance(step - done["step"], f"epoch {rec['epoch']} loss {rec['loss']:.3f} "
+                                             f"{rec['images_per_s']:.0f} img/s")
+                done["step"] = step
+
+            def on_epoch(rec: dict) -> None:
+                reporter.info(f"epoch {rec['epoch']}: val top-1 error {rec['val_top1_error']:.4f}, top-5 "
+                              f"{rec['val_top5_error']:.4f} ({rec['val_samples']} images), lr {rec['lr']:g}")
+
+            result = fit(net, model_config.to_dict(), cfg, train_loader, val_loader, out, place,
+                         Progress(on_step, on_epoch), extra_config=extra)
+        if place.distributed:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+        if place.rank == 0:
+            stage.finalize(lambda: None, started=started, extra={"final": result})
+    if place.rank == 0:
+        reporter.info(f"train: step {result['step']}, epoch {result['epoch']} → {result['checkpoint']}")
+    return result
+
+
+def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool) -> None:
+    """Checkpoints are resumed only by the settings that made them."""
+    path = out / RUN_SETTINGS
+    digest = hashlib.sha256(canonical_json(trajectory).encode()).hexdigest()[:16]
+    if path.is_file() and read_json(path)["key"] != digest:
+        if not force:
+            old = read_json(path)["settings"]
+            changed = sorted(_diff(old, trajectory))
+            raise PipeError(f"{out} holds a run with other settings (changed: {', '.join(changed)}); "
+                            "use another --out, or --force to start this run over")
+    if not main_rank:
+        return
+    if force:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "_stage.json").unlink(missing_ok=True)
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": digest, "settings": trajectory})
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if a != b else []
