@@ -1,0 +1,232 @@
+"""AlexNet as printed in Krizhevsky, Sutskever & Hinton, NIPS 2012 ("the paper"): two towers, cross-tower
+layers, a device map. Read `AlexNet.forward` next to the paper's Figure 2.
+
+Section numbers in comments are the paper's. `AlexNetGrouped` is the same function written as one column with
+`groups=2` (Caffe's formulation); tests prove the two agree, and the benchmark compares their speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# An 11x11 stride-4 conv gives 55x55 only from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
+CONV1_PADDING = {224: 2, 227: 0}
+LRN_CONVENTIONS = ("paper", "caffe")
+# §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers, as well as in
+# the fully-connected hidden layers, with the constant 1 ... the remaining layers with the constant 0."
+BIAS_ONE = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})
+
+
+@dataclass
+class AlexNetConfig:
+    num_classes: int = 1000        # §2: ILSVRC's 1000 categories
+    width: float = 1.0             # not in the paper: channel multiplier for demo runs (1.0: the paper's)
+    crop: int = 224                # §4.1: 224x224 patches (227 = Caffe's crop; conv1 padding 0 instead of 2)
+    dropout: float = 0.5           # §4.2: zero each hidden neuron of fc6, fc7 with probability 0.5
+    lrn_size: int = 5              # §3.3: n = 5 adjacent kernel maps
+    lrn_alpha: float = 1e-4        # §3.3: α = 10^-4, as printed (see lrn_convention)
+    lrn_beta: float = 0.75         # §3.3: β = 0.75
+    lrn_k: float = 2.0             # §3.3: k = 2
+    lrn_convention: str = "paper"  # "paper": α·Σa² as printed; "caffe": (α/n)·Σa² (Caffe, cuda-convnet2)
+    init_std: float = 0.01         # §5: weights from N(0, 0.01)
+
+    def __post_init__(self) -> None:
+        if self.crop not in CONV1_PADDING:
+            raise ValueError(f"crop must be 224 (conv1 padding 2, torchvision) or 227 (padding 0, Caffe), "
+                             f"got {self.crop!r}: no other size gives the paper's 55x55 conv1 maps")
+        if self.lrn_convention not in LRN_CONVENTIONS:
+            raise ValueError(f"lrn_convention must be one of {LRN_CONVENTIONS}, got {self.lrn_convention!r}")
+        if not self.width > 0:
+            raise ValueError(f"width must be > 0, got {self.width!r}")
+        if int(self.num_classes) < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        # Plain, stable JSON types: the checkpoint stores this dict and the train stage hashes it (1 vs 1.0).
+        self.num_classes, self.crop, self.lrn_size = int(self.num_classes), int(self.crop), int(self.lrn_size)
+        for name in ("width", "dropout", "lrn_alpha", "lrn_beta", "lrn_k", "init_std"):
+            setattr(self, name, float(getattr(self, name)))
+
+    @property
+    def conv1_padding(self) -> int:
+        return CONV1_PADDING[self.crop]
+
+    def channels(self, paper: int) -> int:
+        """A tower's channel count for `paper` channels in §3.5, scaled by width."""
+        return max(1, round(paper * self.width))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> AlexNetConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"AlexNetConfig: unknown keys {sorted(unknown)}; expected a subset of "
+                             f"{[f.name for f in fields(cls)]}")
+        return cls(**d)
+
+
+def local_response_norm(config: AlexNetConfig) -> nn.LocalResponseNorm:
+    """§3.3: b = a / (k + α Σ_j a_j²)^β over n maps centred on a's, clipped at the edges.
+
+    torch's LocalResponseNorm (like Caffe and cuda-convnet2) divides α by n, so the formula as printed needs
+    alpha=α·n; convention "caffe" hands α over unchanged (an effective α of 1e-4/5)."""
+    alpha = config.lrn_alpha * config.lrn_size if config.lrn_convention == "paper" else config.lrn_alpha
+    return nn.LocalResponseNorm(config.lrn_size, alpha=alpha, beta=config.lrn_beta, k=config.lrn_k)
+
+
+def both(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The two towers' maps side by side [A, B] on `device`: the only place a tensor crosses between GPUs
+    (§3.2). Always called, also when both towers share a device (then `.to` returns the tensor itself)."""
+    return torch.cat([a.to(device, non_blocking=True), b.to(device, non_blocking=True)], dim=1)
+
+
+class Tower(nn.Module):
+    """One GPU's half of the net (§3.2, Figure 2). conv3, fc6, fc7 read both towers; the rest, this one."""
+
+    def __init__(self, config: AlexNetConfig):
+        super().__init__()
+        c = config.channels
+        self.conv1 = nn.Conv2d(3, c(48), 11, stride=4, padding=config.conv1_padding)
+        self.conv2 = nn.Conv2d(c(48), c(128), 5, padding=2)
+        self.conv3 = nn.Conv2d(2 * c(128), c(192), 3, padding=1)  # over both towers' conv2 maps
+        self.conv4 = nn.Conv2d(c(192), c(192), 3, padding=1)
+        self.conv5 = nn.Conv2d(c(192), c(128), 3, padding=1)
+        self.fc6 = nn.Linear(2 * c(128) * 6 * 6, c(2048))  # over both towers' pooled conv5 maps
+        self.fc7 = nn.Linear(2 * c(2048), c(2048))  # over both towers' fc6
+        self.norm = local_response_norm(config)  # §3.3: after the ReLU of conv1 and conv2
+        self.pool = nn.MaxPool2d(3, stride=2)  # §3.4: overlapping pooling, z=3, s=2
+
+    def conv1_2(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.norm(F.relu(self.conv1(x))))
+        return self.pool(self.norm(F.relu(self.conv2(x))))
+
+    def conv3_5(self, x_both: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.conv3(x_both))
+        x = F.relu(self.conv4(x))
+        return torch.flatten(self.pool(F.relu(self.conv5(x))), 1)
+
+
+class AlexNet(nn.Module):
+    """The paper's net: towers A and B, each on its own device after `place`, crossing only at conv3, fc6, fc7
+    and fc8. Dropout follows the ReLU of fc6 and fc7 (§4.2 and Caffe's drop6/drop7). torchvision instead drops
+    the inputs of fc6 and fc7, which is not the same net, so we do not follow it."""
+
+    def __init__(self, config: AlexNetConfig):
+        super().__init__()
+        self.config = config
+        self.towers = nn.ModuleList([Tower(config), Tower(config)])
+        self.fc8 = nn.Linear(2 * config.channels(2048), config.num_classes)  # over both towers' fc7
+        self.dropout = nn.Dropout(config.dropout)
+        init_paper_(self, config.init_std)
+
+    @property
+    def devices(self) -> list[torch.device]:
+        return [tower.conv1.weight.device for tower in self.towers]
+
+    def place(self, devices: Sequence[str | torch.device]) -> AlexNet:
+        """Tower A and fc8 on devices[0], tower B on devices[1] (or everything on the one device given)."""
+        devs = [torch.device(d) for d in devices]
+        if not 1 <= len(devs) <= 2:
+            raise ValueError(f"place() takes one or two devices (one per tower), got {list(devices)}")
+        if len({d.type for d in devs}) != 1:  # non_blocking copies are only safe between devices of one kind
+            raise ValueError(f"both towers must be on devices of one type, got {list(devices)}")
+        self.towers[0].to(devs[0])
+        self.towers[1].to(devs[-1])
+        self.fc8.to(devs[0])
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x on devices[0] → logits on devices[0]."""
+        a, b = self.towers
+        on_a, on_b = a.conv1.weight.device, b.conv1.weight.device
+        ya, yb = a.conv1_2(x), b.conv1_2(x.to(on_b, non_blocking=True))
+        ya, yb = a.conv3_5(both(ya, yb, on_a)), b.conv3_5(both(ya, yb, on_b))
+        ya, yb = self.hidden(a.fc6, both(ya, yb, on_a)), self.hidden(b.fc6, both(ya, yb, on_b))
+        ya, yb = self.hidden(a.fc7, both(ya, yb, on_a)), self.hidden(b.fc7, both(ya, yb, on_b))
+        return self.fc8(both(ya, yb, self.fc8.weight.device))
+
+    def hidden(self, fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(F.relu(fc(x)))
+
+
+class AlexNetGrouped(nn.Module):
+    """The same function on one device as one column of 96/256/384/384/256 maps (Caffe's bvlc_alexnet):
+    `groups=2` on conv2, conv4, conv5 keeps the halves apart; conv3 and the fc layers read everything.
+
+    One difference from Caffe's prototxt: Caffe's LRN slides across all 96 (256) maps, so near the middle its
+    window reaches into the other half; the paper's towers cannot see each other there, so we normalize each
+    half on its own. Channel i < C/2 of every layer is tower A's channel i."""
+
+    def __init__(self, config: AlexNetConfig):
+        super().__init__()
+        self.config = config
+        c = config.channels
+        self.conv1 = nn.Conv2d(3, 2 * c(48), 11, stride=4, padding=config.conv1_padding)
+        self.conv2 = nn.Conv2d(2 * c(48), 2 * c(128), 5, padding=2, groups=2)
+        self.conv3 = nn.Conv2d(2 * c(128), 2 * c(192), 3, padding=1)
+        self.conv4 = nn.Conv2d(2 * c(192), 2 * c(192), 3, padding=1, groups=2)
+        self.conv5 = nn.Conv2d(2 * c(192), 2 * c(128), 3, padding=1, groups=2)
+        self.fc6 = nn.Linear(2 * c(128) * 6 * 6, 2 * c(2048))
+        self.fc7 = nn.Linear(2 * c(2048), 2 * c(2048))
+        self.fc8 = nn.Linear(2 * c(2048), config.num_classes)
+        self.lrn = local_response_norm(config)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        self.dropout = nn.Dropout(config.dropout)
+        init_paper_(self, config.init_std)
+
+    def norm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.lrn(half) for half in x.chunk(2, dim=1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.norm(F.relu(self.conv1(x))))
+        x = self.pool(self.norm(F.relu(self.conv2(x))))
+        x = F.relu(self.conv3(x))
+        x = F.relu(self.conv4(x))
+        x = torch.flatten(self.pool(F.relu(self.conv5(x))), 1)
+        x = self.dropout(F.relu(self.fc6(x)))
+        x = self.dropout(F.relu(self.fc7(x)))
+        return self.fc8(x)
+
+    @torch.no_grad()
+    def load_from_two_tower(self, model: AlexNet) -> AlexNetGrouped:
+        """Copy `model`'s weights: each layer's tower A rows, then tower B's."""
+        if model.config != self.config:
+            raise ValueError(f"configs differ: two-tower {model.config} vs grouped {self.config}")
+        for name in ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7"):
+            mine, halves = getattr(self, name), [getattr(tower, name) for tower in model.towers]
+            mine.weight.copy_(torch.cat([h.weight.to(mine.weight.device) for h in halves]))
+            mine.bias.copy_(torch.cat([h.bias.to(mine.bias.device) for h in halves]))
+        self.fc8.load_state_dict(model.fc8.state_dict())
+        return self
+
+
+@torch.no_grad()
+def init_paper_(model: nn.Module, std: float) -> None:
+    """§5: every weight from N(0, std); biases 1 in conv2, conv4, conv5, fc6, fc7 (to give the ReLUs positive
+    inputs early on), 0 elsewhere. Layers are recognized by their name's last part."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            module.weight.normal_(0.0, std)
+            module.bias.fill_(1.0 if name.rsplit(".", 1)[-1] in BIAS_ONE else 0.0)
+
+
+def grouped_reference(model: AlexNet) -> AlexNetGrouped:
+    """The one-column `groups=2` net holding `model`'s weights, on model's first device, dtype and mode."""
+    like = model.fc8.weight
+    grouped = AlexNetGrouped(model.config).to(like.device, like.dtype).load_from_two_tower(model)
+    return grouped.train(model.training)
+
+
+def build_model(config: AlexNetConfig, devices: Sequence[str | torch.device] = ("cpu",)) -> AlexNet:
+    return AlexNet(config).place(devices)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
