@@ -1,0 +1,114 @@
+"""Benchmark `loader`: training images/s of the DALI pipeline vs the torch reference DataLoader (Pillow decode, same
+augmentation: random crop of the central square, mirror, PCA lighting, mean subtraction), side by side, same cores.
+
+    python bench/loader.py [--shards DIR] [--seconds S] [--device cpu|cuda] [--threads N] [--batch-size B]
+
+Without --shards, the real ImageNet samples (../shared/data/imagenet-sample) are sharded into a temp folder first.
+The shard set is listed --repeat times over (symlinks) so that an epoch is long enough for the steady state; each
+loader rebuilds per epoch exactly as in training. DALI gets --threads threads, the reference --threads workers.
+The two run in alternating rounds; the ratio is the median of the per-round ratios (robust to a noisy machine).
+Prints a table and one JSON line per loader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.augment import make_train_loader
+from pipeline.cache import write_json
+from pipeline.shards import load_manifest
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
+# ImageNet's published RGB statistics (the rate does not depend on them)
+PCA = {"pixel_scale": "0-1", "pixels": 0, "images": 0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+       "cov": [[0.0, 0.0, 0.0]] * 3, "eigvals": [0.2175, 0.0188, 0.0045],
+       "eigvecs": [[0.5675, 0.7192, -0.4009], [0.5808, -0.0045, 0.8140], [0.5836, -0.6948, -0.4203]],
+       "source_manifest_sha256": ""}
+
+
+def repeated(shards: Path, out: Path, times: int) -> Path:
+    """A shard folder listing `shards`' files `times` over (symlinks): a longer epoch of the same images."""
+    manifest = load_manifest(shards)
+    entries = []
+    out.mkdir(parents=True)
+    for r in range(times):
+        for s in manifest["shards"]:
+            name = f"bench-{r:03d}-{s['name']}"
+            os.symlink((shards / s["name"]).resolve(), out / name)
+            os.symlink((shards / s["name"]).with_suffix(".idx").resolve(), (out / name).with_suffix(".idx"))
+            entries.append({**s, "name": name})
+    write_json(out / "manifest.json", {**manifest, "shards": entries, "samples": manifest["samples"] * times})
+    return out
+
+
+def rate(loader, seconds: float, device: str, first_epoch: int) -> tuple[float, int]:
+    """Images/s over `seconds` from the second batch on (start-up excluded; epoch ends and rebuilds included)."""
+    images, started, epoch = 0, None, first_epoch
+    while True:
+        loader.set_epoch(epoch)
+        for batch, _ in loader:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if started is None:
+                started = time.perf_counter()
+                continue
+            images += len(batch)
+            if time.perf_counter() - started >= seconds:
+                return images / (time.perf_counter() - started), images
+        epoch += 1
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shards", type=Path)
+    ap.add_argument("--seconds", type=float, default=20.0, help="measuring time per loader (all rounds)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda[:N] (DALI decodes with device=mixed)")
+    ap.add_argument("--threads", type=int, default=2, help="DALI threads / DataLoader workers")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=30, help="list the shard set this many times over")
+    ap.add_argument("--rounds", type=int, default=10, help="interleaved measuring rounds per loader")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            from stages import shard
+
+            shards = Path(tmp) / "train"
+            shard.run(SAMPLE, shards, split="train", shard_size=64)
+        shards = repeated(shards, Path(tmp) / "bench", args.repeat)
+        loaders = {name: make_train_loader(shards, PCA, args.batch_size, loader=name, device=args.device,
+                                           num_threads=args.threads) for name in ("dali", "torch")}
+        rates: dict[str, list[float]] = {name: [] for name in loaders}
+        images = dict.fromkeys(loaders, 0)
+        for r in range(args.rounds):  # interleaved, so that a noisy neighbour hits both alike
+            for name in (("dali", "torch") if r % 2 == 0 else ("torch", "dali")):
+                per_s, n = rate(loaders[name], args.seconds / args.rounds, args.device, first_epoch=1000 * r)
+                rates[name].append(per_s)
+                images[name] += n
+        del loaders
+    median = {name: statistics.median(v) for name, v in rates.items()}
+    paired = statistics.median(d / t for d, t in zip(rates["dali"], rates["torch"], strict=True))
+    title = f"loader, {args.device}, {args.threads} threads/workers, batch {args.batch_size}"
+    print(f"{title:<48} {'images/s':>10} {'vs torch':>9}   (median of {args.rounds} interleaved rounds)")
+    labels = {"dali": "DALI pipeline (ours)", "torch": "torch DataLoader + Pillow (reference)"}
+    for name, per_s in median.items():
+        ratio = paired if name == "dali" else 1.0
+        rounds = ", ".join(f"{v:.0f}" for v in rates[name])
+        print(f"{labels[name]:<48} {per_s:>10.0f} {ratio:>8.2f}x   rounds: {rounds}")
+    for name, per_s in median.items():
+        print(json.dumps({"bench": "loader", "loader": name, "device": args.device, "threads": args.threads,
+                          "batch_size": args.batch_size, "images": images[name], "images_per_s": round(per_s, 1),
+                          "vs_torch": round(paired if name == "dali" else 1.0, 3),
+                          "rounds": [round(v, 1) for v in rates[name]]}))
+
+
+if __name__ == "__main__":
+    main()

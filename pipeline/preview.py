@@ -1,0 +1,98 @@
+"""A PNG grid of training samples as the network sees them, beside their originals: how a person checks the
+augmentation by eye. Each cell shows the original with its central square (grey) and the crop box (red), the
+augmented crop (with the mean added back, so the colours are the image's own plus the lighting shift), and a caption
+with the label, the mirror flag and the lighting offset in 0–255 units.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.augment import ReferenceTrainLoader, TrainLoader, centre_square, load_pca
+from pipeline.cache import atomic_write
+from pipeline.errors import PipeError
+from pipeline.shards import load_manifest
+
+ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)
+GAP, CAPTION, COLUMNS = 8, 20, 4
+
+
+def augmented_samples(shard_dir: Path, pca: dict, n: int, seed: int, crop: int = 224,
+                      loader: str = "dali") -> list[dict]:
+    """The first n training samples of epoch 0 with their augmentation: augmented [3, crop, crop] float (mean
+    subtracted), label, original uint8 [H, W, 3], crop (left, top), mirrored, lighting offset [3]."""
+    if loader == "dali":
+        pipe = TrainLoader(shard_dir, pca, 1, crop=crop, seed=seed, num_threads=2).pipeline(0, with_params=True,
+                                                                                           batch_size=n)
+        images, labels, originals, xs, ys, flips, offsets = pipe.run()
+        return [{"augmented": torch.from_numpy(np.array(images[i])), "label": int(np.array(labels[i])),
+                 "original": np.array(originals[i]), "crop_at": (int(np.array(xs[i])), int(np.array(ys[i]))),
+                 "mirrored": bool(np.array(flips[i])), "offset": np.array(offsets[i], dtype=np.float64)}
+                for i in range(n)]
+    if loader == "torch":
+        reference = ReferenceTrainLoader(shard_dir, pca, 1, crop=crop, seed=seed, num_threads=0)
+        dataset = reference.dataset(0)
+        out = []
+        for position, index in enumerate(reference.epoch_samples(0)[:n]):
+            patch, label, original, crop_at, flip, offset = dataset.augment(index, position)
+            out.append({"augmented": patch, "label": label, "original": original.permute(1, 2, 0).numpy(),
+                        "crop_at": tuple(crop_at), "mirrored": flip, "offset": offset.numpy()})
+        return out
+    raise PipeError(f"loader must be dali or torch, got {loader!r}")
+
+
+def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,
+                 loader: str = "dali") -> Path:
+    """Write a grid of n augmented training samples beside their originals to `out_png`; return its path."""
+    if n < 1:
+        raise PipeError(f"--n must be at least 1, got {n}")
+    pca = load_pca(pca_path)
+    mean = 255.0 * np.asarray(pca["mean"], dtype=np.float32)
+    samples = augmented_samples(Path(shard_dir), pca, n, seed, crop, loader)
+    names = {c["index"]: f"{c['wnid']} {c['name']}" for c in load_manifest(Path(shard_dir))["classes"]}
+    font = ImageFont.load_default(size=14)
+    cell_w, cell_h = ORIGINAL_BOX[0] + GAP + ORIGINAL_BOX[1], ORIGINAL_BOX[1] + 2 * CAPTION
+    rows = -(-n // COLUMNS)
+    header = 2 * CAPTION + GAP
+    grid = Image.new("RGB", (min(n, COLUMNS) * (cell_w + 2 * GAP), header + rows * (cell_h + 2 * GAP)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((GAP, GAP), f"{Path(shard_dir).name}: training augmentation, seed {seed}, epoch 0. Left: original, "
+              "central square (grey), crop box (red). Right: the network's input + the mean.", fill="black",
+              font=font)
+    draw.text((GAP, GAP + CAPTION), f"Random {crop}x{crop} crop of the central square, mirror p=0.5, PCA lighting "
+              "offset = 255 * eigvecs @ (alpha * eigvals), alpha ~ N(0, 0.1); offset in 0-255 units (R, G, B).",
+              fill="black", font=font)
+    for i, s in enumerate(samples):
+        x0 = GAP + (i % COLUMNS) * (cell_w + 2 * GAP)
+        y0 = header + GAP + (i // COLUMNS) * (cell_h + 2 * GAP)
+        original = Image.fromarray(s["original"])
+        scale = min(ORIGINAL_BOX[0] / original.width, ORIGINAL_BOX[1] / original.height)
+        shown = original.resize((max(1, round(original.width * scale)), max(1, round(original.height * scale))),
+                                Image.Resampling.BILINEAR)
+        grid.paste(shown, (x0, y0))
+        left, top, side = centre_square(original.width, original.height)
+        draw.rectangle(_scaled((left, top, left + side, top + side), scale, x0, y0), outline=(160, 160, 160),
+                       width=1)
+        cx, cy = s["crop_at"]
+        draw.rectangle(_scaled((cx, cy, cx + crop, cy + crop), scale, x0, y0), outline=(230, 0, 0), width=2)
+        augmented = (s["augmented"].permute(1, 2, 0).numpy() + mean).clip(0, 255).round().astype(np.uint8)
+        shown = Image.fromarray(augmented).resize((ORIGINAL_BOX[1], ORIGINAL_BOX[1]), Image.Resampling.BILINEAR)
+        grid.paste(shown, (x0 + ORIGINAL_BOX[0] + GAP, y0))
+        offset = ", ".join(f"{v:+.1f}" for v in s["offset"])
+        draw.text((x0, y0 + ORIGINAL_BOX[1] + 3), f"{s['label']}: {names.get(s['label'], '?')}"[:64], fill="black",
+                  font=font)
+        draw.text((x0, y0 + ORIGINAL_BOX[1] + 3 + CAPTION), f"{'MIRRORED' if s['mirrored'] else 'not mirrored'}   "
+                  f"crop at ({cx}, {cy})   offset ({offset})", fill="black", font=font)
+    out_png = Path(out_png)
+    with atomic_write(out_png) as f:
+        grid.save(f, "PNG")
+    return out_png
+
+
+def _scaled(box: tuple[int, int, int, int], scale: float, x0: int, y0: int) -> tuple[int, int, int, int]:
+    return (x0 + round(box[0] * scale), y0 + round(box[1] * scale), x0 + round(box[2] * scale) - 1,
+            y0 + round(box[3] * scale) - 1)
