@@ -90,6 +90,7 @@ DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_VAL_CSV = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
 @dataclass(frozen=True)
@@ -122,28 +123,74 @@ class SourceListing:
     root: Path  # member paths are relative to it
     members: list[Member]
     ignored: list[dict]  # unsafe or non-file archive members, unlabelled files: {name, reason}
-    inputs: list[Path]  # what the stage fingerprints for its cache key
 
 
-def list_source(source: Path, split: str, labels: Path | None = None) -> SourceListing:
-    """Find `split` in SOURCE, whatever its layout, and list its images with their wnids."""
+@dataclass(frozen=True)
+class Layout:
+    """Where a split lives in SOURCE: an `archive` (tar) or a `tree` (folder), the val labels it needs (None when
+    class folders or nested class tars name the wnids), and the folder member paths are relative to."""
+
+    kind: str
+    path: Path
+    root: Path
+    labels: Path | None
+
+
+def find_layout(source: Path, split: str, labels: Path | None = None) -> Layout:
+    """Which of the supported layouts SOURCE is, without reading any image; raises a PipeError that says what was
+    expected when it is none of them or when val labels are needed and not found."""
     source = source.resolve()
     official_tar = source / (TRAIN_TAR if split == "train" else VAL_TAR)
     if source.is_dir() and official_tar.is_file():
-        return _list_archive(official_tar, split, labels or _find_val_labels(source, split))
+        return _archive_layout(official_tar, split, labels or _find_val_labels(source, split))
     if source.is_dir() and (source / split).is_dir():
-        return _list_tree(source / split, split, labels or _find_val_labels(source, split), source)
+        return _tree_layout(source / split, split, labels or _find_val_labels(source, split), source)
     if source.is_file() and tarfile.is_tarfile(source):
-        return _list_archive(source, split, labels or _find_val_labels(source.parent, split))
+        return _archive_layout(source, split, labels or _find_val_labels(source.parent, split))
     if source.is_dir() and any(_is_wnid(p.name) and p.is_dir() for p in source.iterdir()):
-        return _list_tree(source, split, labels, source)
+        return Layout("tree", source, source, None)
     if source.is_dir() and split == "val" and any(_is_image(p) for p in source.iterdir()):
-        return _list_tree(source, split, labels or _find_val_labels(source, split)
-                          or _find_val_labels(source.parent, split), source)
+        return _tree_layout(source, split, labels or _find_val_labels(source, split)
+                            or _find_val_labels(source.parent, split), source)
     raise PipeError(
         f"{source}: no ImageNet {split} split found. Expected one of: a folder holding {official_tar.name} "
         f"(official archives), a folder holding {split}/ (extracted tree), a {split} .tar archive, a folder "
         f"of <wnid>/ class folders{', or a flat folder of ILSVRC2012_val_*.JPEG' if split == 'val' else ''}")
+
+
+def list_source(source: Path, split: str, labels: Path | None = None) -> SourceListing:
+    """Find `split` in SOURCE, whatever its layout, and list its images with their wnids."""
+    layout = find_layout(source, split, labels)
+    if layout.kind == "archive":
+        return _list_archive(layout.path, split, layout.labels)
+    return _list_tree(layout.path, split, layout.labels, layout.root)
+
+
+def _archive_layout(archive: Path, split: str, labels: Path | None) -> Layout:
+    with open(archive, "rb") as f:
+        magic = f.read(6)
+    compression = next((name for sig, name in COMPRESSED_MAGIC.items() if magic.startswith(sig)), None)
+    if compression:
+        raise PipeError(f"{archive}: a {compression}-compressed archive; images are read as byte ranges of an "
+                        f"uncompressed tar, so decompress it first (the official ImageNet tars are uncompressed)")
+    if split == "val" and labels is None:
+        raise PipeError(_no_val_labels(archive))
+    return Layout("archive", archive, archive.parent, labels)
+
+
+def _tree_layout(folder: Path, split: str, labels: Path | None, root: Path) -> Layout:
+    if any(p.is_dir() and _is_wnid(p.name) for p in folder.iterdir()):  # train/<wnid>/… or val in valprep.sh layout
+        return Layout("tree", folder, root, None)
+    if split == "train":
+        raise PipeError(f"{folder}: expected train/<wnid>/*.JPEG class folders, found none")
+    if labels is None:
+        raise PipeError(_no_val_labels(folder))
+    return Layout("tree", folder, root, labels)
+
+
+def _no_val_labels(where: Path) -> str:
+    return (f"{where}: val labels not found; pass --labels with {KAGGLE_VAL_CSV}, {DEVKIT_TAR} or "
+            f"{DEVKIT_GROUND_TRUTH}, or put one beside the val images")
 
 
 def _is_wnid(name: str) -> bool:
@@ -164,69 +211,88 @@ def _find_val_labels(folder: Path, split: str) -> Path | None:
 
 
 def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> SourceListing:
-    members, ignored, inputs = [], [], [folder]
+    """A symlinked file is read through its link (reading cannot write outside OUT); a name that looks like an image
+    but is no regular file (a dangling link, a fifo) is listed as ignored."""
+    members, ignored = [], []
+
+    def looks_like_image(f: Path) -> bool:
+        if f.suffix.lower() not in IMAGE_SUFFIXES:
+            return False
+        if not f.is_file():
+            ignored.append({"name": str(f.relative_to(root)), "reason": "not a regular file"})
+            return False
+        return True
+
     class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _is_wnid(p.name))
-    if class_dirs:  # train/<wnid>/… or val in valprep.sh layout
+    if class_dirs:
         for d in class_dirs:
             for f in sorted(d.iterdir()):
-                if _is_image(f) and not f.is_symlink():
+                if looks_like_image(f):
                     members.append(Member(f.stem, d.name, str(f.relative_to(root))))
-        return SourceListing(root, members, ignored, inputs)
-    if split == "train":
-        raise PipeError(f"{folder}: expected train/<wnid>/*.JPEG class folders, found none")
+        return SourceListing(root, members, ignored)
     truth = _val_ground_truth(labels, folder)
-    inputs.append(labels)
     for f in sorted(folder.iterdir()):
-        if not _is_image(f):
+        if not looks_like_image(f):
             continue
         if f.stem in truth:
             members.append(Member(f.stem, truth[f.stem], str(f.relative_to(root))))
         else:
             ignored.append({"name": f.name, "reason": "no label in " + labels.name})
-    return SourceListing(root, members, ignored, inputs)
+    return SourceListing(root, members, ignored)
 
 
 def _list_archive(archive: Path, split: str, labels: Path | None) -> SourceListing:
-    """Index an official archive by reading tar headers only (tarfile seeks over member data)."""
+    """Index an official archive by reading tar headers only (tarfile seeks over member data). Directory members
+    are passed over; links, devices and names that would leave a folder are listed as ignored."""
     members, ignored = [], []
     truth = _val_ground_truth(labels, archive) if split == "val" else {}
-    root = archive.parent
-    with open(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
-        for m in outer:
-            reason = _unsafe(m)
-            if reason:
-                ignored.append({"name": m.name, "reason": reason})
-                continue
-            name = PurePosixPath(m.name)
-            if name.suffix == ".tar":  # the train tar: one uncompressed tar per class
-                wnid = name.stem
-                with tarfile.open(fileobj=_ByteRange(f, m.offset_data, m.size), mode="r:") as inner:
-                    for im in inner:
-                        reason = _unsafe(im)
-                        if reason:
-                            ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
-                        elif PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
-                            members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
-                                                  m.offset_data + im.offset_data, im.size))
-                f.seek(m.offset_data + m.size)  # the inner listing moved the shared file position
-            elif name.suffix.lower() in IMAGE_SUFFIXES:
-                key = name.stem
-                wnid = truth.get(key) if split == "val" else name.parent.name
-                if wnid is None or (split == "train" and not _is_wnid(wnid)):
-                    ignored.append({"name": m.name, "reason": "no label"})
+    try:
+        with open(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
+            for m in outer:
+                if m.isdir():
                     continue
-                members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
+                reason = _unsafe(m)
+                if reason:
+                    ignored.append({"name": m.name, "reason": reason})
+                    continue
+                name = PurePosixPath(m.name)
+                if name.suffix == ".tar":  # the train tar: one uncompressed tar per class
+                    wnid = name.stem
+                    with tarfile.open(fileobj=_ByteRange(f, m.offset_data, m.size), mode="r:") as inner:
+                        for im in inner:
+                            reason = None if im.isdir() else _unsafe(im)
+                            if reason:
+                                ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
+                            elif im.isfile() and PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
+                                members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
+                                                      m.offset_data + im.offset_data, im.size))
+                    f.seek(m.offset_data + m.size)  # the inner listing moved the shared file position
+                elif name.suffix.lower() in IMAGE_SUFFIXES:
+                    key = name.stem
+                    wnid = truth.get(key) if split == "val" else name.parent.name
+                    if wnid is None or (split == "train" and not _is_wnid(wnid)):
+                        ignored.append({"name": m.name, "reason": "no label"})
+                        continue
+                    members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
+    except tarfile.TarError as e:
+        raise PipeError(f"{archive}: not a readable tar archive ({e})") from None
     members.sort(key=lambda m: m.key)
-    return SourceListing(root, members, ignored, [p for p in (archive, labels) if p is not None])
+    return SourceListing(archive.parent, members, ignored)
 
 
 def _unsafe(m: tarfile.TarInfo) -> str | None:
     """Archive members are never written to disk by name; still, list anything a hostile archive could hold."""
+    if m.issym():
+        return f"symbolic link to {m.linkname} (not followed)"
+    if m.islnk():
+        return f"hard link to {m.linkname} (not followed)"
+    if m.ischr() or m.isblk():
+        return "device file"
     if not m.isfile():
-        return "directory" if m.isdir() else "not a regular file (link or device)"
+        return "not a regular file (fifo or special member)"
     name = PurePosixPath(m.name)
     if name.is_absolute() or ".." in name.parts:
-        return "unsafe path"
+        return "unsafe path (absolute or ..)"
     return None
 
 

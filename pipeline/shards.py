@@ -87,10 +87,15 @@ def write_shard(out: Path, name: str, members: list[Member], source_root: Path, 
             if img.meta["repaired"]:
                 repaired.append({"key": m.key, "repaired": img.meta["repaired"]})
     samples = len(index_lines)
+    record = {"name": f"{name}.tar", "samples": samples, "bytes": 0, "sha256": None, "classes": classes,
+              "skipped": skipped, "repaired": repaired}
+    if samples == 0:  # every image was bad: DALI rejects an index with 0 samples, so no shard (and none listed)
+        tar_path.unlink()
+        (out / f"{name}.idx").unlink(missing_ok=True)
+        return record
     with atomic_write(out / f"{name}.idx", "w") as f:
         f.write(f"{DALI_INDEX_VERSION} {samples}\n" + "".join(line + "\n" for line in index_lines))
-    return {"name": f"{name}.tar", "samples": samples, "bytes": tar_path.stat().st_size,
-            "sha256": sha256_file(tar_path), "classes": classes, "skipped": skipped, "repaired": repaired}
+    return {**record, "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
@@ -99,7 +104,31 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
     info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
     tar.addfile(info, io.BytesIO(data))
     data_offset = tar.offset - (-(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE)
-    return f"{name.rsplit('.', 1)[1]} {data_offset} {len(data)} {name}"
+    return f"{_split_name(name)[1]} {data_offset} {len(data)} {name}"
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """(sample key, extension) split at the first dot of the base name, as webdataset and DALI's wds2idx do."""
+    dot = name.find(".", name.rfind("/") + 1)
+    return name[:dot], name[dot + 1 :]
+
+
+def dali_index(tar_path: Path) -> str:
+    """The DALI index of a tar as `wds2idx` writes it (regular files, grouped by key, `ext offset size name`)."""
+    samples: list[list[str]] = []
+    last_key = None
+    with tarfile.open(tar_path) as tar:
+        for m in tar:
+            if not m.isreg():
+                continue
+            key, ext = _split_name(m.name)
+            if not key or key.endswith("/"):
+                continue
+            if key != last_key:
+                samples.append([])
+                last_key = key
+            samples[-1].append(f"{ext} {m.offset_data} {m.size} {m.name}")
+    return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
 def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict) -> dict:
@@ -115,7 +144,7 @@ def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored
         "params": params,
         "samples": sum(r["samples"] for r in records),
         "bytes": sum(r["bytes"] for r in records),
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records],
+        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records if r["samples"]],
         "classes": [{"index": classes.label_of(w), "wnid": w, "name": classes.names[classes.label_of(w)],
                      "samples": counts[w]} for w in present],
         "num_classes_total": len(classes.wnids),
@@ -140,21 +169,26 @@ def shard_paths(shard_dir: Path) -> list[tuple[Path, Path]]:
 
 def verify_shards(shard_dir: Path, *, decode: bool = False,
                   on_shard: Callable[[str], None] | None = None) -> list[str]:
-    """Re-read every shard: sha256 and sample count against the manifest, optionally decode every image.
-    Returns the list of problems (empty when the shard set is intact)."""
+    """Re-read every shard: sha256 and sample count against the manifest, its DALI index against the tar,
+    optionally decode every image. Returns the list of problems (empty when the shard set is intact)."""
     from PIL import Image
 
     problems = []
     for entry in load_manifest(shard_dir)["shards"]:
         path = shard_dir / entry["name"]
+        idx = path.with_suffix(".idx")
         if not path.is_file():
             problems.append(f"{entry['name']}: missing")
         elif (digest := sha256_file(path)) != entry["sha256"]:
             problems.append(f"{entry['name']}: sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
         else:
+            if not idx.is_file():
+                problems.append(f"{idx.name}: missing")
+            elif idx.read_text() != dali_index(path):
+                problems.append(f"{idx.name}: does not match {entry['name']} (rewrite it with wds2idx)")
             with tarfile.open(path) as tar:
                 names = tar.getnames()
-                samples = len({n.rsplit(".", 1)[0] for n in names})
+                samples = len({_split_name(n)[0] for n in names})
                 if samples != entry["samples"]:
                     problems.append(f"{entry['name']}: {samples} samples != manifest {entry['samples']}")
                 if decode:

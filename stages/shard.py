@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline.cache import Input, Stage, read_json, write_json
 from pipeline.errors import PipeError
-from pipeline.imagenet import list_source, load_classes
+from pipeline.imagenet import find_layout, list_source, load_classes
 from pipeline.shards import ShardJob, assign_shards, build_manifest, shard_name, write_member_list
 from stages import QuietReporter, Reporter, task_slice
 
@@ -47,9 +47,14 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     classes = load_classes(classes_file)
     params = {"split": split, "shard_size": shard_size, "short_side": short_side, "quality": quality,
               "seed": seed, "classes": "ilsvrc2012" if classes_file is None else classes_file.name}
-    inputs = {"source": Input.of_source(source)}
-    if labels is not None:
-        inputs["labels"] = Input.of_source(labels)
+    if labels is not None and not labels.is_file():
+        raise PipeError(f"labels file not found: {labels}")
+    # Only the split's own archive or folder and its labels key the stage: sharding train is not made stale by a
+    # change in val, and an OUT inside SOURCE (but outside the split) does not change the key.
+    layout = find_layout(source, split, labels)
+    inputs = {"source": Input.of_source(layout.path)}
+    if layout.labels is not None:
+        inputs["labels"] = Input.of_source(layout.labels)
     if classes_file is not None:
         inputs["classes"] = Input.of_source(classes_file)
     stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product="manifest.json",
@@ -61,11 +66,11 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     started = time.time()
     with stage.run_lock(exclusive=task_index is None):
         stage.plan(["index"], force=force)
-        stage.run_units(["index"], _IndexJob(str(source), str(out), split, str(labels) if labels else None,
-                                             shard_size, seed))
+        stage.run_units(["index"], _IndexJob(str(source), str(out), split,
+                                             str(layout.labels) if layout.labels else None, shard_size, seed))
         index = read_json(stage.unit_record_path("index"))
         for item in index["ignored"]:
-            reporter.warn(f"ignored archive member {item['name']}: {item['reason']}")
+            reporter.warn(f"ignored {item['name']}: {item['reason']}")
         names = [shard_name(split, i) for i in range(index["shards"])]
         stage.plan(["index", *names])
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
@@ -82,7 +87,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
                 result.skipped += len(record["skipped"])
                 result.repaired += len(record["repaired"])
                 for s in record["skipped"]:
-                    reporter.warn(f"skipped {s['path']}: {s['reason']}")
+                    reporter.warn(f"skipped {s['key']} ({s['path']}): {s['reason']}")
                 advance(record["samples"] + len(record["skipped"]))
 
             stage.run_units(todo, job, workers=workers, on_done=on_done, wait_for_others=task_index is None)
@@ -102,7 +107,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         result.written, result.skipped, result.repaired = (manifest["samples"], len(manifest["skipped"]),
                                                            len(manifest["repaired"]))
     reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped "
-                  f"in {len(names)} shards → {out}")
+                  f"in {len(manifest['shards'])} shards → {out}")
     return result
 
 
