@@ -155,6 +155,8 @@ def train(
     dropout: Annotated[float, typer.Option(help="Dropout in fc6/fc7 (paper: 0.5).")] = 0.5,
     lrn: Annotated[str, typer.Option(help="paper: alpha=1e-4 as printed; caffe: alpha/n as in Caffe/PyTorch.")
                    ] = "paper",
+    init: Annotated[str, typer.Option(help="paper: weights N(0, 0.01), biases 0/1 (§5); default: PyTorch's "
+                                      "Kaiming-uniform (the demo's narrow net learns only with this).")] = "paper",
     amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
     channels_last: Annotated[bool, typer.Option(help="channels-last memory format.")] = False,
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
@@ -177,7 +179,7 @@ def train(
                       lr_drops=lr_drops, lr_patience=lr_patience, max_steps=max_steps, seed=seed, amp=amp,
                       channels_last=channels_last, compile=compile, loader=loader, loader_threads=loader_threads,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every)
-    stage.run(train, val, pca, out, cfg=cfg, model=stage.ModelOptions(width, crop, dropout, lrn), devices=devices,
+    stage.run(train, val, pca, out, cfg=cfg, model=stage.ModelOptions(width, crop, dropout, lrn, init), devices=devices,
               force=force, reporter=_reporter())
 
 

@@ -17,6 +17,7 @@ from torch import nn
 # An 11x11 stride-4 conv gives 55x55 only from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
 CONV1_PADDING = {224: 2, 227: 0}
 LRN_CONVENTIONS = ("paper", "caffe")
+INITS = ("paper", "default")
 # §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers, as well as in
 # the fully-connected hidden layers, with the constant 1 ... the remaining layers with the constant 0."
 BIAS_ONE = frozenset({"conv2", "conv4", "conv5", "fc6", "fc7"})
@@ -34,6 +35,8 @@ class AlexNetConfig:
     lrn_k: float = 2.0             # §3.3: k = 2
     lrn_convention: str = "paper"  # "paper": α·Σa² as printed; "caffe": (α/n)·Σa² (Caffe, cuda-convnet2)
     init_std: float = 0.01         # §5: weights from N(0, 0.01)
+    init: str = "paper"            # "paper": §5's N(0, init_std) and 0/1 biases; "default": PyTorch's
+    #                                (Kaiming-uniform) — a narrow demo net does not leave loss ln(C) from §5's init
 
     def __post_init__(self) -> None:
         if self.crop not in CONV1_PADDING:
@@ -41,6 +44,8 @@ class AlexNetConfig:
                              f"got {self.crop!r}: no other size gives the paper's 55x55 conv1 maps")
         if self.lrn_convention not in LRN_CONVENTIONS:
             raise ValueError(f"lrn_convention must be one of {LRN_CONVENTIONS}, got {self.lrn_convention!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not self.width > 0:
             raise ValueError(f"width must be > 0, got {self.width!r}")
         if int(self.num_classes) < 1:
@@ -124,7 +129,8 @@ class AlexNet(nn.Module):
         self.towers = nn.ModuleList([Tower(config), Tower(config)])
         self.fc8 = nn.Linear(2 * config.channels(2048), config.num_classes)  # over both towers' fc7
         self.dropout = nn.Dropout(config.dropout)
-        init_paper_(self, config.init_std)
+        if config.init == "paper":
+            init_paper_(self, config.init_std)
 
     @property
     def devices(self) -> list[torch.device]:
@@ -179,7 +185,8 @@ class AlexNetGrouped(nn.Module):
         self.lrn = local_response_norm(config)
         self.pool = nn.MaxPool2d(3, stride=2)
         self.dropout = nn.Dropout(config.dropout)
-        init_paper_(self, config.init_std)
+        if config.init == "paper":
+            init_paper_(self, config.init_std)
 
     def norm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([self.lrn(half) for half in x.chunk(2, dim=1)], dim=1)

@@ -27,6 +27,7 @@ class ModelOptions:
     crop: int = 224
     dropout: float = 0.5
     lrn_convention: str = "paper"
+    init: str = "paper"
 
 
 def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model: ModelOptions | None = None,
@@ -47,8 +48,12 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model
     train_manifest = load_manifest(train_dir)
     inputs = {"train": Input.of_stage(train_dir, "manifest.json"), "val": Input.of_stage(val_dir, "manifest.json"),
               "pca": Input.of_stage(pca_path.parent, pca_path.name)}
-    model_config = AlexNetConfig(num_classes=train_manifest["num_classes_total"], width=model.width,
-                                 crop=model.crop, dropout=model.dropout, lrn_convention=model.lrn_convention)
+    try:
+        model_config = AlexNetConfig(num_classes=train_manifest["num_classes_total"], width=model.width,
+                                     crop=model.crop, dropout=model.dropout, lrn_convention=model.lrn_convention,
+                                     init=model.init)
+    except ValueError as e:
+        raise PipeError(f"train: {e}") from None
     trajectory = {"model": model_config.to_dict(), "train": cfg.trajectory(),
                   "inputs": {k: v.digest for k, v in inputs.items()}}
     stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps}, inputs)

@@ -196,6 +196,18 @@ def test_init_draws_weights_from_n_0_001_and_sets_biases_1_in_conv2_conv4_conv5_
         assert torch.equal(layer.bias, torch.full_like(layer.bias, 1.0 if one else 0.0)), name
 
 
+def test_default_init_is_pytorchs_kaiming_uniform_not_the_papers_gaussian():
+    torch.manual_seed(0)
+    model = AlexNet(AlexNetConfig(num_classes=10, width=0.25, init="default"))
+    conv2 = model.towers[0].conv2
+    bound = 1 / math.sqrt(conv2.weight[0].numel())  # PyTorch's conv default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert conv2.weight.abs().max().item() <= bound
+    assert conv2.weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    assert conv2.bias.abs().max().item() <= bound and not torch.equal(conv2.bias, torch.ones_like(conv2.bias))
+    with pytest.raises(ValueError, match="init"):
+        AlexNetConfig(init="xavier")
+
+
 def test_a_few_sgd_steps_on_cpu_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build_model(AlexNetConfig(width=SMALL, num_classes=10), ["cpu", "cpu"])
