@@ -71,6 +71,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model
             if device_list[0].startswith("cuda"):
                 torch.cuda.set_device(device_list[0])
             dist.init_process_group("nccl" if device_list[0].startswith("cuda") else "gloo")
+        torch.manual_seed(cfg.seed)  # the initial weights: a fixed seed gives the same run, the same on every rank
         net = build_model(model_config, device_list)
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
