@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -97,7 +98,7 @@ def fingerprint_source(path: Path) -> str:
         dirs.sort()
         for name in sorted(files):
             full = Path(root, name)
-            st = full.stat()
+            st = full.stat() if full.exists() else full.lstat()  # a dangling link: its own entry
             h.update(f"{full.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return "fp:" + h.hexdigest()
 
@@ -220,7 +221,8 @@ class Stage:
             yield
 
     def plan(self, units: list[str], force: bool = False) -> None:
-        """Record the unit list for this key; a different key (or --force) first removes the old outputs."""
+        """Record the unit list for this key; a different key (or --force) first removes the old outputs. Units
+        only accumulate under one key: a stage that learns its units from a first unit plans twice."""
         self.out.mkdir(parents=True, exist_ok=True)
         with file_lock(self.out / LOCKS / "finalize", blocking=True):
             p = self.out / PLAN
@@ -229,8 +231,11 @@ class Stage:
             old_key = (old or {}).get("key") or (marker or {}).get("key")
             if force or (old_key is not None and old_key != self.key):
                 self.clear()
-            if old is None or old.get("key") != self.key or force:
-                write_json(p, {"stage": self.name, "key": self.key, "units": units})
+                old = None
+            known = list((old or {}).get("units", [])) if (old or {}).get("key") == self.key else []
+            merged = known + [u for u in units if u not in known]
+            if old is None or merged != known:
+                write_json(p, {"stage": self.name, "key": self.key, "units": merged})
 
     def clear(self) -> None:
         (self.out / MARKER).unlink(missing_ok=True)
@@ -259,7 +264,8 @@ class Stage:
             import multiprocessing
 
             ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx) as pool:
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 results = list(_report(pool.map(job, todo), on_done))
         else:
             results = list(_report(map(job, todo), on_done))
@@ -309,6 +315,20 @@ class _UnitJob:
             record = self.work(unit)
             write_json(record_path, record)
             return unit, record
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was SIGKILLed would wait on its task queue forever: poll the parent and leave."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _report(results: Iterable[tuple[str, dict | None]], on_done) -> Iterator[tuple[str, dict | None]]:

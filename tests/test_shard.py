@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.cache import fingerprint_source, inspect
 from pipeline.imagenet import Member
 from pipeline.images import BadImage, prepare_image, resized_size
 from pipeline.shards import assign_shards
@@ -457,6 +458,60 @@ def test_sigkill_mid_run_then_rerun_writes_only_missing_shards_and_is_byte_ident
         ((out / name).stat().st_ino, (out / name).stat().st_mtime_ns) == stat for name, stat in finished.items())
     assert shard_set(out) == shard_set(tree_train)
     assert temp_files(out) == []
+
+
+def processes_with_env(marker: str) -> list[int]:
+    """Live (non-zombie) processes whose environment holds `marker`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker.encode() in (proc / "environ").read_bytes() \
+                    and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(proc.name))
+        except OSError:
+            pass
+    return found
+
+
+def test_sigkill_of_a_run_with_workers_leaves_no_worker_behind(quirk_tree, tmp_path):
+    out, marker = tmp_path / "train", f"ALEXNET_PIPE_TEST_RUN={tmp_path.name}"
+    proc = subprocess.Popen([CLI, "shard", str(quirk_tree), str(out), "--split", "train", "--shard-size", "8",
+                             "--workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "ALEXNET_PIPE_TEST_RUN": tmp_path.name})
+    deadline = time.monotonic() + 120
+    while not list((out / "_units").glob("train-*.json")):
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    assert len(processes_with_env(marker)) >= 3  # the CLI, the forkserver and its workers
+    proc.kill()  # the CLI alone, as the OOM killer would
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while processes_with_env(marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert processes_with_env(marker) == []
+
+
+def test_status_counts_the_shards_planned_after_the_index_unit(quirk_tree, tmp_path):
+    out = tmp_path / "train"
+    proc = subprocess.Popen([CLI, "shard", str(quirk_tree), str(out), "--split", "train", "--shard-size", "8",
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while len(list((out / "_units").glob("train-*.json"))) < 2:
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    state = inspect(out)
+    done = len(list((out / "_units").glob("*.json")))
+    assert (state.state, state.detail) == ("partial", f"{done} of 28 units")  # the index and 27 shards
+
+
+def test_a_dangling_symlink_in_the_source_is_fingerprinted_not_fatal(tmp_path):
+    (tmp_path / "train" / "n01440764").mkdir(parents=True)
+    (tmp_path / "train" / "n01440764" / "a.JPEG").write_bytes(b"x")
+    before = fingerprint_source(tmp_path)
+    (tmp_path / "train" / "n01440764" / "b.JPEG").symlink_to(tmp_path / "gone.JPEG")
+    assert fingerprint_source(tmp_path) != before
 
 
 def test_array_tasks_run_concurrently_give_the_bytes_of_one_process(quirk_tree, tree_train, tmp_path):
