@@ -222,6 +222,29 @@ def report(
 
 
 @app.command()
+def preview(
+    shard_dir: Annotated[Path, typer.Argument(help="Training shard folder.")],
+    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("preview.png"),
+    n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
+    seed: Seed = 0,
+    crop: Annotated[int, typer.Option(help="224 or 227.")] = 224,
+    loader: Annotated[str, typer.Option(help="dali, or torch (the reference path).")] = "dali",
+):
+    """A PNG grid of the first training samples as the network sees them (random crop, mirror, PCA lighting) beside
+    their originals with the crop box drawn: check the augmentation by eye."""
+    from pipeline.errors import PipeError
+    from pipeline.preview import preview_grid
+
+    if crop not in (224, 227):
+        raise PipeError(f"--crop must be 224 or 227, got {crop}")
+    for path, what in ((shard_dir / "manifest.json", "a shard folder (manifest.json)"), (pca, "pca.json")):
+        if not path.is_file():
+            raise PipeError(f"{path}: not found; expected {what} from `make prepare`")
+    _reporter().info(f"preview: {preview_grid(shard_dir, pca, out, n, seed, crop=crop, loader=loader)}")
+
+
+@app.command()
 def verify(
     shard_dir: Annotated[Path, typer.Argument(help="A shard folder (holding manifest.json).")],
     decode: Annotated[bool, typer.Option(help="Also decode every image.")] = False,

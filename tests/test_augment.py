@@ -400,3 +400,19 @@ def test_preview_reports_the_crop_flip_and_offset_that_made_each_augmented_image
     out = preview_grid(sample_shards["train"], path, tmp_path / "grid.png", n=6)
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.width > 1000 and grid.height > 2 * 224
+
+
+def test_preview_command_writes_the_grid_and_refuses_a_folder_without_shards(sample_shards, pca, tmp_path):
+    import subprocess
+    import sys
+
+    cli = str(Path(sys.executable).with_name("alexnet-pipe"))
+    path = tmp_path / "pca.json"
+    path.write_text(json.dumps(pca))
+    done = subprocess.run([cli, "preview", str(sample_shards["train"]), "--pca", str(path), "--out",
+                           str(tmp_path / "cli.png"), "--n", "3", "--seed", "5"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    api = preview_grid(sample_shards["train"], path, tmp_path / "api.png", n=3, seed=5)
+    assert (tmp_path / "cli.png").read_bytes() == api.read_bytes()
+    bad = subprocess.run([cli, "preview", str(tmp_path), "--pca", str(path)], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:") and "manifest.json" in bad.stderr
