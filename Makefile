@@ -32,6 +32,7 @@ TRAIN_ARGS     ?= $(if $(IMAGENET),,--width 0.25 --init default --lr 0.003 --lr-
 EVAL_ARGS      ?=
 RUN_DIR        := $(WORK)/runs/$(RUN)
 EVAL_DIR       := $(WORK)/eval/$(RUN)
+REPORT          = $(CLI) report $(RUN_DIR) --eval $(EVAL_DIR) --out $(EVAL_DIR)/report
 
 # Slurm (cluster/submit.sh --help): the same stages as array jobs and a multi-node torchrun job.
 NUM_TASKS      ?= 8
@@ -77,7 +78,10 @@ train: prepare
 
 eval: train
 	$(CLI) eval $(RUN_DIR) --val $(WORK)/shards/val --out $(EVAL_DIR) --devices $(DEVICES) $(EVAL_ARGS)
-	$(CLI) report $(RUN_DIR) --eval $(EVAL_DIR) --out $(EVAL_DIR)/report
+	$(REPORT)
+
+report: $(STAMP)
+	$(REPORT)
 
 preview: pca
 	$(CLI) preview $(WORK)/shards/train --pca $(WORK)/pca/pca.json --out $(WORK)/preview.png --seed $(SEED)
