@@ -4,7 +4,7 @@ one-column model, for context). Same batch, warm-up and timed steps for each, th
 a synthetic batch, so no data loading is measured.
 
     python bench/train.py [--steps N] [--warmup N] [--batch B] [--width W] [--device cpu|cuda:0]
-                          [--channels-last] [--amp]
+                          [--channels-last] [--amp] [--compile]
 
 Prints a table and one JSON line per model.
 """
@@ -39,6 +39,7 @@ def train_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    forward = torch.compile(model) if args.compile else model
     x = torch.randn(args.batch, 3, args.crop, args.crop, device=device)
     x = x.contiguous(memory_format=memory_format)
     y = torch.randint(0, args.num_classes, (args.batch,), device=device)
@@ -46,7 +47,7 @@ def train_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
         loss.backward()
         optimizer.step()
         if device.type == "cuda":
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="one device, e.g. cpu or cuda:0")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
+    ap.add_argument("--compile", action="store_true", help="torch.compile each model")
     args = ap.parse_args()
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
@@ -90,7 +92,7 @@ def main() -> None:
     config = AlexNetConfig(num_classes=args.num_classes, width=args.width, crop=args.crop)
     setting = {"device": args.device, "batch": args.batch, "width": args.width, "crop": args.crop,
                "warmup": args.warmup, "steps": args.steps, "channels_last": args.channels_last,
-               "amp": args.amp, "threads": torch.get_num_threads()}
+               "amp": args.amp, "compile": args.compile, "threads": torch.get_num_threads()}
     print(f"train step, {args.batch} images of {args.crop}x{args.crop}, width {args.width}, {args.device}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {torch.get_num_threads()} threads")
     torch.manual_seed(0)

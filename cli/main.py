@@ -297,3 +297,7 @@ def main() -> None:
             raise
         print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
