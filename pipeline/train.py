@@ -1,9 +1,9 @@
 """Training: plain functions (step, optimizer, checkpoints) and one loop, `fit`, that resumes exactly.
 
 A checkpoint is a plain dict (model, optimizer, scheduler, epoch, step, RNG states as tensors, loader position,
-config) loadable with `torch.load(weights_only=True)`, written atomically as checkpoints/step-%09d.pt. Resuming
-restores the loader position and every RNG, so on the CPU a run killed mid-epoch and resumed ends with the same
-weights as an uninterrupted one.
+the losses logged so far in the epoch, config) loadable with `torch.load(weights_only=True)`, written atomically as
+checkpoints/step-%09d.pt. Resuming restores the loader position and every RNG, so on the CPU a run killed mid-epoch
+and resumed ends with the same weights and metrics as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
         net = DistributedDataParallel(model, device_ids=[first] if single else None)
     step_fn = torch.compile(net) if cfg.compile else net
 
-    epoch, step, position = 0, 0, None
+    epoch, step, position, resumed_losses = 0, 0, None, []
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         state = load_checkpoint(latest)
@@ -185,31 +185,34 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, step, position = state["epoch"], state["step"], state["loader"]
+        resumed_losses = list(state.get("epoch_losses", []))  # for this epoch's mean train loss
         set_rng_state(state["rng"][place.rank] if place.rank < len(state["rng"]) else state["rng"][0])
         if main_rank:
             _truncate_metrics(metrics_path, step)
     else:
         seed_everything(cfg.seed * 1000 + place.rank)
 
-    def checkpoint(next_epoch: int, loader_state: dict) -> None:
+    def checkpoint(next_epoch: int, loader_state: dict, epoch_losses: list[float]) -> None:
         rngs = _gather(rng_state(), place)
         if main_rank:
             save_checkpoint(ckpt_dir, step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": next_epoch, "step": step, "rng": rngs,
-                "loader": loader_state, "config": {"model": model_config, "train": asdict(cfg),
-                                                   **(extra_config or {})}}, cfg.keep_checkpoints)
+                "loader": loader_state, "epoch_losses": epoch_losses,
+                "config": {"model": model_config, "train": asdict(cfg), **(extra_config or {})}}, cfg.keep_checkpoints)
 
     steps_per_epoch = len(train_loader)
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     per_rank_batch = cfg.batch_size // place.world_size
     while epoch < cfg.epochs and step < total:
         train_loader.set_epoch(epoch)
-        if position is not None and position.get("epoch") == epoch:
+        resuming = position is not None and position.get("epoch") == epoch
+        if resuming:
             train_loader.load_state_dict(position)
+        losses = resumed_losses if resuming else []  # the losses logged in this epoch so far
         position = None
         model.train()
-        waited, t_last, seen, losses = 0.0, time.perf_counter(), 0, []
+        waited, t_last, seen = 0.0, time.perf_counter(), 0
         t_fetch = time.perf_counter()
         for images, labels in train_loader:
             waited += time.perf_counter() - t_fetch
@@ -230,7 +233,7 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
                 waited, t_last, seen = 0.0, time.perf_counter(), 0
             end_of_epoch = step % steps_per_epoch == 0  # handled below, after validation
             if not end_of_epoch and (step % cfg.checkpoint_every == 0 or step >= total):
-                checkpoint(epoch, train_loader.state_dict())
+                checkpoint(epoch, train_loader.state_dict(), losses)
             if step >= total and not end_of_epoch:
                 break
             t_fetch = time.perf_counter()
@@ -245,7 +248,7 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
                 _append_metrics(metrics_path, record)
             progress.on_epoch(record)
             epoch += 1
-            checkpoint(epoch, {"epoch": epoch, "batches": 0})
+            checkpoint(epoch, {"epoch": epoch, "batches": 0}, [])
             continue
         break
     return {"epoch": epoch, "step": step, "checkpoint": str(latest_checkpoint(ckpt_dir))}

@@ -1,9 +1,12 @@
-"""Shared fixtures: the real ImageNet samples in ../shared/data and shard sets built from them by the real stage."""
+"""Shared fixtures: the real ImageNet samples in ../shared/data and shard sets built from them by the real stage;
+a tiny generated data set and a short training run made through the real CLI."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,82 @@ def sample_shards(tmp_path_factory, sample_tree) -> dict[str, Path]:
     shard.run(sample_tree, out / "train", split="train", shard_size=64, workers=2)
     shard.run(sample_tree, out / "val", split="val", shard_size=16, workers=2)
     return {"train": out / "train", "val": out / "val"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a tiny generated data set and a short training run, made through the real CLI (train / eval / report / e2e tests)
+
+CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
+# Two torch threads everywhere: the same count in every run keeps CPU training bit-reproducible, and the machine may
+# have only two cores.
+CLI_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2"}
+TINY_DATA = {"classes": 6, "train_per_class": 6, "val_per_class": 3}  # 36 train, 18 val images
+# 9 steps an epoch (batch 4), a checkpoint every 3 steps: 3, 6, 9 (epoch end), 12, 15, 18 (epoch end)
+TINY_TRAIN = {"width": "0.125", "init": "default", "lr": "0.003", "epochs": "2", "batch-size": "4", "seed": "0",
+              "devices": "cpu", "checkpoint-every": "3", "log-every": "1", "keep-checkpoints": "3"}
+
+
+def run_cli(*args, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`alexnet-pipe ARGS` in a subprocess; with `check`, a failure shows its stderr."""
+    out = subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=CLI_ENV)
+    if check and out.returncode != 0:
+        raise AssertionError(f"alexnet-pipe {' '.join(map(str, args))} → exit {out.returncode}\n{out.stderr}")
+    return out
+
+
+def popen_cli(*args, log: Path) -> subprocess.Popen:
+    """`alexnet-pipe ARGS` started in its own process group (so a test can SIGKILL it whole), output to `log`."""
+    with open(log, "w") as f:
+        return subprocess.Popen([CLI, *map(str, args)], stdout=f, stderr=subprocess.STDOUT, env=CLI_ENV,
+                                start_new_session=True)
+
+
+def train_args(data: dict[str, Path], out: Path, **overrides) -> list[str]:
+    """The CLI arguments of the tiny training run; `overrides` use the option names (`lr=0.01`, `force=True`)."""
+    options = {**TINY_TRAIN, **{k.replace("_", "-"): v for k, v in overrides.items()}}
+    args = ["train", "--train", data["train"], "--val", data["val"], "--pca", data["pca"], "--out", out]
+    for name, value in options.items():
+        if value is True:
+            args.append(f"--{name}")
+        elif value is not None and value is not False:
+            args += [f"--{name}", str(value)]
+    return [str(a) for a in args]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """synth → shard train (shards of 8) → shard val (shards of 8) → pca-stats, each by its CLI command."""
+    work = tmp_path_factory.mktemp("tiny-work")
+    run_cli("synth", work / "demo-data", "--classes", TINY_DATA["classes"], "--train-per-class",
+            TINY_DATA["train_per_class"], "--val-per-class", TINY_DATA["val_per_class"], "--seed", 0)
+    for split in ("train", "val"):
+        run_cli("shard", work / "demo-data", work / "shards" / split, "--split", split, "--shard-size", 8)
+    run_cli("pca-stats", work / "shards" / "train", work / "pca")
+    return {"work": work, "train": work / "shards" / "train", "val": work / "shards" / "val",
+            "pca": work / "pca" / "pca.json"}
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run of the tiny net (18 steps); tests copy it before changing it."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    run_cli(*train_args(tiny_data, out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """`cli(*args, check=True)`: run `alexnet-pipe` in a subprocess (two torch threads)."""
+    return run_cli
+
+
+@pytest.fixture(scope="session")
+def cli_popen():
+    """`cli_popen(*args, log=PATH)`: start `alexnet-pipe` in its own process group, not waiting for it."""
+    return popen_cli
+
+
+@pytest.fixture(scope="session")
+def train_cmd():
+    """`train_cmd(data, out, **overrides)`: the tiny run's `train` arguments, options overridden by name."""
+    return train_args
