@@ -107,6 +107,36 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
+    """The short run's last checkpoint with the fc8 biases of the val classes moved so that each one's mean val
+    logit is the mean top logit of the classes absent from val.
+
+    After 18 steps the net ranks its favourite class first for every image, so top-1 could not tell a right
+    evaluation (or report) from a wrong one; so levelled, its top-1 and top-5 vary from image to image and the
+    10-crop errors differ from the centre crop's. Everything else is the run's checkpoint as written."""
+    import torch
+
+    from pipeline.augment import load_pca, reference_eval_samples
+    from pipeline.model import AlexNetConfig, build_model
+
+    original = sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1]
+    state = torch.load(original, map_location="cpu", weights_only=True)
+    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net.load_state_dict(state["model"])
+    samples = list(reference_eval_samples(tiny_data["val"], load_pca(tiny_data["pca"]), crop=224))
+    classes = sorted({label for _, _, label in samples})
+    with torch.no_grad():
+        logits = net.eval()(torch.stack([image for _, image, _ in samples]))
+    absent = torch.ones(logits.shape[1], dtype=torch.bool)
+    absent[classes] = False
+    level = logits[:, absent].max(dim=1).values.mean()  # the best class absent from val, on average
+    state["model"]["fc8.bias"][classes] += level - logits[:, classes].mean(dim=0)
+    path = tmp_path_factory.mktemp("levelled") / original.name
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def cli():
     """`cli(*args, check=True)`: run `alexnet-pipe` in a subprocess (two torch threads)."""
     return run_cli

@@ -34,40 +34,17 @@ def errors_of(probs: torch.Tensor, labels: torch.Tensor) -> dict:
     return {"top1_error": 1 - sum(top1_hits) / len(labels), "top5_error": 1 - sum(top5_hits) / len(labels)}
 
 
-def load_model(checkpoint: Path) -> torch.nn.Module:
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
-    net.load_state_dict(state["model"])
-    return net.eval()
-
-
 @pytest.fixture(scope="module")
-def checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
-    """The short run's last checkpoint with the fc8 biases of the val classes moved so that each one's mean val
-    logit is the mean top logit of the classes absent from val.
-
-    After 18 steps the net ranks its favourite class first for every image, so top-1 could not tell a right
-    evaluation from a wrong one; so levelled, its top-1 and top-5 vary from image to image and the 10-crop errors
-    differ from the centre crop's. Everything else is the run's checkpoint as written."""
-    original = sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1]
-    state = torch.load(original, map_location="cpu", weights_only=True)
-    net = load_model(original)
-    samples = list(reference_eval_samples(tiny_data["val"], load_pca(tiny_data["pca"]), crop=224))
-    classes = sorted({label for _, _, label in samples})
-    with torch.no_grad():
-        logits = net(torch.stack([image for _, image, _ in samples]))
-    absent = torch.ones(logits.shape[1], dtype=torch.bool)
-    absent[classes] = False
-    level = logits[:, absent].max(dim=1).values.mean()  # the best class absent from val, on average
-    state["model"]["fc8.bias"][classes] += level - logits[:, classes].mean(dim=0)
-    path = tmp_path_factory.mktemp("recentred") / original.name
-    torch.save(state, path)
-    return path
+def checkpoint(levelled_checkpoint) -> Path:
+    return levelled_checkpoint
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint) -> torch.nn.Module:
-    return load_model(checkpoint)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net.load_state_dict(state["model"])
+    return net.eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,110 @@
+"""`alexnet-pipe report` on a real short run and its eval: report.md's numbers are read back and compared with
+eval.json and metrics.jsonl; every PNG it links exists and is an image."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PERCENT = r"([0-9.]+)%"
+
+
+@pytest.fixture(scope="module")
+def report(tiny_data, tiny_run, levelled_checkpoint, cli, tmp_path_factory) -> dict:
+    """The run's metrics beside the eval of its last checkpoint levelled (conftest): 10-crop and centre differ."""
+    out = tmp_path_factory.mktemp("report")
+    cli("eval", levelled_checkpoint, "--val", tiny_data["val"], "--out", out / "eval", "--devices", "cpu")
+    said = cli("report", tiny_run, "--eval", out / "eval", "--out", out / "eval" / "report")
+    return {"dir": out / "eval" / "report", "md": (out / "eval" / "report" / "report.md").read_text(),
+            "eval": json.loads((out / "eval" / "eval.json").read_text()), "said": said.stdout + said.stderr,
+            "metrics": [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]}
+
+
+def table(md: str, header: str) -> list[list[str]]:
+    """The rows of the markdown table whose header line starts with `header`, as lists of cell texts."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def percent(text: str) -> float:
+    return float(re.fullmatch(PERCENT, text).group(1)) / 100
+
+
+def test_report_writes_report_md_and_every_png_it_links(report):
+    assert str(report["dir"] / "report.md") in report["said"]
+    linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report["md"])
+    assert {"loss.png", "lr.png", "val_error.png", "images_per_s.png", "predictions.png"} <= set(linked)
+    for name in linked:
+        with Image.open(report["dir"] / name) as image:
+            assert image.format == "PNG" and image.width > 200 and image.height > 200, name
+            assert len(np.unique(np.asarray(image.convert("L")))) > 2, f"{name} is blank"
+
+
+def test_error_table_quotes_eval_json(report):
+    result, rows = report["eval"], table(report["md"], "| model | top-1 error")
+    mine = {row[3].split(",")[0]: row for row in rows if row[0].startswith("this run")}
+    assert set(mine) == {"centre 224 crop", "10-crop"} and mine["centre 224 crop"][1:3] != mine["10-crop"][1:3]
+    for protocol, key in (("centre 224 crop", "centre"), ("10-crop", "ten_crop")):
+        row = mine[protocol]
+        assert row[0] == f"this run, {Path(result['checkpoint']['path']).name}"
+        assert percent(row[1]) == pytest.approx(result[key]["top1_error"], abs=5e-5)
+        assert percent(row[2]) == pytest.approx(result[key]["top5_error"], abs=5e-5)
+        assert f"{result['samples']} images" in row[3]
+    header = re.search(r"Checkpoint `([^`]+)` \(step (\d+), epoch (\d+), sha256 `([0-9a-f]+)…`\), evaluated on "
+                       r"(\d+) validation images \(manifest sha256 `([0-9a-f]+)…`\)", report["md"])
+    path, step, epoch, sha, samples, manifest = header.groups()
+    assert (path, int(step), int(epoch), int(samples)) == (result["checkpoint"]["path"], result["checkpoint"]["step"],
+                                                           result["checkpoint"]["epoch"], result["samples"])
+    assert result["checkpoint"]["sha256"].startswith(sha) and result["val"]["manifest_sha256"].startswith(manifest)
+    speeds = re.search(r"Evaluation throughput: centre (\d+) images/s, 10-crop (\d+) images/s", report["md"])
+    assert [int(s) for s in speeds.groups()] == [round(result["centre"]["images_per_s"]),
+                                                 round(result["ten_crop"]["images_per_s"])]
+
+
+def test_training_summary_quotes_metrics_jsonl(report):
+    epochs = [r for r in report["metrics"] if "val_top1_error" in r]
+    steps = [r for r in report["metrics"] if "loss" in r]
+    found = re.search(rf"(\d+) epochs, (\d+) steps; last epoch: val top-1 error {PERCENT}, top-5 {PERCENT}, "
+                      r"lr ([0-9.e-]+)\.", report["md"])
+    n_epochs, n_steps, top1, top5, lr = found.groups()
+    assert (int(n_epochs), int(n_steps)) == (len(epochs), steps[-1]["step"]) == (2, 18)
+    assert float(top1) / 100 == pytest.approx(epochs[-1]["val_top1_error"], abs=5e-5)
+    assert float(top5) / 100 == pytest.approx(epochs[-1]["val_top5_error"], abs=5e-5)
+    assert float(lr) == pytest.approx(epochs[-1]["lr"])
+    rates = sorted(r["images_per_s"] for r in steps)
+    waits = sorted(r["data_wait"] for r in steps)
+    found = re.search(rf"median (\d+) images/s; median share of time waiting on data {PERCENT}", report["md"])
+    assert int(found.group(1)) == round(rates[len(rates) // 2])
+    assert float(found.group(2)) / 100 == pytest.approx(waits[len(waits) // 2], abs=5e-4)
+
+
+def test_per_class_and_confused_tables_quote_eval_json(report):
+    result = report["eval"]
+    rows = table(report["md"], "| label | wnid")
+    assert [(int(r[0]), r[1], int(r[3])) for r in rows] == [(c["index"], c["wnid"], c["samples"])
+                                                             for c in result["per_class"]]
+    for row, entry in zip(rows, result["per_class"], strict=True):
+        assert percent(row[4]) == pytest.approx(entry["top1_accuracy"], abs=5e-4)
+    assert sum(int(r[3]) for r in rows) == result["samples"]
+    pairs = table(report["md"], "| true | predicted")
+    assert [(r[0].split()[0], r[1].split()[0], int(r[2])) for r in pairs] == [
+        (p["true_wnid"], p["predicted_wnid"], p["count"]) for p in result["confused"]]
+    assert "Different data" in report["md"]  # 18 images are not ILSVRC-2012's 50,000
+
+
+def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
+    out = cli("report", tiny_run, "--eval", tmp_path / "nothing", "--out", tmp_path / "report", check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "no eval.json" in lines[0]
