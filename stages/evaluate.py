@@ -17,16 +17,15 @@ EXAMPLES = 16
 
 
 def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
-    """A run folder means its highest-step checkpoint."""
-    from pipeline.train import latest_checkpoint
-
+    """A run folder means its highest-step checkpoint (found without importing torch: an up-to-date eval and a
+    wrong path return at once)."""
     if run_or_checkpoint.is_file():
         return run_or_checkpoint
-    found = latest_checkpoint(run_or_checkpoint / "checkpoints") if run_or_checkpoint.is_dir() else None
-    if found is None:
+    found = sorted((run_or_checkpoint / "checkpoints").glob("step-*.pt")) if run_or_checkpoint.is_dir() else []
+    if not found:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
                         "checkpoints/step-*.pt")
-    return found
+    return found[-1]
 
 
 def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",

@@ -4,6 +4,8 @@ from the model and the torch reference path (10-crop: the ten views evaluated se
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,6 +131,16 @@ def test_rerun_is_up_to_date_and_rewrites_nothing(evaluated, tiny_data, checkpoi
     out = cli("eval", checkpoint, "--val", tiny_data["val"], "--out", evaluated, "--batch-size", 7, "--devices", "cpu")
     assert "up to date" in out.stdout + out.stderr
     assert {p.name: p.stat().st_mtime_ns for p in evaluated.iterdir() if p.is_file()} == before
+
+
+def test_an_up_to_date_eval_returns_without_importing_torch(evaluated, tiny_data, checkpoint):
+    """The Makefile calls eval on every `make eval`: finding it up to date must not cost torch's import."""
+    code = ("import sys; from pathlib import Path; from stages import evaluate; "
+            f"result = evaluate.run(Path({str(checkpoint)!r}), Path({str(tiny_data['val'])!r}), "
+            f"Path({str(evaluated)!r}), devices='cpu'); print(result, 'torch' in sys.modules)")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["None", "False"]
 
 
 def test_centre_only_eval_has_no_ten_crop_entry(evaluated, tiny_data, checkpoint, cli, tmp_path):
