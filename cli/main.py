@@ -170,7 +170,7 @@ def train(
 ):
     """Train the paper's two-tower AlexNet (SGD, momentum, weight decay, lr/10 on plateaus). Rerun the same command to
     resume from the highest checkpoint. Distributed: torchrun --no-python --nproc_per_node=K alexnet-pipe train …"""
-    from pipeline.train import TrainConfig
+    from pipeline.config import TrainConfig
     from stages import train as stage
 
     if loader not in ("dali", "torch"):

@@ -14,7 +14,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,41 +23,9 @@ import torch.nn.functional as F
 
 from pipeline.cache import atomic_write
 from pipeline.cluster import Placement
+from pipeline.config import TrainConfig
 
 CHECKPOINT_GLOB = "step-*.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Defaults are the paper's (§5); each deviation is a named option."""
-
-    epochs: int = 90  # "roughly 90 cycles through the training set"
-    batch_size: int = 128  # global, split evenly over ranks
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_drops: int = 3  # lr divided by 10 when val error stops improving, "three times prior to termination"
-    lr_patience: int = 1  # epochs without improvement before a drop (the paper does not say)
-    max_steps: int | None = None
-    seed: int = 0
-    amp: bool = False  # bf16 autocast
-    channels_last: bool = False
-    compile: bool = False
-    loader: str = "dali"  # or "torch", the reference path
-    checkpoint_every: int = 500  # steps; also at every epoch end
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    eval_batch_size: int = 128
-    loader_threads: int = 2
-    augment: dict = field(default_factory=lambda: {"random_crop": True, "mirror": True, "lighting": True})
-
-    def trajectory(self) -> dict:
-        """The settings a checkpoint must agree with to be resumed (epochs/max_steps may grow)."""
-        d = asdict(self)
-        for k in ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loader_threads",
-                  "eval_batch_size"):
-            d.pop(k)
-        return d
 
 
 def seed_everything(seed: int) -> None:

@@ -14,7 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.cache import Input, Stage, canonical_json, read_json, write_json
+from pipeline.cluster import placement, resolve_devices
+from pipeline.config import AlexNetConfig
 from pipeline.errors import PipeError
+from pipeline.shards import load_manifest
 from stages import QuietReporter, Reporter
 
 VERSION = 1
@@ -32,14 +35,6 @@ class ModelOptions:
 
 def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model: ModelOptions | None = None,
         devices: str = "auto", force: bool = False, reporter: Reporter | None = None) -> dict | None:
-    import torch
-
-    from pipeline.augment import load_pca, make_eval_loader, make_train_loader
-    from pipeline.cluster import placement, resolve_devices
-    from pipeline.model import AlexNetConfig, build_model
-    from pipeline.shards import load_manifest
-    from pipeline.train import Progress, fit
-
     reporter = reporter or QuietReporter()
     model = model or ModelOptions()
     place = placement()
@@ -60,6 +55,12 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model
     if stage.up_to_date() and not force:
         reporter.info(f"train: up to date ({out})")
         return None
+
+    import torch  # not before: an up-to-date run answers at once
+
+    from pipeline.augment import load_pca, make_eval_loader, make_train_loader
+    from pipeline.model import build_model
+    from pipeline.train import Progress, fit
 
     started = time.time()
     with stage.run_lock(exclusive=place.rank == 0):

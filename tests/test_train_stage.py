@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -100,6 +102,16 @@ def test_rerunning_a_finished_run_says_up_to_date_and_touches_nothing(tiny_data,
     out = cli(*train_cmd(tiny_data, tiny_run))
     assert "up to date" in said(out)
     assert files_and_times(tiny_run) == before
+
+
+def test_an_up_to_date_run_answers_without_importing_torch(tiny_data, tiny_run, train_cmd):
+    """`make train` calls train every time: finding the run finished must not cost torch's import (~2 s)."""
+    code = ("import atexit, sys; atexit.register(lambda: print('torch imported:', 'torch' in sys.modules)); "
+            f"from cli.main import app; app({train_cmd(tiny_data, tiny_run)!r})")
+    probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    assert "up to date" in probe.stdout + probe.stderr
+    assert "torch imported: False" in probe.stdout
 
 
 def test_another_lr_on_the_same_run_is_refused_in_one_line_and_force_starts_over(tiny_data, tiny_run, train_cmd, cli,
