@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,8 @@ WORKER = textwrap.dedent("""
     model = build_model(AlexNetConfig(num_classes=10, width=0.25, dropout=0.0), devices)
     net = model
     if world > 1:
-        dist.init_process_group("gloo")
+        # A file store, not a TCP port: no port to collide with whatever else runs on the machine.
+        dist.init_process_group("gloo", init_method=f"file://{sys.argv[3]}", rank=rank, world_size=world)
         net = DistributedDataParallel(model)
     optimizer = make_optimizer(model, TrainConfig(lr=0.01))
     data = torch.Generator().manual_seed(1)
@@ -47,18 +47,13 @@ WORKER = textwrap.dedent("""
 """)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, world: int, devices: str) -> list[float]:
     script, out = tmp_path / "worker.py", tmp_path / f"losses-{world}-{devices}.json"
     script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(script), str(out), devices], env={**env, "RANK": str(r),
+    store = tmp_path / f"store-{world}-{devices}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "WORLD_SIZE": str(world),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), devices, str(store)], env={**env, "RANK": str(r),
                                                                                       "LOCAL_RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in range(world)]
     for p in procs:
