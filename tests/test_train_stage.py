@@ -162,3 +162,20 @@ def test_impossible_settings_are_one_line_errors(tiny_data, train_cmd, cli, tmp_
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def test_torchrun_with_two_ranks_trains_one_run_and_a_rerun_is_up_to_date(tiny_data, train_cmd, tmp_path):
+    """The README's distributed command, without Slurm: two DDP ranks (gloo on the CPU) write one run."""
+    run = tmp_path / "run"
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "--no-python",
+                str(Path(sys.executable).with_name("alexnet-pipe"))]
+    args = train_cmd(tiny_data, run, max_steps=2, checkpoint_every=2)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "rank 0/2" in said(out) and "rank 1/2" in said(out)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]  # rank 0 logs, once per step
+    state = last_checkpoint(run)
+    assert (state["step"], state["config"]["world_size"]) == (2, 2)
+    rerun = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0 and "up to date" in said(rerun), rerun.stderr
