@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -83,12 +84,71 @@ def stage_run(source: Path, out: Path, workers: int, images: int, shard_size: in
     return run
 
 
+class PeakWorkerRSS:
+    """Samples the peak RSS (VmHWM) of every process below this one (the stage's pool workers) while it runs."""
+
+    def __init__(self, every: float = 0.05):
+        self.every, self.peaks, self._stop = every, {}, threading.Event()
+
+    def __enter__(self) -> PeakWorkerRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def max_mb(self) -> float:
+        return max(self.peaks.values(), default=0) / 1024
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.every):
+            parents = {}
+            for stat in Path("/proc").glob("[0-9]*/stat"):
+                try:
+                    fields = stat.read_text().rsplit(")", 1)[1].split()
+                    parents[int(stat.parent.name)] = int(fields[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+            for pid in parents:
+                up = pid
+                while up in parents and up != os.getpid():
+                    up = parents[up]
+                if up == os.getpid() and pid != os.getpid():
+                    try:
+                        hwm = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                                   if line.startswith("VmHWM:"))
+                        self.peaks[pid] = max(self.peaks.get(pid, 0), int(hwm.split()[1]))
+                    except (OSError, StopIteration):
+                        continue
+
+
+def worker_memory(images_dir: Path, tmp: Path, copies: list[int], shard_size: int) -> dict[int, tuple[int, float]]:
+    """Peak RSS of the busiest --workers 2 process for the train split copied k times: flat when no worker holds
+    the whole listing (each reads its own shard's member list)."""
+    from stages import shard
+
+    result = {}
+    for k in copies:
+        source, out = tmp / f"mem-src{k}", tmp / f"mem-out{k}"
+        images = copied_train_tree(images_dir, source, k)
+        with PeakWorkerRSS() as rss:
+            shard.run(source, out, split="train", shard_size=shard_size, workers=2)
+        result[k] = (images, rss.max_mb)
+        shutil.rmtree(source)
+        shutil.rmtree(out)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=Path, default=SAMPLE, help="folder of images (searched recursively)")
     ap.add_argument("--repeat", type=int, default=5, help="interleaved rounds; the best round counts")
     ap.add_argument("--copies", type=int, default=8, help="copies of the train split for the stage runs")
     ap.add_argument("--shard-size", type=int, default=64, help="samples per shard in the stage runs")
+    ap.add_argument("--memory-copies", default="1,32", help="copies for the worker peak-RSS runs ('' skips them)")
     args = ap.parse_args()
 
     files = sorted(p for p in args.images.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file())
@@ -104,6 +164,8 @@ def main() -> None:
         stage = best_rates({f"shard stage, --workers {w}": stage_run(source, Path(tmp) / f"out{w}", w, images,
                                                                     args.shard_size) for w in (1, 2)},
                            max(1, args.repeat // 2))
+        memory = worker_memory(args.images, Path(tmp), [int(k) for k in args.memory_copies.split(",") if k],
+                               args.shard_size)
 
     floor, naive = one_core["decode only (floor)"], one_core["naive Pillow (convert→resize→save)"]
     rows = [(what, rate, 1, n) for what, rate in one_core.items()]
@@ -121,8 +183,13 @@ def main() -> None:
                           "images_per_s_per_core": round(rate / cores, 1), "images": count,
                           "vs_decode_only": round(rate / cores / floor, 3), "vs_naive": round(rate / cores / naive, 3)},
                          ensure_ascii=False))
+    for k, (count, mb) in memory.items():
+        print(f"worker peak RSS, --workers 2, train split x{k} ({count} images): {mb:.0f} MB")
     print(json.dumps({"bench": "shard", "what": "speed-up 1→2 workers", "speedup": round(w2 / w1, 3)},
                      ensure_ascii=False))
+    for k, (count, mb) in memory.items():
+        print(json.dumps({"bench": "shard", "what": "worker peak RSS", "copies": k, "images": count,
+                          "peak_rss_mb": round(mb, 1)}))
 
 
 if __name__ == "__main__":
