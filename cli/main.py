@@ -209,16 +209,13 @@ def report(
     run_dir: Annotated[Path, typer.Argument(help="The run folder (metrics.jsonl).")],
     eval_dir: Annotated[Path, typer.Option("--eval", help="The eval folder (eval.json).")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md and its PNGs.")] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Write it again even when up to date.")] = False,
 ):
     """Write report.md with loss / lr / val-error / images/s plots, this run beside the paper and torchvision's
     AlexNet (each row labelled with its protocol), per-class accuracy and a grid of val predictions."""
-    from pipeline.errors import PipeError
-    from pipeline.report import write_report
+    from stages import report as stage
 
-    if not (eval_dir / "eval.json").is_file():
-        raise PipeError(f"{eval_dir}: no eval.json; run `alexnet-pipe eval` first")
-    path = write_report(run_dir, eval_dir, out)
-    _reporter().info(f"report: {path}")
+    stage.run(run_dir, eval_dir, out, force=force, reporter=_reporter())
 
 
 @app.command()

@@ -7,6 +7,8 @@ import json
 import tarfile
 from pathlib import Path
 
+from pipeline.cache import atomic_write
+
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
          "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
 TORCHVISION = {"name": "torchvision AlexNet (one-column model)", "top1_error": 0.435, "top5_error": 0.209,
@@ -152,7 +154,8 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class).",
            "", "![predictions](predictions.png)", ""]
     path = out / "report.md"
-    path.write_text("\n".join(md))
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(md))
     return path
 
 

@@ -14,4 +14,5 @@ def stage_rows(work: Path) -> list[tuple[str, Path, StageState]]:
         runs = sorted(p for p in (work / kind).glob("*") if p.is_dir())
         rows += [(f"{'train' if kind == 'runs' else 'eval'} {p.name}", p) for p in runs] or [
             ("train" if kind == "runs" else "eval", work / kind)]
+    rows += [(f"report {p.parent.name}", p) for p in sorted((work / "eval").glob("*/report")) if p.is_dir()]
     return [(name, folder, inspect(folder)) for name, folder in rows]

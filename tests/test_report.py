@@ -25,6 +25,10 @@ def report(tiny_data, tiny_run, levelled_checkpoint, cli, tmp_path_factory) -> d
             "metrics": [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]}
 
 
+def said(out) -> str:
+    return out.stdout + out.stderr
+
+
 def table(md: str, header: str) -> list[list[str]]:
     """The rows of the markdown table whose header line starts with `header`, as lists of cell texts."""
     lines = md.splitlines()
@@ -107,4 +111,22 @@ def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
     out = cli("report", tiny_run, "--eval", tmp_path / "nothing", "--out", tmp_path / "report", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "no eval.json" in lines[0]
+    assert len(lines) == 1 and "expected a finished stage holding eval.json" in lines[0]
+
+
+def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_path):
+    """Same eval.json and metrics.jsonl → up to date, no file touched; a run that logged more → written again."""
+    run, eval_dir = tmp_path / "run", report["dir"].parent
+    (run).mkdir()
+    (run / "metrics.jsonl").write_bytes((tiny_run / "metrics.jsonl").read_bytes())
+    out = tmp_path / "report"
+    cli("report", run, "--eval", eval_dir, "--out", out)
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}
+    assert "up to date" in said(cli("report", run, "--eval", eval_dir, "--out", out))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()} == stamps
+
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**last, "epoch": last["epoch"] + 1, "val_top1_error": 0.123}) + "\n")
+    assert "up to date" not in said(cli("report", run, "--eval", eval_dir, "--out", out))
+    assert "12.30%" in (out / "report.md").read_text()
