@@ -56,7 +56,7 @@ def rate(loader, seconds: float, device: str, first_epoch: int) -> tuple[float, 
         loader.set_epoch(epoch)
         for batch, _ in loader:
             if device.startswith("cuda"):
-                torch.cuda.synchronize()
+                torch.cuda.synchronize(device)
             if started is None:
                 started = time.perf_counter()
                 continue

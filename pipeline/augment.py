@@ -357,6 +357,20 @@ def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
     return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
 
 
+def _run(pipe, device: torch.device) -> tuple:
+    """One DALI iteration. On a GPU its outputs are ordered on torch's current stream instead of being
+    host-synchronous: the host copy would otherwise wait for the training step already queued on that stream, and
+    the trainer's data-wait figure would measure compute."""
+    return pipe.run(torch.cuda.current_stream(device)) if device.type == "cuda" else pipe.run()
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`, without making the host wait for the GPU (pinned memory, non-blocking copy)."""
+    if device.type == "cpu":
+        return tensor
+    return (tensor if tensor.is_pinned() else tensor.pin_memory()).to(device, non_blocking=True)
+
+
 def _checked_labels(labels: torch.Tensor, num_classes: int, shard_dir: Path) -> torch.Tensor:
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         bad = labels[(labels < 0) | (labels >= num_classes)][0].item()
@@ -445,7 +459,7 @@ class TrainLoader(_TrainEpochs):
         pipe = self.pipeline(self.epoch)
         try:
             for i in range(len(self)):
-                images, labels = pipe.run()
+                images, labels = _run(pipe, self.device)
                 if i < start:
                     continue
                 images = _dali_to_torch(images, self.device)
@@ -454,7 +468,7 @@ class TrainLoader(_TrainEpochs):
                 labels = _checked_labels(_dali_to_torch(labels, torch.device("cpu")), self.shards.num_classes,
                                          self.shards.dir)
                 self._position = i + 1
-                yield images, labels.to(self.device)
+                yield images, _to_device(labels, self.device)
         finally:
             del pipe
 
@@ -495,11 +509,11 @@ class EvalLoader:
         pipe = self.pipeline()
         try:
             for i in range(len(self)):
-                images, labels = pipe.run()
+                images, labels = _run(pipe, self.device)
                 keep = min(self.batch_size, self.samples - i * self.batch_size)  # the reader pads the last batch
                 labels = _checked_labels(_dali_to_torch(labels, torch.device("cpu"))[:keep],
                                          self.shards.num_classes, self.shards.dir)
-                yield _dali_to_torch(images, self.device)[:keep], labels.to(self.device)
+                yield _dali_to_torch(images, self.device)[:keep], _to_device(labels, self.device)
         finally:
             del pipe
 
@@ -679,11 +693,11 @@ class ReferenceTrainLoader(_TrainEpochs):
         batches = [[(order[p], p) for p in range(i * b, (i + 1) * b)] for i in range(start, len(self))]
         dataset = self.dataset(self.epoch)
         for i, (images, labels) in enumerate(_data_loader(dataset, batches, self.num_threads, self.device), start):
-            if self.channels_last:
+            images = _to_device(images, self.device)
+            if self.channels_last:  # after the copy: a layout change of a pinned batch would be a pageable copy
                 images = images.contiguous(memory_format=torch.channels_last)
             self._position = i + 1
-            yield (images.to(self.device, non_blocking=True),
-                   _checked_labels(labels, self.shards.num_classes, self.shards.dir).to(self.device))
+            yield images, _to_device(_checked_labels(labels, self.shards.num_classes, self.shards.dir), self.device)
 
 
 class ReferenceEvalLoader:
@@ -708,8 +722,8 @@ class ReferenceEvalLoader:
         batches = [self.indices[i:i + b] for i in range(0, self.samples, b)]
         dataset = _ReferenceEvalSet(self.refs, self.pca, self.crop, self.ten_crop)
         for images, labels in _data_loader(dataset, batches, self.num_threads, self.device):
-            yield (images.to(self.device, non_blocking=True),
-                   _checked_labels(labels, self.shards.num_classes, self.shards.dir).to(self.device))
+            yield (_to_device(images, self.device),
+                   _to_device(_checked_labels(labels, self.shards.num_classes, self.shards.dir), self.device))
 
 
 def reference_eval_samples(shard_dir: Path, pca: dict, *, crop: int = 224,

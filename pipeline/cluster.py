@@ -13,6 +13,7 @@ class Placement:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # ranks on this node
 
     @property
     def distributed(self) -> bool:
@@ -20,25 +21,32 @@ class Placement:
 
 
 def placement() -> Placement:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a bare process is rank 0 of 1."""
-    return Placement(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                     int(os.environ.get("LOCAL_RANK", 0)))
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE; a bare process is rank 0 of 1."""
+    env = os.environ
+    return Placement(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)),
+                     int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def resolve_devices(spec: str, local_rank: int = 0) -> list[str]:
+def resolve_devices(spec: str, local_rank: int = 0, local_world_size: int = 1,
+                    cuda_devices: int | None = None) -> list[str]:
     """`--devices`: "auto", or a comma list such as "cuda:0,cuda:1", "cuda:0", "cpu" or "cpu,cpu".
 
-    auto: local rank r gets GPUs 2r and 2r+1 for the two towers when there are enough, else GPU r for both, else
-    the CPU. One device holds both towers; two put tower A on the first and tower B on the second."""
+    auto: with K ranks on a node of n GPUs, local rank r gets GPUs 2r and 2r+1 for the two towers when n >= 2K, else
+    GPU r for both when n >= K, else (no GPU) the CPU; ranks never share a GPU (NCCL refuses that) and every rank
+    gets the same layout (DDP needs it). One device holds both towers; two put tower A on the first, B on the
+    second. An explicit CUDA list is one rank's map, so it is refused when several ranks share the node."""
     import torch
 
+    n = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     if spec == "auto":
-        n = torch.cuda.device_count()
-        if n >= 2 * (local_rank + 1):
+        if n >= 2 * local_world_size:
             return [f"cuda:{2 * local_rank}", f"cuda:{2 * local_rank + 1}"]
-        if n > local_rank:
+        if n >= local_world_size:
             return [f"cuda:{local_rank}"]
-        return ["cpu"]
+        if n == 0:
+            return ["cpu"]
+        raise PipeError(f"--devices auto: {local_world_size} ranks on this node but only {n} GPU(s); start at most "
+                        f"{n} ranks per node (torchrun --nproc_per_node), or {n // 2 or 1} for two GPUs per rank")
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not 1 <= len(devices) <= 2:
         raise PipeError(f"--devices takes one or two devices (the two towers), got {spec!r}")
@@ -47,7 +55,9 @@ def resolve_devices(spec: str, local_rank: int = 0) -> list[str]:
             dev = torch.device(d)
         except RuntimeError:
             raise PipeError(f"--devices: {d!r} is not a device (expected e.g. cpu, cuda:0)") from None
-        if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
-            raise PipeError(f"--devices: {d} requested but this machine has {torch.cuda.device_count()} CUDA "
-                            "device(s)")
+        if dev.type == "cuda" and (dev.index or 0) >= n:
+            raise PipeError(f"--devices: {d} requested but this machine has {n} CUDA device(s)")
+        if dev.type == "cuda" and local_world_size > 1:
+            raise PipeError(f"--devices {spec}: {local_world_size} ranks on this node would all use {d}; with "
+                            "several ranks per node use --devices auto (each rank takes its own GPUs)")
     return devices

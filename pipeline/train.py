@@ -88,8 +88,9 @@ def set_rng_state(state: dict) -> None:
     p = state["python"].tolist()
     version, internal, has_gauss, gauss = p[0], tuple(p[1:-2]), p[-2], np.int64(p[-1]).view(np.float64).item()
     random.setstate((version, internal, gauss if has_gauss else None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    if "cuda" in state and torch.cuda.is_available():  # a resume may see fewer GPUs than the run that saved
+        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state, index)
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
