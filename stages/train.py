@@ -66,15 +66,15 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model
     with stage.run_lock(exclusive=place.rank == 0):
         _claim_run_folder(out, trajectory, force, main_rank=place.rank == 0)
         device_list = resolve_devices(devices, place.local_rank, place.local_world_size)
+        on_gpu = device_list[0].startswith("cuda")
+        if on_gpu:
+            torch.cuda.set_device(device_list[0])
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
         if place.distributed:
             import torch.distributed as dist
 
-            if device_list[0].startswith("cuda"):
-                torch.cuda.set_device(device_list[0])
             # NCCL for the gradients on GPUs; gloo beside it for the CPU tensors (val counts, RNG states)
-            dist.init_process_group("cpu:gloo,cuda:nccl" if device_list[0].startswith("cuda") else "gloo")
-        if device_list[0].startswith("cuda"):
-            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+            dist.init_process_group("cpu:gloo,cuda:nccl" if on_gpu else "gloo")
         torch.manual_seed(cfg.seed)  # the initial weights: a fixed seed gives the same run, the same on every rank
         net = build_model(model_config, device_list)
         if cfg.channels_last:

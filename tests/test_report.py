@@ -117,7 +117,7 @@ def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
 def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_path):
     """Same eval.json and metrics.jsonl → up to date, no file touched; a run that logged more → written again."""
     run, eval_dir = tmp_path / "run", report["dir"].parent
-    (run).mkdir()
+    run.mkdir()
     (run / "metrics.jsonl").write_bytes((tiny_run / "metrics.jsonl").read_bytes())
     out = tmp_path / "report"
     cli("report", run, "--eval", eval_dir, "--out", out)
