@@ -8,7 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cache import Stage
+from pipeline.cache import Stage, disk_full_is_user_error
 from stages import QuietReporter, Reporter
 
 VERSION = 1
@@ -36,9 +36,13 @@ def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_cla
         tmp = out / f".synth-tmp-{os.getpid()}"
         tmp.mkdir()
         total = synth.synth_image_count(classes, train_per_class, val_per_class)
-        with reporter.progress("synth", total=total) as advance:
-            summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
-                                     val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+        try:
+            with reporter.progress("synth", total=total) as advance, disk_full_is_user_error(tmp):
+                summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
+                                         val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+        except BaseException:  # a full disk or Ctrl-C: free what was written (a SIGKILL's leftover goes next run)
+            _remove(tmp)
+            raise
 
         def move_into_place() -> None:
             for entry in sorted(tmp.iterdir()):
