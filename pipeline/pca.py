@@ -95,7 +95,8 @@ def pca_from_moments(m: Moments) -> dict:
 def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
     """What the lighting augmentation relies on, checked when pca.json is read: cov symmetric positive
     semi-definite, eigenvalues non-negative and descending, eigvecs orthonormal and eigvecs·diag(eigvals)·eigvecsᵀ
-    = cov. `tol` is relative to the largest eigenvalue (float64 round-off, not a licence for wrong numbers)."""
+    = cov. `tol` is relative to the covariance's largest entry (float64 round-off, not a licence for wrong
+    numbers)."""
     from pipeline.errors import PipeError
 
     def fail(expected: str, found: str) -> None:
@@ -108,7 +109,7 @@ def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
     if cov.shape != (3, 3) or vals.shape != (3,) or vecs.shape != (3, 3) or not np.isfinite(
             np.concatenate([cov.ravel(), vals, vecs.ravel()])).all():
         fail("finite cov [3][3], eigvals [3], eigvecs [3][3]", f"shapes {cov.shape}, {vals.shape}, {vecs.shape}")
-    scale = max(float(np.abs(vals).max()), float(np.abs(cov).max()), 1e-30)
+    scale = max(float(np.abs(cov).max()), 1e-12)
     if np.abs(cov - cov.T).max() > tol * scale:
         fail("a symmetric covariance", f"cov - covᵀ up to {np.abs(cov - cov.T).max():.3g}")
     if (lowest := float(np.linalg.eigvalsh((cov + cov.T) / 2).min())) < -tol * scale:
