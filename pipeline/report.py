@@ -127,8 +127,8 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         "# AlexNet run report", "",
         f"Checkpoint `{result['checkpoint']['path']}` (step {result['checkpoint']['step']}, epoch "
         f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
-        f"{result['samples']} validation images of {origin} (manifest sha256 "
-        f"`{result['val']['manifest_sha256'][:16]}…`).", "",
+        f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`) "
+        f"of {origin}.", "",
     ]
     if not comparable:
         md += [f"> **Different data.** This run used {origin}, not the full ILSVRC-2012: its errors are not "
