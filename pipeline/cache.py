@@ -102,6 +102,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def output_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a stage's output files, bookkeeping (`_*`, `.*`) left out: what the
+    golden tests pin next to each data stage's VERSION."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(("_", ".")) for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
 def fingerprint_source(path: Path) -> str:
     """A raw source's digest: names, sizes and mtimes of every file under it (never reads 150 GB of content)."""
     h = hashlib.sha256()

@@ -26,6 +26,12 @@ from pipeline.shards import (
 from stages import QuietReporter, Reporter, task_slice
 
 VERSION = 1
+# The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
+GOLDEN = {"version": 1,
+          "demo-train": "2d65538be349461b2254de88f4e975b761895becda55fedd30f5196e667495a1",
+          "demo-val": "7424e785d841480b91950ee5f2d4f5893cf4981efb9e906db4047d9c7146dcdd",
+          "samples-train": "23c9c4edf7ae5c7150f27327ba36116ea14584fdb6ea11624543e5c6759ad7dd",
+          "samples-val": "143d2e687aba90f4ff1e12e8624386ae271200aea7bc48390a4b4f888d1ffacd"}
 LISTS = "_lists"
 
 

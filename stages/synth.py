@@ -12,6 +12,9 @@ from pipeline.cache import Stage, disk_full_is_user_error
 from stages import QuietReporter, Reporter
 
 VERSION = 1
+# The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
+GOLDEN = {"version": 1,
+          "demo": "c8267ca1c7b974702bbfb1aeacd59d13e2b785c8515332d3d9e3be5c39f2cc98"}
 PRODUCTS = ("train", "val", "LOC_val_solution.csv", "LOC_synset_mapping.txt", "ILSVRC2012_img_train.tar",
             "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
 
