@@ -73,7 +73,7 @@ def prepare_image(data: bytes, *, short_side: int = 256, quality: int = 95) -> P
     if fmt != "JPEG":
         repairs.append(f"{fmt.lower()}→jpeg")
     if img.mode in SIXTEEN_BIT_MODES:  # convert("RGB") would clip 16-bit samples to 255: scale them instead
-        repairs.append(f"{mode.lower()}→rgb (16→8 bits)")
+        repairs.append(f"{mode.lower()}→rgb")  # the mode names the 16 bits
         img = Image.fromarray(_to_8_bits(np.asarray(img))).convert("RGB")
     elif img.mode != "RGB":
         repairs.append(f"{mode.lower()}→rgb")
