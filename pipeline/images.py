@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 EXIF_ORIENTATION = 0x0112
 JPEG_MAX_SIDE = 65_500  # libjpeg's limit on either side of an image it writes
-# Decoded pixels one image may take: Pillow's own decompression-bomb threshold (89.5 MP, 268 MB as RGB), which
-# torchvision's ImageFolder reads all of ILSVRC-2012 under; JPEGs count after DCT-domain downscaling (`draft`).
+# Decoded pixels one image may take: Pillow's own decompression-bomb threshold (89.5 MP, 268 MB as RGB), the one
+# torchvision's ImageFolder reads ImageNet under; JPEGs count after DCT-domain downscaling (`draft`).
 DECODE_PIXEL_BUDGET = Image.MAX_IMAGE_PIXELS
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # grayscale with 16-bit samples (a PNG's)
 MAGIC = ((b"GIF8", "GIF"), (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
