@@ -76,7 +76,8 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
                   outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json"))
     damaged = []
     if stage.up_to_date() and not force:
-        damaged = damaged_shards(out, load_manifest(out))
+        manifest_lost = not (out / "manifest.json").is_file()
+        damaged = ["manifest.json"] if manifest_lost else damaged_shards(out, load_manifest(out))
         if not damaged:
             reporter.info(f"shard {split}: up to date ({out})")
             return ShardResult(up_to_date=True, finalized=False)
@@ -86,7 +87,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         if damaged:
             reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
                           "rewriting exactly those")
-            units = [name.removesuffix(".tar") for name in damaged]
+            units = [name.removesuffix(".tar") for name in damaged if name.endswith(".tar")]
             lists_lost = any(not (out / LISTS / f"{u}.jsonl").is_file() for u in units)
             stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
         stage.plan(["index"], force=force)

@@ -43,8 +43,9 @@ def find_stage_folders(work: Path) -> list[Path]:
 def state_of(folder: Path) -> StageState:
     """`inspect`, plus the cheap integrity check of a finished shard set (sizes against the manifest)."""
     state = inspect(folder)
-    if state.state == "done" and (folder / "manifest.json").is_file() and _stage_name(folder).startswith("shard"):
-        damaged = damaged_shards(folder, load_manifest(folder))
+    if state.state == "done" and _stage_name(folder).startswith("shard"):
+        manifest = folder / "manifest.json"
+        damaged = damaged_shards(folder, load_manifest(folder)) if manifest.is_file() else ["manifest.json"]
         if damaged:
             shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
             return StageState("damaged", f"{len(damaged)} shard(s) missing or changed in size: {shown}; "

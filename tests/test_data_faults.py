@@ -242,6 +242,16 @@ def test_a_missing_index_or_member_list_is_repaired_too(sample_tree, shard_copy)
     assert cli("verify", shard_copy).returncode == 0
 
 
+def test_a_deleted_manifest_is_damaged_and_written_again(sample_tree, shard_copy):
+    manifest = (shard_copy / "manifest.json").read_bytes()
+    (shard_copy / "manifest.json").unlink()
+    [row] = [r for r in stage_rows(shard_copy.parents[1]) if r[0] == "shard val"]
+    assert row[2].state == "damaged" and "manifest.json" in row[2].detail
+    result = shard_stage.run(sample_tree, shard_copy, split="val", shard_size=16, workers=1)
+    assert result.rewritten == ("manifest.json",) and result.finalized
+    assert (shard_copy / "manifest.json").read_bytes() == manifest
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 7: pca.json
 
