@@ -122,12 +122,13 @@ def test_a_file_that_vanishes_before_its_shard_is_written_is_skipped_without_an_
 
 def test_extreme_aspect_ratios_are_refused_from_the_header_in_bounded_memory():
     """A 100 KB 40000×4 JPEG used to cost 2.6 GB and a 65500×1 one ~13 GB: refused before any decoding."""
-    code = ("import io, resource; from PIL import Image; from pipeline.images import prepare_image, BadImage\n"
+    code = ("import io, re; from PIL import Image; from pipeline.images import prepare_image, BadImage\n"
             "for size in ((40000, 4), (65500, 1), (1, 65500)):\n"
             "    buf = io.BytesIO(); Image.new('L', size).save(buf, 'JPEG')\n"
             "    try: prepare_image(buf.getvalue())\n"
             "    except BadImage as e: print(e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            # VmHWM, not ru_maxrss: the latter keeps the forking parent's (pytest's) size across exec
+            "print(int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]) // 1024)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     *reasons, peak_mb = out.stdout.splitlines()
@@ -276,6 +277,26 @@ def test_check_pca_refuses_inconsistent_statistics_in_one_line(change, expected,
     with pytest.raises(PipeError, match=expected) as e:
         check_pca({**good, **change}, Path("pca.json"))
     assert "\n" not in str(e.value) and str(e.value).startswith("pca.json: expected")
+
+
+def test_train_on_a_cut_shard_or_a_wrong_pca_json_is_one_line_not_a_dali_error(tiny_data, tmp_path, train_cmd):
+    data = {**tiny_data, "train": tmp_path / "train", "pca": tmp_path / "pca" / "pca.json"}
+    shutil.copytree(tiny_data["train"], data["train"])
+    shutil.copytree(tiny_data["pca"].parent, data["pca"].parent)
+    tar = sorted(data["train"].glob("*.tar"))[0]
+    tar.write_bytes(tar.read_bytes()[:3000])
+    out = cli(*train_cmd(data, tmp_path / "run", max_steps=1))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"{tar.name}: expected a shard of" in out.stderr and "alexnet-pipe verify" in out.stderr
+    assert "Malformed" not in out.stderr
+
+    shutil.rmtree(data["train"])
+    shutil.copytree(tiny_data["train"], data["train"])
+    pca = json.loads(tiny_data["pca"].read_text())
+    data["pca"].write_text(json.dumps({**pca, "eigvals": [1e9, 0.01, -5]}))
+    out = cli(*train_cmd(data, tmp_path / "run2", max_steps=1))
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert f"{data['pca']}: expected" in out.stderr and "non-negative" in out.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------

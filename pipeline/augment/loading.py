@@ -10,7 +10,7 @@ import torch
 
 from pipeline.augment.geometry import batches_per_epoch
 from pipeline.errors import PipeError
-from pipeline.shards import load_manifest, shard_paths
+from pipeline.shards import check_shard_files, load_manifest, shard_paths
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -43,6 +43,7 @@ class ShardSet:
         if missing:
             raise PipeError(f"{shard_dir}: shard files listed in manifest.json are missing: {', '.join(missing[:5])}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        check_shard_files(shard_dir, manifest)  # a cut or resized tar: one line, not DALI's "Malformed index file"
         if not pairs or manifest["samples"] == 0:
             raise PipeError(f"{shard_dir}: the manifest lists no samples")
         return cls(shard_dir, tuple(str(t) for t, _ in pairs), tuple(str(i) for _, i in pairs),
