@@ -336,11 +336,12 @@ def export(
     The preprocessing it expects (short side, crop, mean, class list) is stored in the file as preprocessing.json."""
     from pipeline.cache import sha256_file
     from pipeline.export import export as export_file
+    from pipeline.export import export_format
     from pipeline.predict import load_classifier
     from stages.evaluate import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_or_checkpoint)
-    fmt = format or ("onnx" if out.suffix == ".onnx" else "pt2")
+    fmt = export_format(out, format)
     classifier = load_classifier(checkpoint, "cpu")
     export_file(classifier, out, fmt, sha256_file(checkpoint))
     _reporter().info(f"export: {checkpoint} (step {classifier.step}) → {out} ({fmt}, dynamic batch)")

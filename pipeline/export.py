@@ -73,10 +73,17 @@ def onnx_model_bytes(classifier: Classifier, metadata: dict):
     return proto.SerializeToString()
 
 
-def export(classifier: Classifier, out: Path, fmt: str, checkpoint_sha256: str) -> Path:
-    """Write `out` atomically in `fmt` (pt2 or onnx); a crash or signal leaves no half-written file."""
+def export_format(out: Path, fmt: str | None) -> str:
+    """`--format`, checked; by default from the suffix of `--out` (.onnx → onnx, else pt2)."""
+    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")
     if fmt not in FORMATS:
         raise PipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return fmt
+
+
+def export(classifier: Classifier, out: Path, fmt: str, checkpoint_sha256: str) -> Path:
+    """Write `out` atomically in `fmt` (pt2 or onnx); a crash or signal leaves no half-written file."""
+    fmt = export_format(out, fmt)
     metadata = preprocessing(classifier, checkpoint_sha256)
     if fmt == "onnx":
         data = onnx_model_bytes(classifier, metadata)
