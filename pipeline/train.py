@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pipeline.cache import atomic_write
 from pipeline.cluster import Placement
 from pipeline.config import TrainConfig
+from pipeline.record import append_event
 
 CHECKPOINT_GLOB = "step-*.pt"
 
@@ -173,6 +174,9 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
     steps_per_epoch = len(train_loader)
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     per_rank_batch = cfg.batch_size // place.world_size
+    if main_rank:  # where this start or resume begins, and what it runs on
+        append_event(out, event="resume" if latest else "start", step=step, epoch=epoch, total_steps=total,
+                     resumed_from=str(latest) if latest else None, world_size=place.world_size)
     while epoch < cfg.epochs and step < total:
         train_loader.set_epoch(epoch)
         resuming = position is not None and position.get("epoch") == epoch
@@ -251,7 +255,7 @@ def _gather(state: dict, place: Placement) -> list[dict]:
 
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock, to follow it live
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
