@@ -96,7 +96,7 @@ def check_probabilities(classifier: Classifier, records: list[dict], ten_crop: b
 
 
 def test_predict_cli_classifies_every_readable_format_and_reports_each_unreadable_file(cli, tiny_run, classifier,
-                                                                                       photos):
+                                                                                       photos, one_thread):
     folder = photos["text"].parent
     run = cli("predict", tiny_run, folder, folder / "missing.jpg", "--json", "--top", 1000, "--ten-crop",
               "--batch-size", 2, "--devices", "cpu")

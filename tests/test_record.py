@@ -40,18 +40,6 @@ def test_a_torn_last_event_line_is_skipped(tmp_path):
     assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == [("start", 0)]
 
 
-def test_eval_json_and_the_report_show_what_they_ran_on(tiny_data, tiny_run, cli, tmp_path):
-    out = tmp_path / "eval"
-    cli("eval", tiny_run, "--val", tiny_data["val"], "--out", out, "--no-ten-crop", "--devices", "cpu")
-    record = json.loads((out / "eval.json").read_text())["run_record"]
-    assert record["torch"] == torch.__version__ and f"eval {tiny_run}" in record["command"]
-    cli("report", tiny_run, "--eval", out, "--out", out / "report")
-    md = (out / "report" / "report.md").read_text()
-    section = md[md.index("## What it ran on"):]
-    assert "| | training (start at step 0) | evaluation |" in section
-    assert f"| torch | `{torch.__version__}` | `{torch.__version__}` |" in section
-
-
 def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
     run.mkdir(parents=True)
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))

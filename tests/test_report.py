@@ -130,3 +130,15 @@ def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_pat
         f.write(json.dumps({**last, "epoch": last["epoch"] + 1, "val_top1_error": 0.123}) + "\n")
     assert "up to date" not in said(cli("report", run, "--eval", eval_dir, "--out", out))
     assert "12.30%" in (out / "report.md").read_text()
+
+
+def test_report_ends_with_what_the_run_and_the_eval_ran_on(report, tiny_run):
+    import torch
+
+    record = report["eval"]["run_record"]
+    assert record["torch"] == torch.__version__ and " eval " in record["command"]
+    section = report["md"][report["md"].index("## What it ran on"):]
+    assert "| | training (start at step 0) | evaluation |" in section
+    assert f"| torch | `{torch.__version__}` | `{torch.__version__}` |" in section
+    started = json.loads((tiny_run / "events.jsonl").read_text().splitlines()[-1])["record"]
+    assert f"| command | `{started['command']}` | `{record['command']}` |" in section
