@@ -10,7 +10,7 @@ Crop, width, LRN convention and mean all come from the checkpoint.
 from __future__ import annotations
 
 import pickle
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +99,7 @@ def image_files(paths: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
 
 
 def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten_crop: bool = False,
-             batch_size: int = 32, on_batch: Callable[[int], None] | None = None) -> Iterator[dict]:
+             batch_size: int = 32) -> Iterator[dict]:
     """One record per image, in order: {"path", "top": [{"index", "wnid", "name", "probability"}…]} or, for a file
     that cannot be read, {"path", "error"}. Images go through the network `batch_size` at a time."""
     pending: list[tuple[Path, torch.Tensor | str]] = []  # an image's views, or why it could not be read
@@ -119,8 +119,6 @@ def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten
             yield {"path": str(path), "top": [{"index": i, "wnid": classifier.classes.wnids[i],
                                                "name": classifier.classes.names[i], "probability": round(p, 6)}
                                               for i, p in zip(indices.tolist(), values.tolist(), strict=True)]}
-        if on_batch:
-            on_batch(len(pending))
         pending.clear()
 
     readable = 0
