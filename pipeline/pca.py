@@ -9,12 +9,18 @@ integer below 2⁵³, then accumulated as Python/int64 integers; all of ImageNet
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import PipeError
+
+# what `pca.json` holds (pca-stats writes them, `load_pca` reads exactly these)
+PCA_FIELDS = ("pixel_scale", "pixels", "images", "mean", "std", "cov", "eigvals", "eigvecs", "source_manifest_sha256")
 
 
 @dataclass
@@ -92,6 +98,37 @@ def pca_from_moments(m: Moments) -> dict:
     }
 
 
+def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
+    """What the lighting augmentation relies on, checked when pca.json is read: cov symmetric positive
+    semi-definite, eigenvalues non-negative and descending, eigvecs orthonormal and eigvecs·diag(eigvals)·eigvecsᵀ
+    = cov. `tol` is relative to the covariance's largest entry (float64 round-off, not a licence for wrong
+    numbers)."""
+    from pipeline.errors import PipeError
+
+    def fail(expected: str, found: str) -> None:
+        raise PipeError(f"{path}: expected {expected}, found {found}; rerun `alexnet-pipe pca-stats --force`")
+
+    try:
+        cov, vals, vecs = (np.asarray(d[k], dtype=np.float64) for k in ("cov", "eigvals", "eigvecs"))
+    except (KeyError, TypeError, ValueError) as e:
+        fail("cov [3][3], eigvals [3] and eigvecs [3][3] of numbers", f"{type(e).__name__}: {e}")
+    if cov.shape != (3, 3) or vals.shape != (3,) or vecs.shape != (3, 3) or not np.isfinite(
+            np.concatenate([cov.ravel(), vals, vecs.ravel()])).all():
+        fail("finite cov [3][3], eigvals [3], eigvecs [3][3]", f"shapes {cov.shape}, {vals.shape}, {vecs.shape}")
+    scale = max(float(np.abs(cov).max()), 1e-12)
+    if np.abs(cov - cov.T).max() > tol * scale:
+        fail("a symmetric covariance", f"cov - covᵀ up to {np.abs(cov - cov.T).max():.3g}")
+    if (lowest := float(np.linalg.eigvalsh((cov + cov.T) / 2).min())) < -tol * scale:
+        fail("a positive semi-definite covariance", f"an eigenvalue of cov of {lowest:.3g}")
+    if vals.min() < -tol * scale or (np.diff(vals) > tol * scale).any():
+        fail("eigenvalues non-negative and descending", f"{vals.tolist()}")
+    if np.abs(vecs.T @ vecs - np.eye(3)).max() > 1e-6:
+        fail("orthonormal eigenvectors (columns)", f"eigvecsᵀ·eigvecs off the identity by "
+             f"{np.abs(vecs.T @ vecs - np.eye(3)).max():.3g}")
+    if (err := float(np.abs(vecs @ np.diag(vals) @ vecs.T - cov).max())) > tol * scale:
+        fail("eigvecs·diag(eigvals)·eigvecsᵀ = cov", f"a difference of {err:.3g}")
+
+
 def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.ndarray]:
     """Decoded RGB planes (3×N uint8) of a shard's images in tar order (only sample positions in `keep`)."""
     from PIL import Image
@@ -121,3 +158,32 @@ def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=max_images, replace=False))
     starts = np.cumsum([0, *shard_sizes])
     return [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def load_pca(path: Path) -> dict:
+    """The fields of `pca.json` (written by pca-stats), checked: mean/std/eigvals [3], cov/eigvecs [3][3]."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipeError(f"{path}: no such file (expected pca.json from `alexnet-pipe pca-stats`)") from None
+    except (OSError, ValueError) as e:
+        raise PipeError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PipeError(f"{path}: expected a JSON object with fields {', '.join(PCA_FIELDS)}")
+    missing = [k for k in PCA_FIELDS if k not in data]
+    if missing:
+        raise PipeError(f"{path}: missing field(s) {', '.join(missing)} (expected pca.json from pca-stats)")
+    if data["pixel_scale"] != "0-1":
+        raise PipeError(f"{path}: pixel_scale {data['pixel_scale']!r}, expected '0-1'")
+    for name, shape in (("mean", (3,)), ("std", (3,)), ("eigvals", (3,)), ("cov", (3, 3)), ("eigvecs", (3, 3))):
+        try:
+            value = np.asarray(data[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value.shape != shape or not np.isfinite(value).all():
+            raise PipeError(f"{path}: field {name} must be {'×'.join(map(str, shape))} finite numbers, "
+                            f"found {data[name]!r}")
+    if list(data["eigvals"]) != sorted(data["eigvals"], reverse=True):
+        raise PipeError(f"{path}: eigvals must be in descending order, found {data['eigvals']}")
+    return {k: data[k] for k in PCA_FIELDS}

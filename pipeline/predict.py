@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment import centre_crop_box, decode_rgb, reference_patch, ten_crop_boxes
+from pipeline.augment.geometry import centre_crop_box, ten_crop_boxes
+from pipeline.augment.reference import decode_rgb, reference_patch
 from pipeline.cluster import resolve_devices
 from pipeline.config import AlexNetConfig
 from pipeline.errors import PipeError
@@ -55,7 +56,7 @@ class Classifier:
 
 def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> Classifier:
     """The model of `checkpoint` on `devices` (a --devices spec or a resolved list), in eval mode."""
-    from pipeline.train import load_checkpoint
+    from pipeline.checkpoints import load_checkpoint
 
     try:
         state = load_checkpoint(checkpoint)

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Input, Stage, write_json
+from pipeline.checkpoints import CHECKPOINT_GLOB, CHECKPOINTS_DIR, latest_checkpoint
 from pipeline.errors import PipeError
 from pipeline.record import run_record
 from stages import QuietReporter, Reporter
@@ -22,11 +23,11 @@ def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
     wrong path return at once)."""
     if run_or_checkpoint.is_file():
         return run_or_checkpoint
-    found = sorted((run_or_checkpoint / "checkpoints").glob("step-*.pt")) if run_or_checkpoint.is_dir() else []
-    if not found:
+    found = latest_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR)
+    if found is None:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
-                        "checkpoints/step-*.pt")
-    return found[-1]
+                        f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+    return found
 
 
 def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",

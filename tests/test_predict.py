@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.augment import ReferenceEvalLoader, ShardSet, shard_samples
+from pipeline.augment import ReferenceEvalLoader
+from pipeline.augment.loading import ShardSet
+from pipeline.augment.reference import shard_samples
 from pipeline.errors import PipeError
 from pipeline.images import BadImage
 from pipeline.predict import Classifier, classify, image_views, load_classifier

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -40,8 +41,16 @@ def test_a_torn_last_event_line_is_skipped(tmp_path):
     assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == [("start", 0)]
 
 
+def copy_run(run: Path, to: Path) -> None:
+    """A run folder's records (not its checkpoints)."""
+    to.mkdir(parents=True)
+    for name in ("_run.json", "_stage.json", "metrics.jsonl", "events.jsonl"):
+        shutil.copy(run / name, to / name)
+
+
 def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
     run.mkdir(parents=True)
+    (run / "_run.json").write_text("{}")  # what makes a folder a run for status
     (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
@@ -49,7 +58,7 @@ def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
 def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
-    os.symlink(tiny_run, work / "runs" / "finished")
+    copy_run(tiny_run, work / "runs" / "finished")
     # resumed at step 10 at t=1000 s, then 2 steps a second (64 images/s) for 20 steps, of 100
     steps = [{"step": s, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 900.0 + s} for s in range(1, 11)]
     steps += [{"step": 10 + i, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 1000.0 + i / 2}
@@ -58,19 +67,20 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
               {"time": 1000.0, "event": "resume", "step": 10, "epoch": 0, "total_steps": 100}]
     write_run(work / "runs" / "live", events, steps)
     rows = {r["run"]: r for r in run_progress(work, now=1012.0)}
+    assert list(rows) == ["runs/finished", "runs/live"]
     finished = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert rows["finished"] == {"run": "finished", "step": 18, "total_steps": 18, "epoch": 1, "state": "done",
-                                "val_top1_error": finished["val_top1_error"], "steps_per_s": None,
-                                "images_per_s": None, "eta_s": None}
-    assert rows["live"] == {"run": "live", "step": 30, "total_steps": 100, "epoch": 0, "state": "running",
-                            "val_top1_error": None, "steps_per_s": 2.0, "images_per_s": 64.0, "eta_s": 35}
+    assert rows["runs/finished"] == {"run": "runs/finished", "step": 18, "total_steps": 18, "epoch": 1,
+                                     "state": "done", "val_top1_error": finished["val_top1_error"],
+                                     "steps_per_s": None, "images_per_s": None, "eta_s": None}
+    assert rows["runs/live"] == {"run": "runs/live", "step": 30, "total_steps": 100, "epoch": 0, "state": "running",
+                                 "val_top1_error": None, "steps_per_s": 2.0, "images_per_s": 64.0, "eta_s": 35}
     assert run_progress(work, now=1100.0)[1]["state"] == "stopped"  # no line for 90 s: killed or hung
 
 
 def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
-    os.symlink(tiny_run, work / "runs" / "tiny")
+    copy_run(tiny_run, work / "runs" / "tiny")
     out = cli("status", work).stdout
-    runs = out[out.index("runs"):]
-    assert "tiny" in runs and "done" in runs and "18/18" in runs
+    runs = out[out.index(" runs \n"):]
+    assert "runs/tiny" in runs and "done" in runs and "18/18" in runs

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.augment import ReferenceEvalLoader, ShardSet, centre_crop_box, decode_rgb, shard_samples
+from pipeline.augment import ReferenceEvalLoader, centre_crop_box
+from pipeline.augment.loading import ShardSet
+from pipeline.augment.reference import decode_rgb, shard_samples
 from stages import QuietReporter
 from stages import shard as shard_stage
 
