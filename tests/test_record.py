@@ -82,5 +82,6 @@ def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
     (work / "runs").mkdir(parents=True)
     copy_run(tiny_run, work / "runs" / "tiny")
     out = cli("status", work).stdout
-    runs = out[out.index(" runs \n"):]
+    lines = out.splitlines()
+    runs = "\n".join(lines[next(i for i, line in enumerate(lines) if line.strip() == "runs"):])  # the 2nd table
     assert "runs/tiny" in runs and "done" in runs and "18/18" in runs
