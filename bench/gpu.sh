@@ -50,6 +50,7 @@ for name in ("torch", "torchvision", "typer", "rich", "numpy", "PIL", "nvidia.da
         missing.append(f"{name} ({type(e).__name__}: {e})")
 print("missing modules: " + ("; ".join(missing) if missing else "none"))
 PY
+$PY -m pipeline.record | tee "$OUT/run_record.json"  # the run record every train run and eval writes
 
 if [ "$QUICK" = 1 ]; then
     SECS=2 STEPS=2 BATCH=8 CLASSES=3 PER_CLASS=8 EPOCHS=1 WIDTH=0.25

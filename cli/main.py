@@ -281,7 +281,101 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta"}
     for name, folder, state in stage_rows(work):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    _print_runs(console, work)
+
+
+def _print_runs(console, work: Path) -> None:
+    """The training runs' progress: step/epoch reached, last val error, rate and time left while running."""
+    from rich import box
+    from rich.table import Table
+
+    from stages.status import run_progress
+
+    rows = run_progress(work)
+    if not rows:
+        return
+    table = Table(title="runs", box=box.SIMPLE_HEAD)  # no │: scripts that read the stage table's rows still can
+    for col in ("run", "state", "step", "epoch", "val top-1 error", "rate", "time left"):
+        table.add_column(col)
+    for r in rows:
+        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else str(r["step"])
+        error = f"{r['val_top1_error']:.4f}" if r["val_top1_error"] is not None else "—"
+        rate = f"{r['steps_per_s']:g} steps/s, {r['images_per_s']:g} img/s" if r["steps_per_s"] else "—"
+        left = (f"{r['eta_s'] // 3600}h{r['eta_s'] % 3600 // 60:02d}m{r['eta_s'] % 60:02d}s"
+                if r["eta_s"] is not None else "—")
+        table.add_row(r["run"], r["state"], step, str(r["epoch"]), error, rate, left)
+    console.print(table)
+
+
+@app.command()
+def predict(
+    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
+                                                      "checkpoint file.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files (any format the shard stage reads: JPEG, PNG, "
+                                                 "CMYK, grayscale, a PNG named .JPEG) or folders of them.")],
+    top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 5,
+    ten_crop: Annotated[bool, typer.Option(help="Average the softmax over the paper's 10 crops (4 corners + "
+                                           "centre of the 256 square and their mirrors) instead of the centre "
+                                           "crop.")] = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout (unreadable "
+                                             "files too, with their error).")] = False,
+    devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 32,
+):
+    """Classify your own images with a checkpoint: the paper's test preprocessing (short side 256, centre 224 or
+    10-crop, minus the checkpoint's mean) → top-k wnid, name, probability. A file that cannot be read is one line
+    and the others go on; exit 0 when at least one image was classified, 2 when none."""
+    import json
+
+    from pipeline.errors import PipeError
+    from pipeline.predict import classify, load_classifier
+    from stages.evaluate import resolve_checkpoint
+
+    reporter = _reporter()
+    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint), devices)
+    classified = failed = 0
+    for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
+        if "error" in record:
+            failed += 1
+            reporter.warn(f"{record['path']}: not classified: {record['error']}")
+        else:
+            classified += 1
+        if json_lines:
+            print(json.dumps(record), flush=True)
+        elif "top" in record:
+            print(record["path"])
+            for rank, c in enumerate(record["top"], 1):
+                print(f"  {rank}. {c['probability']:.4f}  {c['wnid']}  {c['name']}")
+    if not classified:
+        raise PipeError(f"predict: expected at least one readable image, found none among {failed} path(s)")
+    reporter.info(f"predict: {classified} image(s) classified{f', {failed} not' if failed else ''} "
+                  f"({'10-crop' if ten_crop else 'centre crop'}, step {classifier.step})")
+
+
+@app.command()
+def export(
+    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
+                                                      "checkpoint file.")],
+    out: Annotated[Path, typer.Option("--out", help="The file to write (.pt2 or .onnx).")] = ...,
+    format: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export, always available) or onnx "
+                                               "(needs the export extra). Default: from --out's suffix.")
+                      ] = None,
+):
+    """Export a checkpoint's network for other runtimes, with a dynamic batch dimension: torch.export (.pt2) or ONNX.
+    The preprocessing it expects (short side, crop, mean, class list) is stored in the file as preprocessing.json."""
+    from pipeline.cache import sha256_file
+    from pipeline.export import export as export_file
+    from pipeline.export import export_format
+    from pipeline.predict import load_classifier
+    from stages.evaluate import resolve_checkpoint
+
+    checkpoint = resolve_checkpoint(run_or_checkpoint)
+    fmt = export_format(out, format)
+    classifier = load_classifier(checkpoint, "cpu")
+    export_file(classifier, out, fmt, sha256_file(checkpoint))
+    _reporter().info(f"export: {checkpoint} (step {classifier.step}) → {out} ({fmt}, dynamic batch)")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.cache import atomic_write
+from pipeline.record import read_events
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
          "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
@@ -156,10 +157,31 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
            for p in result["confused"]]
     md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class).",
            "", "![predictions](predictions.png)", ""]
+    md += environment_table(read_events(run_dir), result.get("run_record"))
     path = out / "report.md"
     with atomic_write(path, "w") as f:
         f.write("\n".join(md))
     return path
+
+
+def environment_table(events: list[dict], eval_record: dict | None) -> list[str]:
+    """The run records (pipeline.record) of the training run's last start and of the eval, side by side."""
+    columns = [(f"training ({e.get('event', 'start')} at step {e.get('step', 0)})", e["record"]) for e in events[-1:]]
+    columns += [("evaluation", eval_record)] if eval_record else []
+    if not columns:
+        return []
+
+    def cell(value) -> str:
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items())
+        if isinstance(value, list):
+            return ", ".join(map(str, value)) or "none"
+        return f"`{value}`".replace("|", "\\|") if value is not None else "—"
+
+    keys = list(dict.fromkeys(k for _, record in columns for k in record))
+    return ["## What it ran on", "", "| | " + " | ".join(name for name, _ in columns) + " |",
+            "|---|" + "---|" * len(columns),
+            *(f"| {k} | " + " | ".join(cell(record.get(k)) for _, record in columns) + " |" for k in keys), ""]
 
 
 def val_data_origin(val_dir: Path) -> tuple[str, bool]:

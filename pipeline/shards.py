@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.cache import atomic_write, canonical_json, read_json, sha256_file
+from pipeline.cache import atomic_write, canonical_json, read_json, sha256_file, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import ClassTable, Member
 from pipeline.images import BadImage, prepare_image
@@ -240,3 +240,28 @@ def verify_shards(shard_dir: Path, *, decode: bool = False,
         if on_shard:
             on_shard(entry["name"])
     return problems
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metadata other libraries read
+
+TIMM_INFO = "_info.json"
+
+
+def timm_info(manifest: dict) -> dict:
+    """The split's entry in timm's `_info.json` (`timm/data/readers/reader_wds.py` parses exactly these fields), so
+    that `timm.data.create_dataset("wds/…", root=DIR, split=SPLIT)` needs no shard list or size."""
+    split, shards = manifest["split"], manifest["shards"]
+    return {"name": manifest["params"].get("classes", "ilsvrc2012"),
+            "splits": {split: {"name": split, "num_samples": manifest["samples"],
+                               "filenames": [s["name"] for s in shards],
+                               "shard_lengths": [s["samples"] for s in shards]}}}
+
+
+def write_timm_info(shard_dir: Path) -> Path:
+    """Write `_info.json` beside `manifest.json` (derived from it, so outside the stage's key and `VERSION`)."""
+    path = shard_dir / TIMM_INFO
+    info = timm_info(load_manifest(shard_dir))
+    if not path.is_file() or read_json(path) != info:
+        write_json(path, info)
+    return path

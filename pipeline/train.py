@@ -24,6 +24,7 @@ from pipeline.cache import atomic_write
 from pipeline.checkpoints import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.cluster import Placement
 from pipeline.config import TrainConfig
+from pipeline.record import append_event
 
 METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
 
@@ -149,8 +150,13 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
               {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress())
     step_fn = wrap_model(model, cfg, place)
+    resumed_from = latest_checkpoint(run.checkpoints)  # what resume() loads, if anything
     at = resume(run)
     total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
+    if run.main_rank:  # where this start or resume begins, and what it runs on
+        append_event(out, event="resume" if resumed_from else "start", step=at.step, epoch=at.epoch,
+                     total_steps=total, resumed_from=str(resumed_from) if resumed_from else None,
+                     world_size=place.world_size)
     while at.epoch < cfg.epochs and at.step < total:
         if not train_epoch(run, step_fn, train_loader, at, total):
             break  # stopped inside the epoch (max_steps)
@@ -286,7 +292,7 @@ def _gather(state: dict, place: Placement) -> list[dict]:
 
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock, to follow it live
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from pipeline.cache import Input, Stage, write_json
 from pipeline.checkpoints import CHECKPOINT_GLOB, CHECKPOINTS_DIR, latest_checkpoint
 from pipeline.errors import PipeError
+from pipeline.record import run_record
 from stages import QuietReporter, Reporter
 
 VERSION = 1
@@ -48,6 +49,7 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
                                      reporter=reporter)
         result["checkpoint"]["sha256"] = inputs["checkpoint"].digest.removeprefix("sha256:")
         result["val"]["manifest_sha256"] = inputs["val"].digest.removeprefix("sha256:")
+        result["run_record"] = run_record()  # what it ran on: in eval.json, outside the stage's key
         stage.finalize(lambda: write_json(out / "eval.json", result), started=started)
     lines = [f"eval: {result['samples']} val images, centre crop top-1/top-5 error "
              f"{result['centre']['top1_error']:.4f}/{result['centre']['top5_error']:.4f}"]
@@ -62,24 +64,18 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
     import torch
 
     from pipeline.augment import make_eval_loader
-    from pipeline.checkpoints import load_checkpoint
     from pipeline.cluster import resolve_devices
     from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
-    from pipeline.imagenet import ilsvrc2012_classes
-    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.predict import load_classifier
     from pipeline.shards import load_manifest
 
-    state = load_checkpoint(checkpoint)
-    config = state["config"]
-    model_config = AlexNetConfig.from_dict(config["model"])
     device_list = resolve_devices(devices)
-    model = build_model(model_config, device_list)
-    model.load_state_dict(state["model"])
-    model.eval()
+    classifier = load_classifier(checkpoint, device_list)
+    model, model_config, config, classes = (classifier.model, classifier.config, classifier.settings,
+                                            classifier.classes)
     pca = {"mean": config["mean"], "eigvals": config["eigvals"], "eigvecs": config["eigvecs"]}
     manifest = load_manifest(val_dir)
-    classes = ilsvrc2012_classes()
-    result: dict = {"checkpoint": {"path": str(checkpoint), "step": state["step"], "epoch": state["epoch"]},
+    result: dict = {"checkpoint": {"path": str(checkpoint), "step": classifier.step, "epoch": classifier.epoch},
                     "val": {"dir": str(val_dir), "split": manifest["split"]}, "model": config["model"]}
     views = {"centre": False, **({"ten_crop": True} if ten_crop else {})}
     for name, ten in views.items():

@@ -15,6 +15,7 @@ from pipeline.cache import Input, Stage, read_json, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import find_layout, list_source, load_classes
 from pipeline.shards import (
+    TIMM_INFO,
     ShardJob,
     assign_shards,
     build_manifest,
@@ -22,6 +23,7 @@ from pipeline.shards import (
     load_manifest,
     shard_name,
     write_member_list,
+    write_timm_info,
 )
 from stages import QuietReporter, Reporter, task_slice
 
@@ -73,12 +75,13 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     if classes_file is not None:
         inputs["classes"] = Input.of_source(classes_file)
     stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product="manifest.json",
-                  outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json"))
+                  outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json", TIMM_INFO))
     damaged = []
     if stage.up_to_date() and not force:
         manifest_lost = not (out / "manifest.json").is_file()
         damaged = ["manifest.json"] if manifest_lost else damaged_shards(out, load_manifest(out))
         if not damaged:
+            write_timm_info(out)  # a folder sharded before timm's _info.json existed gets it without re-sharding
             reporter.info(f"shard {split}: up to date ({out})")
             return ShardResult(up_to_date=True, finalized=False)
 
@@ -128,6 +131,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
 
         def write_products() -> None:
             write_json(out / "manifest.json", manifest)
+            write_timm_info(out)
 
         result.finalized = stage.finalize(write_products, started=started,
                                           extra={"samples": manifest["samples"], "shards": len(names)})

@@ -72,3 +72,40 @@ def _row_name(folder: Path, work: Path) -> str:
     if len(rel) == 3 and rel[0] == "eval" and rel[2] == "report":
         return f"report {rel[1]}"
     return _stage_name(folder).replace("shard-", "shard ") or str(folder.relative_to(work))
+
+
+def run_progress(work: Path, now: float | None = None) -> list[dict]:
+    """Per training run found under WORK: the step and epoch reached, the last val error and, while the run
+    advances, its rate and an estimate of the time left (from metrics.jsonl's wall-clock `time` and events.jsonl's
+    totals)."""
+    import time
+
+    from pipeline.record import read_events
+    from pipeline.report import read_metrics
+
+    now = time.time() if now is None else now
+    rows = []
+    for run in (f for f in find_stage_folders(work) if (f / RUN_SETTINGS).is_file()):
+        steps, epochs = read_metrics(run)
+        events = read_events(run)
+        if not steps and not events:
+            continue
+        total = events[-1].get("total_steps") if events else None
+        last = steps[-1] if steps else {"step": events[-1].get("step", 0), "epoch": events[-1].get("epoch", 0)}
+        row = {"run": str(run.relative_to(work)), "step": last["step"], "total_steps": total, "epoch": last["epoch"],
+               "val_top1_error": epochs[-1]["val_top1_error"] if epochs else None, "state": "done",
+               "steps_per_s": None, "images_per_s": None, "eta_s": None}
+        if last["step"] < total if total is not None else not (run / MARKER).is_file():
+            # the step records of the latest start or resume, with their wall-clock times
+            since = events[-1]["time"] if events else 0
+            recent = [s for s in steps if s.get("time", 0) >= since][-20:]
+            row["state"] = "stopped"
+            if len(recent) >= 2 and recent[-1]["time"] > recent[0]["time"]:
+                rate = (recent[-1]["step"] - recent[0]["step"]) / (recent[-1]["time"] - recent[0]["time"])
+                interval = (recent[-1]["time"] - recent[0]["time"]) / (len(recent) - 1)
+                if now - recent[-1]["time"] < max(60.0, 10 * interval):  # still logging: in progress
+                    row.update(state="running", steps_per_s=round(rate, 3),
+                               images_per_s=recent[-1].get("images_per_s"),
+                               eta_s=round((total - last["step"]) / rate) if total and rate > 0 else None)
+        rows.append(row)
+    return rows

@@ -23,10 +23,10 @@ def eval_json(out: Path) -> dict:
 
 
 def without_throughput(result: dict) -> dict:
-    """eval.json less what depends on the machine's speed and on where the files are."""
+    """eval.json less what depends on the machine's speed, on where the files are and on the command line."""
     drop = {THROUGHPUT}
     return {k: ({kk: vv for kk, vv in v.items() if kk not in drop} if isinstance(v, dict) else v)
-            for k, v in result.items() if k not in ("checkpoint", "val")}
+            for k, v in result.items() if k not in ("checkpoint", "val", "run_record")}
 
 
 def errors_of(probs: torch.Tensor, labels: torch.Tensor) -> dict:

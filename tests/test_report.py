@@ -157,3 +157,15 @@ def test_plots_of_a_run_shorter_than_one_epoch_raise_no_library_warning(tiny_run
         assert plot_curves(steps[:3], [], tmp_path) == ["loss.png", "lr.png", "val_error.png", "images_per_s.png"]
         plot_curves([], [], tmp_path)
     assert Image.open(tmp_path / "val_error.png").size[0] > 0
+
+
+def test_report_ends_with_what_the_run_and_the_eval_ran_on(report, tiny_run):
+    import torch
+
+    record = report["eval"]["run_record"]
+    assert record["torch"] == torch.__version__ and " eval " in record["command"]
+    section = report["md"][report["md"].index("## What it ran on"):]
+    assert "| | training (start at step 0) | evaluation |" in section
+    assert f"| torch | `{torch.__version__}` | `{torch.__version__}` |" in section
+    started = json.loads((tiny_run / "events.jsonl").read_text().splitlines()[-1])["record"]
+    assert f"| command | `{started['command']}` | `{record['command']}` |" in section

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TIMING = ("images_per_s", "data_wait")  # the only fields of metrics.jsonl that may differ between two runs
+TIMING = ("images_per_s", "data_wait", "time")  # the only fields of metrics.jsonl that may differ between two runs
 STEPS_PER_EPOCH, EPOCHS = 9, 2  # 36 images, batch 4 (conftest TINY_TRAIN)
 
 
@@ -73,6 +73,15 @@ def test_sigkill_mid_epoch_then_rerun_ends_with_the_weights_and_metrics_of_an_un
     resumed = cli(*args)
     assert "up to date" not in said(resumed)
     assert metrics(out) == metrics(tiny_run)
+    # events.jsonl: the start and each resume, with the step and checkpoint it resumed from, and what it ran on
+    events = [json.loads(line) for line in (out / "events.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["step"], e["total_steps"]) for e in events] == [("start", 0, 18), ("resume", 3, 18),
+                                                                           ("resume", 12, 18)]
+    assert [e["resumed_from"] for e in events] == [None, *(str(out / "checkpoints" / f"step-{s:09d}.pt")
+                                                           for s in (3, 12))]
+    assert all(e["record"]["torch"] == torch.__version__ and " train " in e["record"]["command"] for e in events)
+    times = [json.loads(line)["time"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert times == sorted(times) and events[0]["time"] <= times[0] and times[-1] <= time.time()
     assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
     got, want = last_checkpoint(out), last_checkpoint(tiny_run)
     assert (got["step"], got["epoch"]) == (want["step"], want["epoch"]) == (EPOCHS * STEPS_PER_EPOCH, EPOCHS)

@@ -1,0 +1,99 @@
+"""What a run ran on: the software (Python, torch, torchvision, DALI, CUDA, cuDNN, the Pillow build), the hardware
+(GPU names, CPUs), the project's git commit and the command line. A figure in a report can then be traced to the
+versions that made it. Recorded beside results, never in a cache key (a new torch must not redo a 50 GB shard).
+
+`runs/<run>/events.jsonl` gets one line per start or resume of a training run (time, step, the checkpoint resumed
+from, totals, this record), so an interrupted and resumed run shows where it stopped. `python -m pipeline.record`
+prints the record (the GPU check script calls it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+EVENTS = "events.jsonl"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _dali_version() -> str | None:
+    try:
+        import nvidia.dali
+
+        return nvidia.dali.__version__
+    except ImportError:
+        return None
+
+
+def _git_commit(root: Path = PROJECT_ROOT) -> dict | None:
+    """The checkout's commit and whether files differ from it; None when not run from a git checkout."""
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "modified": bool(dirty)}
+
+
+def run_record() -> dict:
+    """Software, hardware, code version and command line of this process (plain JSON types)."""
+    import PIL
+    import torch
+    import torchvision
+
+    cuda = torch.cuda.is_available()
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "dali": _dali_version(),
+        "cuda": torch.version.cuda if cuda else None,
+        "cudnn": torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
+        "pillow": {"version": PIL.__version__, "simd": PIL.__version__.endswith("+simd")},
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "host": platform.node(),
+        "git": _git_commit(),
+        "command": shlex.join(sys.argv),
+    }
+
+
+def append_event(run_dir: Path, **fields) -> dict:
+    """One line in `run_dir/events.jsonl`: the time, `fields` (step, resumed_from, …) and the run record. A single
+    write of one line, flushed and fsync'd: a crash leaves whole lines (a torn last line is skipped on reading)."""
+    event = {"time": round(time.time(), 3), **fields, "record": run_record()}
+    with open(run_dir / EVENTS, "a") as f:
+        f.write(json.dumps(event) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return event
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / EVENTS
+    if not path.is_file():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # a line torn by a crash mid-write
+            continue
+    return events
+
+
+if __name__ == "__main__":
+    print(json.dumps(run_record(), indent=1))

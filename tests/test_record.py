@@ -1,0 +1,87 @@
+"""Run records (what a run or eval ran on), their place in eval.json and the report, and `status`'s view of runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from pipeline.record import append_event, read_events, run_record
+from stages.status import run_progress
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_run_record_names_this_machines_software_hardware_and_checkout():
+    import nvidia.dali
+    import PIL
+    import torchvision
+
+    record = run_record()
+    assert record["python"] == platform.python_version() and record["torch"] == torch.__version__
+    assert record["torchvision"] == torchvision.__version__
+    assert record["dali"] == nvidia.dali.__version__ and record["cpus"] == os.cpu_count()
+    assert record["pillow"] == {"version": PIL.__version__, "simd": "+simd" in PIL.__version__}
+    assert record["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    assert (record["cuda"] is None) == (not torch.cuda.is_available())
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert record["git"]["commit"] == head.strip() and len(head.strip()) == 40
+    json.dumps(record)  # plain JSON types
+
+
+def test_a_torn_last_event_line_is_skipped(tmp_path):
+    append_event(tmp_path, event="start", step=0)
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"time": 1, "ev')  # a crash mid-write
+    assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == [("start", 0)]
+
+
+def copy_run(run: Path, to: Path) -> None:
+    """A run folder's records (not its checkpoints)."""
+    to.mkdir(parents=True)
+    for name in ("_run.json", "_stage.json", "metrics.jsonl", "events.jsonl"):
+        shutil.copy(run / name, to / name)
+
+
+def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
+    run.mkdir(parents=True)
+    (run / "_run.json").write_text("{}")  # what makes a folder a run for status
+    (run / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+
+
+def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    copy_run(tiny_run, work / "runs" / "finished")
+    # resumed at step 10 at t=1000 s, then 2 steps a second (64 images/s) for 20 steps, of 100
+    steps = [{"step": s, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 900.0 + s} for s in range(1, 11)]
+    steps += [{"step": 10 + i, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 1000.0 + i / 2}
+              for i in range(1, 21)]
+    events = [{"time": 900.0, "event": "start", "step": 0, "epoch": 0, "total_steps": 100},
+              {"time": 1000.0, "event": "resume", "step": 10, "epoch": 0, "total_steps": 100}]
+    write_run(work / "runs" / "live", events, steps)
+    rows = {r["run"]: r for r in run_progress(work, now=1012.0)}
+    assert list(rows) == ["runs/finished", "runs/live"]
+    finished = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rows["runs/finished"] == {"run": "runs/finished", "step": 18, "total_steps": 18, "epoch": 1,
+                                     "state": "done", "val_top1_error": finished["val_top1_error"],
+                                     "steps_per_s": None, "images_per_s": None, "eta_s": None}
+    assert rows["runs/live"] == {"run": "runs/live", "step": 30, "total_steps": 100, "epoch": 0, "state": "running",
+                                 "val_top1_error": None, "steps_per_s": 2.0, "images_per_s": 64.0, "eta_s": 35}
+    assert run_progress(work, now=1100.0)[1]["state"] == "stopped"  # no line for 90 s: killed or hung
+
+
+def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
+    work = tmp_path / "work"
+    (work / "runs").mkdir(parents=True)
+    copy_run(tiny_run, work / "runs" / "tiny")
+    out = cli("status", work).stdout
+    lines = out.splitlines()
+    runs = "\n".join(lines[next(i for i, line in enumerate(lines) if line.strip() == "runs"):])  # the 2nd table
+    assert "runs/tiny" in runs and "done" in runs and "18/18" in runs
