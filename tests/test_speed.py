@@ -1,0 +1,68 @@
+"""pipeline/speed.py: data-wait share and step time of a log interval, peak table, MFU, TF32 labelling (CPU twin;
+the CUDA-event path runs in bench/gpu.sh)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from pipeline.config import AlexNetConfig
+from pipeline.model import forward_flops
+from pipeline.speed import StepClock, mfu, peak_tflops, precision, set_tf32
+
+
+def run_steps(clock: StepClock, steps: int, fetch_s: float, step_s: float) -> dict:
+    """The training loop's order: fetch (marked), step, ..., then the interval's figures after a step."""
+    batches = iter(range(steps))
+    for _ in range(steps):
+        clock.fetch_started()
+        time.sleep(fetch_s)  # the loader producing the batch
+        next(batches)
+        clock.fetch_done()
+        time.sleep(step_s)  # the training step
+    return clock.interval()
+
+
+def test_the_clock_splits_an_interval_into_waiting_for_data_and_stepping():
+    clock = StepClock(torch.device("cpu"))
+    first = run_steps(clock, 5, fetch_s=0.03, step_s=0.01)  # 3/4 of the time waiting for data
+    assert first["steps"] == 5
+    assert 0.6 < first["data_wait"] < 0.85
+    assert 10 <= first["step_ms"] < 30
+    second = run_steps(clock, 3, fetch_s=0.0, step_s=0.03)  # the next interval starts afresh: little waiting
+    assert second["steps"] == 3 and second["data_wait"] < 0.2 and second["step_ms"] >= 30
+
+
+def test_an_interval_without_steps_is_empty_not_an_error():
+    assert StepClock(torch.device("cpu")).interval() == {"data_wait": 0.0, "step_ms": 0.0, "steps": 0}
+
+
+def test_peaks_come_from_the_card_name_and_dtype():
+    assert peak_tflops("NVIDIA H200", "bf16") == 989.4
+    assert peak_tflops("NVIDIA H200", "fp32") == 66.9
+    assert peak_tflops("NVIDIA H100 PCIe", "tf32") == 378.0  # not the SXM's 494.7
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == 312.0
+    assert peak_tflops("cpu", "fp32") is None and peak_tflops("NVIDIA GeForce GT 710", "bf16") is None
+
+
+def test_mfu_is_three_forward_passes_per_image_over_the_peak():
+    flops = forward_flops(AlexNetConfig())
+    # the issue's goal: 18,000 images/s in bf16 on an H200 is 7.9% of its dense bf16 peak
+    assert mfu(18_000, flops, 989.4) == pytest.approx(18_000 * 3 * 1_448_813_632 / 989.4e12)
+    assert mfu(18_000, flops, 989.4) == pytest.approx(0.0791, abs=1e-4)
+    assert mfu(18_000, flops, None) is None
+
+
+def test_fp32_on_a_gpu_is_labelled_tf32_until_tf32_is_turned_off():
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        set_tf32(True)
+        assert precision(cuda, amp=False) == "tf32" and torch.backends.cuda.matmul.allow_tf32
+        set_tf32(False)
+        assert precision(cuda, amp=False) == "fp32" and not torch.backends.cuda.matmul.allow_tf32
+        assert precision(cuda, amp=True) == "bf16" and precision(cpu, amp=False) == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
