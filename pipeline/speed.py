@@ -70,12 +70,15 @@ class StepClock:
     Call `fetch_started()` just before `next(loader)`, `fetch_done()` just after (once per step) and `interval()`
     after a step, at the log boundary. On CUDA the marks are events on the current stream, so both sides are on the
     GPU's timeline: the span from one fetch's start to its end is the GPU's idle time for want of data (zero when
-    queued steps kept it busy meanwhile). With the towers on two GPUs the events are on the first one's stream."""
+    queued steps kept it busy meanwhile); from a fetch's end to the next fetch's start, a step. Time outside those
+    spans (validation at an epoch's end, a checkpoint after a log line) counts for neither. With the towers on two
+    GPUs the events are on the first one's stream."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self._first = self._start = None
+        self._start = self._done = None
         self._fetches: list[tuple] = []
+        self._steps: list[tuple] = []
 
     def _mark(self):
         if not self.cuda:
@@ -84,28 +87,49 @@ class StepClock:
         event.record()
         return event
 
-    def _seconds(self, a, b) -> float:
-        return a.elapsed_time(b) / 1000 if self.cuda else b - a
+    def _seconds(self, spans: list[tuple]) -> float:
+        return sum(a.elapsed_time(b) / 1000 if self.cuda else b - a for a, b in spans)
 
     def fetch_started(self) -> None:
         self._start = self._mark()
-        if self._first is None:
-            self._first = self._start
+        if self._done is not None:  # the step since the last fetch ended here
+            self._steps.append((self._done, self._start))
+            self._done = None
 
     def fetch_done(self) -> None:
-        self._fetches.append((self._start, self._mark()))
+        self._done = self._mark()
+        self._fetches.append((self._start, self._done))
 
     def interval(self) -> dict:
         """{"data_wait": share of the interval spent waiting for data, "step_ms": mean time of a step without its
         wait, "steps"} since the previous call (on CUDA this waits for the queued steps)."""
-        if self._first is None:
-            return {"data_wait": 0.0, "step_ms": 0.0, "steps": 0}
-        end = self._mark()
-        if self.cuda:
-            end.synchronize()
-        total = self._seconds(self._first, end)
-        waited = sum(self._seconds(a, b) for a, b in self._fetches)
-        steps = len(self._fetches)
-        self._first, self._fetches = None, []
+        if self._done is not None:
+            end = self._mark()
+            self._steps.append((self._done, end))
+            self._done = None
+            if self.cuda:
+                end.synchronize()
+        waited, stepped, steps = self._seconds(self._fetches), self._seconds(self._steps), len(self._steps)
+        self._fetches, self._steps = [], []
+        total = waited + stepped
         return {"data_wait": waited / total if total > 0 else 0.0,
-                "step_ms": 1000 * (total - waited) / steps if steps else 0.0, "steps": steps}
+                "step_ms": 1000 * stepped / steps if steps else 0.0, "steps": steps}
+
+
+class TrainingSpeed:
+    """The speed fields of a logged training step: `data_wait`, `step_ms` (StepClock), `mfu` of this rank's device
+    for the precision in use (peak from PEAK_TFLOPS unless given) and that `precision`."""
+
+    def __init__(self, device: torch.device, forward_flops: int, amp: bool, peak: float | None = None):
+        self.clock = StepClock(device)
+        self.precision = precision(device, amp)
+        self.peak = peak or peak_tflops(device_name(device), self.precision)
+        self.forward_flops = forward_flops
+        self.fetch_started, self.fetch_done = self.clock.fetch_started, self.clock.fetch_done
+
+    def fields(self, images_per_s: float) -> dict:
+        """The interval since the last call; `images_per_s` is this rank's."""
+        timing = self.clock.interval()
+        utilization = mfu(images_per_s, self.forward_flops, self.peak)
+        return {"data_wait": round(timing["data_wait"], 4), "step_ms": round(timing["step_ms"], 3),
+                "mfu": None if utilization is None else round(utilization, 5), "precision": self.precision}

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from pipeline.cache import atomic_write
 from pipeline.cluster import Placement
-from pipeline.config import TrainConfig
+from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.model import forward_flops
+from pipeline.speed import TrainingSpeed
 
 CHECKPOINT_GLOB = "step-*.pt"
 
@@ -173,6 +175,8 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
     steps_per_epoch = len(train_loader)
     total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     per_rank_batch = cfg.batch_size // place.world_size
+    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
+                          cfg.amp)
     while epoch < cfg.epochs and step < total:
         train_loader.set_epoch(epoch)
         resuming = position is not None and position.get("epoch") == epoch
@@ -181,10 +185,10 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
         losses = resumed_losses if resuming else []  # the losses logged in this epoch so far
         position = None
         model.train()
-        waited, t_last, seen = 0.0, time.perf_counter(), 0
-        t_fetch = time.perf_counter()
+        t_last, seen = time.perf_counter(), 0
+        speed.fetch_started()
         for images, labels in train_loader:
-            waited += time.perf_counter() - t_fetch
+            speed.fetch_done()
             loss = train_step(step_fn, optimizer, images, labels, cfg.amp)
             step += 1
             seen += per_rank_batch
@@ -195,17 +199,17 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
                 record = {"step": step, "epoch": epoch, "loss": round(loss_value, 6),
                           "lr": optimizer.param_groups[0]["lr"],
                           "images_per_s": round(seen * place.world_size / elapsed, 1),
-                          "data_wait": round(waited / elapsed, 4)}
+                          **speed.fields(seen / elapsed)}
                 if main_rank:
                     _append_metrics(metrics_path, record)
                 progress.on_step(step, total, record)
-                waited, t_last, seen = 0.0, time.perf_counter(), 0
+                t_last, seen = time.perf_counter(), 0
             end_of_epoch = step % steps_per_epoch == 0  # handled below, after validation
             if not end_of_epoch and (step % cfg.checkpoint_every == 0 or step >= total):
                 checkpoint(epoch, train_loader.state_dict(), losses)
             if step >= total and not end_of_epoch:
                 break
-            t_fetch = time.perf_counter()
+            speed.fetch_started()
         else:  # the epoch ran to its end: validate, maybe drop the lr, checkpoint
             val = validate(model, val_loader, cfg.amp, place)
             scheduler.step(val["top1_error"])

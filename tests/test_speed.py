@@ -35,6 +35,15 @@ def test_the_clock_splits_an_interval_into_waiting_for_data_and_stepping():
     assert second["steps"] == 3 and second["data_wait"] < 0.2 and second["step_ms"] >= 30
 
 
+def test_time_between_epochs_counts_neither_as_waiting_nor_as_stepping():
+    clock = StepClock(torch.device("cpu"))
+    run_steps(clock, 1, fetch_s=0.0, step_s=0.01)
+    clock.fetch_started()
+    time.sleep(0.2)  # the epoch's loader runs out; validation and a checkpoint follow, outside the steps
+    figures = run_steps(clock, 2, fetch_s=0.01, step_s=0.01)
+    assert figures["steps"] == 2 and figures["step_ms"] < 100 and 0.3 < figures["data_wait"] < 0.7
+
+
 def test_an_interval_without_steps_is_empty_not_an_error():
     assert StepClock(torch.device("cpu")).interval() == {"data_wait": 0.0, "step_ms": 0.0, "steps": 0}
 
