@@ -62,7 +62,7 @@ step() {  # step NAME COMMAND...: run within what is left of BUDGET, log, record
 }
 
 if [ "$QUICK" = 1 ]; then
-    CLASSES=4 PER_CLASS=16 VAL=4 LEARN_CLASSES=8 LEARN_PER=4 SECS=1 ROUNDS=1 BATCH=8 STEPS=2 WARMUP=1 WIDTH=0.125
+    CLASSES=4 PER_CLASS=16 VAL=4 SECS=1 ROUNDS=1 BATCH=8 STEPS=2 WARMUP=1 WIDTH=0.125
     TRAIN_STEPS=4 LEARN_SECS=1 MODELS=two-tower VARIANTS=(fp32)
 else
     CLASSES=100 PER_CLASS=40 VAL=10 LEARN_CLASSES=1000 LEARN_PER=3 SECS=4 ROUNDS=2 BATCH=128 STEPS=12 WARMUP=5
@@ -72,22 +72,31 @@ fi
 
 step record "$PY" bench/gpu_check.py record
 LOADER=dali
-if ! dali_error=$("$PY" -c "import nvidia.dali" 2>&1); then
+if grep -q '^ok' "$W/logs/record.status"; then  # the record says whether DALI imports; without one, try
+    dali_error=$(grep -o '"dali": "not importable[^"]*' "$W/logs/record.log" | cut -c10-)
+else
+    dali_error=$("$PY" -c "import nvidia.dali" 2>&1 | tail -n 1)
+fi
+if [ -n "$dali_error" ]; then
     LOADER=torch
-    echo "== DALI is not importable ($(echo "$dali_error" | tail -n 1)): skipping the DALI loader steps;" \
-         "the CLI runs with --loader torch (install it with tools/gpu-bundle.sh, see README)" | tee "$W/logs/dali.log"
+    echo "== DALI is $dali_error: skipping the DALI loader steps; the CLI runs with --loader torch" \
+         "(install DALI with tools/gpu-bundle.sh, see README)" | tee "$W/logs/dali.log"
 fi
 
 # data: the CLI's own stages on generated 256-pixel sets, the two synth runs side by side
 D=$W/data
-"${CLI[@]}" synth "$D/e2e" --classes $CLASSES --train-per-class $PER_CLASS --val-per-class $VAL \
-    >"$W/logs/synth-e2e.log" 2>&1 &
-"${CLI[@]}" synth "$D/learn" --classes $LEARN_CLASSES --train-per-class $LEARN_PER --val-per-class 1 \
-    >"$W/logs/synth-learn.log" 2>&1 &
+step synth-e2e "${CLI[@]}" synth "$D/e2e" --classes $CLASSES --train-per-class $PER_CLASS --val-per-class $VAL &
+LEARN=$W/shards/train  # the dry run asks the learning question of the e2e set
+if [ "$QUICK" != 1 ]; then
+    LEARN=$W/shards/learn
+    step synth-learn "${CLI[@]}" synth "$D/learn" --classes $LEARN_CLASSES --train-per-class $LEARN_PER \
+        --val-per-class 1 &
+fi
 wait
 step shard "${CLI[@]}" shard "$D/e2e" "$W/shards/train" --split train --shard-size 500 --workers "$CPUS"
 step shard-val "${CLI[@]}" shard "$D/e2e" "$W/shards/val" --split val --shard-size 500 --workers "$CPUS"
-step shard-learn "${CLI[@]}" shard "$D/learn" "$W/shards/learn" --split train --shard-size 500 --workers "$CPUS"
+[ "$QUICK" != 1 ] && step shard-learn "${CLI[@]}" shard "$D/learn" "$LEARN" --split train --shard-size 500 \
+    --workers "$CPUS"
 step pca "${CLI[@]}" pca-stats "$W/shards/train" "$W/pca" --workers "$CPUS"
 PCA=$W/pca/pca.json
 
@@ -128,7 +137,8 @@ fast=(--amp --channels-last)
 step cli-train "${CLI[@]}" train "${common[@]}" --out "$W/runs/one-gpu" --devices "$DEV" "${fast[@]}"
 step cli-eval "${CLI[@]}" eval "$W/runs/one-gpu" --val "$W/shards/val" --out "$W/eval/one-gpu" --devices "$DEV" \
     --loader $LOADER
-ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+ngpu=0
+[ "$DEV" != cpu ] && ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$ngpu" -ge 2 ]; then
     step placement "$PY" bench/gpu_check.py placement --devices cuda:0,cuda:1
     step cli-train-nccl "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m cli.main train \
@@ -136,7 +146,7 @@ if [ "$ngpu" -ge 2 ]; then
 elif [ "$DEV" = cpu ]; then
     step placement "$PY" bench/gpu_check.py placement --devices cpu,cpu --width $WIDTH  # the CPU twin
 fi
-step learning "$PY" bench/gpu_check.py learning --shards "$W/shards/learn" --pca "$PCA" --device "$DEV" \
+step learning "$PY" bench/gpu_check.py learning --shards "$LEARN" --pca "$PCA" --device "$DEV" \
     --seconds $LEARN_SECS --width $WIDTH --loader $LOADER $([ "$QUICK" = 1 ] && echo --batch-size $BATCH)
 
 "$PY" bench/gpu_check.py summary "$W" "$OUT" >"$W/logs/summary.log" 2>&1 || tail -n 20 "$W/logs/summary.log"

@@ -31,7 +31,7 @@ def test_the_dry_run_from_another_folder_leaves_three_files_and_every_step_ok(tm
     summary = json.loads((out / "summary.json").read_text())
     assert {name: s["status"] for name, s in summary["steps"].items()} == dict.fromkeys(
         ["cli-eval", "cli-train", "learning", "loader-ten-crop-gpu", "loader-train-gpu", "pca", "placement", "record",
-         "shard", "shard-learn", "shard-val", "train-step-fp32"], "ok")
+         "shard", "shard-val", "synth-e2e", "train-step-fp32"], "ok")
     results = summary["results"]
     assert results["record"][0]["dali"] == "2.4.0" and results["record"][0]["gpus"] == []
     assert {(r["kind"], r["loader"]) for rows in results.values() for r in rows if r.get("bench") == "loader"} == {
