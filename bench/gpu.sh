@@ -7,15 +7,16 @@
 # and leaves exactly three files in OUT: summary.json, summary.md and logs.tar.gz (every step's log, the runs'
 # metrics.jsonl, eval.json; ≤ 16 MiB). Runs from the repository root whatever the current folder. Measures, each
 # side by side in the same run:
-#   1. the run record: versions, GPU name, driver, commit
+#   1. the run record: versions, GPU name, driver, commit (written with the summary)
 #   2. loaders: DALI `mixed` train augmentation and 10-crop vs DALI on all CPU cores and the torch reference
 #      DataLoader; the largest pixel difference between GPU- and CPU-decoded batches of the same samples
 #   3. the training step at batch 128 of the paper model: fp32 (TF32 off), TF32, bf16, bf16 + channels-last +
 #      torch.compile (compiled: the two-tower model only); the two-tower model vs the grouped one and torchvision's
 #   4. the CLI end to end on DEVICE for a few hundred steps on generated 256-pixel data: images/s, data_wait, mfu
 #      from metrics.jsonl; eval with 10-crop, images/s
-#   5. with two GPUs: cuda:0,cuda:1 placement equal to one device; two NCCL ranks (torchrun)
-#   6. whether the paper recipe starts learning at full width: bf16 steps on 1,000 generated classes, paper init and
+#   5. the data_wait figure itself: a loader a quarter of a step long reads ~0 on a GPU (queued steps), 3 steps ~2/3
+#   6. with two GPUs: cuda:0,cuda:1 placement equal to one device; two NCCL ranks (torchrun)
+#   7. whether the paper recipe starts learning at full width: bf16 steps on 1,000 generated classes, paper init and
 #      default init side by side: the first step 0.5 below ln(C)
 # DALI comes from DALI_SITE (default /tmp/gpu-bundle/site, what tools/gpu-bundle.sh install leaves) when present;
 # without an importable DALI the loader steps are skipped and the CLI runs with --loader torch, so the CUDA training
@@ -63,23 +64,18 @@ step() {  # step NAME COMMAND...: run within what is left of BUDGET, log, record
 
 if [ "$QUICK" = 1 ]; then
     CLASSES=4 PER_CLASS=16 VAL=4 SECS=1 ROUNDS=1 BATCH=8 STEPS=2 WARMUP=1 WIDTH=0.125
-    TRAIN_STEPS=4 LEARN_SECS=1 MODELS=two-tower VARIANTS=(fp32)
+    TRAIN_STEPS=4 LEARN_SECS=0.5 MODELS=two-tower VARIANTS=(fp32)
 else
     CLASSES=100 PER_CLASS=40 VAL=10 LEARN_CLASSES=1000 LEARN_PER=3 SECS=4 ROUNDS=2 BATCH=128 STEPS=12 WARMUP=5
     WIDTH=1.0 TRAIN_STEPS=300 LEARN_SECS=20 MODELS=two-tower,grouped,torchvision
     VARIANTS=(bf16-cl-compile bf16 tf32 fp32-no-tf32)  # the goal's figure first
 fi
 
-step record "$PY" bench/gpu_check.py record
 LOADER=dali
-if grep -q '^ok' "$W/logs/record.status"; then  # the record says whether DALI imports; without one, try
-    dali_error=$(grep -o '"dali": "not importable[^"]*' "$W/logs/record.log" | cut -c10-)
-else
-    dali_error=$("$PY" -c "import nvidia.dali" 2>&1 | tail -n 1)
-fi
+dali_error=$("$PY" -c "import nvidia.dali" 2>&1 | tail -n 1)
 if [ -n "$dali_error" ]; then
     LOADER=torch
-    echo "== DALI is $dali_error: skipping the DALI loader steps; the CLI runs with --loader torch" \
+    echo "== DALI is not importable ($dali_error): skipping the DALI loader steps; the CLI runs with --loader torch" \
          "(install DALI with tools/gpu-bundle.sh, see README)" | tee "$W/logs/dali.log"
 fi
 
@@ -137,14 +133,13 @@ fast=(--amp --channels-last)
 step cli-train "${CLI[@]}" train "${common[@]}" --out "$W/runs/one-gpu" --devices "$DEV" "${fast[@]}"
 step cli-eval "${CLI[@]}" eval "$W/runs/one-gpu" --val "$W/shards/val" --out "$W/eval/one-gpu" --devices "$DEV" \
     --loader $LOADER
+[ "$DEV" != cpu ] && step clock "$PY" bench/gpu_check.py clock --device "$DEV"  # the CPU's: tests/test_speed.py
 ngpu=0
 [ "$DEV" != cpu ] && ngpu=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
 if [ "$ngpu" -ge 2 ]; then
     step placement "$PY" bench/gpu_check.py placement --devices cuda:0,cuda:1
     step cli-train-nccl "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 -m cli.main train \
         "${common[@]}" --out "$W/runs/nccl" --devices auto "${fast[@]}"
-elif [ "$DEV" = cpu ]; then
-    step placement "$PY" bench/gpu_check.py placement --devices cpu,cpu --width $WIDTH  # the CPU twin
 fi
 step learning "$PY" bench/gpu_check.py learning --shards "$LEARN" --pca "$PCA" --device "$DEV" \
     --seconds $LEARN_SECS --width $WIDTH --loader $LOADER $([ "$QUICK" = 1 ] && echo --batch-size $BATCH)

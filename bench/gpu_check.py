@@ -3,6 +3,7 @@ line; `summary` reads every step's log back and writes summary.json and summary.
 
     python bench/gpu_check.py record
     python bench/gpu_check.py pixels --val DIR --pca JSON --device cuda:0
+    python bench/gpu_check.py clock --device cuda:0
     python bench/gpu_check.py placement --devices cuda:0,cuda:1 [--width W]
     python bench/gpu_check.py learning --shards DIR --pca JSON --device cuda:0 --seconds S [--width W] [--loader L]
     python bench/gpu_check.py summary WORK OUT
@@ -26,7 +27,7 @@ import torch
 from pipeline.augment import DALI_IMPORT_ERROR, load_pca, make_eval_loader, make_train_loader
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.model import build_model, forward_flops
-from pipeline.speed import mfu, peak_tflops, set_tf32
+from pipeline.speed import StepClock, mfu, peak_tflops, set_tf32
 from pipeline.train import make_optimizer, train_step
 
 GOALS = {"train_bf16_images_per_s": 18_000, "dali_mixed_images_per_s": 20_000, "data_wait": 0.05}
@@ -69,6 +70,41 @@ def pixels(args: argparse.Namespace) -> dict:
     diff = (batches[args.device] - batches["cpu"]).abs()
     return {"check": "pixels", "devices": [args.device, "cpu"], "images": len(diff),
             "max_abs_diff": round(diff.max().item(), 3), "mean_abs_diff": round(diff.mean().item(), 4)}
+
+
+def clock(args: argparse.Namespace) -> dict:
+    """The data_wait figure itself on this device: a loader (host sleep) taking a quarter of a step's time, then
+    three steps' time. On a GPU the first reads about 0 (queued steps keep the GPU busy while the host waits; host
+    time would say 20%) and the second about 2/3 (the GPU finishes its step within the wait); on the CPU, 1/5 and
+    3/4, the host's share."""
+    device = torch.device(args.device)
+    x = torch.randn(args.size, args.size, device=device) / args.size ** 0.5
+
+    def step() -> None:  # a fixed amount of device work, queued without waiting on a GPU
+        y = x
+        for _ in range(args.matmuls):
+            y = y @ x
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    step(), sync()
+    started = time.perf_counter()
+    for _ in range(5):
+        step()
+    sync()
+    step_s = (time.perf_counter() - started) / 5
+    result = {"check": "clock", "device": args.device, "step_ms": round(1000 * step_s, 3)}
+    for name, fetch_s in (("quarter_step_loader", step_s / 4), ("three_step_loader", 3 * step_s)):
+        timer = StepClock(device)
+        for _ in range(args.steps):
+            timer.fetch_started()
+            time.sleep(fetch_s)
+            timer.fetch_done()
+            step()
+        result[name] = round(timer.interval()["data_wait"], 4)
+    return result
 
 
 def placement(args: argparse.Namespace) -> dict:
@@ -160,7 +196,7 @@ def summary(args: argparse.Namespace) -> dict:
         state, seconds = status.read_text().split()[:2]
         steps[status.stem] = {"status": state, "seconds": int(seconds),
                               "rows": json_lines(status.with_suffix(".log"))}
-    rows = {name: step["rows"] for name, step in steps.items()}
+    rows = {"record": [record(args)], **{name: step["rows"] for name, step in steps.items()}}
     gpu = next((r["gpus"][0] for r in rows.get("record", []) if r.get("gpus")), "cpu")
     for step_rows in rows.values():  # MFU of the training-step rows of our models (torchvision's differs)
         for r in step_rows:
@@ -202,7 +238,7 @@ def markdown(s: dict) -> str:
               for k, v in s["runs"].items() if v]
     lines += ["", "| eval | centre images/s | 10-crop images/s |", "|---|---|---|"]
     lines += [f"| {k} | {v.get('centre')} | {v.get('ten_crop')} |" for k, v in s["eval"].items()]
-    for name in ("pixels", "placement", "learning"):
+    for name in ("pixels", "clock", "placement", "learning"):
         lines += [""] + [f"{name}: {json.dumps({k: v for k, v in r.items() if k != 'check'})}"
                          for r in s["results"].get(name, [])]
     lines += ["", f"goals: {json.dumps(s['goals'])}"]
@@ -219,6 +255,12 @@ def main() -> None:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--batch-size", type=int, default=32)
     p.set_defaults(run=pixels)
+    p = sub.add_parser("clock")
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--size", type=int, default=2048, help="square matrices of this size")
+    p.add_argument("--matmuls", type=int, default=40, help="matmuls a step (40 of 2048: ~10 ms on an H200, fp32)")
+    p.add_argument("--steps", type=int, default=10, help="steps per loader")
+    p.set_defaults(run=clock)
     p = sub.add_parser("placement")
     p.add_argument("--devices", default="cuda:0,cuda:1")
     p.add_argument("--width", type=float, default=1.0)
