@@ -24,12 +24,14 @@ DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
 
 SHARD_SIZE     ?= $(if $(IMAGENET),1000,100)
 
-# Training: the paper's settings on ImageNet. The demo (no IMAGENET) trains a quarter-width net with PyTorch's
-# default init and lr 0.003 for 20 epochs: the paper's N(0, 0.01) init does not start learning at that width.
-EPOCHS         ?= $(if $(IMAGENET),90,20)
-BATCH_SIZE     ?= $(if $(IMAGENET),128,32)
-TRAIN_ARGS     ?= $(if $(IMAGENET),,--width 0.25 --init default --lr 0.003 --lr-patience 3)
+# Training follows a recipe (pipeline/recipes/*.toml): the paper's on ImageNet, the demo's (a quarter-width net that
+# learns on a laptop CPU) without it. EPOCHS / BATCH_SIZE override the recipe only when set.
+RECIPE         ?= $(if $(IMAGENET),paper,demo)
+EPOCHS         ?=
+BATCH_SIZE     ?=
+TRAIN_ARGS     ?=
 EVAL_ARGS      ?=
+RECIPE_ARGS     = --recipe $(RECIPE) $(if $(filter command line environment,$(origin SEED)),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE))
 RUN_DIR        := $(WORK)/runs/$(RUN)
 EVAL_DIR       := $(WORK)/eval/$(RUN)
 REPORT          = $(CLI) report $(RUN_DIR) --eval $(EVAL_DIR) --out $(EVAL_DIR)/report
@@ -74,7 +76,7 @@ pca: shard-train
 
 train: prepare
 	$(CLI) train --train $(WORK)/shards/train --val $(WORK)/shards/val --pca $(WORK)/pca/pca.json --out $(RUN_DIR) \
-		--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) --devices $(DEVICES) --seed $(SEED) $(TRAIN_ARGS)
+		--devices $(DEVICES) $(RECIPE_ARGS) $(TRAIN_ARGS)
 
 eval: train
 	$(CLI) eval $(RUN_DIR) --val $(WORK)/shards/val --out $(EVAL_DIR) --devices $(DEVICES) $(EVAL_ARGS)
@@ -90,7 +92,7 @@ cluster-prepare: $(STAMP)
 	$(CLUSTER_ENV) DATA=$(abspath $(DATA)) cluster/submit.sh prepare
 
 cluster-train: $(STAMP)
-	$(CLUSTER_ENV) TRAIN_ARGS="--epochs $(EPOCHS) --batch-size $(BATCH_SIZE) $(TRAIN_ARGS)" \
+	$(CLUSTER_ENV) TRAIN_ARGS="$(RECIPE_ARGS) $(TRAIN_ARGS)" \
 		EVAL_ARGS="$(EVAL_ARGS)" cluster/submit.sh train eval
 
 status: $(STAMP)

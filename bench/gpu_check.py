@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment import DALI_IMPORT_ERROR, load_pca, make_eval_loader, make_train_loader
+from pipeline.augment import load_pca, make_eval_loader, make_train_loader
+from pipeline.augment.dali import DALI_IMPORT_ERROR
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.model import build_model, forward_flops
 from pipeline.speed import StepClock, mfu, peak_tflops, set_tf32

@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
+
+from pipeline.config import CROPS, LOADERS
 
 app = typer.Typer(
     name="alexnet-pipe",
@@ -130,57 +132,62 @@ def pca_stats(
               task_index=task_index, num_tasks=num_tasks, force=force, reporter=_reporter())
 
 
+def _with_settings(command):
+    """Add one option per model and training setting to `command` (which takes them as **settings), built from the
+    settings' dataclass fields: the help, allowed values and paper default are the field's, never repeated here. An
+    option left out is None, so the recipe's value stands."""
+    import inspect
+    from dataclasses import fields
+    from typing import get_type_hints
+
+    from pipeline.config import SETTINGS, default_of, user_settings
+
+    signature = inspect.signature(command, eval_str=True)
+    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
+    for section, cls in SETTINGS.items():
+        hints = get_type_hints(cls)
+        panel = f"{'Model' if section == 'model' else 'Training'} settings (the recipe's {section} table)"
+        for f in user_settings(cls):
+            base = next(t for t in (bool, int, float, str) if hints[f.name] is t or hints[f.name] == t | None)
+            choices, dashed = f.metadata["choices"], f.name.replace("_", "-")
+            default = default_of(f)
+            shown = "" if default is None else f" (paper recipe: {str(default).lower() if base is bool else default})"
+            option = typer.Option(f"--{dashed}/--no-{dashed}" if base is bool else f"--{dashed}", *f.metadata["flags"],
+                                  help=f.metadata["help"] + shown, rich_help_panel=panel,
+                                  min=None if base in (bool, str) else f.metadata["minimum"])
+            kind = Literal[choices] if choices else base
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                            annotation=Annotated[kind | None, option]))
+    command.__signature__ = signature.replace(parameters=params)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    assert {p.name for p in params} >= {f.name for c in SETTINGS.values() for f in fields(c)} - {"num_classes"}
+    return command
+
+
 @app.command()
+@_with_settings
 def train(
     train: Annotated[Path, typer.Option("--train", help="Training shard folder.")] = ...,
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")] = ...,
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
+    recipe: Annotated[str, typer.Option(help="The settings to start from: paper (§5, the default), demo (the "
+                                        "embedded demo's), or a TOML file with model and train tables. Every "
+                                        "option below overrides the recipe.")] = "paper",
     devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
                                          "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")
                        ] = "auto",
-    epochs: Annotated[int, typer.Option(help="Epochs (paper: 90).", min=1)] = 90,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.", min=1)] = None,
-    batch_size: Annotated[int, typer.Option(help="GLOBAL batch, split evenly over ranks (paper: 128).", min=1)
-                          ] = 128,
-    lr: Annotated[float, typer.Option(help="Initial learning rate (paper: 0.01).")] = 0.01,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (paper: 0.9).")] = 0.9,
-    weight_decay: Annotated[float, typer.Option(help="Weight decay (paper: 5e-4).")] = 5e-4,
-    lr_drops: Annotated[int, typer.Option(help="At most this many lr/10 drops on a val-error plateau (paper: 3).")
-                        ] = 3,
-    lr_patience: Annotated[int, typer.Option(help="Epochs without val improvement before a drop.")] = 1,
-    seed: Seed = 0,
-    width: Annotated[float, typer.Option(help="Channel multiplier (demo only; the paper is 1).")] = 1.0,
-    crop: Annotated[int, typer.Option(help="224 (conv1 padding 2, torchvision) or 227 (padding 0, Caffe).")] = 224,
-    dropout: Annotated[float, typer.Option(help="Dropout in fc6/fc7 (paper: 0.5).")] = 0.5,
-    lrn: Annotated[str, typer.Option(help="paper: alpha=1e-4 as printed; caffe: alpha/n as in Caffe/PyTorch.")
-                   ] = "paper",
-    init: Annotated[str, typer.Option(help="paper: weights N(0, 0.01), biases 0/1 (§5); default: PyTorch's "
-                                      "Kaiming-uniform (the demo's narrow net learns only with this).")] = "paper",
-    amp: Annotated[bool, typer.Option(help="bf16 autocast.")] = False,
-    channels_last: Annotated[bool, typer.Option(help="channels-last memory format.")] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    loader: Annotated[str, typer.Option(help="dali, or torch (the reference DataLoader path).")] = "dali",
-    loader_threads: Annotated[int, typer.Option(help="Loader threads/workers per rank.", min=1)] = 2,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint every N steps (and at each epoch end).", min=1)
-                                ] = 500,
-    keep_checkpoints: Annotated[int, typer.Option(help="Keep the last K checkpoints.", min=1)] = 3,
-    log_every: Annotated[int, typer.Option(help="Log to metrics.jsonl every N steps.", min=1)] = 10,
     force: Annotated[bool, typer.Option("--force", help="Start over: delete this run's checkpoints.")] = False,
+    **settings,
 ):
-    """Train the paper's two-tower AlexNet (SGD, momentum, weight decay, lr/10 on plateaus). Rerun the same command to
-    resume from the highest checkpoint. Distributed: torchrun --no-python --nproc_per_node=K alexnet-pipe train …"""
-    from pipeline.config import TrainConfig
+    """Train the paper's two-tower AlexNet (SGD, momentum, weight decay, lr/10 on plateaus) from a recipe. Rerun the
+    same command to resume from the highest checkpoint. Distributed: torchrun --no-python --nproc_per_node=K
+    alexnet-pipe train …"""
+    from pipeline.config import resolve_settings
     from stages import train as stage
 
-    if loader not in ("dali", "torch"):
-        raise typer.BadParameter("--loader must be dali or torch")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                      lr_drops=lr_drops, lr_patience=lr_patience, max_steps=max_steps, seed=seed, amp=amp,
-                      channels_last=channels_last, compile=compile, loader=loader, loader_threads=loader_threads,
-                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints, log_every=log_every)
-    stage.run(train, val, pca, out, cfg=cfg, model=stage.ModelOptions(width, crop, dropout, lrn, init), devices=devices,
-              force=force, reporter=_reporter())
+    model, cfg = resolve_settings(recipe, settings)
+    stage.run(train, val, pca, out, cfg=cfg, model=model, devices=devices, force=force, reporter=_reporter())
 
 
 @app.command("eval")
@@ -193,7 +200,7 @@ def eval_(
                                            "square and their mirrors, softmax averaged).")] = True,
     devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 64,
-    loader: Annotated[str, typer.Option(help="dali, or torch (the reference path).")] = "dali",
+    loader: Annotated[Literal[LOADERS], typer.Option(help="dali, or torch (the reference path).")] = "dali",
     force: Force = False,
 ):
     """Top-1/top-5 error of a checkpoint on every val image: centre crop and 10-crop, per-class accuracy, the most
@@ -225,16 +232,14 @@ def preview(
     out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
     seed: Seed = 0,
-    crop: Annotated[int, typer.Option(help="224 or 227.")] = 224,
-    loader: Annotated[str, typer.Option(help="dali, or torch (the reference path).")] = "dali",
+    crop: Annotated[Literal[CROPS], typer.Option(help="224, or 227 (Caffe's crop).")] = 224,
+    loader: Annotated[Literal[LOADERS], typer.Option(help="dali, or torch (the reference path).")] = "dali",
 ):
     """A PNG grid of the first training samples as the network sees them (random crop, mirror, PCA lighting) beside
     their originals with the crop box drawn: check the augmentation by eye."""
     from pipeline.errors import PipeError
     from pipeline.preview import preview_grid
 
-    if crop not in (224, 227):
-        raise PipeError(f"--crop must be 224 or 227, got {crop}")
     for path, what in ((shard_dir / "manifest.json", "a shard folder (manifest.json)"), (pca, "pca.json")):
         if not path.is_file():
             raise PipeError(f"{path}: not found; expected {what} from `make prepare`")

@@ -1,52 +1,110 @@
-"""The settings of the model and of training, as plain dataclasses without torch.
+"""The settings of the model and of training, each declared once: a dataclass field whose default is the paper's
+value, with its help text, allowed values and role in `field(metadata=…)`. The CLI's train options and the recipe
+keys (`pipeline/recipes/*.toml`) are built from these fields; nothing else repeats a default.
 
-Kept apart from `pipeline.model` and `pipeline.train` so that the train stage can decide it is up to date (its cache
-key is built from these) without importing torch.
+No torch here: the train stage decides it is up to date (its cache key is built from these) without importing it.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import tomllib
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+
+from pipeline.errors import PipeError
 
 # An 11x11 stride-4 conv gives 55x55 only from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
 CONV1_PADDING = {224: 2, 227: 0}
+CROPS = tuple(CONV1_PADDING)
 LRN_CONVENTIONS = ("paper", "caffe")
 INITS = ("paper", "default")
+LOADERS = ("dali", "torch")  # DALI, or the plain torch reference path
+
+# What a setting is to a run (metadata "role"):
+RESULT = "result"    # changes the weights: a run's checkpoints are resumed only with the same value
+EXTENT = "extent"    # how long to train (epochs, max_steps): part of the cache key, may grow on resume
+RUNTIME = "runtime"  # does not change results (logging, checkpoint cadence, threads): never compared
+DATA = "data"        # comes from the shards (num_classes), not from a recipe or the command line
+
+
+def setting(default, help: str, *, choices: tuple | None = None, minimum: float | None = None, role: str = RESULT,
+            flags: tuple[str, ...] = ()):
+    """A field with the one definition of its default, help text, allowed values and role; `flags` are extra
+    command-line spellings (the dashed field name is always one)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "minimum": minimum, "role": role,
+                                            "flags": flags})
+
+
+class SettingError(ValueError):
+    """A value a setting does not allow; `name` is the setting."""
+
+    def __init__(self, name: str, message: str):
+        super().__init__(message)
+        self.name = name
+
+
+class _Settings:
+    """Shared behaviour of the two settings dataclasses: checks from the field metadata, plain JSON types."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if hints[f.name] is float or hints[f.name] == float | None:
+                value = float(value)  # stable JSON: the checkpoint stores this dict and the stage hashes it (1 vs 1.0)
+            elif hints[f.name] is int or hints[f.name] == int | None:
+                value = int(value)
+            setattr(self, f.name, value)
+            choices, minimum = f.metadata.get("choices"), f.metadata.get("minimum")
+            if choices and value not in choices:
+                raise SettingError(f.name, f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+            if minimum is not None and value < minimum:
+                raise SettingError(f.name, f"{f.name} must be >= {minimum}, got {value!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """From a stored dict (a checkpoint's config): keys written by an older version read as their defaults."""
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; expected a subset of {sorted(names)}")
+        return cls(**d)
+
+    def section(self, role: str) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("role", RESULT) == role}
 
 
 @dataclass
-class AlexNetConfig:
-    num_classes: int = 1000        # §2: ILSVRC's 1000 categories
-    width: float = 1.0             # not in the paper: channel multiplier for demo runs (1.0: the paper's)
-    crop: int = 224                # §4.1: 224x224 patches (227 = Caffe's crop; conv1 padding 0 instead of 2)
-    dropout: float = 0.5           # §4.2: zero each hidden neuron of fc6, fc7 with probability 0.5
-    lrn_size: int = 5              # §3.3: n = 5 adjacent kernel maps
-    lrn_alpha: float = 1e-4        # §3.3: α = 10^-4, as printed (see lrn_convention)
-    lrn_beta: float = 0.75         # §3.3: β = 0.75
-    lrn_k: float = 2.0             # §3.3: k = 2
-    lrn_convention: str = "paper"  # "paper": α·Σa² as printed; "caffe": (α/n)·Σa² (Caffe, cuda-convnet2)
-    init_std: float = 0.01         # §5: weights from N(0, 0.01)
-    init: str = "paper"            # "paper": §5's N(0, init_std) and 0/1 biases; "default": PyTorch's
-    #                                (Kaiming-uniform) — a narrow demo net does not leave loss ln(C) from §5's init
+class AlexNetConfig(_Settings):
+    num_classes: int = setting(1000, "Outputs of fc8 (§2: ILSVRC's 1000 categories); set from the train manifest.",
+                               minimum=1, role=DATA)
+    width: float = setting(1.0, "Channel multiplier, not in the paper (1.0 is the paper's net; demo runs use less).")
+    crop: int = setting(224, "Training/test patch (§4.1: 224). 224 uses conv1 padding 2 (torchvision); 227 is "
+                        "Caffe's unpadded crop. Both give the paper's 55x55 conv1 maps.", choices=CROPS)
+    dropout: float = setting(0.5, "Probability of zeroing each hidden neuron of fc6 and fc7 (§4.2).", minimum=0.0)
+    lrn_size: int = setting(5, "LRN window n: adjacent kernel maps summed over (§3.3).", minimum=1)
+    lrn_alpha: float = setting(1e-4, "LRN α (§3.3), as printed; see --lrn-convention.", minimum=0.0)
+    lrn_beta: float = setting(0.75, "LRN β (§3.3).", minimum=0.0)
+    lrn_k: float = setting(2.0, "LRN k (§3.3).", minimum=0.0)
+    lrn_convention: str = setting("paper", "paper: α·Σa² as printed in §3.3; caffe: (α/n)·Σa² as Caffe, "
+                                  "cuda-convnet2 and PyTorch compute it.", choices=LRN_CONVENTIONS, flags=("--lrn",))
+    init_std: float = setting(0.01, "Std of the N(0, σ) initial weights (§5).", minimum=0.0)
+    init: str = setting("paper", "paper: §5's N(0, init_std) weights, biases 1 in conv2/4/5 and fc6/7, 0 elsewhere; "
+                        "default: PyTorch's Kaiming-uniform (a narrow demo net does not leave loss ln C from §5's "
+                        "init).", choices=INITS)
 
     def __post_init__(self) -> None:
-        if self.crop not in CONV1_PADDING:
-            raise ValueError(f"crop must be 224 (conv1 padding 2, torchvision) or 227 (padding 0, Caffe), "
-                             f"got {self.crop!r}: no other size gives the paper's 55x55 conv1 maps")
-        if self.lrn_convention not in LRN_CONVENTIONS:
-            raise ValueError(f"lrn_convention must be one of {LRN_CONVENTIONS}, got {self.lrn_convention!r}")
-        if self.init not in INITS:
-            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
+        super().__post_init__()
         if not self.width > 0:
-            raise ValueError(f"width must be > 0, got {self.width!r}")
-        if int(self.num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {self.num_classes!r}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        # Plain, stable JSON types: the checkpoint stores this dict and the train stage hashes it (1 vs 1.0).
-        self.num_classes, self.crop, self.lrn_size = int(self.num_classes), int(self.crop), int(self.lrn_size)
-        for name in ("width", "dropout", "lrn_alpha", "lrn_beta", "lrn_k", "init_std"):
-            setattr(self, name, float(getattr(self, name)))
+            raise SettingError("width", f"width must be > 0, got {self.width!r}")
+        if not self.dropout < 1:
+            raise SettingError("dropout", f"dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def conv1_padding(self) -> int:
@@ -56,46 +114,152 @@ class AlexNetConfig:
         """A tower's channel count for `paper` channels in §3.5, scaled by width."""
         return max(1, round(paper * self.width))
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> AlexNetConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ValueError(f"AlexNetConfig: unknown keys {sorted(unknown)}; expected a subset of "
-                             f"{[f.name for f in fields(cls)]}")
-        return cls(**d)
-
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Settings):
     """Defaults are the paper's (§5); each deviation is a named option."""
 
-    epochs: int = 90  # "roughly 90 cycles through the training set"
-    batch_size: int = 128  # global, split evenly over ranks
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_drops: int = 3  # lr divided by 10 when val error stops improving, "three times prior to termination"
-    lr_patience: int = 1  # epochs without improvement before a drop (the paper does not say)
-    max_steps: int | None = None
-    seed: int = 0
-    amp: bool = False  # bf16 autocast
-    channels_last: bool = False
-    compile: bool = False
-    loader: str = "dali"  # or "torch", the reference path
-    checkpoint_every: int = 500  # steps; also at every epoch end
-    keep_checkpoints: int = 3
-    log_every: int = 10
-    eval_batch_size: int = 128
-    loader_threads: int = 2
-    augment: dict = field(default_factory=lambda: {"random_crop": True, "mirror": True, "lighting": True})
+    epochs: int = setting(90, "Epochs (§5: \"roughly 90 cycles through the training set\").", minimum=1, role=EXTENT)
+    max_steps: int | None = setting(None, "Stop after this many steps (default: no limit).", minimum=1, role=EXTENT)
+    batch_size: int = setting(128, "GLOBAL batch (§5: 128), split evenly over the ranks.", minimum=1)
+    lr: float = setting(0.01, "Initial learning rate (§5).", minimum=0.0)
+    momentum: float = setting(0.9, "SGD momentum (§5).", minimum=0.0)
+    weight_decay: float = setting(5e-4, "Weight decay (§5).", minimum=0.0)
+    lr_drops: int = setting(3, "At most this many lr/10 drops when the val error stops improving (§5: three times "
+                            "prior to termination).", minimum=0)
+    lr_patience: int = setting(1, "Epochs without val improvement before a drop (the paper does not say).",
+                               minimum=0)
+    seed: int = setting(0, "Seed of the initial weights, the loader order and the augmentation.")
+    random_crop: bool = setting(True, "Random 224 patches of the 256 square (§4.1); off: the centre patch.")
+    mirror: bool = setting(True, "Horizontal reflections with p=0.5 (§4.1).")
+    lighting: bool = setting(True, "PCA lighting noise, α ~ N(0, 0.1) per image (§4.1).")
+    amp: bool = setting(False, "bf16 autocast.")
+    channels_last: bool = setting(False, "Channels-last memory format.")
+    compile: bool = setting(False, "torch.compile the model.")
+    loader: str = setting("dali", "dali, or torch (the plain torchvision/webdataset reference path).",
+                          choices=LOADERS)
+    checkpoint_every: int = setting(500, "Checkpoint every N steps (and at each epoch end).", minimum=1,
+                                    role=RUNTIME)
+    keep_checkpoints: int = setting(3, "Keep the last K checkpoints.", minimum=1, role=RUNTIME)
+    log_every: int = setting(10, "Log to metrics.jsonl every N steps.", minimum=1, role=RUNTIME)
+    eval_batch_size: int = setting(128, "Images per validation batch (does not change the result).", minimum=1,
+                                   role=RUNTIME)
+    loader_threads: int = setting(2, "Loader threads/workers per rank.", minimum=1, role=RUNTIME)
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must agree with to be resumed (epochs/max_steps may grow)."""
-        d = asdict(self)
-        for k in ("epochs", "max_steps", "checkpoint_every", "keep_checkpoints", "log_every", "loader_threads",
-                  "eval_batch_size"):
-            d.pop(k)
-        return d
+        return self.section(RESULT)
+
+    @property
+    def augment(self) -> dict:
+        return {"random_crop": self.random_crop, "mirror": self.mirror, "lighting": self.lighting}
+
+
+SETTINGS = {"model": AlexNetConfig, "train": TrainConfig}  # a recipe's tables and the run's trajectory sections
+
+
+def user_settings(cls) -> list:
+    """The fields a recipe or the command line may set (all but those that come from the data)."""
+    return [f for f in fields(cls) if f.metadata.get("role", RESULT) != DATA]
+
+
+def default_of(f):
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# recipes: a small TOML file of [model] and [train] settings; the command line overrides it
+
+RECIPES_DIR = Path(__file__).with_name("recipes")
+DEFAULT_RECIPE = "paper"
+
+
+def recipe_names() -> list[str]:
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+
+
+def recipe_path(recipe: str | Path) -> Path:
+    """A shipped recipe by name (paper, demo) or a TOML file."""
+    if str(recipe) in recipe_names():
+        return RECIPES_DIR / f"{recipe}.toml"
+    path = Path(recipe)
+    if not path.is_file():
+        raise PipeError(f"--recipe {recipe}: expected one of {', '.join(recipe_names())} or a TOML file; "
+                        f"{path} not found")
+    return path
+
+
+def load_recipe(recipe: str | Path) -> dict[str, dict]:
+    """{"model": {...}, "train": {...}} from a recipe, each key checked against the settings' fields and types."""
+    path = recipe_path(recipe)
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PipeError(f"{path}: not a valid TOML recipe ({e})") from None
+    unknown = set(data) - set(SETTINGS)
+    if unknown:
+        raise PipeError(f"{path}: unknown table or key {sorted(unknown)[0]!r}; a recipe holds the tables "
+                        f"{', '.join(f'[{s}]' for s in SETTINGS)}")
+    resolved = {}
+    for section, cls in SETTINGS.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise PipeError(f"{path}: {section} must be a table [{section}], got {table!r}")
+        allowed = {f.name: f for f in user_settings(cls)}
+        hints = typing.get_type_hints(cls)
+        for key, value in table.items():
+            if key not in allowed:
+                raise PipeError(f"{path}: unknown key {section}.{key}; valid keys: {', '.join(allowed)}")
+            problem = _type_problem(value, hints[key], allowed[key].metadata.get("choices"))
+            if problem:
+                raise PipeError(f"{path}: {section}.{key} = {value!r}: {problem}")
+        resolved[section] = dict(table)
+    return resolved
+
+
+def _type_problem(value, hint, choices) -> str | None:
+    expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    base = next(t for t in (bool, int, float, str) if hint is t or hint == t | None)
+    ok = isinstance(value, bool) if base is bool else (
+        isinstance(value, base) or (base is float and isinstance(value, int))) and not isinstance(value, bool)
+    if not ok:
+        return f"expected {expected[base]}"
+    if choices and value not in choices:
+        return f"expected one of {', '.join(map(str, choices))}"
+    return None
+
+
+def resolve_settings(recipe: str | Path = DEFAULT_RECIPE, overrides: dict | None = None
+                     ) -> tuple[AlexNetConfig, TrainConfig]:
+    """The dataclass defaults, then the recipe's values, then the command line's (`overrides`: field → value, None =
+    not given). A value the settings refuse is one line naming the setting (exit 2)."""
+    loaded = load_recipe(recipe)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    built = []
+    for section, cls in SETTINGS.items():
+        names = {f.name for f in user_settings(cls)}
+        values = {**loaded[section], **{k: v for k, v in given.items() if k in names}}
+        try:
+            built.append(cls(**values))
+        except SettingError as e:
+            source = "" if e.name in given else f"{recipe_path(recipe)}: "
+            raise PipeError(f"train: {source}{e}") from None
+    unknown = set(given) - {f.name for cls in SETTINGS.values() for f in user_settings(cls)}
+    if unknown:
+        raise ValueError(f"not settings: {sorted(unknown)}")
+    return built[0], built[1]
+
+
+def upgrade_trajectory(settings: dict) -> dict:
+    """A run's recorded settings as this version writes them, so that a run folder from an older version is not
+    refused: absent keys read as their defaults; the old `train.augment` dict is the three booleans."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
+    train = out.get("train", {})
+    train.update(train.pop("augment", None) or {})
+    for section, cls in SETTINGS.items():
+        current = out.setdefault(section, {})
+        keep = {f.name for f in fields(cls)} if section == "model" else set(TrainConfig().trajectory())
+        for f in fields(cls):
+            if f.name in keep:
+                current.setdefault(f.name, default_of(f))
+    return out

@@ -9,12 +9,18 @@ integer below 2⁵³, then accumulated as Python/int64 integers; all of ImageNet
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.errors import PipeError
+
+# what `pca.json` holds (pca-stats writes them, `load_pca` reads exactly these)
+PCA_FIELDS = ("pixel_scale", "pixels", "images", "mean", "std", "cov", "eigvals", "eigvecs", "source_manifest_sha256")
 
 
 @dataclass
@@ -121,3 +127,32 @@ def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list
     chosen = np.sort(np.random.default_rng(seed).choice(total, size=max_images, replace=False))
     starts = np.cumsum([0, *shard_sizes])
     return [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]
+
+
+def load_pca(path: Path) -> dict:
+    """The fields of `pca.json` (written by pca-stats), checked: mean/std/eigvals [3], cov/eigvecs [3][3]."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise PipeError(f"{path}: no such file (expected pca.json from `alexnet-pipe pca-stats`)") from None
+    except (OSError, ValueError) as e:
+        raise PipeError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise PipeError(f"{path}: expected a JSON object with fields {', '.join(PCA_FIELDS)}")
+    missing = [k for k in PCA_FIELDS if k not in data]
+    if missing:
+        raise PipeError(f"{path}: missing field(s) {', '.join(missing)} (expected pca.json from pca-stats)")
+    if data["pixel_scale"] != "0-1":
+        raise PipeError(f"{path}: pixel_scale {data['pixel_scale']!r}, expected '0-1'")
+    for name, shape in (("mean", (3,)), ("std", (3,)), ("eigvals", (3,)), ("cov", (3, 3)), ("eigvecs", (3, 3))):
+        try:
+            value = np.asarray(data[name], dtype=np.float64)
+        except (TypeError, ValueError):
+            value = None
+        if value is None or value.shape != shape or not np.isfinite(value).all():
+            raise PipeError(f"{path}: field {name} must be {'×'.join(map(str, shape))} finite numbers, "
+                            f"found {data[name]!r}")
+    if list(data["eigvals"]) != sorted(data["eigvals"], reverse=True):
+        raise PipeError(f"{path}: eigvals must be in descending order, found {data['eigvals']}")
+    return {k: data[k] for k in PCA_FIELDS}

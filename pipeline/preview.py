@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.augment import ReferenceTrainLoader, TrainLoader, centre_square, load_pca
+from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square, load_pca
 from pipeline.cache import atomic_write
 from pipeline.errors import PipeError
 from pipeline.shards import load_manifest
@@ -42,7 +42,7 @@ def augmented_samples(shard_dir: Path, pca: dict, n: int, seed: int, crop: int =
             out.append({"augmented": patch, "label": label, "original": original.permute(1, 2, 0).numpy(),
                         "crop_at": tuple(crop_at), "mirrored": flip, "offset": offset.numpy()})
         return out
-    raise PipeError(f"loader must be dali or torch, got {loader!r}")
+    raise PipeError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
 
 
 def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,

@@ -8,13 +8,12 @@ and resumed ends with the same weights and metrics as an uninterrupted one.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,12 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.cache import atomic_write
+from pipeline.checkpoints import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.model import forward_flops
 from pipeline.speed import TrainingSpeed
 
-CHECKPOINT_GLOB = "step-*.pt"
+METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
 
 
 def seed_everything(seed: int) -> None:
@@ -58,7 +58,7 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# checkpoints
+# RNG states (saved in every checkpoint)
 
 
 def rng_state() -> dict:
@@ -95,33 +95,8 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state(cuda_state, index)
 
 
-def checkpoint_path(folder: Path, step: int) -> Path:
-    return folder / f"step-{step:09d}.pt"
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = sorted(folder.glob(CHECKPOINT_GLOB))
-    return found[-1] if found else None
-
-
-def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
-    """Atomic write, then keep only the `keep` highest steps."""
-    path = checkpoint_path(folder, step)
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    with atomic_write(path) as f:
-        f.write(buffer.getbuffer())
-    for old in sorted(folder.glob(CHECKPOINT_GLOB))[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# the loop
+# the loop: `fit` over named steps (resume, one epoch, the end of an epoch)
 
 
 @dataclass
@@ -132,99 +107,159 @@ class Progress:
     on_epoch: Callable[[dict], None] = lambda record: None
 
 
+@dataclass
+class Run:
+    """What the steps of one training run share: the model, its optimizer and schedule, settings, folder, rank."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cfg: TrainConfig
+    place: Placement
+    out: Path
+    config: dict  # stored in each checkpoint: {"model": …, "train": …, **extra}
+    progress: Progress
+    speed: TrainingSpeed  # data_wait, step_ms, mfu of the logged steps
+
+    @property
+    def main_rank(self) -> bool:
+        return self.place.rank == 0
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / CHECKPOINTS_DIR
+
+    @property
+    def metrics(self) -> Path:
+        return self.out / METRICS
+
+
+@dataclass
+class Position:
+    """Where the loop is: the epoch, the global step, the loader position to resume inside the epoch (None: from
+    its start) and the losses logged so far in the epoch (for its mean train loss)."""
+
+    epoch: int = 0
+    step: int = 0
+    loader: dict | None = None
+    epoch_losses: list = field(default_factory=list)
+
+
 def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_loader, val_loader, out: Path,
         place: Placement, progress: Progress | None = None, extra_config: dict | None = None) -> dict:
     """Train until `cfg.epochs` or `cfg.max_steps`, resuming from the highest checkpoint in out/checkpoints."""
-    progress = progress or Progress()
-    ckpt_dir, metrics_path = out / "checkpoints", out / "metrics.jsonl"
-    main_rank = place.rank == 0
-    optimizer, net = make_optimizer(model, cfg), model
-    scheduler = make_scheduler(optimizer, cfg)
+    optimizer = make_optimizer(model, cfg)
+    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
+                          cfg.amp)
+    run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
+              {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
+    step_fn = wrap_model(model, cfg, place)
+    at = resume(run)
+    total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
+    while at.epoch < cfg.epochs and at.step < total:
+        if not train_epoch(run, step_fn, train_loader, at, total):
+            break  # stopped inside the epoch (max_steps)
+        end_of_epoch(run, val_loader, at)
+    return {"epoch": at.epoch, "step": at.step, "checkpoint": str(latest_checkpoint(run.checkpoints))}
+
+
+def wrap_model(model: torch.nn.Module, cfg: TrainConfig, place: Placement):
+    """What a step calls: the model, in DDP across ranks, compiled when asked."""
+    net = model
     if place.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         first = next(model.parameters()).device
         single = len({p.device for p in model.parameters()}) == 1 and first.type == "cuda"
         net = DistributedDataParallel(model, device_ids=[first] if single else None)
-    step_fn = torch.compile(net) if cfg.compile else net
+    return torch.compile(net) if cfg.compile else net
 
-    epoch, step, position, resumed_losses = 0, 0, None, []
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        state = load_checkpoint(latest)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, step, position = state["epoch"], state["step"], state["loader"]
-        resumed_losses = list(state.get("epoch_losses", []))  # for this epoch's mean train loss
-        set_rng_state(state["rng"][place.rank] if place.rank < len(state["rng"]) else state["rng"][0])
-        if main_rank:
-            _truncate_metrics(metrics_path, step)
-    else:
-        seed_everything(cfg.seed * 1000 + place.rank)
 
-    def checkpoint(next_epoch: int, loader_state: dict, epoch_losses: list[float]) -> None:
-        rngs = _gather(rng_state(), place)
-        if main_rank:
-            save_checkpoint(ckpt_dir, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": next_epoch, "step": step, "rng": rngs,
-                "loader": loader_state, "epoch_losses": epoch_losses,
-                "config": {"model": model_config, "train": asdict(cfg), **(extra_config or {})}}, cfg.keep_checkpoints)
+def resume(run: Run) -> Position:
+    """From the highest checkpoint: weights, optimizer, schedule, position and this rank's RNGs; metrics logged after
+    it are dropped (they will be logged again). Without one: a fresh start, seeded."""
+    latest = latest_checkpoint(run.checkpoints)
+    if latest is None:
+        seed_everything(run.cfg.seed * 1000 + run.place.rank)
+        return Position()
+    state = load_checkpoint(latest)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    rank = run.place.rank
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    if run.main_rank:
+        _truncate_metrics(run.metrics, state["step"])
+    return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])))
 
-    steps_per_epoch = len(train_loader)
-    total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
-    per_rank_batch = cfg.batch_size // place.world_size
-    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
-                          cfg.amp)
-    while epoch < cfg.epochs and step < total:
-        train_loader.set_epoch(epoch)
-        resuming = position is not None and position.get("epoch") == epoch
-        if resuming:
-            train_loader.load_state_dict(position)
-        losses = resumed_losses if resuming else []  # the losses logged in this epoch so far
-        position = None
-        model.train()
-        t_last, seen = time.perf_counter(), 0
-        speed.fetch_started()
-        for images, labels in train_loader:
-            speed.fetch_done()
-            loss = train_step(step_fn, optimizer, images, labels, cfg.amp)
-            step += 1
-            seen += per_rank_batch
-            if step % cfg.log_every == 0 or step == total:
-                loss_value = loss.item()
-                losses.append(loss_value)
-                elapsed = time.perf_counter() - t_last
-                record = {"step": step, "epoch": epoch, "loss": round(loss_value, 6),
-                          "lr": optimizer.param_groups[0]["lr"],
-                          "images_per_s": round(seen * place.world_size / elapsed, 1),
-                          **speed.fields(seen / elapsed)}
-                if main_rank:
-                    _append_metrics(metrics_path, record)
-                progress.on_step(step, total, record)
-                t_last, seen = time.perf_counter(), 0
-            end_of_epoch = step % steps_per_epoch == 0  # handled below, after validation
-            if not end_of_epoch and (step % cfg.checkpoint_every == 0 or step >= total):
-                checkpoint(epoch, train_loader.state_dict(), losses)
-            if step >= total and not end_of_epoch:
-                break
-            speed.fetch_started()
-        else:  # the epoch ran to its end: validate, maybe drop the lr, checkpoint
-            val = validate(model, val_loader, cfg.amp, place)
-            scheduler.step(val["top1_error"])
-            record = {"epoch": epoch, "step": step, "val_top1_error": val["top1_error"],
-                      "val_top5_error": val["top5_error"], "val_samples": val["samples"],
-                      "train_loss": round(float(np.mean(losses)), 6) if losses else None,
-                      "lr": optimizer.param_groups[0]["lr"]}
-            if main_rank:
-                _append_metrics(metrics_path, record)
-            progress.on_epoch(record)
-            epoch += 1
-            checkpoint(epoch, {"epoch": epoch, "batches": 0}, [])
-            continue
-        break
-    return {"epoch": epoch, "step": step, "checkpoint": str(latest_checkpoint(ckpt_dir))}
+
+def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> bool:
+    """Train the rest of epoch `at.epoch` (from the loader position when resuming inside it), logging every
+    `log_every` steps and checkpointing every `checkpoint_every`. True when the epoch ran to its end; False when it
+    stopped at `total` steps inside it."""
+    cfg, place = run.cfg, run.place
+    train_loader.set_epoch(at.epoch)
+    resuming = at.loader is not None and at.loader.get("epoch") == at.epoch
+    if resuming:
+        train_loader.load_state_dict(at.loader)
+    if not resuming:
+        at.epoch_losses = []
+    at.loader = None
+    steps_per_epoch, per_rank_batch = len(train_loader), cfg.batch_size // place.world_size
+    run.model.train()
+    t_last, seen = time.perf_counter(), 0
+    run.speed.fetch_started()
+    for images, labels in train_loader:
+        run.speed.fetch_done()
+        loss = train_step(step_fn, run.optimizer, images, labels, cfg.amp)
+        at.step += 1
+        seen += per_rank_batch
+        if at.step % cfg.log_every == 0 or at.step == total:
+            loss_value = loss.item()
+            at.epoch_losses.append(loss_value)
+            elapsed = time.perf_counter() - t_last
+            record = {"step": at.step, "epoch": at.epoch, "loss": round(loss_value, 6),
+                      "lr": run.optimizer.param_groups[0]["lr"],
+                      "images_per_s": round(seen * place.world_size / elapsed, 1), **run.speed.fields(seen / elapsed)}
+            if run.main_rank:
+                _append_metrics(run.metrics, record)
+            run.progress.on_step(at.step, total, record)
+            t_last, seen = time.perf_counter(), 0
+        end_of_epoch = at.step % steps_per_epoch == 0  # checkpointed by end_of_epoch, after validation
+        if not end_of_epoch and (at.step % cfg.checkpoint_every == 0 or at.step >= total):
+            save(run, at, train_loader.state_dict())
+        if at.step >= total and not end_of_epoch:
+            return False
+        run.speed.fetch_started()
+    return True
+
+
+def end_of_epoch(run: Run, val_loader, at: Position) -> None:
+    """Validate, let the plateau rule see the val error, log the epoch and checkpoint the start of the next one."""
+    val = validate(run.model, val_loader, run.cfg.amp, run.place)
+    run.scheduler.step(val["top1_error"])
+    losses = at.epoch_losses
+    record = {"epoch": at.epoch, "step": at.step, "val_top1_error": val["top1_error"],
+              "val_top5_error": val["top5_error"], "val_samples": val["samples"],
+              "train_loss": round(float(np.mean(losses)), 6) if losses else None,
+              "lr": run.optimizer.param_groups[0]["lr"]}
+    if run.main_rank:
+        _append_metrics(run.metrics, record)
+    run.progress.on_epoch(record)
+    at.epoch += 1
+    at.epoch_losses = []
+    save(run, at, {"epoch": at.epoch, "batches": 0})
+
+
+def save(run: Run, at: Position, loader_state: dict) -> None:
+    """A checkpoint of the run at `at` (every rank's RNGs gathered; rank 0 writes)."""
+    rngs = _gather(rng_state(), run.place)
+    if run.main_rank:
+        save_checkpoint(run.checkpoints, at.step, {
+            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
+            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "config": run.config},
+            run.cfg.keep_checkpoints)
 
 
 @torch.no_grad()

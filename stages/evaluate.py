@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Input, Stage, write_json
+from pipeline.checkpoints import CHECKPOINT_GLOB, CHECKPOINTS_DIR, latest_checkpoint
 from pipeline.errors import PipeError
 from stages import QuietReporter, Reporter
 
@@ -21,11 +22,11 @@ def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
     wrong path return at once)."""
     if run_or_checkpoint.is_file():
         return run_or_checkpoint
-    found = sorted((run_or_checkpoint / "checkpoints").glob("step-*.pt")) if run_or_checkpoint.is_dir() else []
-    if not found:
+    found = latest_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR)
+    if found is None:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
-                        "checkpoints/step-*.pt")
-    return found[-1]
+                        f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+    return found
 
 
 def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",
@@ -61,12 +62,12 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
     import torch
 
     from pipeline.augment import make_eval_loader
+    from pipeline.checkpoints import load_checkpoint
     from pipeline.cluster import resolve_devices
     from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
     from pipeline.imagenet import ilsvrc2012_classes
     from pipeline.model import AlexNetConfig, build_model
     from pipeline.shards import load_manifest
-    from pipeline.train import load_checkpoint
 
     state = load_checkpoint(checkpoint)
     config = state["config"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-from pipeline.cache import Input, Stage, canonical_json, read_json, write_json
+from pipeline.cache import MARKER, Input, Stage, canonical_json, read_json, write_json
+from pipeline.checkpoints import CHECKPOINTS_DIR
 from pipeline.cluster import placement, resolve_devices
-from pipeline.config import AlexNetConfig
+from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.errors import PipeError
 from pipeline.shards import load_manifest
 from stages import QuietReporter, Reporter
@@ -24,31 +25,19 @@ VERSION = 1
 RUN_SETTINGS = "_run.json"
 
 
-@dataclass
-class ModelOptions:
-    width: float = 1.0
-    crop: int = 224
-    dropout: float = 0.5
-    lrn_convention: str = "paper"
-    init: str = "paper"
-
-
-def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model: ModelOptions | None = None,
-        devices: str = "auto", force: bool = False, reporter: Reporter | None = None) -> dict | None:
+def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: TrainConfig | None = None,
+        model: AlexNetConfig | None = None, devices: str = "auto", force: bool = False,
+        reporter: Reporter | None = None) -> dict | None:
+    """Train with `model`'s and `cfg`'s settings (defaults: the paper's); fc8's size comes from the train manifest."""
     reporter = reporter or QuietReporter()
-    model = model or ModelOptions()
+    cfg, model = cfg or TrainConfig(), model or AlexNetConfig()
     place = placement()
     if cfg.batch_size % place.world_size:
         raise PipeError(f"--batch-size {cfg.batch_size} (global) must divide evenly over {place.world_size} ranks")
     train_manifest = load_manifest(train_dir)
     inputs = {"train": Input.of_stage(train_dir, "manifest.json"), "val": Input.of_stage(val_dir, "manifest.json"),
               "pca": Input.of_stage(pca_path.parent, pca_path.name)}
-    try:
-        model_config = AlexNetConfig(num_classes=train_manifest["num_classes_total"], width=model.width,
-                                     crop=model.crop, dropout=model.dropout, lrn_convention=model.lrn_convention,
-                                     init=model.init)
-    except ValueError as e:
-        raise PipeError(f"train: {e}") from None
+    model_config = replace(model, num_classes=train_manifest["num_classes_total"])
     trajectory = {"model": model_config.to_dict(), "train": cfg.trajectory(),
                   "inputs": {k: v.digest for k, v in inputs.items()}}
     stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps}, inputs)
@@ -80,7 +69,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg, model
         if cfg.channels_last:
             net = net.to(memory_format=torch.channels_last)
         pca = load_pca(pca_path)
-        common = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size, "device": device_list[0],
+        common = {"crop": model_config.crop, "rank": place.rank, "world_size": place.world_size,
+                  "device": device_list[0],
                   "num_threads": cfg.loader_threads, "loader": cfg.loader}
         train_loader = make_train_loader(train_dir, pca, cfg.batch_size // place.world_size, seed=cfg.seed,
                                          channels_last=cfg.channels_last, **cfg.augment, **common)
@@ -121,19 +111,19 @@ def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool)
     """Checkpoints are resumed only by the settings that made them."""
     path = out / RUN_SETTINGS
     digest = hashlib.sha256(canonical_json(trajectory).encode()).hexdigest()[:16]
-    if path.is_file() and read_json(path)["key"] != digest:
+    old = upgrade_trajectory(read_json(path)["settings"]) if path.is_file() else trajectory
+    if old != trajectory:
         if not force:
-            old = read_json(path)["settings"]
             changed = sorted(_diff(old, trajectory))
             raise PipeError(f"{out} holds a run with other settings (changed: {', '.join(changed)}); "
                             "use another --out, or --force to start this run over")
     if not main_rank:
         return
     if force:
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "_stage.json").unlink(missing_ok=True)
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / MARKER).unlink(missing_ok=True)
+    (out / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": digest, "settings": trajectory})
 
 

@@ -1,0 +1,293 @@
+"""The DALI side of augmentation: one `@pipeline_def` per pipeline (train / val centre / val 10-crop), whose
+arguments are the only knobs, and the loaders that run them and hand the trainer plain torch tensors.
+
+In DALI the lighting is folded into `crop_mirror_normalize` as a per-image mean: `255·mean − offset`. The patches
+are placed with `pipeline.augment.geometry`'s functions, evaluated on DALI's per-sample nodes.
+
+On the CPU an image batch shares DALI's output buffer (no copy); on a GPU it is one device-to-device copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.augment.geometry import (
+    CROP,
+    LIGHTING_ALPHA_STD,
+    PIPELINE,
+    centre_inset,
+    derive_seed,
+    epoch_shard_order,
+    lighting_matrix,
+    rank_range,
+    ten_crop_views,
+)
+from pipeline.augment.loading import Batch, TrainEpochs, checked_labels, open_shards, to_device, torch_device
+from pipeline.errors import PipeError
+
+try:
+    import nvidia.dali.fn as fn
+    import nvidia.dali.math as dmath
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+
+    DALI_IMPORT_ERROR: str | None = None
+except ImportError as e:  # the torch reference path works without DALI
+    DALI_IMPORT_ERROR = str(e)
+
+    def pipeline_def(function):
+        return function
+
+READER = "Reader"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# graph pieces
+
+
+def _read(paths, index_paths, shard_id, num_shards, label_digits, *, shuffle, initial_fill=1024,
+          pad_last_batch=False):
+    """(jpegs, labels) of this rank's part of the shards."""
+    jpegs, cls = fn.readers.webdataset(
+        paths=paths, index_paths=index_paths, ext=["jpg", "cls"], missing_component_behavior="error",
+        shard_id=shard_id, num_shards=num_shards, random_shuffle=shuffle, initial_fill=initial_fill,
+        pad_last_batch=pad_last_batch, stick_to_shard=True, name=READER)
+    return jpegs, _parse_label(cls, label_digits)
+
+
+def _parse_label(cls, digits: int):
+    """`cls` holds the label as 1..`digits` ASCII digits, so samples have uneven shapes. Pad the digit values with
+    zeros on the right to `digits`, read that as a number, and divide away the padding: 10^(digits − length).
+    A label longer than `digits` comes out as −1 (the loader then stops with an error)."""
+    length = cls.shape(dtype=types.INT64)[0]
+    padded = fn.pad(fn.cast(cls, dtype=types.INT64) - 48, axes=[0], shape=[digits], fill_value=0)
+    number = padded[0]
+    for i in range(1, digits):
+        number = number * 10 + padded[i]
+    too_long = length > digits
+    label = number // dmath.pow(10, dmath.max(digits - length, 0))
+    return label * (1 - too_long) - too_long
+
+
+def _square(jpegs):
+    """(height, width, side, left, top) of each image's central square (as `centre_square`), from the JPEG header."""
+    shape = fn.peek_image_shape(jpegs, adjust_orientation=False)  # HWC
+    height, width = shape[0], shape[1]
+    side = dmath.min(height, width)
+    return height, width, side, centre_inset(width, side), centre_inset(height, side)
+
+
+def _decode(jpegs, device: str):
+    # Orientation tags are ignored, as by Pillow and by the shard stage; fancy upsampling matches libjpeg-turbo.
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                             adjust_orientation=False, jpeg_fancy_upsampling=True)
+
+
+def _patch(images, height, width, x, y, crop: int, device: str, mirror=0, mean=(0.0, 0.0, 0.0),
+           layout: str = "CHW"):
+    """The crop×crop patch whose top-left pixel is (x, y), mirrored if asked, minus `mean`, float32.
+
+    crop_mirror_normalize takes a relative position p and starts at round(p · (W − crop)); p = x / (W − crop)
+    lands on x exactly (the float error is far below ½). W = crop leaves one place, x = 0 (hence the max)."""
+    pos_x, pos_y = x / dmath.max(width - crop, 1), y / dmath.max(height - crop, 1)
+    return fn.crop_mirror_normalize(images, device=device, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                                    mirror=mirror, mean=mean, std=[1.0, 1.0, 1.0], dtype=types.FLOAT,
+                                    output_layout=layout)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the pipelines
+
+
+@pipeline_def
+def train_pipeline(paths, index_paths, *, mean, eigvals, eigvecs, shard_id=0, num_shards=1, initial_fill=1024,
+                   crop=CROP, label_digits=3, lighting_alpha_std=LIGHTING_ALPHA_STD, random_crop=True, mirror=True,
+                   lighting=True, device="cpu", channels_last=False, with_params=False):
+    """Training: random crop of the central square, mirror p=0.5, PCA lighting, minus the mean (§4.1).
+
+    Outputs (images [crop, crop] CHW or HWC, labels); with `with_params` also the decoded originals, the crop's
+    top-left corner x and y, the mirror flag and the lighting offset [3] (for the preview and tests)."""
+    jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=True,
+                          initial_fill=initial_fill)
+    height, width, side, left, top = _square(jpegs)
+    room = side - crop
+    if random_crop:  # floor(u · (room + 1)), u ∈ [0, 1): each integer offset 0..room equally likely
+        dx = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room + 1)), room)
+        dy = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room + 1)), room)
+    else:
+        dx = dy = centre_inset(side, crop)
+    flip = fn.random.coin_flip(probability=0.5 if mirror else 0.0)
+    alpha = fn.random.normal(shape=[1, 3], stddev=lighting_alpha_std if lighting else 0.0)  # one 3-d point
+    light = lighting_matrix(eigvals, eigvecs)
+    pixel_mean = fn.reshape(fn.coord_transform(alpha, M=(-light).ravel().tolist(),
+                                               T=(255.0 * np.asarray(mean)).tolist()), shape=[3])
+    images = _decode(jpegs, device)
+    x, y = left + dx, top + dy
+    out = _patch(images, height, width, x, y, crop, device, mirror=flip, mean=pixel_mean,
+                 layout="HWC" if channels_last else "CHW")
+    if not with_params:
+        return out, labels
+    offset = fn.reshape(fn.coord_transform(alpha, M=light.ravel().tolist()), shape=[3])
+    return out, labels, images, fn.cast(x, dtype=types.INT64), fn.cast(y, dtype=types.INT64), flip, offset
+
+
+@pipeline_def
+def val_pipeline(paths, index_paths, *, mean, shard_id=0, num_shards=1, crop=CROP, label_digits=3, device="cpu"):
+    """Test: the centre crop×crop patch of the central square (as `centre_crop_box`), minus the mean."""
+    jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=False, pad_last_batch=True)
+    height, width, side, left, top = _square(jpegs)
+    inset = centre_inset(side, crop)
+    return _patch(_decode(jpegs, device), height, width, left + inset, top + inset, crop, device,
+                  mean=(255.0 * np.asarray(mean)).tolist()), labels
+
+
+@pipeline_def
+def ten_crop_pipeline(paths, index_paths, *, mean, shard_id=0, num_shards=1, crop=CROP, label_digits=3,
+                      device="cpu"):
+    """The paper's 10-crop test (§4.1, as `ten_crop_boxes`): the four corner and the centre patches of the central
+    square and their mirrors, stacked per image as [10, 3, crop, crop] in `TEN_CROP_VIEWS` order."""
+    jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=False, pad_last_batch=True)
+    height, width, side, left, top = _square(jpegs)
+    images = _decode(jpegs, device)
+    mean = (255.0 * np.asarray(mean)).tolist()
+    views = [_patch(images, height, width, left + dx, top + dy, crop, device, mirror=int(mirrored), mean=mean)
+             for (dx, dy), mirrored in ten_crop_views(side, crop)]
+    return fn.stack(*views, axis=0), labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loaders the trainer and evaluator see: plain torch tensors
+
+
+def _require_dali() -> None:
+    if DALI_IMPORT_ERROR is not None:
+        raise PipeError(f"NVIDIA DALI is not importable ({DALI_IMPORT_ERROR}); install nvidia-dali-cuda130, "
+                        "or use --loader torch (the reference path)")
+
+
+def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
+    """A DALI output batch as a torch tensor on `device`. On the CPU: no copy, the tensor shares DALI's buffer (the
+    dynamic executor allocates outputs per iteration and keeps a buffer alive while the DLPack capsule holds it).
+    On a GPU: one device copy on torch's current stream."""
+    dense = batch.as_tensor()
+    if device.type == "cpu":
+        return torch.from_dlpack(dense)
+    from nvidia.dali.plugin.pytorch import feed_ndarray, to_torch_type
+
+    out = torch.empty(dense.shape(), dtype=to_torch_type[dense.dtype], device=device)
+    return feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device))
+
+
+def _run(pipe, device: torch.device) -> tuple:
+    """One DALI iteration. On a GPU its outputs are ordered on torch's current stream instead of being
+    host-synchronous: the host copy would otherwise wait for the training step already queued on that stream, and
+    the trainer's data-wait figure would measure compute."""
+    return pipe.run(torch.cuda.current_stream(device)) if device.type == "cuda" else pipe.run()
+
+
+def _placement(device: torch.device) -> dict:
+    """The pipeline arguments that say where it runs: its operators' `device` and DALI's `device_id`."""
+    on_gpu = device.type == "cuda"
+    return {"device": "gpu" if on_gpu else "cpu", "device_id": device.index if on_gpu else None}
+
+
+class TrainLoader(TrainEpochs):
+    """The training batches of one rank: (images float32 [B, 3, crop, crop] on `device`, labels int64 [B]).
+
+    `set_epoch(e)` before iterating; `len()` batches per epoch, the same on every rank. `state_dict()` after a batch
+    is {"epoch", "batches" consumed}; `load_state_dict` of it makes the next iteration yield exactly the batches an
+    uninterrupted run would have yielded next (the consumed ones are replayed through the pipeline, not returned).
+    """
+
+    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
+                 lighting: bool = True, mirror: bool = True, random_crop: bool = True, channels_last: bool = False,
+                 lighting_alpha_std: float = LIGHTING_ALPHA_STD, initial_fill: int = 1024, prefetch: int = 2):
+        _require_dali()
+        self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, whole_batch=True)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.device = torch_device(device)
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.channels_last = channels_last
+        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pca["mean"]),
+                        "eigvals": list(pca["eigvals"]), "eigvecs": [list(r) for r in pca["eigvecs"]],
+                        "lighting_alpha_std": lighting_alpha_std, "random_crop": random_crop, "mirror": mirror,
+                        "lighting": lighting, "channels_last": channels_last}
+        self.rank_samples = len(rank_range(self.shards.samples, rank, world_size))
+        self.initial_fill = max(1, min(initial_fill, self.rank_samples))
+
+    def pipeline(self, epoch: int, *, with_params: bool = False, batch_size: int | None = None):
+        """The built DALI pipeline of `epoch` on this rank (shard files permuted by (seed, epoch), pipeline seed
+        from (seed, epoch, rank))."""
+        order = epoch_shard_order(len(self.shards.tars), self.seed, epoch)
+        pipe = train_pipeline([self.shards.tars[i] for i in order], [self.shards.indexes[i] for i in order],
+                              shard_id=self.rank, num_shards=self.world_size, initial_fill=self.initial_fill,
+                              with_params=with_params, **self.options,
+                              batch_size=batch_size or self.batch_size, num_threads=self.num_threads,
+                              **_placement(self.device), seed=derive_seed(self.seed, epoch, self.rank, PIPELINE),
+                              prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        start, self._resume_at = self._resume_at, 0
+        pipe = self.pipeline(self.epoch)
+        try:
+            for i in range(len(self)):
+                images, labels = _run(pipe, self.device)
+                if i < start:
+                    continue
+                images = _dali_to_torch(images, self.device)
+                if self.channels_last:  # HWC from DALI: a [B, 3, H, W] view with channels-last strides
+                    images = images.permute(0, 3, 1, 2)
+                labels = checked_labels(_dali_to_torch(labels, torch.device("cpu")), self.shards)
+                self._position = i + 1
+                yield images, to_device(labels, self.device)
+        finally:
+            del pipe
+
+
+class EvalLoader:
+    """Every sample of this rank's part of the shards exactly once, in shard order: (images float32 [B, 3, crop,
+    crop], or [B, 10, 3, crop, crop] with `ten_crop`, labels int64 [B]); the last batch may be smaller."""
+
+    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, ten_crop: bool = False,
+                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
+                 prefetch: int = 2):
+        _require_dali()
+        self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size)
+        self.batch_size, self.rank, self.world_size, self.ten_crop = batch_size, rank, world_size, ten_crop
+        self.device = torch_device(device)
+        self.num_threads, self.prefetch = num_threads, prefetch
+        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pca["mean"])}
+        self.samples = len(rank_range(self.shards.samples, rank, world_size))
+
+    def __len__(self) -> int:
+        return -(-self.samples // self.batch_size)
+
+    def pipeline(self):
+        make = ten_crop_pipeline if self.ten_crop else val_pipeline
+        pipe = make(list(self.shards.tars), list(self.shards.indexes), shard_id=self.rank,
+                    num_shards=self.world_size, **self.options, batch_size=self.batch_size,
+                    num_threads=self.num_threads, **_placement(self.device), seed=0,
+                    prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+        pipe.build()
+        return pipe
+
+    def __iter__(self) -> Iterator[Batch]:
+        if not self.samples:  # more ranks than samples: nothing for this one
+            return
+        pipe = self.pipeline()
+        try:
+            for i in range(len(self)):
+                images, labels = _run(pipe, self.device)
+                keep = min(self.batch_size, self.samples - i * self.batch_size)  # the reader pads the last batch
+                labels = checked_labels(_dali_to_torch(labels, torch.device("cpu"))[:keep], self.shards)
+                yield _dali_to_torch(images, self.device)[:keep], to_device(labels, self.device)
+        finally:
+            del pipe
