@@ -150,7 +150,7 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
     """Train until `cfg.epochs` or `cfg.max_steps`, resuming from the highest checkpoint in out/checkpoints."""
     optimizer = make_optimizer(model, cfg)
     speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
-                          cfg.amp)
+                          cfg.amp, cfg.peak_tflops)
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
               {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
     step_fn = wrap_model(model, cfg, place)

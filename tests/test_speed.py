@@ -3,6 +3,7 @@ the CUDA-event path runs in bench/gpu.sh)."""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -75,3 +76,18 @@ def test_fp32_on_a_gpu_is_labelled_tf32_until_tf32_is_turned_off():
         assert precision(cuda, amp=True) == "bf16" and precision(cpu, amp=False) == "fp32"
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_peak_tflops_gives_the_cpu_run_an_mfu_and_stays_out_of_the_runs_settings_key(tiny_data, train_cmd, cli,
+                                                                                      tmp_path):
+    run = tmp_path / "run"
+    cli(*train_cmd(tiny_data, run, max_steps=2, peak_tflops=0.002))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    flops = forward_flops(AlexNetConfig(width=0.125))  # the tiny run's net (conftest TINY_TRAIN)
+    assert [r["step"] for r in logged] == [1, 2]
+    for r in logged:  # one rank: its images/s is the run's
+        assert r["precision"] == "fp32" and r["step_ms"] > 0 and 0 <= r["data_wait"] < 1
+        per_image = 3 * flops / 0.002e12  # images_per_s is logged to 0.1, mfu to 1e-5
+        assert r["mfu"] == pytest.approx(r["images_per_s"] * per_image, abs=0.05 * per_image + 1e-5)
+    again = cli(*train_cmd(tiny_data, run, max_steps=2, peak_tflops=5.0))  # another peak: the same run
+    assert "up to date" in again.stderr + again.stdout
