@@ -101,6 +101,7 @@ import io
 import sys
 
 import numpy as np
+import torch  # noqa: F401 - first, as in the project: its CUDA libraries loaded before DALI's
 import nvidia.dali
 import nvidia.dali.fn as fn
 import nvidia.dali.types as types
