@@ -2,6 +2,9 @@
 augmentation: random crop of the central square, mirror, PCA lighting, mean subtraction), side by side, same cores.
 
     python bench/loader.py [--shards DIR] [--seconds S] [--device cpu|cuda] [--threads N] [--batch-size B]
+                           [--ten-crop]
+
+--ten-crop measures the paper's 10-crop test loaders instead (every image once, ten views each; an image counts once).
 
 Without --shards, the real ImageNet samples (../shared/data/imagenet-sample) are sharded into a temp folder first.
 The shard set is listed --repeat times over (symlinks) so that an epoch is long enough for the steady state; each
@@ -18,11 +21,12 @@ import os
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from pipeline.augment import make_train_loader
+from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.cache import write_json
 from pipeline.shards import load_manifest
 
@@ -53,7 +57,8 @@ def rate(loader, seconds: float, device: str, first_epoch: int) -> tuple[float, 
     """Images/s over `seconds` from the second batch on (start-up excluded; epoch ends and rebuilds included)."""
     images, started, epoch = 0, None, first_epoch
     while True:
-        loader.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):  # a training loader; an eval loader is the same every pass
+            loader.set_epoch(epoch)
         for batch, _ in loader:
             if device.startswith("cuda"):
                 torch.cuda.synchronize(device)
@@ -75,6 +80,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=30, help="list the shard set this many times over")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved measuring rounds per loader")
+    ap.add_argument("--ten-crop", action="store_true", help="the 10-crop test loaders instead of training's")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
@@ -84,8 +90,9 @@ def main() -> None:
             shards = Path(tmp) / "train"
             shard.run(SAMPLE, shards, split="train", shard_size=64)
         shards = repeated(shards, Path(tmp) / "bench", args.repeat)
-        loaders = {name: make_train_loader(shards, PCA, args.batch_size, loader=name, device=args.device,
-                                           num_threads=args.threads) for name in ("dali", "torch")}
+        make = partial(make_eval_loader, ten_crop=True) if args.ten_crop else make_train_loader
+        loaders = {name: make(shards, PCA, args.batch_size, loader=name, device=args.device,
+                              num_threads=args.threads) for name in ("dali", "torch")}
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         images = dict.fromkeys(loaders, 0)
         for r in range(args.rounds):  # interleaved, so that a noisy neighbour hits both alike
@@ -96,7 +103,8 @@ def main() -> None:
         del loaders
     median = {name: statistics.median(v) for name, v in rates.items()}
     paired = statistics.median(d / t for d, t in zip(rates["dali"], rates["torch"], strict=True))
-    title = f"loader, {args.device}, {args.threads} threads/workers, batch {args.batch_size}"
+    kind = "10-crop" if args.ten_crop else "train"
+    title = f"loader {kind}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}"
     print(f"{title:<48} {'images/s':>10} {'vs torch':>9}   (median of {args.rounds} interleaved rounds)")
     labels = {"dali": "DALI pipeline (ours)", "torch": "torch DataLoader + Pillow (reference)"}
     for name, per_s in median.items():
@@ -104,7 +112,8 @@ def main() -> None:
         rounds = ", ".join(f"{v:.0f}" for v in rates[name])
         print(f"{labels[name]:<48} {per_s:>10.0f} {ratio:>8.2f}x   rounds: {rounds}")
     for name, per_s in median.items():
-        print(json.dumps({"bench": "loader", "loader": name, "device": args.device, "threads": args.threads,
+        print(json.dumps({"bench": "loader", "kind": kind, "loader": name, "device": args.device,
+                          "threads": args.threads,
                           "batch_size": args.batch_size, "images": images[name], "images_per_s": round(per_s, 1),
                           "vs_torch": round(paired if name == "dali" else 1.0, 3),
                           "rounds": [round(v, 1) for v in rates[name]]}))

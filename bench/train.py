@@ -4,7 +4,10 @@ one-column model, for context). Same batch, warm-up and timed steps for each, th
 a synthetic batch, so no data loading is measured.
 
     python bench/train.py [--steps N] [--warmup N] [--batch B] [--width W] [--device cpu|cuda:0]
-                          [--channels-last] [--amp] [--compile]
+                          [--channels-last] [--amp] [--compile] [--tf32|--no-tf32] [--models two-tower,grouped,...]
+
+On a GPU, fp32 steps run their convolutions in TF32 unless --no-tf32 (torch's default: cuDNN allows TF32); each row
+says which arithmetic it used (`precision`).
 
 Prints a table and one JSON line per model.
 """
@@ -23,14 +26,18 @@ import torchvision
 from torch import nn
 
 from pipeline.model import AlexNetConfig, AlexNetGrouped, build_model, count_parameters
+from pipeline.speed import precision, set_tf32
+
+MODELS = ("two-tower", "grouped", "torchvision")
 
 
-def models(config: AlexNetConfig, device: str) -> dict[str, nn.Module]:
-    return {
-        "two-tower": build_model(config, [device]),
-        "grouped": AlexNetGrouped(config).to(device),
-        "torchvision": torchvision.models.alexnet(num_classes=config.num_classes).to(device),
+def models(config: AlexNetConfig, device: str, names: list[str]) -> dict[str, nn.Module]:
+    make = {
+        "two-tower": lambda: build_model(config, [device]),
+        "grouped": lambda: AlexNetGrouped(config).to(device),
+        "torchvision": lambda: torchvision.models.alexnet(num_classes=config.num_classes).to(device),
     }
+    return {name: make[name]() for name in names}
 
 
 def train_step(model: nn.Module, args: argparse.Namespace) -> Callable[[], None]:
@@ -85,18 +92,28 @@ def main() -> None:
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--compile", action="store_true", help="torch.compile each model")
+    ap.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                    help="TF32 in convolutions and matmuls on a GPU (default: torch's, convolutions only)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
     args = ap.parse_args()
+    names = [m for m in args.models.split(",") if m]
+    if not names or set(names) - set(MODELS):
+        ap.error(f"--models takes a comma list of {', '.join(MODELS)}, got {args.models!r}")
     if args.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
+    if args.tf32 is not None:
+        set_tf32(args.tf32)
 
     config = AlexNetConfig(num_classes=args.num_classes, width=args.width, crop=args.crop)
     setting = {"device": args.device, "batch": args.batch, "width": args.width, "crop": args.crop,
                "warmup": args.warmup, "steps": args.steps, "channels_last": args.channels_last,
-               "amp": args.amp, "compile": args.compile, "threads": torch.get_num_threads()}
+               "amp": args.amp, "compile": args.compile, "threads": torch.get_num_threads(),
+               "precision": precision(torch.device(args.device), args.amp)}
     print(f"train step, {args.batch} images of {args.crop}x{args.crop}, width {args.width}, {args.device}, "
+          f"{setting['precision']}, "
           f"{args.warmup} warm-up + {args.steps} timed steps, {torch.get_num_threads()} threads")
     torch.manual_seed(0)
-    nets = models(config, args.device)
+    nets = models(config, args.device, names)
     rates = images_per_s({name: train_step(net, args) for name, net in nets.items()}, args)
     rows = [{"bench": "train", "model": name, "images_per_s": round(rates[name], 2),
              "parameters": count_parameters(net), **setting} for name, net in nets.items()]

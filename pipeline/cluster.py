@@ -50,11 +50,14 @@ def resolve_devices(spec: str, local_rank: int = 0, local_world_size: int = 1,
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not 1 <= len(devices) <= 2:
         raise PipeError(f"--devices takes one or two devices (the two towers), got {spec!r}")
-    for d in devices:
-        try:
-            dev = torch.device(d)
-        except RuntimeError:
-            raise PipeError(f"--devices: {d!r} is not a device (expected e.g. cpu, cuda:0)") from None
+    try:
+        parsed = [torch.device(d) for d in devices]
+    except RuntimeError:
+        raise PipeError(f"--devices: {spec!r} is not a list of devices (expected e.g. cpu, cuda:0)") from None
+    if len({dev.type for dev in parsed}) > 1:  # the towers' non-blocking copies need devices of one kind
+        raise PipeError(f"--devices {spec}: both towers must be on devices of one type (e.g. cuda:0,cuda:1 or "
+                        "cpu,cpu), got a mix")
+    for d, dev in zip(devices, parsed, strict=True):
         if dev.type == "cuda" and (dev.index or 0) >= n:
             raise PipeError(f"--devices: {d} requested but this machine has {n} CUDA device(s)")
         if dev.type == "cuda" and local_world_size > 1:

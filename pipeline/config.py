@@ -136,6 +136,12 @@ class TrainConfig(_Settings):
     amp: bool = setting(False, "bf16 autocast.")
     channels_last: bool = setting(False, "Channels-last memory format.")
     compile: bool = setting(False, "torch.compile the model.")
+    tf32: bool = setting(True, "On a GPU, fp32 convolutions and matmuls in TF32 (faster, 10-bit mantissa; torch lets "
+                         "cuDNN do so by default; metrics.jsonl says precision tf32); off: true fp32. bf16 (--amp) "
+                         "steps and the CPU are unaffected.")
+    peak_tflops: float | None = setting(None, "This device's dense peak TFLOPS for the precision in use, for mfu in "
+                                        "metrics.jsonl (default: pipeline/speed.py's table of known cards).",
+                                        minimum=0.0, role=RUNTIME)
     loader: str = setting("dali", "dali, or torch (the plain torchvision/webdataset reference path).",
                           choices=LOADERS)
     checkpoint_every: int = setting(500, "Checkpoint every N steps (and at each epoch end).", minimum=1,

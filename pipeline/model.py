@@ -180,3 +180,21 @@ def build_model(config: AlexNetConfig, devices: Sequence[str | torch.device] = (
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(config: AlexNetConfig) -> int:
+    """Forward FLOPs per image (2 per multiply-add of the conv and fc layers; ReLU, LRN, pooling and biases are
+    noise beside them), from the layer shapes of both towers: what MFU divides by. 1,448,813,632 for the paper's
+    net at 224 (torch's FlopCounterMode counts the same)."""
+    c = config.channels
+    def pool(side: int) -> int:  # §3.4: overlapping 3/2 pooling
+        return (side - 3) // 2 + 1
+
+    s1 = (config.crop + 2 * config.conv1_padding - 11) // 4 + 1  # 55
+    s2, s3 = pool(s1), pool(pool(s1))  # 27, 13
+    # (input channels x kernel area, output channels, output positions) per tower (§3.5)
+    layers = [(3 * 11 * 11, c(48), s1 ** 2), (c(48) * 5 * 5, c(128), s2 ** 2), (2 * c(128) * 3 * 3, c(192), s3 ** 2),
+              (c(192) * 3 * 3, c(192), s3 ** 2), (c(192) * 3 * 3, c(128), s3 ** 2),
+              (2 * c(128) * pool(s3) ** 2, c(2048), 1), (2 * c(2048), c(2048), 1)]
+    tower = sum(fan_in * out * positions for fan_in, out, positions in layers)
+    return 2 * (2 * tower + 2 * c(2048) * config.num_classes)

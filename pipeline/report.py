@@ -143,10 +143,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         md += [f"{len(epochs)} epochs, {last['step']} steps; last epoch: val top-1 error {last['val_top1_error']:.2%}, "
                f"top-5 {last['val_top5_error']:.2%}, lr {last['lr']:g}.", ""]
     if steps:
-        rates = [s["images_per_s"] for s in steps]
-        waits = [s["data_wait"] for s in steps]
-        md += [f"Training throughput: median {sorted(rates)[len(rates) // 2]:.0f} images/s; median share of time "
-               f"waiting on data {sorted(waits)[len(waits) // 2]:.1%}.", ""]
+        md += [_speed_line(steps), ""]
     md += [f"![{f}]({f})" for f in figures] + [""]
     md += ["## Per class (centre crop)", "", "| label | wnid | name | images | top-1 accuracy |",
            "|---|---|---|---|---|"]
@@ -202,3 +199,20 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
     if k == total == 1000 and manifest["samples"] == 50_000 and manifest["split"] == "val":
         return "the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True
     return f"a subset of ILSVRC-2012 {manifest['split']} ({k} of {total:,} classes)", False
+
+
+def _speed_line(steps: list[dict]) -> str:
+    """Medians of the logged steps' speed fields (pipeline/speed.py; runs from before it lack step_ms and mfu)."""
+    def median(key: str) -> float | None:
+        values = sorted(s[key] for s in steps if s.get(key) is not None)
+        return values[len(values) // 2] if values else None
+
+    line = (f"Training throughput: median {median('images_per_s'):.0f} images/s; median share of time waiting on "
+            f"data {median('data_wait'):.1%}")
+    if median("step_ms") is not None:
+        line += f"; median step {median('step_ms'):.1f} ms"
+    utilization, precision = median("mfu"), steps[-1].get("precision")
+    if precision is not None:
+        line += f"; MFU {utilization:.1%} ({precision})" if utilization is not None else \
+            f"; MFU not known ({precision}: no peak for this device)"
+    return line + "."

@@ -23,8 +23,10 @@ import torch.nn.functional as F
 from pipeline.cache import atomic_write
 from pipeline.checkpoints import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.cluster import Placement
-from pipeline.config import TrainConfig
+from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.model import forward_flops
 from pipeline.record import append_event
+from pipeline.speed import TrainingSpeed
 
 METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
 
@@ -118,6 +120,7 @@ class Run:
     out: Path
     config: dict  # stored in each checkpoint: {"model": …, "train": …, **extra}
     progress: Progress
+    speed: TrainingSpeed  # data_wait, step_ms, mfu of the logged steps
 
     @property
     def main_rank(self) -> bool:
@@ -147,8 +150,10 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
         place: Placement, progress: Progress | None = None, extra_config: dict | None = None) -> dict:
     """Train until `cfg.epochs` or `cfg.max_steps`, resuming from the highest checkpoint in out/checkpoints."""
     optimizer = make_optimizer(model, cfg)
+    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
+                          cfg.amp, cfg.peak_tflops)
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
-              {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress())
+              {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
     step_fn = wrap_model(model, cfg, place)
     resumed_from = latest_checkpoint(run.checkpoints)  # what resume() loads, if anything
     at = resume(run)
@@ -208,10 +213,10 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     at.loader = None
     steps_per_epoch, per_rank_batch = len(train_loader), cfg.batch_size // place.world_size
     run.model.train()
-    waited, t_last, seen = 0.0, time.perf_counter(), 0
-    t_fetch = time.perf_counter()
+    t_last, seen = time.perf_counter(), 0
+    run.speed.fetch_started()
     for images, labels in train_loader:
-        waited += time.perf_counter() - t_fetch
+        run.speed.fetch_done()
         loss = train_step(step_fn, run.optimizer, images, labels, cfg.amp)
         at.step += 1
         seen += per_rank_batch
@@ -221,18 +226,17 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
             elapsed = time.perf_counter() - t_last
             record = {"step": at.step, "epoch": at.epoch, "loss": round(loss_value, 6),
                       "lr": run.optimizer.param_groups[0]["lr"],
-                      "images_per_s": round(seen * place.world_size / elapsed, 1),
-                      "data_wait": round(waited / elapsed, 4)}
+                      "images_per_s": round(seen * place.world_size / elapsed, 1), **run.speed.fields(seen / elapsed)}
             if run.main_rank:
                 _append_metrics(run.metrics, record)
             run.progress.on_step(at.step, total, record)
-            waited, t_last, seen = 0.0, time.perf_counter(), 0
+            t_last, seen = time.perf_counter(), 0
         end_of_epoch = at.step % steps_per_epoch == 0  # checkpointed by end_of_epoch, after validation
         if not end_of_epoch and (at.step % cfg.checkpoint_every == 0 or at.step >= total):
             save(run, at, train_loader.state_dict())
         if at.step >= total and not end_of_epoch:
             return False
-        t_fetch = time.perf_counter()
+        run.speed.fetch_started()
     return True
 
 

@@ -49,6 +49,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
 
     from pipeline.augment import load_pca, make_eval_loader, make_train_loader
     from pipeline.model import build_model
+    from pipeline.speed import set_tf32
     from pipeline.train import Progress, fit
 
     started = time.time()
@@ -59,6 +60,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
         if on_gpu:
             torch.cuda.set_device(device_list[0])
             torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+            set_tf32(cfg.tf32)
         if place.distributed:
             import torch.distributed as dist
 

@@ -44,3 +44,18 @@ def test_an_explicit_gpu_list_is_one_ranks_map_and_refused_for_several_ranks_per
         resolve_devices("cuda:0,cuda:1", 0, 1, cuda_devices=1)
     with pytest.raises(PipeError, match="one or two devices"):
         resolve_devices("cpu,cpu,cpu")
+
+
+def test_mixed_device_types_are_refused_before_any_gpu_count_check():
+    for spec in ("cpu,cuda:0", "cuda:0,cpu"):
+        with pytest.raises(PipeError, match="devices of one type"):
+            resolve_devices(spec, cuda_devices=2)
+        with pytest.raises(PipeError, match="devices of one type"):
+            resolve_devices(spec, cuda_devices=0)
+
+
+def test_train_with_mixed_devices_is_one_line_and_exit_2(tiny_data, train_cmd, cli, tmp_path):
+    out = cli(*train_cmd(tiny_data, tmp_path / "run", devices="cpu,cuda:0"), check=False)
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "devices of one type" in lines[0], out.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.model import (
     AlexNet,
@@ -18,6 +19,7 @@ from pipeline.model import (
     AlexNetGrouped,
     build_model,
     count_parameters,
+    forward_flops,
     grouped_reference,
     local_response_norm,
 )
@@ -276,3 +278,13 @@ def test_dropout_zeroes_the_outputs_of_fc6_and_fc7_in_training_not_the_conv_feat
     for train, evaluated in [(fc7_train, fc7_eval), (fc8_train, fc8_eval)]:
         assert 0.4 < (train == 0).float().mean() < 0.6
         assert (evaluated == 0).float().mean() < 0.05
+
+
+@pytest.mark.parametrize(("width", "crop", "num_classes"), [(1.0, 224, 1000), (1.0, 227, 1000), (0.25, 224, 10)])
+def test_forward_flops_from_layer_shapes_agree_with_torchs_flop_counter(width, crop, num_classes):
+    config = AlexNetConfig(width=width, crop=crop, num_classes=num_classes)
+    if (width, crop, num_classes) == (1.0, 224, 1000):
+        assert forward_flops(config) == 1_448_813_632  # the hand count of the paper's net (2 per multiply-add)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        AlexNet(config).eval()(torch.zeros(2, 3, crop, crop))
+    assert counter.get_total_flops() == 2 * forward_flops(config)

@@ -88,9 +88,13 @@ def test_training_summary_quotes_metrics_jsonl(report):
     assert float(lr) == pytest.approx(epochs[-1]["lr"])
     rates = sorted(r["images_per_s"] for r in steps)
     waits = sorted(r["data_wait"] for r in steps)
-    found = re.search(rf"median (\d+) images/s; median share of time waiting on data {PERCENT}", report["md"])
+    step_ms = sorted(r["step_ms"] for r in steps)
+    found = re.search(rf"median (\d+) images/s; median share of time waiting on data {PERCENT}; median step "
+                      r"([0-9.]+) ms; MFU not known \(fp32: no peak for this device\)\.", report["md"])
     assert int(found.group(1)) == round(rates[len(rates) // 2])
     assert float(found.group(2)) / 100 == pytest.approx(waits[len(waits) // 2], abs=5e-4)
+    assert float(found.group(3)) == pytest.approx(step_ms[len(step_ms) // 2], abs=0.05) and step_ms[0] > 0
+    assert all(r["mfu"] is None and r["precision"] == "fp32" for r in steps)  # a CPU has no peak in the table
 
 
 def test_per_class_and_confused_tables_quote_eval_json(report):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-TIMING = ("images_per_s", "data_wait", "time")  # the only fields of metrics.jsonl that may differ between two runs
+TIMING = ("images_per_s", "data_wait", "step_ms", "time")  # the only fields of metrics.jsonl that may differ
 STEPS_PER_EPOCH, EPOCHS = 9, 2  # 36 images, batch 4 (conftest TINY_TRAIN)
 
 

@@ -183,9 +183,10 @@ def _dali_to_torch(batch, device: torch.device) -> torch.Tensor:
 
 
 def _run(pipe, device: torch.device) -> tuple:
-    """One DALI iteration. On a GPU its outputs are ordered on torch's current stream instead of being
-    host-synchronous: the host copy would otherwise wait for the training step already queued on that stream, and
-    the trainer's data-wait figure would measure compute."""
+    """One DALI iteration. On a GPU the outputs are made ready on torch's current stream (`pipe.run(stream)`: DALI
+    orders that stream after its own work) instead of host-synchronously: without a stream, `Pipeline.run` blocks
+    the host until DALI's own work on the batch is done (DALI's `Pipeline.run` docstring), so the host could not
+    queue the next training step meanwhile."""
     return pipe.run(torch.cuda.current_stream(device)) if device.type == "cuda" else pipe.run()
 
 
