@@ -73,7 +73,8 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def newest_good_checkpoint(folder: Path, warn: Callable[[str], None]) -> Path | None:
     """Walk back from the newest checkpoint to the newest that verifies; each damaged one on the way is one
-    warning and is renamed *.damaged. None when the folder holds no checkpoint; an error when none is good."""
+    warning and is renamed *.damaged. None when the folder holds no checkpoint; an error when none is good (also
+    when an earlier run set them all aside)."""
     found = checkpoints(folder)
     for path in reversed(found):
         problem = checkpoint_problem(path)
@@ -83,9 +84,10 @@ def newest_good_checkpoint(folder: Path, warn: Callable[[str], None]) -> Path | 
         path.rename(set_aside)
         digest_path(path).unlink(missing_ok=True)
         warn(f"checkpoint {path} is damaged ({problem}); set aside as {set_aside.name}, trying the one before")
-    if found:
-        raise PipeError(f"{folder}: none of the {len(found)} checkpoints verifies (set aside as *{DAMAGED_SUFFIX}); "
-                        "expected at least one good step-*.pt; rerun with --force to start over")
+    damaged = sorted(folder.glob(CHECKPOINT_GLOB + DAMAGED_SUFFIX)) if folder.is_dir() else []
+    if damaged:  # also on a later run: a fresh start would silently drop the run
+        raise PipeError(f"{folder}: no checkpoint verifies ({len(damaged)} set aside as *{DAMAGED_SUFFIX}); "
+                        "expected at least one good step-*.pt; restore one, or rerun with --force to start over")
     return None
 
 

@@ -36,7 +36,7 @@ from pipeline.errors import PipeError
 METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm's preemption / time-limit warnings: checkpoint, then exit
 CHANCE_MARGIN = 1.5  # val top-1 error above 1 - CHANCE_MARGIN/K (K val classes) is chance level: nothing learnt yet
-FLAT_LOSS = 0.01  # train loss within 1% of ln(C) for a whole epoch: the net has not started learning
+FLAT_LOSS = 0.01  # an epoch's mean train loss within 1% of ln(C): the net has not started learning
 
 
 def seed_everything(seed: int) -> None:
@@ -82,9 +82,10 @@ def schedule_epoch(scheduler, optimizer: torch.optim.Optimizer, top1_error: floa
 
 
 def flat_loss(losses: list[float], num_classes: int) -> bool:
-    """Every logged loss of an epoch within FLAT_LOSS of ln(C): the net still outputs uniform guesses."""
+    """An epoch's mean logged loss within FLAT_LOSS of ln(C): the net still outputs uniform guesses (the mean,
+    because one small batch's loss is noisy)."""
     chance = math.log(num_classes)
-    return bool(losses) and all(abs(loss - chance) <= FLAT_LOSS * chance for loss in losses)
+    return bool(losses) and abs(float(np.mean(losses)) - chance) <= FLAT_LOSS * chance
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
