@@ -268,7 +268,8 @@ def verify(
 
 @app.command()
 def status(work: Annotated[Path, typer.Argument(help="The work folder (default ./work).")] = Path("work")):
-    """One row per DAG stage: done, stale (and why), partial (k of n units) or missing."""
+    """One row per stage folder under WORK: done, stale (and why), partial (k of n units), damaged (shards missing
+    or resized: run verify) or missing."""
     from rich.console import Console
     from rich.table import Table
 
@@ -277,7 +278,7 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     table = Table(title=f"alexnet-pipe status: {work}")
     for col in ("stage", "folder", "state", "detail"):
         table.add_column(col)
-    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red"}
+    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta"}
     for name, folder, state in stage_rows(work):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
     Console(width=None if sys.stdout.isatty() else 160).print(table)

@@ -12,6 +12,7 @@ flight and never leaves a truncated file under a final name. `--workers` and the
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -39,18 +40,32 @@ TMP_TAG = ".tmp-"
 
 
 @contextlib.contextmanager
+def disk_full_is_user_error(path: Path) -> Iterator[None]:
+    """A full disk (or quota) while writing `path` is the user's to fix: one line naming the path, exit 2. Every
+    stage's files go through here (atomic_write, the locks, synth's folder), so it is handled once."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PipeError(f"{path}: no space left on the device while writing it ({e.strerror}); free space there "
+                        "or choose another output folder, then rerun: finished units are kept") from None
+
+
+@contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Write `path` under a temp name in the same folder; fsync and rename only when the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
-    try:
-        with open(tmp, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with disk_full_is_user_error(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def canonical_json(obj: Any) -> str:
@@ -87,6 +102,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def output_digest(folder: Path) -> str:
+    """sha256 over the names and contents of a stage's output files, bookkeeping (`_*`, `.*`) left out: what the
+    golden tests pin next to each data stage's VERSION."""
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(("_", ".")) for part in rel.parts):
+            h.update(f"{rel.as_posix()}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
 def fingerprint_source(path: Path) -> str:
     """A raw source's digest: names, sizes and mtimes of every file under it (never reads 150 GB of content)."""
     h = hashlib.sha256()
@@ -115,8 +141,9 @@ def stage_key(name: str, version: int, params: dict, inputs: dict[str, str]) -> 
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool) -> Iterator[bool]:
     """flock on `path`; yields whether it was acquired. The kernel drops it when the holder dies (SIGKILL too)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with disk_full_is_user_error(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
@@ -124,7 +151,8 @@ def file_lock(path: Path, *, blocking: bool) -> Iterator[bool]:
             yield False
             return
         os.ftruncate(fd, 0)
-        os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
+        with contextlib.suppress(OSError):  # the holder's name is a courtesy: a full disk must not cost the lock
+            os.write(fd, f"{socket.gethostname()} pid {os.getpid()}\n".encode())
         try:
             yield True
         finally:
@@ -236,6 +264,14 @@ class Stage:
             merged = known + [u for u in units if u not in known]
             if old is None or merged != known:
                 write_json(p, {"stage": self.name, "key": self.key, "units": merged})
+
+    def reopen(self, units: Iterable[str]) -> None:
+        """Finished units whose files were found damaged become to-do again: their records and the done marker
+        go, everything else is kept (the rerun rewrites exactly those units, then finalizes)."""
+        with file_lock(self.out / LOCKS / "finalize", blocking=True):
+            (self.out / MARKER).unlink(missing_ok=True)
+            for unit in units:
+                self.unit_record_path(unit).unlink(missing_ok=True)
 
     def clear(self) -> None:
         (self.out / MARKER).unlink(missing_ok=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from pipeline.errors import PipeError
 
@@ -114,7 +115,7 @@ class Member:
             f.seek(self.offset)
             data = f.read(self.size)
         if len(data) != self.size:
-            raise OSError(f"{full}: archive ended inside member {self.key}")
+            raise OSError(f"{self.path} ended inside this member")
         return data
 
 
@@ -122,7 +123,8 @@ class Member:
 class SourceListing:
     root: Path  # member paths are relative to it
     members: list[Member]
-    ignored: list[dict]  # unsafe or non-file archive members, unlabelled files: {name, reason}
+    ignored: list[dict]  # unsafe or non-file archive members, unlabelled or misplaced files: {name, reason}
+    skipped: list[dict] = field(default_factory=list)  # images lost to a damaged class tar: {key, wnid, path, reason}
 
 
 @dataclass(frozen=True)
@@ -212,26 +214,38 @@ def _find_val_labels(folder: Path, split: str) -> Path | None:
 
 def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> SourceListing:
     """A symlinked file is read through its link (reading cannot write outside OUT); a name that looks like an image
-    but is no regular file (a dangling link, a fifo) is listed as ignored."""
+    but is no regular file (a dangling link, a fifo), a folder that is not a wnid and a file where no image belongs
+    are listed as ignored, never dropped without a word."""
     members, ignored = [], []
+
+    def ignore(p: Path, reason: str) -> None:
+        ignored.append({"name": str(p.relative_to(root)) + ("/" if p.is_dir() else ""), "reason": reason})
 
     def looks_like_image(f: Path) -> bool:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
+            if f != labels:
+                ignore(f, "a folder where only images belong" if f.is_dir() else
+                       f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})")
             return False
         if not f.is_file():
-            ignored.append({"name": str(f.relative_to(root)), "reason": "not a regular file"})
+            ignore(f, "not a regular file")
             return False
         return True
 
-    class_dirs = sorted(p for p in folder.iterdir() if p.is_dir() and _is_wnid(p.name))
+    entries = sorted(folder.iterdir())
+    class_dirs = [p for p in entries if p.is_dir() and _is_wnid(p.name)]
     if class_dirs:
+        for p in entries:
+            if p not in class_dirs and p != labels:
+                ignore(p, "not a wnid class folder (expected nXXXXXXXX/)" if p.is_dir() else
+                       "a file beside the class folders")
         for d in class_dirs:
             for f in sorted(d.iterdir()):
                 if looks_like_image(f):
                     members.append(Member(f.stem, d.name, str(f.relative_to(root))))
         return SourceListing(root, members, ignored)
     truth = _val_ground_truth(labels, folder)
-    for f in sorted(folder.iterdir()):
+    for f in entries:
         if not looks_like_image(f):
             continue
         if f.stem in truth:
@@ -243,8 +257,9 @@ def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sou
 
 def _list_archive(archive: Path, split: str, labels: Path | None) -> SourceListing:
     """Index an official archive by reading tar headers only (tarfile seeks over member data). Directory members
-    are passed over; links, devices and names that would leave a folder are listed as ignored."""
-    members, ignored = [], []
+    are passed over; links, devices, names that would leave a folder and members that are no image are listed as
+    ignored. A damaged class tar loses only what follows the damage (listed as skipped); the split goes on."""
+    listing = SourceListing(archive.parent, [], [])
     truth = _val_ground_truth(labels, archive) if split == "val" else {}
     try:
         with open(archive, "rb") as f, tarfile.open(fileobj=f, mode="r:") as outer:
@@ -253,31 +268,54 @@ def _list_archive(archive: Path, split: str, labels: Path | None) -> SourceListi
                     continue
                 reason = _unsafe(m)
                 if reason:
-                    ignored.append({"name": m.name, "reason": reason})
+                    listing.ignored.append({"name": m.name, "reason": reason})
                     continue
                 name = PurePosixPath(m.name)
                 if name.suffix == ".tar":  # the train tar: one uncompressed tar per class
-                    wnid = name.stem
-                    with tarfile.open(fileobj=_ByteRange(f, m.offset_data, m.size), mode="r:") as inner:
-                        for im in inner:
-                            reason = None if im.isdir() else _unsafe(im)
-                            if reason:
-                                ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
-                            elif im.isfile() and PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
-                                members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
-                                                      m.offset_data + im.offset_data, im.size))
+                    _list_class_tar(f, m, archive, listing)
                     f.seek(m.offset_data + m.size)  # the inner listing moved the shared file position
                 elif name.suffix.lower() in IMAGE_SUFFIXES:
                     key = name.stem
                     wnid = truth.get(key) if split == "val" else name.parent.name
                     if wnid is None or (split == "train" and not _is_wnid(wnid)):
-                        ignored.append({"name": m.name, "reason": "no label"})
+                        listing.ignored.append({"name": m.name, "reason": "no label"})
                         continue
-                    members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
+                    listing.members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
+                else:
+                    listing.ignored.append({"name": m.name, "reason": "neither an image nor a class tar"})
     except tarfile.TarError as e:
         raise PipeError(f"{archive}: not a readable tar archive ({e})") from None
-    members.sort(key=lambda m: m.key)
-    return SourceListing(archive.parent, members, ignored)
+    listing.members.sort(key=lambda m: m.key)
+    return listing
+
+
+def _list_class_tar(f: IO[bytes], m: tarfile.TarInfo, archive: Path, listing: SourceListing) -> None:
+    """The members of one inner class tar (bytes [offset_data, +size) of the train tar). A member cut short, or a
+    header that cannot be read, ends this class tar only: what came before is kept, the rest listed as skipped."""
+    wnid = PurePosixPath(m.name).stem
+    kept = 0
+    try:
+        with tarfile.open(fileobj=_ByteRange(f, m.offset_data, m.size), mode="r:") as inner:
+            for im in inner:
+                if im.offset_data + im.size > m.size:
+                    raise tarfile.ReadError(f"member {im.name} ends {im.offset_data + im.size - m.size} bytes "
+                                            "past the end of the class tar")
+                reason = None if im.isdir() else _unsafe(im)
+                if reason:
+                    listing.ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
+                elif PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
+                    listing.members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
+                                                  m.offset_data + im.offset_data, im.size))
+                    kept += 1
+                elif not im.isdir():
+                    listing.ignored.append({"name": f"{m.name}/{im.name}", "reason": "not an image file name"})
+            end = inner.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not read
+            if _ByteRange(f, m.offset_data + end, min(tarfile.BLOCKSIZE, m.size - end)).read().strip(b"\0"):
+                raise tarfile.ReadError(f"unreadable member header at byte {end}")
+    except tarfile.TarError as e:
+        listing.skipped.append({"key": None, "wnid": wnid, "path": f"{archive.name}/{m.name}",
+                                "reason": f"damaged class tar {m.name} ({e}): the rest of it is lost, "
+                                          f"{kept} complete images before the damage kept"})
 
 
 def _unsafe(m: tarfile.TarInfo) -> str | None:

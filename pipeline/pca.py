@@ -98,6 +98,37 @@ def pca_from_moments(m: Moments) -> dict:
     }
 
 
+def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
+    """What the lighting augmentation relies on, checked when pca.json is read: cov symmetric positive
+    semi-definite, eigenvalues non-negative and descending, eigvecs orthonormal and eigvecs·diag(eigvals)·eigvecsᵀ
+    = cov. `tol` is relative to the covariance's largest entry (float64 round-off, not a licence for wrong
+    numbers)."""
+    from pipeline.errors import PipeError
+
+    def fail(expected: str, found: str) -> None:
+        raise PipeError(f"{path}: expected {expected}, found {found}; rerun `alexnet-pipe pca-stats --force`")
+
+    try:
+        cov, vals, vecs = (np.asarray(d[k], dtype=np.float64) for k in ("cov", "eigvals", "eigvecs"))
+    except (KeyError, TypeError, ValueError) as e:
+        fail("cov [3][3], eigvals [3] and eigvecs [3][3] of numbers", f"{type(e).__name__}: {e}")
+    if cov.shape != (3, 3) or vals.shape != (3,) or vecs.shape != (3, 3) or not np.isfinite(
+            np.concatenate([cov.ravel(), vals, vecs.ravel()])).all():
+        fail("finite cov [3][3], eigvals [3], eigvecs [3][3]", f"shapes {cov.shape}, {vals.shape}, {vecs.shape}")
+    scale = max(float(np.abs(cov).max()), 1e-12)
+    if np.abs(cov - cov.T).max() > tol * scale:
+        fail("a symmetric covariance", f"cov - covᵀ up to {np.abs(cov - cov.T).max():.3g}")
+    if (lowest := float(np.linalg.eigvalsh((cov + cov.T) / 2).min())) < -tol * scale:
+        fail("a positive semi-definite covariance", f"an eigenvalue of cov of {lowest:.3g}")
+    if vals.min() < -tol * scale or (np.diff(vals) > tol * scale).any():
+        fail("eigenvalues non-negative and descending", f"{vals.tolist()}")
+    if np.abs(vecs.T @ vecs - np.eye(3)).max() > 1e-6:
+        fail("orthonormal eigenvectors (columns)", f"eigvecsᵀ·eigvecs off the identity by "
+             f"{np.abs(vecs.T @ vecs - np.eye(3)).max():.3g}")
+    if (err := float(np.abs(vecs @ np.diag(vals) @ vecs.T - cov).max())) > tol * scale:
+        fail("eigvecs·diag(eigvals)·eigvecsᵀ = cov", f"a difference of {err:.3g}")
+
+
 def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.ndarray]:
     """Decoded RGB planes (3×N uint8) of a shard's images in tar order (only sample positions in `keep`)."""
     from PIL import Image

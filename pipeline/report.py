@@ -45,9 +45,11 @@ def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
                         label=key.replace("_", " "))
         ax.set_title(title)
         ax.set_xlabel(series[0][2])
-        if name == "lr.png":
+        if not ax.get_lines():  # e.g. no epoch finished yet: say so (a legend or log axis of nothing warns)
+            ax.text(0.5, 0.5, f"no {series[0][2]} logged yet", ha="center", va="center", transform=ax.transAxes)
+        elif name == "lr.png":
             ax.set_yscale("log")
-        if len(series) > 1:
+        if len(series) > 1 and ax.get_lines():
             ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -109,7 +111,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     steps, epochs = read_metrics(run_dir)
     figures = plot_curves(steps, epochs, out)
     prediction_grid(result, Path(result["val"]["dir"]), out / "predictions.png")
-    demo = result["val"].get("demo", _looks_like_demo(result))
+    origin, comparable = val_data_origin(Path(result["val"]["dir"]))
     rows = [("this run, " + Path(result["checkpoint"]["path"]).name, result["centre"], "centre 224 crop")]
     if "ten_crop" in result:
         rows.append(("this run, " + Path(result["checkpoint"]["path"]).name, result["ten_crop"], "10-crop"))
@@ -125,10 +127,11 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         "# AlexNet run report", "",
         f"Checkpoint `{result['checkpoint']['path']}` (step {result['checkpoint']['step']}, epoch "
         f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
-        f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`).", "",
+        f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`) "
+        f"of {origin}.", "",
     ]
-    if demo:
-        md += ["> **Different data.** This run used the generated demo data set, not ILSVRC-2012: its errors are not "
+    if not comparable:
+        md += [f"> **Different data.** This run used {origin}, not the full ILSVRC-2012: its errors are not "
                f"comparable with the paper's. Chance top-1 error here is {1 - chance:.1%} "
                f"({len(result['per_class'])} classes present, top-1 over all 1,000 outputs).", ""]
     md += ["## Error", "", *table, "",
@@ -159,5 +162,21 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     return path
 
 
-def _looks_like_demo(result: dict) -> bool:
-    return result["samples"] != 50_000
+def val_data_origin(val_dir: Path) -> tuple[str, bool]:
+    """(where the val shards came from, whether the paper's errors compare), read from the shard set's manifest
+    and done marker: the generated demo set (its source is a `synth` stage folder), a subset of ILSVRC-2012, or
+    the full ILSVRC-2012 val. Never guessed from a sample count alone."""
+    from pipeline.cache import MARKER
+    from pipeline.shards import load_manifest
+
+    manifest = load_manifest(val_dir)
+    k, total = len(manifest["classes"]), manifest["num_classes_total"]
+    marker = json.loads((val_dir / MARKER).read_text()) if (val_dir / MARKER).is_file() else {}
+    source = Path(marker.get("inputs", {}).get("source", {}).get("path", "/nonexistent"))
+    for folder in (source, source.parent):
+        synth = folder / MARKER
+        if synth.is_file() and json.loads(synth.read_text()).get("stage") == "synth":
+            return f"the generated demo data set ({k} of {total:,} classes)", False
+    if k == total == 1000 and manifest["samples"] == 50_000 and manifest["split"] == "val":
+        return "the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True
+    return f"a subset of ILSVRC-2012 {manifest['split']} ({k} of {total:,} classes)", False

@@ -76,8 +76,12 @@ def write_shard(out: Path, name: str, members: list[Member], source_root: Path, 
         for m in members:
             try:
                 img = prepare_image(m.read(source_root), short_side=short_side, quality=quality)
-            except (BadImage, OSError) as e:
+            except BadImage as e:
                 skipped.append({"key": m.key, "wnid": m.wnid, "path": m.path, "reason": str(e)})
+                continue
+            except OSError as e:  # strerror only: the exception's own text holds this machine's absolute path
+                skipped.append({"key": m.key, "wnid": m.wnid, "path": m.path,
+                                "reason": f"unreadable: {e.strerror or e}"})
                 continue
             label = label_of[m.wnid]
             meta = {"key": m.key, "wnid": m.wnid, "label": label, **img.meta}
@@ -131,9 +135,10 @@ def dali_index(tar_path: Path) -> str:
     return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict) -> dict:
+def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict,
+                   source_skipped: list[dict] = ()) -> dict:
     """The single source of truth about a shard set; no times, hosts or absolute paths (its hash keys stages
-    downstream)."""
+    downstream). `source_skipped`: images the index lost to a damaged class tar, listed before the shards' own."""
     counts: dict[str, int] = {}
     for r in records:
         for wnid, n in r["classes"].items():
@@ -148,7 +153,7 @@ def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored
         "classes": [{"index": classes.label_of(w), "wnid": w, "name": classes.names[classes.label_of(w)],
                      "samples": counts[w]} for w in present],
         "num_classes_total": len(classes.wnids),
-        "skipped": [s for r in records for s in r["skipped"]],
+        "skipped": [*source_skipped, *(s for r in records for s in r["skipped"])],
         "repaired": [s for r in records for s in r["repaired"]],
         "ignored_members": ignored,
     }
@@ -165,6 +170,40 @@ def shard_paths(shard_dir: Path) -> list[tuple[Path, Path]]:
     """(tar, idx) of every shard in the manifest, in manifest order (we expand names ourselves; DALI does not)."""
     return [(shard_dir / s["name"], (shard_dir / s["name"]).with_suffix(".idx"))
             for s in load_manifest(shard_dir)["shards"]]
+
+
+def damaged_shards(shard_dir: Path, manifest: dict) -> list[str]:
+    """Shards of the manifest whose tar is missing or not the recorded size, or whose DALI index is missing: the
+    cheap check (stat only, no hashing) behind `status`, the up-to-date check and the loaders."""
+    damaged = []
+    for entry in manifest["shards"]:
+        tar = shard_dir / entry["name"]
+        try:
+            intact = tar.stat().st_size == entry["bytes"] and tar.with_suffix(".idx").stat().st_size > 0
+        except FileNotFoundError:
+            intact = False
+        if not intact:
+            damaged.append(entry["name"])
+    return damaged
+
+
+def check_shard_files(shard_dir: Path, manifest: dict) -> None:
+    """Before DALI opens a shard set: a missing or resized shard is one line naming it (DALI's own error is a
+    multi-line "Malformed index file")."""
+    damaged = damaged_shards(shard_dir, manifest)
+    if not damaged:
+        return
+    entry = next(e for e in manifest["shards"] if e["name"] == damaged[0])
+    tar = shard_dir / entry["name"]
+    if not tar.is_file():
+        found = "no such file"
+    elif tar.stat().st_size != entry["bytes"]:
+        found = f"{tar.stat().st_size:,} bytes"
+    else:
+        found = f"no index {tar.stem}.idx beside it"
+    more = f" ({len(damaged) - 1} more shard(s) damaged)" if len(damaged) > 1 else ""
+    raise PipeError(f"{tar}: expected a shard of {entry['bytes']:,} bytes (manifest.json), found {found}{more}; "
+                    f"run `alexnet-pipe verify {shard_dir}`, then rerun `alexnet-pipe shard` to rewrite it")
 
 
 def verify_shards(shard_dir: Path, *, decode: bool = False,

@@ -14,10 +14,24 @@ from pathlib import Path
 from pipeline.cache import Input, Stage, read_json, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import find_layout, list_source, load_classes
-from pipeline.shards import ShardJob, assign_shards, build_manifest, shard_name, write_member_list
+from pipeline.shards import (
+    ShardJob,
+    assign_shards,
+    build_manifest,
+    damaged_shards,
+    load_manifest,
+    shard_name,
+    write_member_list,
+)
 from stages import QuietReporter, Reporter, task_slice
 
 VERSION = 1
+# The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
+GOLDEN = {"version": 1,
+          "demo-train": "2d65538be349461b2254de88f4e975b761895becda55fedd30f5196e667495a1",
+          "demo-val": "7424e785d841480b91950ee5f2d4f5893cf4981efb9e906db4047d9c7146dcdd",
+          "samples-train": "23c9c4edf7ae5c7150f27327ba36116ea14584fdb6ea11624543e5c6759ad7dd",
+          "samples-val": "143d2e687aba90f4ff1e12e8624386ae271200aea7bc48390a4b4f888d1ffacd"}
 LISTS = "_lists"
 
 
@@ -30,6 +44,7 @@ class ShardResult:
     skipped: int = 0
     shards_done: int = 0
     shards_total: int = 0
+    rewritten: tuple[str, ...] = ()  # shards found missing or resized by the up-to-date check, written again
 
 
 def run(source: Path, out: Path, *, split: str, labels: Path | None = None, classes_file: Path | None = None,
@@ -59,18 +74,30 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         inputs["classes"] = Input.of_source(classes_file)
     stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product="manifest.json",
                   outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json"))
+    damaged = []
     if stage.up_to_date() and not force:
-        reporter.info(f"shard {split}: up to date ({out})")
-        return ShardResult(up_to_date=True, finalized=False)
+        manifest_lost = not (out / "manifest.json").is_file()
+        damaged = ["manifest.json"] if manifest_lost else damaged_shards(out, load_manifest(out))
+        if not damaged:
+            reporter.info(f"shard {split}: up to date ({out})")
+            return ShardResult(up_to_date=True, finalized=False)
 
     started = time.time()
     with stage.run_lock(exclusive=task_index is None):
+        if damaged:
+            reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
+                          "rewriting exactly those")
+            units = [name.removesuffix(".tar") for name in damaged if name.endswith(".tar")]
+            lists_lost = any(not (out / LISTS / f"{u}.jsonl").is_file() for u in units)
+            stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
         stage.plan(["index"], force=force)
         stage.run_units(["index"], _IndexJob(str(source), str(out), split,
                                              str(layout.labels) if layout.labels else None, shard_size, seed))
         index = read_json(stage.unit_record_path("index"))
         for item in index["ignored"]:
             reporter.warn(f"ignored {item['name']}: {item['reason']}")
+        for item in index.get("skipped", []):
+            reporter.warn(f"skipped {item['path']}: {item['reason']}")
         names = [shard_name(split, i) for i in range(index["shards"])]
         stage.plan(["index", *names])
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
@@ -80,7 +107,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         todo = [n for n in mine if not stage.unit_done(n)]
         if len(todo) < len(mine):
             reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
-        result = ShardResult(up_to_date=False, finalized=False, shards_total=len(names))
+        result = ShardResult(up_to_date=False, finalized=False, shards_total=len(names), rewritten=tuple(damaged))
         with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
             def on_done(unit: str, record: dict) -> None:
                 result.written += record["samples"]
@@ -97,7 +124,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
                           "the manifest is written when all do")
             return result
         records = list(stage.records(names).values())
-        manifest = build_manifest(split, records, classes, index["ignored"], params)
+        manifest = build_manifest(split, records, classes, index["ignored"], params, index.get("skipped", []))
 
         def write_products() -> None:
             write_json(out / "manifest.json", manifest)
@@ -106,8 +133,8 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
                                           extra={"samples": manifest["samples"], "shards": len(names)})
         result.written, result.skipped, result.repaired = (manifest["samples"], len(manifest["skipped"]),
                                                            len(manifest["repaired"]))
-    reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped "
-                  f"in {len(manifest['shards'])} shards → {out}")
+    reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped, "
+                  f"{len(manifest['ignored_members'])} ignored in {len(manifest['shards'])} shards → {out}")
     return result
 
 
@@ -131,4 +158,4 @@ class _IndexJob:
             write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", members)
         return {"source_root": str(listing.root), "shards": len(shards), "sizes": [len(s) for s in shards],
                 "images": len(listing.members), "wnids": sorted({m.wnid for m in listing.members}),
-                "ignored": listing.ignored}
+                "ignored": listing.ignored, "skipped": listing.skipped}

@@ -8,10 +8,13 @@ import shutil
 import time
 from pathlib import Path
 
-from pipeline.cache import Stage
+from pipeline.cache import Stage, disk_full_is_user_error
 from stages import QuietReporter, Reporter
 
 VERSION = 1
+# The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
+GOLDEN = {"version": 1,
+          "demo": "c8267ca1c7b974702bbfb1aeacd59d13e2b785c8515332d3d9e3be5c39f2cc98"}
 PRODUCTS = ("train", "val", "LOC_val_solution.csv", "LOC_synset_mapping.txt", "ILSVRC2012_img_train.tar",
             "ILSVRC2012_img_val.tar", "ILSVRC2012_devkit_t12.tar.gz")
 
@@ -36,9 +39,13 @@ def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_cla
         tmp = out / f".synth-tmp-{os.getpid()}"
         tmp.mkdir()
         total = synth.synth_image_count(classes, train_per_class, val_per_class)
-        with reporter.progress("synth", total=total) as advance:
-            summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
-                                     val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+        try:
+            with reporter.progress("synth", total=total) as advance, disk_full_is_user_error(tmp):
+                summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
+                                         val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+        except BaseException:  # a full disk or Ctrl-C: free what was written (a SIGKILL's leftover goes next run)
+            _remove(tmp)
+            raise
 
         def move_into_place() -> None:
             for entry in sorted(tmp.iterdir()):
