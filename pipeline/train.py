@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import atomic_write
+from pipeline.cache import atomic_write, disk_full_is_user_error
 from pipeline.checkpoints import (
     CHECKPOINTS_DIR,
     latest_checkpoint,
@@ -411,7 +411,7 @@ def _gather(state: dict, place: Placement) -> list[dict]:
 
 
 def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with disk_full_is_user_error(path), open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
 

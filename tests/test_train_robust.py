@@ -4,6 +4,7 @@ end a run before it learns. Real CLI processes, signals, torchrun (gloo) and tor
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -215,3 +216,60 @@ def test_a_run_that_has_not_started_learning_says_so_loudly_once_per_epoch_after
     assert [r.get("not_learning", False) for r in epochs] == [False, True]
     assert said(never_learns).count("has not started learning") == 1
     assert all("lr_held" in r for r in epochs)  # and the plateau rule held its lr at chance level
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`mount(size)`: a tmpfs of `size` at tmp_path/disk (root only; skipped with the reason elsewhere), remounted
+    with another size on a second call. Always unmounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if os.path.ismount(disk) else f"size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'})")
+        return disk
+
+    try:
+        yield mount
+    finally:
+        if os.path.ismount(disk):
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_full_disk_in_train_is_one_line_naming_the_path_and_a_rerun_with_space_resumes(
+        small_disk, tiny_data, train_cmd, cli, tmp_path):
+    run = small_disk("28m") / "run"  # a checkpoint is ~11 MB: steps 3 and 6 fit, step 9 does not
+    args = train_cmd(tiny_data, run, max_steps=12)
+    line = one_line_error(cli(*args, check=False), "no space left on the device", str(run / "checkpoints"))
+    assert no_temp_files(run) and checkpoints(run) == ["step-000000003.pt", "step-000000006.pt"]
+    from pipeline.checkpoints import checkpoint_problem
+
+    assert all(checkpoint_problem(p) is None for p in (run / "checkpoints").glob("*.pt")), line
+    small_disk("64m")
+    resumed = cli(*args)
+    assert "resuming from step 6, epoch 0" in said(resumed)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 13))
+    assert checkpoints(run)[-1] == "step-000000012.pt" and (run / "_stage.json").is_file()
+
+
+def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_completes(
+        small_disk, tiny_data, levelled_checkpoint, cli):
+    disk = small_disk("1m")
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:  # leave the eval not one page
+        while True:
+            f.write(b"\0" * 4096)
+    args = ["eval", levelled_checkpoint, "--val", tiny_data["val"], "--out", disk / "eval", "--no-ten-crop"]
+    one_line_error(cli(*args, check=False), "no space left on the device", str(disk / "eval"))
+    assert no_temp_files(disk) and not (disk / "eval" / "eval.json").exists()
+    filler.unlink()
+    cli(*args)
+    assert json.loads((disk / "eval" / "eval.json").read_text())["samples"] == 18
