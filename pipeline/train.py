@@ -3,7 +3,8 @@
 A checkpoint is a plain dict (model, optimizer, scheduler, epoch, step, RNG states as tensors, loader position,
 the losses logged so far in the epoch, config) loadable with `torch.load(weights_only=True)`, written atomically as
 checkpoints/step-%09d.pt. Resuming restores the loader position and every RNG, so on the CPU a run killed mid-epoch
-and resumed ends with the same weights and metrics as an uninterrupted one.
+and resumed ends with the same weights and metrics as an uninterrupted one. SIGTERM/SIGUSR1 stop the run at a step
+boundary with a checkpoint; a checkpoint belongs to the topology (world size, per-rank batch) that wrote it.
 """
 
 from __future__ import annotations
@@ -219,15 +220,16 @@ class StopFlag:
 
 def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_loader, val_loader, out: Path,
         place: Placement, progress: Progress | None = None, extra_config: dict | None = None) -> dict:
-    """Train until `cfg.epochs` or `cfg.max_steps`, resuming from the highest checkpoint in out/checkpoints."""
+    """Train until `cfg.epochs`, `cfg.max_steps` or a stop signal, resuming from the newest good checkpoint in
+    out/checkpoints."""
     optimizer = make_optimizer(model, cfg)
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
               {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress())
     step_fn = wrap_model(model, cfg, place)
-    at = resume(run)
-    total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
-    run.stop = StopFlag()
+    run.stop = StopFlag()  # from here a signal is noted, not fatal: the run stops at its next step boundary
     try:
+        at = resume(run)
+        total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
         while at.epoch < cfg.epochs and at.step < total and not at.stopped:
             if not train_epoch(run, step_fn, train_loader, at, total):
                 break  # stopped inside the epoch (max_steps or a signal)

@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Input, Stage, write_json
-from pipeline.checkpoints import CHECKPOINT_GLOB, CHECKPOINTS_DIR, checkpoint_problem, newest_good_checkpoint
+from pipeline.checkpoints import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS_DIR,
+    checkpoint_problem,
+    digest_path,
+    newest_good_checkpoint,
+)
 from pipeline.errors import PipeError
 from stages import QuietReporter, Reporter
 
@@ -20,8 +26,8 @@ EXAMPLES = 16
 def resolve_checkpoint(run_or_checkpoint: Path, reporter: Reporter) -> Path:
     """A run folder means its newest checkpoint that verifies (found by the digests beside them, without importing
     torch: an up-to-date eval and a wrong path return at once); a named file that does not verify is an error."""
-    if run_or_checkpoint.is_file():
-        problem = checkpoint_problem(run_or_checkpoint)
+    if run_or_checkpoint.is_file():  # without a digest beside it, reading it is the check (load_checkpoint)
+        problem = checkpoint_problem(run_or_checkpoint) if digest_path(run_or_checkpoint).is_file() else None
         if problem:
             raise PipeError(f"{run_or_checkpoint}: expected a good checkpoint, found it damaged ({problem})")
         return run_or_checkpoint
