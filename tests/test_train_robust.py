@@ -207,8 +207,9 @@ def test_a_loss_flat_at_ln_c_for_a_whole_epoch_is_not_learning():
 
 @pytest.fixture
 def never_learns(tiny_data, train_cmd, cli, tmp_path) -> subprocess.CompletedProcess:
-    """Two epochs at lr 0 from a nearly zero init: every output about equal, the loss about ln(1000)."""
-    return cli(*train_cmd(tiny_data, tmp_path / "flat", init="paper", init_std=1e-4, lr=0, width=0.0625))
+    """Two epochs of 3 steps at lr 0 from a nearly zero init: every output about equal, the loss about ln(1000)."""
+    return cli(*train_cmd(tiny_data, tmp_path / "flat", init="paper", init_std=1e-4, lr=0, width=0.0625,
+                          batch_size=12))
 
 
 def test_a_run_that_has_not_started_learning_says_so_loudly_once_per_epoch_after_the_first(never_learns, tmp_path):
@@ -246,30 +247,38 @@ def no_temp_files(folder: Path) -> bool:
 
 def test_a_full_disk_in_train_is_one_line_naming_the_path_and_a_rerun_with_space_resumes(
         small_disk, tiny_data, train_cmd, cli, tmp_path):
-    run = small_disk("28m") / "run"  # a checkpoint is ~11 MB: steps 3 and 6 fit, step 9 does not
-    args = train_cmd(tiny_data, run, max_steps=12)
+    run = small_disk("28m") / "run"  # a checkpoint is ~11 MB: steps 1 and 2 fit, step 3 does not
+    args = train_cmd(tiny_data, run, max_steps=4, checkpoint_every=1)
     line = one_line_error(cli(*args, check=False), "no space left on the device", str(run / "checkpoints"))
-    assert no_temp_files(run) and checkpoints(run) == ["step-000000003.pt", "step-000000006.pt"]
+    assert no_temp_files(run) and checkpoints(run) == ["step-000000001.pt", "step-000000002.pt"]
     from pipeline.checkpoints import checkpoint_problem
 
     assert all(checkpoint_problem(p) is None for p in (run / "checkpoints").glob("*.pt")), line
     small_disk("64m")
     resumed = cli(*args)
-    assert "resuming from step 6, epoch 0" in said(resumed)
-    assert [r["step"] for r in metrics(run) if "loss" in r] == list(range(1, 13))
-    assert checkpoints(run)[-1] == "step-000000012.pt" and (run / "_stage.json").is_file()
+    assert "resuming from step 2, epoch 0" in said(resumed)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
+    assert checkpoints(run)[-1] == "step-000000004.pt" and (run / "_stage.json").is_file()
 
 
-def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_completes(
-        small_disk, tiny_data, levelled_checkpoint, cli):
+def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_completes_naming_the_models_classes(
+        small_disk, tiny_data, levelled_checkpoint, cli, tmp_path):
+    state = torch.load(levelled_checkpoint, map_location="cpu", weights_only=True)
+    table = state["config"]["classes"]
+    assert len(table["wnids"]) == len(table["names"]) == state["config"]["model"]["num_classes"]
+    table["names"] = [f"renamed {i}" for i in range(len(table["names"]))]  # eval must name classes from here
+    checkpoint = tmp_path / levelled_checkpoint.name
+    torch.save(state, checkpoint)
     disk = small_disk("1m")
     filler = disk / "filler"
     with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:  # leave the eval not one page
         while True:
             f.write(b"\0" * 4096)
-    args = ["eval", levelled_checkpoint, "--val", tiny_data["val"], "--out", disk / "eval", "--no-ten-crop"]
+    args = ["eval", checkpoint, "--val", tiny_data["val"], "--out", disk / "eval", "--no-ten-crop"]
     one_line_error(cli(*args, check=False), "no space left on the device", str(disk / "eval"))
     assert no_temp_files(disk) and not (disk / "eval" / "eval.json").exists()
     filler.unlink()
     cli(*args)
-    assert json.loads((disk / "eval" / "eval.json").read_text())["samples"] == 18
+    result = json.loads((disk / "eval" / "eval.json").read_text())
+    assert result["samples"] == 18 and {c["name"] for c in result["per_class"]} == \
+        {f"renamed {c['index']}" for c in result["per_class"]}
