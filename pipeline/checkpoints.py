@@ -1,4 +1,5 @@
-"""Checkpoint files of a run: `checkpoints/step-%09d.pt`, written atomically, the last K kept.
+"""Checkpoint files of a run: `checkpoints/step-%09d.pt`, written atomically, the last K kept, each with its sha256
+beside it (`step-%09d.pt.sha256`) so that a damaged copy is found before torch reads it.
 
 Finding a run's newest checkpoint needs no torch (an up-to-date `eval` answers at once); saving and loading import
 it when called. A checkpoint is a plain dict loadable with `torch.load(weights_only=True)` (see pipeline/train.py).
@@ -6,17 +7,27 @@ it when called. A checkpoint is a plain dict loadable with `torch.load(weights_o
 
 from __future__ import annotations
 
+import hashlib
 import io
+from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.cache import atomic_write
+from pipeline.cache import atomic_write, sha256_file
+from pipeline.errors import PipeError
+from pipeline.imagenet import ClassTable, ilsvrc2012_classes
 
 CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 CHECKPOINT_GLOB = "step-*.pt"
+DIGEST_SUFFIX = ".sha256"  # the sidecar: the checkpoint's sha256 in hex, written after it
+DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed its check, set aside (never deleted: it may be evidence)
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step-{step:09d}.pt"
+
+
+def digest_path(checkpoint: Path) -> Path:
+    return checkpoint.with_name(checkpoint.name + DIGEST_SUFFIX)
 
 
 def checkpoints(folder: Path) -> list[Path]:
@@ -30,7 +41,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
-    """Atomic write, then keep only the `keep` highest steps."""
+    """Atomic write, then its digest beside it, then keep only the `keep` highest steps."""
     import torch
 
     path = checkpoint_path(folder, step)
@@ -38,12 +49,66 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     torch.save(state, buffer)
     with atomic_write(path) as f:
         f.write(buffer.getbuffer())
+    with atomic_write(digest_path(path), "w") as f:
+        f.write(hashlib.sha256(buffer.getbuffer()).hexdigest() + "\n")
     for old in checkpoints(folder)[:-keep]:
         old.unlink()
+        digest_path(old).unlink(missing_ok=True)
     return path
 
 
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from, or None. With a sidecar the check is its digest (no torch); a checkpoint
+    written before sidecars existed is checked by reading it whole."""
+    sidecar = digest_path(path)
+    if sidecar.is_file():
+        expected, found = sidecar.read_text().strip(), sha256_file(path)
+        return None if found == expected else f"sha256 {found[:12]}… differs from the recorded {expected[:12]}…"
+    try:
+        load_checkpoint(path)
+    except PipeError as e:
+        return str(e).removeprefix(f"{path}: ")
+    return None
+
+
+def newest_good_checkpoint(folder: Path, warn: Callable[[str], None]) -> Path | None:
+    """Walk back from the newest checkpoint to the newest that verifies; each damaged one on the way is one
+    warning and is renamed *.damaged. None when the folder holds no checkpoint; an error when none is good (also
+    when an earlier run set them all aside)."""
+    found = checkpoints(folder)
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        set_aside = path.with_name(path.name + DAMAGED_SUFFIX)
+        path.rename(set_aside)
+        digest_path(path).unlink(missing_ok=True)
+        warn(f"checkpoint {path} is damaged ({problem}); set aside as {set_aside.name}, trying the one before")
+    damaged = sorted(folder.glob(CHECKPOINT_GLOB + DAMAGED_SUFFIX)) if folder.is_dir() else []
+    if damaged:  # also on a later run: a fresh start would silently drop the run
+        raise PipeError(f"{folder}: no checkpoint verifies ({len(damaged)} set aside as *{DAMAGED_SUFFIX}); "
+                        "expected at least one good step-*.pt; restore one, or rerun with --force to start over")
+    return None
+
+
 def load_checkpoint(path: Path) -> dict:
+    """The checkpoint dict; a file torch cannot read (truncated, not a checkpoint) is a one-line error."""
+    import pickle
+    import zipfile
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PipeError(f"{path}: not a readable checkpoint ({reason})") from None
+
+
+def checkpoint_classes(config: dict) -> ClassTable:
+    """The class table of a checkpoint's outputs (index → wnid, name); checkpoints written before it was stored
+    read as the built-in ILSVRC-2012 list. Unknown entries (a custom class list's classes never seen) are ""."""
+    stored = config.get("classes")
+    if stored is None:
+        return ilsvrc2012_classes()
+    return ClassTable(tuple(stored["wnids"]), tuple(stored["names"]))

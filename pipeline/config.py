@@ -20,6 +20,7 @@ CROPS = tuple(CONV1_PADDING)
 LRN_CONVENTIONS = ("paper", "caffe")
 INITS = ("paper", "default")
 LOADERS = ("dali", "torch")  # DALI, or the plain torch reference path
+LR_SCHEDULES = ("plateau", "step")
 
 # What a setting is to a run (metadata "role"):
 RESULT = "result"    # changes the weights: a run's checkpoints are resumed only with the same value
@@ -129,6 +130,10 @@ class TrainConfig(_Settings):
                             "prior to termination).", minimum=0)
     lr_patience: int = setting(1, "Epochs without val improvement before a drop (the paper does not say).",
                                minimum=0)
+    lr_schedule: str = setting("plateau", "plateau: lr/10 when the val error stops improving (§5), never while it is "
+                               "at chance level; step: lr/10 every --lr-step-epochs epochs (torchvision's recipe).",
+                               choices=LR_SCHEDULES)
+    lr_step_epochs: int = setting(30, "Epochs between the drops of --lr-schedule step (torchvision: 30).", minimum=1)
     seed: int = setting(0, "Seed of the initial weights, the loader order and the augmentation.")
     random_crop: bool = setting(True, "Random 224 patches of the 256 square (§4.1); off: the centre patch.")
     mirror: bool = setting(True, "Horizontal reflections with p=0.5 (§4.1).")

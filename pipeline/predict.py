@@ -18,19 +18,14 @@ import torch
 
 from pipeline.augment.geometry import centre_crop_box, ten_crop_boxes
 from pipeline.augment.reference import decode_rgb, reference_patch
+from pipeline.checkpoints import checkpoint_classes
 from pipeline.cluster import resolve_devices
 from pipeline.config import AlexNetConfig
 from pipeline.errors import PipeError
 from pipeline.evaluate import view_probabilities
-from pipeline.imagenet import IMAGE_SUFFIXES, ClassTable, ilsvrc2012_classes
+from pipeline.imagenet import IMAGE_SUFFIXES, ClassTable
 from pipeline.images import BadImage, prepare_image
 from pipeline.model import AlexNet, build_model
-
-
-def checkpoint_classes(config: dict) -> ClassTable:
-    """The table (index → wnid, name) a checkpoint's outputs index: today every run's labels are the global
-    ILSVRC-2012 ones, so the 1,000 sorted wnids. The one place to point at a table stored in the checkpoint."""
-    return ilsvrc2012_classes()
 
 
 @dataclass

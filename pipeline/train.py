@@ -3,7 +3,8 @@
 A checkpoint is a plain dict (model, optimizer, scheduler, epoch, step, RNG states as tensors, loader position,
 the losses logged so far in the epoch, config) loadable with `torch.load(weights_only=True)`, written atomically as
 checkpoints/step-%09d.pt. Resuming restores the loader position and every RNG, so on the CPU a run killed mid-epoch
-and resumed ends with the same weights and metrics as an uninterrupted one.
+and resumed ends with the same weights and metrics as an uninterrupted one. SIGTERM/SIGUSR1 stop the run at a step
+boundary with a checkpoint; a checkpoint belongs to the topology (world size, per-rank batch) that wrote it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,15 +22,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import atomic_write
-from pipeline.checkpoints import CHECKPOINTS_DIR, latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.cache import atomic_write, disk_full_is_user_error
+from pipeline.checkpoints import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    newest_good_checkpoint,
+    save_checkpoint,
+)
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.errors import PipeError
 from pipeline.model import forward_flops
 from pipeline.record import append_event
 from pipeline.speed import TrainingSpeed
 
 METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm's preemption / time-limit warnings: checkpoint, then exit
+CHANCE_MARGIN = 1.5  # val top-1 error above 1 - CHANCE_MARGIN/K (K val classes) is chance level: nothing learnt yet
+FLAT_LOSS = 0.01  # an epoch's mean train loss within 1% of ln(C): the net has not started learning
 
 
 def seed_everything(seed: int) -> None:
@@ -42,8 +54,42 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """plateau: §5's lr/10 when the val error stops improving (at most `lr_drops` times); step: lr/10 every
+    `lr_step_epochs` epochs (torchvision's reference recipe: 30), also at most `lr_drops` times."""
+    if cfg.lr_schedule == "step":
+        milestones = [cfg.lr_step_epochs * (i + 1) for i in range(cfg.lr_drops)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones, gamma=0.1)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=0.1, patience=cfg.lr_patience, min_lr=cfg.lr * 0.1**cfg.lr_drops * 0.999)
+
+
+def at_chance(top1_error: float, val_classes: int) -> bool:
+    """Is a val top-1 error no better than guessing among the `val_classes` classes present (with a margin for
+    the noise of a small val set)?"""
+    return top1_error > 1 - CHANCE_MARGIN / max(val_classes, 1)
+
+
+def schedule_epoch(scheduler, optimizer: torch.optim.Optimizer, top1_error: float, val_classes: int) -> dict:
+    """Let the schedule see one epoch's val error; what it did, for the epoch's record: the plateau rule is not
+    shown an error at chance level (a slow start is not a plateau: §5's init keeps the loss at ln C for epochs)."""
+    before = optimizer.param_groups[0]["lr"]
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if at_chance(top1_error, val_classes):
+            return {"lr_held": f"val top-1 error {top1_error:.4f} is at chance level for {val_classes} classes"}
+        scheduler.step(top1_error)
+        reason = f"val top-1 error has not improved on {scheduler.best:.4f} for {scheduler.patience + 1} epochs"
+    else:
+        scheduler.step()
+        reason = f"step schedule: epoch {scheduler.last_epoch} is a milestone"
+    after = optimizer.param_groups[0]["lr"]
+    return {"lr_drop": f"lr {before:g} → {after:g}: {reason}"} if after < before else {}
+
+
+def flat_loss(losses: list[float], num_classes: int) -> bool:
+    """An epoch's mean logged loss within FLAT_LOSS of ln(C): the net still outputs uniform guesses (the mean,
+    because one small batch's loss is noisy)."""
+    chance = math.log(num_classes)
+    return bool(losses) and abs(float(np.mean(losses)) - chance) <= FLAT_LOSS * chance
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
@@ -106,6 +152,8 @@ class Progress:
 
     on_step: Callable[[int, int, dict], None] = lambda step, total, fields: None
     on_epoch: Callable[[dict], None] = lambda record: None
+    info: Callable[[str], None] = lambda message: None
+    warn: Callable[[str], None] = lambda message: None
 
 
 @dataclass
@@ -121,6 +169,7 @@ class Run:
     config: dict  # stored in each checkpoint: {"model": …, "train": …, **extra}
     progress: Progress
     speed: TrainingSpeed  # data_wait, step_ms, mfu of the logged steps
+    stop: StopFlag | None = None
 
     @property
     def main_rank(self) -> bool:
@@ -144,29 +193,63 @@ class Position:
     step: int = 0
     loader: dict | None = None
     epoch_losses: list = field(default_factory=list)
+    stopped: str | None = None  # the signal that stopped the run (its checkpoint is written)
+    resumed_from: str | None = None  # the checkpoint this start resumed from
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 only set a flag: the loop reads it at the next step boundary, where the ranks agree on it
+    (all-reduced), so a signal during a step, validation or a checkpoint write lets that finish first."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._previous = {s: signal.signal(s, self._set) for s in STOP_SIGNALS}
+
+    def _set(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def agreed(self, place: Placement) -> str | None:
+        """The signal's name when any rank has received one, the same answer on every rank."""
+        if not place.distributed:
+            return self.signal
+        import torch.distributed as dist
+
+        received = torch.tensor([STOP_SIGNALS.index(signal.Signals[self.signal]) + 1 if self.signal else 0])
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return STOP_SIGNALS[int(received) - 1].name if int(received) else None
+
+    def restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
 
 def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_loader, val_loader, out: Path,
         place: Placement, progress: Progress | None = None, extra_config: dict | None = None) -> dict:
-    """Train until `cfg.epochs` or `cfg.max_steps`, resuming from the highest checkpoint in out/checkpoints."""
+    """Train until `cfg.epochs`, `cfg.max_steps` or a stop signal, resuming from the newest good checkpoint in
+    out/checkpoints."""
     optimizer = make_optimizer(model, cfg)
     speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
                           cfg.amp, cfg.peak_tflops)
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
               {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
     step_fn = wrap_model(model, cfg, place)
-    resumed_from = latest_checkpoint(run.checkpoints)  # what resume() loads, if anything
-    at = resume(run)
-    total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
-    if run.main_rank:  # where this start or resume begins, and what it runs on
-        append_event(out, event="resume" if resumed_from else "start", step=at.step, epoch=at.epoch,
-                     total_steps=total, resumed_from=str(resumed_from) if resumed_from else None,
-                     world_size=place.world_size)
-    while at.epoch < cfg.epochs and at.step < total:
-        if not train_epoch(run, step_fn, train_loader, at, total):
-            break  # stopped inside the epoch (max_steps)
-        end_of_epoch(run, val_loader, at)
-    return {"epoch": at.epoch, "step": at.step, "checkpoint": str(latest_checkpoint(run.checkpoints))}
+    run.stop = StopFlag()  # from here a signal is noted, not fatal: the run stops at its next step boundary
+    try:
+        at = resume(run)
+        total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
+        if run.main_rank:  # where this start or resume begins, and what it runs on
+            append_event(out, event="resume" if at.resumed_from else "start", step=at.step, epoch=at.epoch,
+                         total_steps=total, resumed_from=at.resumed_from,
+                         world_size=place.world_size)
+        while at.epoch < cfg.epochs and at.step < total and not at.stopped:
+            if not train_epoch(run, step_fn, train_loader, at, total):
+                break  # stopped inside the epoch (max_steps or a signal)
+            end_of_epoch(run, val_loader, at)
+            at.stopped = run.stop.agreed(place)  # a signal during validation: the epoch's checkpoint is written
+    finally:
+        run.stop.restore()
+    return {"epoch": at.epoch, "step": at.step, "checkpoint": str(latest_checkpoint(run.checkpoints)),
+            "stopped": at.stopped}
 
 
 def wrap_model(model: torch.nn.Module, cfg: TrainConfig, place: Placement):
@@ -182,21 +265,45 @@ def wrap_model(model: torch.nn.Module, cfg: TrainConfig, place: Placement):
 
 
 def resume(run: Run) -> Position:
-    """From the highest checkpoint: weights, optimizer, schedule, position and this rank's RNGs; metrics logged after
-    it are dropped (they will be logged again). Without one: a fresh start, seeded."""
-    latest = latest_checkpoint(run.checkpoints)
-    if latest is None:
+    """From the newest checkpoint that verifies (rank 0 chooses, damaged ones set aside): weights, optimizer,
+    schedule, position and this rank's RNGs; metrics logged after it are dropped (they will be logged again).
+    Without one: a fresh start, seeded, with an empty metrics.jsonl."""
+    chosen = newest_good_checkpoint(run.checkpoints, run.progress.warn) if run.main_rank else None
+    chosen = _broadcast(chosen, run.place)
+    if chosen is None:
         seed_everything(run.cfg.seed * 1000 + run.place.rank)
+        if run.main_rank:
+            _truncate_metrics(run.metrics, -1)
         return Position()
-    state = load_checkpoint(latest)
+    state = load_checkpoint(chosen)
+    check_topology(state, run.cfg, run.place, chosen)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    rank = run.place.rank
-    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    set_rng_state(state["rng"][run.place.rank])
     if run.main_rank:
         _truncate_metrics(run.metrics, state["step"])
-    return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])))
+        run.progress.info(f"train: resuming from step {state['step']}, epoch {state['epoch']} ({chosen})")
+    return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])),
+                    resumed_from=str(chosen))
+
+
+def topology(cfg: TrainConfig, place: Placement) -> dict:
+    """What the rank split of an epoch and the saved RNG states depend on."""
+    return {"world_size": place.world_size, "per_rank_batch": cfg.batch_size // place.world_size}
+
+
+def check_topology(state: dict, cfg: TrainConfig, place: Placement, path: Path) -> None:
+    """A resume with another rank count would reuse some samples, skip others and hand ranks foreign RNG states:
+    refused (checkpoints from before the record read their world size from `config`)."""
+    saved = state.get("topology") or {"world_size": state["config"].get("world_size", 1),
+                                      "per_rank_batch": cfg.batch_size // state["config"].get("world_size", 1)}
+    now = topology(cfg, place)
+    if saved != now:
+        raise PipeError(f"{path} was written by {saved['world_size']} process(es) of batch "
+                        f"{saved['per_rank_batch']}; this run has {now['world_size']} of batch "
+                        f"{now['per_rank_batch']}; resume with {saved['world_size']} process(es) "
+                        "(torchrun --nproc_per_node), or --force to start over")
 
 
 def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> bool:
@@ -232,9 +339,10 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
             run.progress.on_step(at.step, total, record)
             t_last, seen = time.perf_counter(), 0
         end_of_epoch = at.step % steps_per_epoch == 0  # checkpointed by end_of_epoch, after validation
-        if not end_of_epoch and (at.step % cfg.checkpoint_every == 0 or at.step >= total):
+        at.stopped = run.stop.agreed(place) if run.stop else None
+        if not end_of_epoch and (at.step % cfg.checkpoint_every == 0 or at.step >= total or at.stopped):
             save(run, at, train_loader.state_dict())
-        if at.step >= total and not end_of_epoch:
+        if (at.step >= total or at.stopped) and not end_of_epoch:
             return False
         run.speed.fetch_started()
     return True
@@ -243,15 +351,24 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
 def end_of_epoch(run: Run, val_loader, at: Position) -> None:
     """Validate, let the plateau rule see the val error, log the epoch and checkpoint the start of the next one."""
     val = validate(run.model, val_loader, run.cfg.amp, run.place)
-    run.scheduler.step(val["top1_error"])
+    schedule = schedule_epoch(run.scheduler, run.optimizer, val["top1_error"], run.config.get("val_classes", 0))
     losses = at.epoch_losses
     record = {"epoch": at.epoch, "step": at.step, "val_top1_error": val["top1_error"],
               "val_top5_error": val["top5_error"], "val_samples": val["samples"],
               "train_loss": round(float(np.mean(losses)), 6) if losses else None,
-              "lr": run.optimizer.param_groups[0]["lr"]}
+              "lr": run.optimizer.param_groups[0]["lr"], **schedule}
+    if at.epoch >= 1 and flat_loss(losses, run.config["model"]["num_classes"]):
+        record["not_learning"] = True
     if run.main_rank:
         _append_metrics(run.metrics, record)
     run.progress.on_epoch(record)
+    for key in ("lr_drop", "lr_held"):
+        if key in record:
+            run.progress.info(f"epoch {at.epoch}: {record[key]}")
+    if record.get("not_learning"):
+        run.progress.warn(f"epoch {at.epoch}: the training loss has stayed within {FLAT_LOSS:.0%} of "
+                          f"ln({run.config['model']['num_classes']}) for the whole epoch: the net has not started "
+                          "learning (try --init default, a higher --lr, or check the labels)")
     at.epoch += 1
     at.epoch_losses = []
     save(run, at, {"epoch": at.epoch, "batches": 0})
@@ -264,7 +381,8 @@ def save(run: Run, at: Position, loader_state: dict) -> None:
         save_checkpoint(run.checkpoints, at.step, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
-            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "config": run.config},
+            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "config": run.config,
+            "topology": topology(run.cfg, run.place)},
             run.cfg.keep_checkpoints)
 
 
@@ -284,6 +402,17 @@ def validate(model: torch.nn.Module, val_loader, amp: bool, place: Placement) ->
     return {"top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n, "samples": int(n)}
 
 
+def _broadcast(value, place: Placement):
+    """Rank 0's `value` on every rank."""
+    if not place.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _gather(state: dict, place: Placement) -> list[dict]:
     if not place.distributed:
         return [state]
@@ -295,12 +424,13 @@ def _gather(state: dict, place: Placement) -> list[dict]:
 
 
 def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
+    with disk_full_is_user_error(path), open(path, "a") as f:
         f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock, to follow it live
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again); a fresh
+    start (step -1) keeps none."""
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]

@@ -9,7 +9,13 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Input, Stage, write_json
-from pipeline.checkpoints import CHECKPOINT_GLOB, CHECKPOINTS_DIR, latest_checkpoint
+from pipeline.checkpoints import (
+    CHECKPOINT_GLOB,
+    CHECKPOINTS_DIR,
+    checkpoint_problem,
+    digest_path,
+    newest_good_checkpoint,
+)
 from pipeline.errors import PipeError
 from pipeline.record import run_record
 from stages import QuietReporter, Reporter
@@ -18,12 +24,15 @@ VERSION = 1
 EXAMPLES = 16
 
 
-def resolve_checkpoint(run_or_checkpoint: Path) -> Path:
-    """A run folder means its highest-step checkpoint (found without importing torch: an up-to-date eval and a
-    wrong path return at once)."""
-    if run_or_checkpoint.is_file():
+def resolve_checkpoint(run_or_checkpoint: Path, reporter: Reporter) -> Path:
+    """A run folder means its newest checkpoint that verifies (found by the digests beside them, without importing
+    torch: an up-to-date eval and a wrong path return at once); a named file that does not verify is an error."""
+    if run_or_checkpoint.is_file():  # without a digest beside it, reading it is the check (load_checkpoint)
+        problem = checkpoint_problem(run_or_checkpoint) if digest_path(run_or_checkpoint).is_file() else None
+        if problem:
+            raise PipeError(f"{run_or_checkpoint}: expected a good checkpoint, found it damaged ({problem})")
         return run_or_checkpoint
-    found = latest_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR)
+    found = newest_good_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR, reporter.warn)
     if found is None:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
                         f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
@@ -34,7 +43,7 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
         batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, force: bool = False,
         reporter: Reporter | None = None) -> dict | None:
     reporter = reporter or QuietReporter()
-    checkpoint = resolve_checkpoint(run_or_checkpoint)
+    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter)
     inputs = {"checkpoint": Input.of_file(checkpoint), "val": Input.of_stage(val_dir, "manifest.json")}
     stage = Stage("eval", VERSION, out, {"ten_crop": ten_crop}, inputs, product="eval.json",
                   outputs=("eval.json",))
@@ -68,13 +77,19 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
     from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
     from pipeline.predict import load_classifier
     from pipeline.shards import load_manifest
+    from stages.train import val_class_problems
 
+    manifest = load_manifest(val_dir)
+    if manifest.get("split") != "val":
+        raise PipeError(f"{val_dir}: expected val shards, found split {manifest.get('split')!r} in its manifest.json")
     device_list = resolve_devices(devices)
     classifier = load_classifier(checkpoint, device_list)
     model, model_config, config, classes = (classifier.model, classifier.config, classifier.settings,
                                             classifier.classes)
+    trained = config.get("classes", {}).get("trained", range(len(classes.wnids)))
+    for problem in val_class_problems({"wnids": list(classes.wnids), "trained": trained}, manifest, val_dir):
+        reporter.warn(problem)  # a mismatch raised; a val class never trained on is only a warning
     pca = {"mean": config["mean"], "eigvals": config["eigvals"], "eigvecs": config["eigvecs"]}
-    manifest = load_manifest(val_dir)
     result: dict = {"checkpoint": {"path": str(checkpoint), "step": classifier.step, "epoch": classifier.epoch},
                     "val": {"dir": str(val_dir), "split": manifest["split"]}, "model": config["model"]}
     views = {"centre": False, **({"ten_crop": True} if ten_crop else {})}

@@ -18,6 +18,7 @@ from pipeline.checkpoints import CHECKPOINTS_DIR
 from pipeline.cluster import placement, resolve_devices
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.errors import PipeError
+from pipeline.imagenet import ilsvrc2012_classes
 from pipeline.shards import load_manifest
 from stages import QuietReporter, Reporter
 
@@ -34,7 +35,11 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     place = placement()
     if cfg.batch_size % place.world_size:
         raise PipeError(f"--batch-size {cfg.batch_size} (global) must divide evenly over {place.world_size} ranks")
-    train_manifest = load_manifest(train_dir)
+    train_manifest, val_manifest = load_manifest(train_dir), load_manifest(val_dir)
+    check_inputs(train_dir, train_manifest, val_dir, val_manifest, cfg)
+    classes = class_table(train_manifest, val_manifest)
+    for problem in val_class_problems(classes, val_manifest, val_dir):
+        reporter.warn(problem)
     inputs = {"train": Input.of_stage(train_dir, "manifest.json"), "val": Input.of_stage(val_dir, "manifest.json"),
               "pca": Input.of_stage(pca_path.parent, pca_path.name)}
     model_config = replace(model, num_classes=train_manifest["num_classes_total"])
@@ -53,9 +58,9 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     from pipeline.train import Progress, fit
 
     started = time.time()
+    device_list = resolve_devices(devices, place.local_rank, place.local_world_size)  # before the folder is claimed
     with stage.run_lock(exclusive=place.rank == 0):
         _claim_run_folder(out, trajectory, force, main_rank=place.rank == 0)
-        device_list = resolve_devices(devices, place.local_rank, place.local_world_size)
         on_gpu = device_list[0].startswith("cuda")
         if on_gpu:
             torch.cuda.set_device(device_list[0])
@@ -79,7 +84,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
         val_loader = make_eval_loader(val_dir, pca, cfg.eval_batch_size, ten_crop=False, **common)
         extra = {"devices": device_list, "world_size": place.world_size, "mean": pca["mean"],
                  "eigvals": pca["eigvals"], "eigvecs": pca["eigvecs"],
-                 "manifests": {k: v.digest for k, v in inputs.items()}}
+                 "manifests": {k: v.digest for k, v in inputs.items()}, "classes": classes,
+                 "val_classes": len(val_manifest["classes"])}
         reporter.info(f"train: {sum(p.numel() for p in net.parameters()):,} parameters on {','.join(device_list)}, "
                       f"rank {place.rank}/{place.world_size}, {len(train_loader)} steps/epoch, loader {cfg.loader}")
         with reporter.progress("train", total=min(cfg.epochs * len(train_loader), cfg.max_steps or 1 << 62)
@@ -95,18 +101,73 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
                 reporter.info(f"epoch {rec['epoch']}: val top-1 error {rec['val_top1_error']:.4f}, top-5 "
                               f"{rec['val_top5_error']:.4f} ({rec['val_samples']} images), lr {rec['lr']:g}")
 
+            main = place.rank == 0
             result = fit(net, model_config.to_dict(), cfg, train_loader, val_loader, out, place,
-                         Progress(on_step, on_epoch), extra_config=extra)
+                         Progress(on_step, on_epoch, reporter.info if main else _ignore,
+                                  reporter.warn if main else _ignore), extra_config=extra)
         if place.distributed:
             import torch.distributed as dist
 
             dist.barrier()
             dist.destroy_process_group()
-        if place.rank == 0:
+        if place.rank == 0 and not result["stopped"]:
             stage.finalize(lambda: None, started=started, extra={"final": result})
-    if place.rank == 0:
+    if place.rank == 0 and result["stopped"]:
+        reporter.info(f"train: stopped at step {result['step']} ({result['stopped']}), rerun to resume "
+                      f"→ {result['checkpoint']}")
+    elif place.rank == 0:
         reporter.info(f"train: step {result['step']}, epoch {result['epoch']} → {result['checkpoint']}")
     return result
+
+
+def _ignore(message: str) -> None:
+    """Ranks other than 0 stay quiet (rank 0 speaks for the run)."""
+
+
+def check_inputs(train_dir: Path, train_manifest: dict, val_dir: Path, val_manifest: dict, cfg: TrainConfig) -> None:
+    """What can be refused before the run folder is claimed (so that the corrected command is not refused as "other
+    settings"): each shard folder holds its split, and the data holds at least one global batch."""
+    for flag, folder, manifest, split in (("--train", train_dir, train_manifest, "train"),
+                                          ("--val", val_dir, val_manifest, "val")):
+        if manifest.get("split") != split:
+            raise PipeError(f"{flag} {folder}: expected {split} shards, found split {manifest.get('split')!r} in its "
+                            "manifest.json")
+    if train_manifest["samples"] < cfg.batch_size:
+        raise PipeError(f"{train_dir} holds {train_manifest['samples']} samples, fewer than one global batch "
+                        f"(--batch-size {cfg.batch_size})")
+
+
+def class_table(train_manifest: dict, val_manifest: dict) -> dict:
+    """The name of every output (index → wnid and name, for num_classes_total outputs), stored in the checkpoint:
+    the built-in ILSVRC-2012 list when the shards used it, else what the manifests name ("" for the rest)."""
+    total = train_manifest["num_classes_total"]
+    if train_manifest.get("params", {}).get("classes", "ilsvrc2012") == "ilsvrc2012" and total == 1000:
+        builtin = ilsvrc2012_classes()
+        wnids, names = list(builtin.wnids), list(builtin.names)
+    else:
+        wnids, names = [""] * total, [""] * total
+    for entry in train_manifest["classes"] + val_manifest["classes"]:
+        if entry["index"] < total and not wnids[entry["index"]]:
+            wnids[entry["index"]], names[entry["index"]] = entry["wnid"], entry["name"]
+    return {"wnids": wnids, "names": names, "trained": [c["index"] for c in train_manifest["classes"]]}
+
+
+def val_class_problems(classes: dict, val_manifest: dict, val_dir: Path) -> list[str]:
+    """Refuse val shards whose (index, wnid) differ from the model's class table (made with another class list),
+    naming the first difference; the warnings for val classes the model never trained on."""
+    wnids, trained = classes["wnids"], set(classes.get("trained", range(len(classes["wnids"]))))
+    for entry in val_manifest["classes"]:
+        index, wnid = entry["index"], entry["wnid"]
+        model_wnid = wnids[index] if index < len(wnids) else None
+        if model_wnid != wnid:
+            found = f"{model_wnid}" if model_wnid is not None else f"no output {index} ({len(wnids)} outputs)"
+            raise PipeError(f"{val_dir}: val class {index} is {wnid} but the model's class {index} is {found}; "
+                            "expected val shards made with the class list of the training shards (--classes)")
+    untrained = [e["wnid"] for e in val_manifest["classes"] if e["index"] not in trained]
+    if untrained:
+        return [f"{val_dir}: {len(untrained)} val class(es) the model never trained on (first: {untrained[0]}); "
+                "they count as errors"]
+    return []
 
 
 def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool) -> None:

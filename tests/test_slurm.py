@@ -215,3 +215,32 @@ def test_two_rank_training_through_srun_and_torchrun_then_eval(slurm, prepared):
     checkpoint = torch.load(checkpoints[0], weights_only=True)
     assert checkpoint["step"] == 2 and checkpoint["config"]["world_size"] == 2  # one torchrun, two DDP ranks
     assert (work / "eval" / "slurm" / "eval.json").is_file()
+
+
+def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_with_no_step_lost(slurm, prepared):
+    """What a time limit's warning (--signal=B:USR1@…) or a preemption does, sent at once with scancel."""
+    work, _, _ = prepared
+    jobs = submit(slurm, "train", WORK=str(work), RUN="preempted", NODES="1", GPUS_PER_NODE="0",
+                  NPROC_PER_NODE="1", TRAIN_CPUS="1", DEVICES="cpu", RDZV_PORT=str(free_port()),
+                  TRAIN_ARGS="--max-steps 30 --batch-size 8 --width 0.25 --loader torch --loader-threads 1 "
+                             "--log-every 1 --checkpoint-every 1000")
+    job, metrics = jobs["train"], work / "runs" / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:  # training, not yet at step 30
+        assert time.monotonic() < deadline, f"no training after 180 s\n{squeue(slurm)}\n{logs(work)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True, timeout=60)
+    states = wait(slurm, job, timeout=300)
+    log = logs(work)
+    assert states == {job: "COMPLETED"}, log
+    assert "Restarts=1 " in scontrol(slurm, "show", "job", "-o", job), log
+    import re
+
+    stopped = re.search(r"train: stopped at step (\d+) \(SIGTERM\), rerun to resume", log)
+    assert stopped and 3 <= int(stopped[1]) < 30, log
+    assert f"train: resuming from step {stopped[1]}, epoch 0" in log and "requeueing job" in log, log
+    import json
+
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 31))  # each step once: none lost or redone
+    assert sorted(p.name for p in (metrics.parent / "checkpoints").glob("*.pt"))[-1] == "step-000000030.pt"

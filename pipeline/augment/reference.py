@@ -161,7 +161,17 @@ class _ReferenceEvalSet(torch.utils.data.Dataset):
 def _data_loader(dataset, batches: list, num_workers: int, device: torch.device) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                        pin_memory=device.type == "cuda",
-                                       prefetch_factor=4 if num_workers else None)
+                                       prefetch_factor=4 if num_workers else None,
+                                       worker_init_fn=_ignore_stop_signals)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Slurm signals every process of a job step: a worker must outlive SIGTERM/SIGUSR1 so that its rank can finish
+    the step and write the checkpoint (the rank ends its workers itself)."""
+    import signal
+
+    for stop in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(stop, signal.SIG_IGN)
 
 
 class ReferenceTrainLoader(TrainEpochs):

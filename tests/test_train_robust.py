@@ -1,0 +1,284 @@
+"""Training and evaluation under misuse and on clusters (issue 14): SIGTERM and resume, damaged checkpoints, another
+rank count, inputs refused before the run folder is claimed, split and class checks, and a schedule that cannot
+end a run before it learns. Real CLI processes, signals, torchrun (gloo) and torch schedulers on the tiny set."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.train import at_chance, flat_loss, make_scheduler, schedule_epoch
+from stages.train import val_class_problems
+from tests.test_train_stage import checkpoints, last_checkpoint, metrics, said
+
+TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--no-python"]
+CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
+
+
+def one_line_error(out: subprocess.CompletedProcess, *expected: str, warnings: int = 0) -> str:
+    """Exit 2, no traceback, one `error:` line (the last) holding every `expected` text, `warnings` warnings."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], out.stderr
+    assert sum(line.startswith("warning: ") for line in lines) == warnings, out.stderr
+    assert all(e in lines[-1] for e in expected), lines[-1]
+    return lines[-1]
+
+
+def same_weights(run: Path, reference: Path) -> None:
+    got, want = last_checkpoint(run), last_checkpoint(reference)
+    assert (got["step"], got["epoch"]) == (want["step"], want["epoch"])
+    assert all(torch.equal(got["model"][k], v) for k, v in want["model"].items())
+    assert got["scheduler"] == want["scheduler"]
+
+
+def wait_for_step(run: Path, proc: subprocess.Popen, log: Path, step: int, timeout: float = 120) -> None:
+    """Until metrics.jsonl has logged `step` (a step boundary just passed)."""
+    deadline = time.monotonic() + timeout
+    while not (run / "metrics.jsonl").is_file() or \
+            step not in [json.loads(line).get("step") for line in (run / "metrics.jsonl").read_text().splitlines()]:
+        assert proc.poll() is None, f"ended (exit {proc.returncode}) before step {step}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"no step {step} after {timeout} s"
+        time.sleep(0.005)
+
+
+def test_sigterm_mid_epoch_checkpoints_exits_0_and_a_rerun_ends_with_the_weights_of_an_uninterrupted_run(
+        tiny_data, tiny_run, train_cmd, cli, cli_popen, tmp_path):
+    out, log = tmp_path / "run", tmp_path / "term.log"
+    args = train_cmd(tiny_data, out)
+    proc = cli_popen(*args, log=log)
+    wait_for_step(out, proc, log, 4)  # the checkpoint cadence is 3: step 4's boundary is not a checkpoint
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()
+    stopped = last_checkpoint(out)
+    assert stopped["step"] % 3 and stopped["loader"]["batches"] > 0, "the stop was not mid-epoch, off-cadence"
+    assert f"train: stopped at step {stopped['step']} (SIGTERM), rerun to resume" in log.read_text()
+    assert not (out / "_stage.json").exists()
+    logged = [r["step"] for r in metrics(out)]
+    assert logged == list(range(1, stopped["step"] + 1))  # no completed step is lost
+    resumed = cli(*args)
+    assert f"resuming from step {stopped['step']}, epoch 0" in said(resumed)
+    assert metrics(out) == metrics(tiny_run)
+    same_weights(out, tiny_run)
+
+
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tiny_data, tiny_run,
+                                                                                         train_cmd, cli, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "_stage.json").unlink()  # as if killed before it finalized
+    newest = run / "checkpoints" / "step-000000018.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # a copy cut short
+
+    named = cli("eval", newest, "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False)
+    one_line_error(named, str(newest), "damaged")
+
+    resumed = cli(*train_cmd(tiny_data, run))
+    text = said(resumed)
+    assert "warning: checkpoint" in text and str(newest) in text and "set aside as step-000000018.pt.damaged" in text
+    assert "resuming from step 15, epoch 1" in text
+    assert (run / "checkpoints" / "step-000000018.pt.damaged").is_file()
+    assert metrics(run) == metrics(tiny_run)
+    same_weights(run, tiny_run)
+
+    for path in (run / "checkpoints").glob("step-*.pt"):  # every checkpoint damaged (18 replaces its .damaged)
+        path.write_bytes(b"not a checkpoint")
+    (run / "_stage.json").unlink()
+    one_line_error(cli("eval", run, "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False),
+                   "no checkpoint verifies (3 set aside", warnings=3)
+    assert len(list((run / "checkpoints").glob("*.damaged"))) == 3 and not checkpoints(run)
+    one_line_error(cli(*train_cmd(tiny_data, run), check=False), "no checkpoint verifies (3 set aside", "--force")
+
+
+def test_wrong_inputs_are_refused_before_the_run_folder_is_claimed_and_a_fresh_start_empties_metrics(
+        tiny_data, train_cmd, cli, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')  # killed before step 3
+    one_line_error(cli(*train_cmd(tiny_data, run, batch_size=100000), check=False), "fewer than one global batch")
+    one_line_error(cli(*train_cmd({**tiny_data, "val": tiny_data["train"]}, run), check=False),
+                   f"--val {tiny_data['train']}", "expected val shards", "'train'")
+    one_line_error(cli(*train_cmd({**tiny_data, "train": tiny_data["val"]}, run), check=False), "expected train")
+    one_line_error(cli(*train_cmd(tiny_data, run, devices="cuda:7"), check=False), "cuda:7")
+    assert not (run / "_run.json").exists()  # nothing claimed: the corrected command is not "other settings"
+    cli(*train_cmd(tiny_data, run, max_steps=2))
+    assert [r["step"] for r in metrics(run)] == [1, 2] and all(r["loss"] != 9.0 for r in metrics(run))
+
+
+def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step_and_another_rank_count_is_refused(
+        tiny_data, train_cmd, cli, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "ranks.log"
+    args = train_cmd(tiny_data, run, epochs=20)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(TORCHRUN + ["--nproc_per_node=2", CLI] + args, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    try:
+        wait_for_step(run, proc, log, 3)
+        ranks = {}
+        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            ranks[next(int(e[5:]) for e in environ if e.startswith(b"RANK="))] = int(child)
+        os.kill(ranks[1], signal.SIGTERM)  # one rank only, as a node's signal may reach one process first
+        assert proc.wait(timeout=120) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    state = last_checkpoint(run)
+    assert f"train: stopped at step {state['step']} (SIGTERM)" in log.read_text(), log.read_text()
+    assert state["topology"] == {"world_size": 2, "per_rank_batch": 2} and len(state["rng"]) == 2
+    assert checkpoints(run)[-1] == f"step-{state['step']:09d}.pt"
+
+    refused = cli(*train_cmd(tiny_data, run, epochs=20), check=False)
+    one_line_error(refused, "2 process(es) of batch 2", "1 of batch 4", "--nproc_per_node", "--force")
+
+
+def test_val_shards_made_with_another_class_list_are_refused_naming_the_first_difference(
+        tiny_data, levelled_checkpoint, train_cmd, cli, tmp_path):
+    manifest = json.loads((tiny_data["val"] / "manifest.json").read_text())
+    wnids = [c["wnid"] for c in manifest["classes"]]
+    classes = tmp_path / "classes.txt"  # the val wnids first, in reverse order: every index moves
+    classes.write_text("".join(f"{w} class {w}\n" for w in reversed(wnids)))
+    other = tmp_path / "val-other"
+    cli("shard", tiny_data["work"] / "demo-data", other, "--split", "val", "--shard-size", 8, "--classes", classes)
+    first = json.loads((other / "manifest.json").read_text())["classes"][0]
+    expected = f"val class {first['index']} is {first['wnid']} but the model's class {first['index']} is "
+    one_line_error(cli("eval", levelled_checkpoint, "--val", other, "--out", tmp_path / "eval", check=False),
+                   expected)
+    one_line_error(cli(*train_cmd({**tiny_data, "val": other}, tmp_path / "run"), check=False), expected)
+
+
+def test_a_val_class_never_trained_on_is_a_warning_not_an_error(tiny_data):
+    val = json.loads((tiny_data["val"] / "manifest.json").read_text())
+    from stages.train import class_table
+
+    train = json.loads((tiny_data["train"] / "manifest.json").read_text())
+    table = class_table({**train, "classes": train["classes"][1:]}, val)  # train lacks the first val class
+    problems = val_class_problems(table, val, tiny_data["val"])
+    assert len(problems) == 1 and val["classes"][0]["wnid"] in problems[0] and "never trained on" in problems[0]
+    assert val_class_problems(class_table(train, val), val, tiny_data["val"]) == []
+
+
+def _optimizer() -> torch.optim.Optimizer:
+    return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+
+
+def test_the_plateau_rule_never_drops_the_lr_at_chance_level_and_says_when_and_why_it_drops():
+    optimizer = _optimizer()
+    scheduler = make_scheduler(optimizer, TrainConfig(lr_patience=1))
+    chance = 1 - 1 / 1000
+    for _ in range(6):  # §5's init: six epochs at chance, every one "not improving"
+        record = schedule_epoch(scheduler, optimizer, chance, 1000)
+        assert "lr_held" in record and "lr_drop" not in record
+    assert optimizer.param_groups[0]["lr"] == 0.01
+    drops = [schedule_epoch(scheduler, optimizer, error, 1000) for error in (0.9, 0.8, 0.8, 0.8)]
+    assert [("lr_drop" in r) for r in drops] == [False, False, False, True]
+    assert "0.01 → 0.001" in drops[-1]["lr_drop"] and "has not improved on 0.8000" in drops[-1]["lr_drop"]
+    assert at_chance(0.84, 6) and not at_chance(0.7, 6)
+
+
+def test_the_step_schedule_divides_the_lr_by_ten_at_its_milestones_at_most_lr_drops_times():
+    optimizer = _optimizer()
+    scheduler = make_scheduler(optimizer, TrainConfig(lr_schedule="step", lr_step_epochs=2, lr_drops=2))
+    lrs = []
+    for _ in range(8):
+        optimizer.step()
+        record = schedule_epoch(scheduler, optimizer, 0.999, 1000)  # a step schedule ignores the val error
+        lrs.append((optimizer.param_groups[0]["lr"], "lr_drop" in record))
+    assert [round(lr, 8) for lr, _ in lrs] == [0.01, 0.001, 0.001, 0.0001, 0.0001, 0.0001, 0.0001, 0.0001]
+    assert [drop for _, drop in lrs] == [False, True, False, True, False, False, False, False]
+
+
+def test_a_loss_flat_at_ln_c_for_a_whole_epoch_is_not_learning():
+    assert flat_loss([math.log(1000) * 1.005, math.log(1000) * 0.996], 1000)
+    assert not flat_loss([math.log(1000), math.log(1000) * 0.95], 1000) and not flat_loss([], 1000)
+
+
+@pytest.fixture
+def never_learns(tiny_data, train_cmd, cli, tmp_path) -> subprocess.CompletedProcess:
+    """Two epochs of 3 steps at lr 0 from a nearly zero init: every output about equal, the loss about ln(1000)."""
+    return cli(*train_cmd(tiny_data, tmp_path / "flat", init="paper", init_std=1e-4, lr=0, width=0.0625,
+                          batch_size=12))
+
+
+def test_a_run_that_has_not_started_learning_says_so_loudly_once_per_epoch_after_the_first(never_learns, tmp_path):
+    epochs = [r for r in metrics(tmp_path / "flat") if "val_top1_error" in r]
+    assert [r.get("not_learning", False) for r in epochs] == [False, True]
+    assert said(never_learns).count("has not started learning") == 1
+    assert all("lr_held" in r for r in epochs)  # and the plateau rule held its lr at chance level
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`mount(size)`: a tmpfs of `size` at tmp_path/disk (root only; skipped with the reason elsewhere), remounted
+    with another size on a second call. Always unmounted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if os.path.ismount(disk) else f"size={size}"
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs to fill ({done.stderr.strip() or 'mount failed'})")
+        return disk
+
+    try:
+        yield mount
+    finally:
+        if os.path.ismount(disk):
+            subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def no_temp_files(folder: Path) -> bool:
+    return not [p for p in folder.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_full_disk_in_train_is_one_line_naming_the_path_and_a_rerun_with_space_resumes(
+        small_disk, tiny_data, train_cmd, cli, tmp_path):
+    run = small_disk("28m") / "run"  # a checkpoint is ~11 MB: steps 1 and 2 fit, step 3 does not
+    args = train_cmd(tiny_data, run, max_steps=4, checkpoint_every=1)
+    line = one_line_error(cli(*args, check=False), "no space left on the device", str(run / "checkpoints"))
+    assert no_temp_files(run) and checkpoints(run) == ["step-000000001.pt", "step-000000002.pt"]
+    from pipeline.checkpoints import checkpoint_problem
+
+    assert all(checkpoint_problem(p) is None for p in (run / "checkpoints").glob("*.pt")), line
+    small_disk("64m")
+    resumed = cli(*args)
+    assert "resuming from step 2, epoch 0" in said(resumed)
+    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2, 3, 4]
+    assert checkpoints(run)[-1] == "step-000000004.pt" and (run / "_stage.json").is_file()
+
+
+def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_completes_naming_the_models_classes(
+        small_disk, tiny_data, levelled_checkpoint, cli, tmp_path):
+    state = torch.load(levelled_checkpoint, map_location="cpu", weights_only=True)
+    table = state["config"]["classes"]
+    assert len(table["wnids"]) == len(table["names"]) == state["config"]["model"]["num_classes"]
+    table["names"] = [f"renamed {i}" for i in range(len(table["names"]))]  # eval must name classes from here
+    checkpoint = tmp_path / levelled_checkpoint.name
+    torch.save(state, checkpoint)
+    disk = small_disk("1m")
+    filler = disk / "filler"
+    with contextlib.suppress(OSError), open(filler, "wb", buffering=0) as f:  # leave the eval not one page
+        while True:
+            f.write(b"\0" * 4096)
+    args = ["eval", checkpoint, "--val", tiny_data["val"], "--out", disk / "eval", "--no-ten-crop"]
+    one_line_error(cli(*args, check=False), "no space left on the device", str(disk / "eval"))
+    assert no_temp_files(disk) and not (disk / "eval" / "eval.json").exists()
+    filler.unlink()
+    cli(*args)
+    result = json.loads((disk / "eval" / "eval.json").read_text())
+    assert result["samples"] == 18 and {c["name"] for c in result["per_class"]} == \
+        {f"renamed {c['index']}" for c in result["per_class"]}
