@@ -89,11 +89,13 @@ def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
         ax.axis("off")
     for ax, (key, example) in zip(axes.flat, wanted.items()):
         ax.imshow(images[key])
-        truth = classes.names[example["label"]].split(",")[0]
+        # names from the checkpoint's class table (eval.json); an eval.json from before it: the built-in list
+        truth = example.get("name", classes.names[example["label"]]).split(",")[0]
+        names = example.get("top5_names") or [classes.names[c] for c in example["top5"]]
         lines = []
-        for rank, (c, p) in enumerate(zip(example["top5"], example["top5_prob"])):
+        for rank, (c, name, p) in enumerate(zip(example["top5"], names, example["top5_prob"])):
             mark = "✓ " if c == example["label"] else "  "
-            lines.append(f"{mark}{classes.names[c].split(',')[0][:22]} {p:.2f}")
+            lines.append(f"{mark}{name.split(',')[0][:22]} {p:.2f}")
             if c == example["label"]:
                 colour = "green" if rank == 0 else "darkorange"
         hit = example["label"] in example["top5"]

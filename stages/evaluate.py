@@ -115,7 +115,8 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
                                    "predicted_name": classes.names[pair["predicted"]]}
                                   for pair in confused_pairs(probs, labels)]
     result["samples"] = manifest["samples"]
-    result["examples"] = example_predictions(model, val_dir, pca, model_config.crop, device_list[0])
+    result["examples"] = [{**e, "name": classes.names[e["label"]], "top5_names": [classes.names[c] for c in e["top5"]]}
+                          for e in example_predictions(model, val_dir, pca, model_config.crop, device_list[0])]
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
