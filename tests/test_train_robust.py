@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_stage import checkpoints, last_checkpoint, metrics, said
 
 from pipeline.config import TrainConfig
 from pipeline.train import at_chance, flat_loss, make_scheduler, schedule_epoch
 from stages.train import val_class_problems
-from tests.test_train_stage import checkpoints, last_checkpoint, metrics, said
 
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--no-python"]
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
