@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 from pipeline.cache import atomic_write
+from pipeline.config import AlexNetConfig
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
          "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
@@ -126,6 +127,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         f"Checkpoint `{result['checkpoint']['path']}` (step {result['checkpoint']['step']}, epoch "
         f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
         f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`).", "",
+        f"Model: {model_switches(result['model'])}.", "",
     ]
     if demo:
         md += ["> **Different data.** This run used the generated demo data set, not ILSVRC-2012: its errors are not "
@@ -157,6 +159,13 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     with atomic_write(path, "w") as f:
         f.write("\n".join(md))
     return path
+
+
+def model_switches(model: dict) -> str:
+    """The ablation switches of a checkpoint's model config (keys an older checkpoint lacks read as defaults)."""
+    config = AlexNetConfig.from_dict(model)
+    return (f"activation {config.activation}, norm {config.norm}, pool {config.pool}, towers {config.towers}, "
+            f"width {config.width:g}, dropout {config.dropout:g}")
 
 
 def _looks_like_demo(result: dict) -> bool:
