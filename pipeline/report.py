@@ -230,7 +230,7 @@ def paper_figures(result: dict, out: Path) -> list[str]:
         import matplotlib.pyplot as plt
 
         figure = result["figure3"]
-        plt.imsave(out / "figure3.png", np.kron(kernel_mosaic(figure), np.ones((4, 4, 1))).clip(0, 1))
+        plt.imsave(out / "figure3.png", np.kron(kernel_mosaic(figure), np.ones((8, 8, 1))).clip(0, 1))
         numbers = ", ".join(f"tower {'AB'[i]} {t['mean_chroma']:.3f}" for i, t in enumerate(figure["towers"]))
         verdict = ("" if "differ" not in figure else " The two towers' numbers differ (by more than two standard "
                    "errors over their kernels)." if figure["differ"] else " The two towers' numbers do not differ "

@@ -98,5 +98,5 @@ def test_report_lays_out_figure3_and_figure4_from_eval_json(figured):
     assert f"searched over {NEIGHBOUR_LIMIT} training images" in md
     kernels = len(result["figure3"]["towers"][0]["kernels"])  # 6 at width 0.125: one row of 6 per tower
     width, height = Image.open(figured / "report" / "figure3.png").size
-    assert (width, height) == (4 * (kernels * 12 + 1), 4 * 2 * (12 + 1 + 1))
+    assert (width, height) == (8 * (kernels * 12 + 1), 8 * 2 * (12 + 1 + 1))  # shown 8 pixels a weight
     assert Image.open(figured / "report" / "figure4.png").size[0] > 0
