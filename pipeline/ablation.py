@@ -196,7 +196,9 @@ def table_markdown(summary: dict, description: str) -> str:
                      f"{summary['seeds']} seeds the smallest top-1 difference this sweep can "
                      f"detect (2 standard errors) is about {pct(detectable)} points. The paper's effects are "
                      "0.3–1.7 points on ImageNet's 50,000 val images; a smaller measured difference here says "
-                     "nothing either way.")
+                     "nothing either way." + (" With 2 seeds each sd is itself a rough estimate (one degree of "
+                                              "freedom): read these verdicts as a first look." if summary["seeds"] < 3
+                                              else ""))
     factor = speedup(summary)
     if factor is not None:
         lines += ["", f"Figure 1 in spirit: tanh needed {factor:.1f}× the epochs of ReLU to reach {threshold:.0%} "
