@@ -258,12 +258,13 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
 def save(run: Run, at: Position, loader_state: dict) -> None:
     """A checkpoint of the run at `at` (every rank's RNGs gathered; rank 0 writes)."""
     rngs = _gather(rng_state(), run.place)
+    mistakes = _gather([int(n) for n in at.epoch_mistakes], run.place)  # every rank: a collective
     if run.main_rank:
         save_checkpoint(run.checkpoints, at.step, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
             "loader": loader_state, "epoch_losses": list(at.epoch_losses),
-            "epoch_mistakes": _gather(list(map(int, at.epoch_mistakes)), run.place), "config": run.config},
+            "epoch_mistakes": mistakes, "config": run.config},
             run.cfg.keep_checkpoints)
 
 
