@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Submit the alexnet-pipe DAG to Slurm with its dependencies; print one "NAME JOBID" line per job on stdout.
 #
-#   cluster/submit.sh STAGE...      STAGE: shard-train shard-val pca-stats train eval, or
+#   cluster/submit.sh STAGE...      STAGE: shard-train shard-val pca-stats train eval ablations, or
 #                                   prepare (= shard-train shard-val pca-stats), all (= prepare train eval)
 #
 #   stage        jobs (cluster/slurm/)                                          waits for (afterok)
@@ -9,6 +9,7 @@
 #   pca-stats    array pca-stats.sbatch --num-tasks T, then reduce              shard-train
 #   train        train.sbatch: srun → torchrun on every node                    pca-stats, shard-val
 #   eval         eval.sbatch                                                     train
+#   ablations    array ablate.sbatch --num-tasks T (the last task writes the table)  pca-stats, shard-val
 #
 # Stages named in one call are chained to each other. A stage whose upstream was submitted by an earlier call
 # waits for that job while it is still queued or running (ids are kept in $WORK/logs/jobs/), so
@@ -22,13 +23,15 @@
 #   DATA or IMAGENET     the ImageNet source for the shard stages (official tars or an extracted tree)
 #   WORK [./work]        artifacts: shards/{train,val}, pca/, runs/$RUN, eval/$RUN; logs/%x-%A_%a.out
 #   ALEXNET_PIPE         the CLI the jobs run [alexnet-pipe on PATH]; must be reachable from the compute nodes
-#   NUM_TASKS [8]        array size; per stage: SHARD_TRAIN_TASKS, SHARD_VAL_TASKS, PCA_TASKS [NUM_TASKS]
+#   NUM_TASKS [8]        array size; per stage: SHARD_TRAIN_TASKS, SHARD_VAL_TASKS, PCA_TASKS, ABLATION_TASKS
+#                        [NUM_TASKS]
 #   ARRAY                sbatch --array spec for the array stages of this call [0-(tasks-1)]
 #   CPUS_PER_TASK [4]    CPUs of each shard / pca-stats job (its --workers)
 #   SHARD_SIZE [1000] SEED [0] RUN [demo] DEVICES [auto]
 #   NODES [1] GPUS_PER_NODE [2] TRAIN_CPUS [8]   the train job (eval: 1 node, up to 2 GPUs)
 #   NPROC_PER_NODE RDZV_PORT TORCHRUN            passed on to train.sbatch (see there)
-#   SHARD_ARGS PCA_ARGS TRAIN_ARGS EVAL_ARGS     extra CLI options, e.g. TRAIN_ARGS="--epochs 30"
+#   SHARD_ARGS PCA_ARGS TRAIN_ARGS EVAL_ARGS ABLATION_ARGS   extra CLI options, e.g. TRAIN_ARGS="--epochs 30",
+#                        ABLATION_ARGS="--recipe paper --seeds 3"
 #   PREPARE_SBATCH_ARGS TRAIN_SBATCH_ARGS        extra sbatch options of the CPU / GPU jobs, e.g. "--partition=cpu";
 #                                                sbatch's own SBATCH_ACCOUNT, SBATCH_TIMELIMIT, … apply to every job
 set -euo pipefail
@@ -41,16 +44,16 @@ die() {
     exit 2
 }
 
-[ $# -gt 0 ] || die "usage: cluster/submit.sh STAGE... (shard-train shard-val pca-stats train eval prepare all)"
+[ $# -gt 0 ] || die "usage: cluster/submit.sh STAGE... (shard-train shard-val pca-stats train eval ablations prepare all)"
 
 declare -A WANT=()
 for arg in "$@"; do
     case $arg in
         prepare) WANT[shard-train]=1 WANT[shard-val]=1 WANT[pca-stats]=1 ;;
         all) WANT[shard-train]=1 WANT[shard-val]=1 WANT[pca-stats]=1 WANT[train]=1 WANT[eval]=1 ;;
-        shard-train | shard-val | pca-stats | train | eval) WANT[$arg]=1 ;;
+        shard-train | shard-val | pca-stats | train | eval | ablations) WANT[$arg]=1 ;;
         -h | --help) sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
-        *) die "unknown stage '$arg' (shard-train shard-val pca-stats train eval prepare all)" ;;
+        *) die "unknown stage '$arg' (shard-train shard-val pca-stats train eval ablations prepare all)" ;;
     esac
 done
 
@@ -80,6 +83,7 @@ read -r -a SHARD_EXTRA <<<"${SHARD_ARGS:-}"
 read -r -a PCA_EXTRA <<<"${PCA_ARGS:-}"
 read -r -a TRAIN_EXTRA <<<"${TRAIN_ARGS:-}"
 read -r -a EVAL_EXTRA <<<"${EVAL_ARGS:-}"
+read -r -a ABLATION_EXTRA <<<"${ABLATION_ARGS:-}"
 read -r -a PREPARE_SBATCH <<<"${PREPARE_SBATCH_ARGS:-}"
 read -r -a TRAIN_SBATCH <<<"${TRAIN_SBATCH_ARGS:-}"
 
@@ -178,4 +182,16 @@ if [ -n "${WANT[eval]:-}" ]; then
         "${DEP[@]}" "${TRAIN_SBATCH[@]}" "$SCRIPTS/eval.sbatch" \
         "$WORK/runs/$RUN" --val "$WORK/shards/val" --out "$WORK/eval/$RUN" --devices "$DEVICES" "${EVAL_EXTRA[@]}"
     done_by eval "$LAST"
+fi
+
+if [ -n "${WANT[ablations]:-}" ]; then
+    after pca-stats shard-train shard-val
+    tasks=${ABLATION_TASKS:-$NUM_TASKS}
+    [[ $tasks =~ ^[1-9][0-9]*$ ]] || die "ablations: the number of tasks must be a positive integer, got '$tasks'"
+    gpu_options "$((GPUS_PER_NODE < 2 ? GPUS_PER_NODE : 2))"
+    submit ablations --array="${ARRAY:-0-$((tasks - 1))}" --cpus-per-task="$TRAIN_CPUS" "${GPU[@]}" \
+        --output="$LOGS/%x-%A_%a.out" "${DEP[@]}" "${TRAIN_SBATCH[@]}" "$SCRIPTS/ablate.sbatch" \
+        --train "$WORK/shards/train" --val "$WORK/shards/val" --pca "$WORK/pca/pca.json" --out "$WORK/ablations" \
+        --devices "$DEVICES" --num-tasks "$tasks" "${ABLATION_EXTRA[@]}"
+    done_by ablations "$LAST"
 fi

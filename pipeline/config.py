@@ -19,6 +19,10 @@ CONV1_PADDING = {224: 2, 227: 0}
 CROPS = tuple(CONV1_PADDING)
 LRN_CONVENTIONS = ("paper", "caffe")
 INITS = ("paper", "default")
+ACTIVATIONS = ("relu", "tanh")  # §3.1
+NORMS = ("lrn", "none", "batch")  # §3.3 (batch: not in the paper)
+POOLS = ("overlap", "plain")  # §3.4
+TOWERS = (2, 1)  # §3.2
 LOADERS = ("dali", "torch")  # DALI, or the plain torch reference path
 LR_SCHEDULES = ("plateau", "step")
 
@@ -95,6 +99,14 @@ class AlexNetConfig(_Settings):
     lrn_k: float = setting(2.0, "LRN k (§3.3).", minimum=0.0)
     lrn_convention: str = setting("paper", "paper: α·Σa² as printed in §3.3; caffe: (α/n)·Σa² as Caffe, "
                                   "cuda-convnet2 and PyTorch compute it.", choices=LRN_CONVENTIONS, flags=("--lrn",))
+    activation: str = setting("relu", "The neurons' non-linearity (§3.1): relu, or tanh (the saturating "
+                              "neuron of Figure 1).", choices=ACTIVATIONS)
+    norm: str = setting("lrn", "After the ReLU of conv1 and conv2, in each tower: lrn (§3.3), none, or batch "
+                        "(BatchNorm2d in place of each LRN: the like-for-like swap, not in the paper).", choices=NORMS)
+    pool: str = setting("overlap", "Max pooling (§3.4): overlap (z=3, s=2), or plain (z=2, s=2; the same "
+                        "55/27/13/6 map sizes).", choices=POOLS)
+    towers: int = setting(2, "2: the two-GPU net (§3.2); 1: its footnote's one-GPU net (half the kernels of "
+                          "conv1-conv4, conv5 and the fc layers at full size), on one device.", choices=TOWERS)
     init_std: float = setting(0.01, "Std of the N(0, σ) initial weights (§5).", minimum=0.0)
     init: str = setting("paper", "paper: §5's N(0, init_std) weights, biases 1 in conv2/4/5 and fc6/7, 0 elsewhere; "
                         "default: PyTorch's Kaiming-uniform (a narrow demo net does not leave loss ln C from §5's "

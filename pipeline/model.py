@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import AlexNetConfig
+from pipeline.errors import PipeError
 
 # §5: "We initialized the neuron biases in the second, fourth, and fifth convolutional layers, as well as in
 # the fully-connected hidden layers, with the constant 1 ... the remaining layers with the constant 0."
@@ -29,48 +30,72 @@ def local_response_norm(config: AlexNetConfig) -> nn.LocalResponseNorm:
     return nn.LocalResponseNorm(config.lrn_size, alpha=alpha, beta=config.lrn_beta, k=config.lrn_k)
 
 
-def both(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The two towers' maps side by side [A, B] on `device`: the only place a tensor crosses between GPUs
-    (§3.2). Always called, also when both towers share a device (then `.to` returns the tensor itself)."""
-    return torch.cat([a.to(device, non_blocking=True), b.to(device, non_blocking=True)], dim=1)
+def joined(maps: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The towers' maps side by side [A, B] on `device`: the only place a tensor crosses between GPUs (§3.2).
+    Always called, also when both towers share a device (then `.to` returns the tensor itself)."""
+    return torch.cat([m.to(device, non_blocking=True) for m in maps], dim=1)
+
+
+def activation(config: AlexNetConfig):
+    """§3.1: ReLU, f(x) = max(0, x); tanh is the saturating neuron it is compared with (Figure 1)."""
+    return F.relu if config.activation == "relu" else torch.tanh
+
+
+def norm_layer(config: AlexNetConfig, channels: int) -> nn.Module:
+    """What follows the ReLU of conv1 and conv2: LRN (§3.3), nothing, or BatchNorm2d in its place (a later
+    normalization, swapped in like for like; not in the paper)."""
+    if config.norm == "lrn":
+        return local_response_norm(config)
+    return nn.BatchNorm2d(channels) if config.norm == "batch" else nn.Identity()
+
+
+def max_pool(config: AlexNetConfig) -> nn.MaxPool2d:
+    """§3.4: overlapping z=3, s=2, or plain z=2, s=2; both take 55 → 27 → 13 → 6."""
+    return nn.MaxPool2d(3, stride=2) if config.pool == "overlap" else nn.MaxPool2d(2, stride=2)
 
 
 class Tower(nn.Module):
-    """One GPU's half of the net (§3.2, Figure 2). conv3, fc6, fc7 read both towers; the rest, this one."""
+    """One GPU's half of the net (§3.2, Figure 2). conv3, fc6, fc7 read every tower; the rest, this one.
+
+    With `config.towers == 1` the one tower is §3.2's one-GPU comparison net (its footnote): half the kernels of
+    the two-GPU net in conv1–conv4, conv5 and the fully-connected layers at the full two-GPU size."""
 
     def __init__(self, config: AlexNetConfig):
         super().__init__()
-        c = config.channels
+        c, n = config.channels, config.towers
+        conv5, fc = c(128) * (3 - n), c(2048) * (3 - n)  # two towers: 128 and 2048 each; one: 256 and 4096
         self.conv1 = nn.Conv2d(3, c(48), 11, stride=4, padding=config.conv1_padding)
         self.conv2 = nn.Conv2d(c(48), c(128), 5, padding=2)
-        self.conv3 = nn.Conv2d(2 * c(128), c(192), 3, padding=1)  # over both towers' conv2 maps
+        self.conv3 = nn.Conv2d(n * c(128), c(192), 3, padding=1)  # over every tower's conv2 maps
         self.conv4 = nn.Conv2d(c(192), c(192), 3, padding=1)
-        self.conv5 = nn.Conv2d(c(192), c(128), 3, padding=1)
-        self.fc6 = nn.Linear(2 * c(128) * 6 * 6, c(2048))  # over both towers' pooled conv5 maps
-        self.fc7 = nn.Linear(2 * c(2048), c(2048))  # over both towers' fc6
-        self.norm = local_response_norm(config)  # §3.3: after the ReLU of conv1 and conv2
-        self.pool = nn.MaxPool2d(3, stride=2)  # §3.4: overlapping pooling, z=3, s=2
+        self.conv5 = nn.Conv2d(c(192), conv5, 3, padding=1)
+        self.fc6 = nn.Linear(n * conv5 * 6 * 6, fc)  # over every tower's pooled conv5 maps
+        self.fc7 = nn.Linear(n * fc, fc)  # over every tower's fc6
+        self.norm1, self.norm2 = norm_layer(config, c(48)), norm_layer(config, c(128))  # §3.3: after the ReLU
+        self.pool = max_pool(config)
+        self.act = activation(config)
 
     def conv1_2(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.norm(F.relu(self.conv1(x))))
-        return self.pool(self.norm(F.relu(self.conv2(x))))
+        x = self.pool(self.norm1(self.act(self.conv1(x))))
+        return self.pool(self.norm2(self.act(self.conv2(x))))
 
-    def conv3_5(self, x_both: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.conv3(x_both))
-        x = F.relu(self.conv4(x))
-        return torch.flatten(self.pool(F.relu(self.conv5(x))), 1)
+    def conv3_5(self, x_all: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.conv3(x_all))
+        x = self.act(self.conv4(x))
+        return torch.flatten(self.pool(self.act(self.conv5(x))), 1)
 
 
 class AlexNet(nn.Module):
     """The paper's net: towers A and B, each on its own device after `place`, crossing only at conv3, fc6, fc7
-    and fc8. Dropout follows the ReLU of fc6 and fc7 (§4.2 and Caffe's drop6/drop7). torchvision instead drops
-    the inputs of fc6 and fc7, which is not the same net, so we do not follow it."""
+    and fc8 (or §3.2's one-GPU net: one tower). Dropout follows the ReLU of fc6 and fc7 (§4.2 and Caffe's
+    drop6/drop7). torchvision instead drops the inputs of fc6 and fc7, which is not the same net, so we do not
+    follow it."""
 
     def __init__(self, config: AlexNetConfig):
         super().__init__()
         self.config = config
-        self.towers = nn.ModuleList([Tower(config), Tower(config)])
-        self.fc8 = nn.Linear(2 * config.channels(2048), config.num_classes)  # over both towers' fc7
+        self.towers = nn.ModuleList([Tower(config) for _ in range(config.towers)])
+        self.fc8 = nn.Linear(sum(t.fc7.out_features for t in self.towers), config.num_classes)  # over every fc7
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "paper":
             init_paper_(self, config.init_std)
@@ -82,27 +107,34 @@ class AlexNet(nn.Module):
     def place(self, devices: Sequence[str | torch.device]) -> AlexNet:
         """Tower A and fc8 on devices[0], tower B on devices[1] (or everything on the one device given)."""
         devs = [torch.device(d) for d in devices]
-        if not 1 <= len(devs) <= 2:
+        if not 1 <= len(devs) <= len(self.towers):
+            if len(self.towers) == 1:
+                raise PipeError(f"towers=1 (the one-GPU net of §3.2) runs on one device; got the device map "
+                                f"{','.join(map(str, devices))} (give --devices with one device)")
             raise ValueError(f"place() takes one or two devices (one per tower), got {list(devices)}")
         if len({d.type for d in devs}) != 1:  # non_blocking copies are only safe between devices of one kind
             raise ValueError(f"both towers must be on devices of one type, got {list(devices)}")
-        self.towers[0].to(devs[0])
-        self.towers[1].to(devs[-1])
+        for tower, device in zip(self.towers, (devs[0], devs[-1])):
+            tower.to(device)
         self.fc8.to(devs[0])
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x on devices[0] → logits on devices[0]."""
-        a, b = self.towers
-        on_a, on_b = a.conv1.weight.device, b.conv1.weight.device
-        ya, yb = a.conv1_2(x), b.conv1_2(x.to(on_b, non_blocking=True))
-        ya, yb = a.conv3_5(both(ya, yb, on_a)), b.conv3_5(both(ya, yb, on_b))
-        ya, yb = self.hidden(a.fc6, both(ya, yb, on_a)), self.hidden(b.fc6, both(ya, yb, on_b))
-        ya, yb = self.hidden(a.fc7, both(ya, yb, on_a)), self.hidden(b.fc7, both(ya, yb, on_b))
-        return self.fc8(both(ya, yb, self.fc8.weight.device))
+        return self.fc8(self.features(x))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden layer: every tower's fc7 after its ReLU (and dropout in training), on fc8's device."""
+        a, *rest = self.towers
+        on = [t.conv1.weight.device for t in self.towers]
+        ys = [a.conv1_2(x), *(t.conv1_2(x.to(d, non_blocking=True)) for t, d in zip(rest, on[1:]))]
+        ys = [t.conv3_5(joined(ys, d)) for t, d in zip(self.towers, on)]
+        ys = [self.hidden(t.fc6, joined(ys, d)) for t, d in zip(self.towers, on)]
+        ys = [self.hidden(t.fc7, joined(ys, d)) for t, d in zip(self.towers, on)]
+        return joined(ys, self.fc8.weight.device)
 
     def hidden(self, fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(F.relu(fc(x)))
+        return self.dropout(self.towers[0].act(fc(x)))
 
 
 class AlexNetGrouped(nn.Module):
@@ -115,6 +147,9 @@ class AlexNetGrouped(nn.Module):
 
     def __init__(self, config: AlexNetConfig):
         super().__init__()
+        if config.towers != 2 or config.norm != "lrn":
+            raise ValueError(f"the grouped twin is the two-tower net with LRN; got towers={config.towers}, "
+                             f"norm={config.norm}")
         self.config = config
         c = config.channels
         self.conv1 = nn.Conv2d(3, 2 * c(48), 11, stride=4, padding=config.conv1_padding)
@@ -126,7 +161,8 @@ class AlexNetGrouped(nn.Module):
         self.fc7 = nn.Linear(2 * c(2048), 2 * c(2048))
         self.fc8 = nn.Linear(2 * c(2048), config.num_classes)
         self.lrn = local_response_norm(config)
-        self.pool = nn.MaxPool2d(3, stride=2)
+        self.pool = max_pool(config)
+        self.act = activation(config)
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "paper":
             init_paper_(self, config.init_std)
@@ -135,13 +171,13 @@ class AlexNetGrouped(nn.Module):
         return torch.cat([self.lrn(half) for half in x.chunk(2, dim=1)], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.norm(F.relu(self.conv1(x))))
-        x = self.pool(self.norm(F.relu(self.conv2(x))))
-        x = F.relu(self.conv3(x))
-        x = F.relu(self.conv4(x))
-        x = torch.flatten(self.pool(F.relu(self.conv5(x))), 1)
-        x = self.dropout(F.relu(self.fc6(x)))
-        x = self.dropout(F.relu(self.fc7(x)))
+        x = self.pool(self.norm(self.act(self.conv1(x))))
+        x = self.pool(self.norm(self.act(self.conv2(x))))
+        x = self.act(self.conv3(x))
+        x = self.act(self.conv4(x))
+        x = torch.flatten(self.pool(self.act(self.conv5(x))), 1)
+        x = self.dropout(self.act(self.fc6(x)))
+        x = self.dropout(self.act(self.fc7(x)))
         return self.fc8(x)
 
     @torch.no_grad()

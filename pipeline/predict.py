@@ -60,7 +60,7 @@ def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> C
     except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
         raise PipeError(f"{checkpoint}: expected a checkpoint written by `alexnet-pipe train`, "
                         f"found {type(e).__name__}: {e}") from None
-    device_list = resolve_devices(devices) if isinstance(devices, str) else list(devices)
+    device_list = (resolve_devices(devices) if isinstance(devices, str) else list(devices))[:config.towers]
     model = build_model(config, device_list)
     model.load_state_dict(state["model"])
     return Classifier(model.eval(), config, settings, checkpoint_classes(settings), state["step"], state["epoch"])

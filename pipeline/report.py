@@ -7,7 +7,10 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
+
 from pipeline.cache import atomic_write
+from pipeline.config import AlexNetConfig
 from pipeline.record import read_events
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
@@ -60,28 +63,36 @@ def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
     return figures
 
 
+def shard_images(shard_dir: Path, keys: set[str]) -> dict:
+    """{key: PIL RGB image} for the samples named, read from the shards (stops once all are found)."""
+    from PIL import Image
+
+    from pipeline.shards import shard_paths
+
+    images = {}
+    for tar_path, _ in shard_paths(shard_dir):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key = m.name.rsplit(".", 1)[0]
+                if m.name.endswith(".jpg") and key in keys:
+                    images[key] = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+        if len(images) == len(keys):
+            break
+    return images
+
+
 def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
     """Val images with their top-5 predictions; a correct top-1 in green, a correct top-5 in orange."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
 
     from pipeline.imagenet import ilsvrc2012_classes
-    from pipeline.shards import shard_paths
 
     classes = ilsvrc2012_classes()
     wanted = {e["key"]: e for e in eval_result["examples"]}
-    images = {}
-    for tar_path, _ in shard_paths(val_dir):
-        with tarfile.open(tar_path) as tar:
-            for m in tar:
-                key = m.name.rsplit(".", 1)[0]
-                if m.name.endswith(".jpg") and key in wanted:
-                    images[key] = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
-        if len(images) == len(wanted):
-            break
+    images = shard_images(val_dir, set(wanted))
     cols = 4
     rows = max(1, -(-len(wanted) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
@@ -132,6 +143,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
         f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`) "
         f"of {origin}.", "",
+        f"Model: {model_switches(result['model'])}.", "",
     ]
     if not comparable:
         md += [f"> **Different data.** This run used {origin}, not the full ILSVRC-2012: its errors are not "
@@ -154,9 +166,10 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     md += ["", "## Most confused pairs", "", "| true | predicted | count |", "|---|---|---|"]
     md += [f"| {p['true_wnid']} {p['true_name']} | {p['predicted_wnid']} {p['predicted_name']} | {p['count']} |"
            for p in result["confused"]]
-    md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class).",
-           "", "![predictions](predictions.png)", ""]
+    md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class; "
+           "Figure 4, left).", "", "![predictions](predictions.png)", ""]
     md += environment_table(read_events(run_dir), result.get("run_record"))
+    md += paper_figures(result, out)
     path = out / "report.md"
     with atomic_write(path, "w") as f:
         f.write("\n".join(md))
@@ -218,3 +231,89 @@ def _speed_line(steps: list[dict]) -> str:
         line += f"; MFU {utilization:.1%} ({precision})" if utilization is not None else \
             f"; MFU not known ({precision}: no peak for this device)"
     return line + "."
+
+
+def kernel_mosaic(figure3: dict, columns: int = 16) -> np.ndarray:
+    """Figure 3 as one RGB image: each tower's conv1 kernels in rows (tower A's above tower B's), each kernel
+    scaled to [0, 1] on its own for display, one grey pixel between kernels and a grey row between towers."""
+    blocks = []
+    for tower in figure3["towers"]:
+        kernels = np.asarray(tower["kernels"], dtype=np.float64).transpose(0, 2, 3, 1)  # K, h, w, RGB
+        low = kernels.min(axis=(1, 2, 3), keepdims=True)
+        span = kernels.max(axis=(1, 2, 3), keepdims=True) - low
+        kernels = (kernels - low) / np.where(span > 0, span, 1.0)
+        k, h, w, _ = kernels.shape
+        cols = min(columns, k)
+        rows = -(-k // cols)
+        block = np.full((rows * (h + 1) + 1, cols * (w + 1) + 1, 3), 0.5)
+        for i, kernel in enumerate(kernels):
+            r, c = divmod(i, cols)
+            block[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + c * (w + 1):1 + c * (w + 1) + w] = kernel
+        blocks.append(block)
+    width = max(b.shape[1] for b in blocks)
+    padded = [np.pad(b, ((0, 1), (0, width - b.shape[1]), (0, 0)), constant_values=0.5) for b in blocks]
+    return np.concatenate(padded, axis=0)
+
+
+def neighbour_grid(figure4: dict, val_dir: Path, out_png: Path) -> None:
+    """Figure 4 (right): each val image, then its six nearest training images by fc7 distance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    queries = figure4["queries"]
+    val = shard_images(val_dir, {q["key"] for q in queries})
+    train = shard_images(Path(figure4["train_dir"]), {n["key"] for q in queries for n in q["neighbours"]})
+    cols = 1 + max(len(q["neighbours"]) for q in queries)
+    fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 1.9 * len(queries)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for row, query in zip(axes, queries):
+        row[0].imshow(val[query["key"]])
+        row[0].set_title(f"val {query['label']}", fontsize=7, color="blue")
+        for ax, n in zip(row[1:], query["neighbours"]):
+            ax.imshow(train[n["key"]])
+            ax.set_title(f"{n['label']} d={n['distance']:.3g}", fontsize=7,
+                         color="green" if n["label"] == query["label"] else "black")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=80)
+    plt.close(fig)
+
+
+def paper_figures(result: dict, out: Path) -> list[str]:
+    """Figure 3 and Figure 4 (right) from eval.json, when eval computed them: the PNGs and their report lines."""
+    md = []
+    if "figure3" in result:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure = result["figure3"]
+        plt.imsave(out / "figure3.png", np.kron(kernel_mosaic(figure), np.ones((8, 8, 1))).clip(0, 1))
+        numbers = ", ".join(f"tower {'AB'[i]} {t['mean_chroma']:.3f}" for i, t in enumerate(figure["towers"]))
+        verdict = ("" if "differ" not in figure else " The two towers' numbers differ (by more than two standard "
+                   "errors over their kernels)." if figure["differ"] else " The two towers' numbers do not differ "
+                   "beyond two standard errors over their kernels.")
+        md += ["## Figure 3: conv1's kernels", "",
+               f"Tower A's kernels above tower B's, each scaled for display. Colour-specific vs colour-agnostic, "
+               f"measured as the {figure['measure']} (0: grey, colour-agnostic): {numbers}.{verdict} The paper "
+               "(§6.1) saw one tower largely colour-agnostic and the other colour-specific in every run; which is "
+               "which is arbitrary.", "", "![figure 3](figure3.png)", ""]
+    if "figure4" in result:
+        figure = result["figure4"]
+        neighbour_grid(figure, Path(result["val"]["dir"]), out / "figure4.png")
+        md += ["## Figure 4 (right): nearest training images", "",
+               f"For the first {len(figure['queries'])} val images (first column), the six training images whose "
+               f"{figure['layer']} vectors are nearest in Euclidean distance, searched over "
+               f"{figure['train_images']} training images of {figure['train_dir']} (label and distance above each; "
+               "green: the query's class).", "", "![figure 4](figure4.png)", ""]
+    return md
+
+
+def model_switches(model: dict) -> str:
+    """The ablation switches of a checkpoint's model config (keys an older checkpoint lacks read as defaults)."""
+    config = AlexNetConfig.from_dict(model)
+    return (f"activation {config.activation}, norm {config.norm}, pool {config.pool}, towers {config.towers}, "
+            f"width {config.width:g}, dropout {config.dropout:g}")

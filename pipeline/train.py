@@ -93,15 +93,17 @@ def flat_loss(losses: list[float], num_classes: int) -> bool:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, amp: bool = False) -> torch.Tensor:
-    """One SGD step on one batch; returns the (detached) mean cross-entropy loss."""
+               labels: torch.Tensor, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on one batch; returns the (detached) mean cross-entropy loss and the number of top-1 mistakes
+    of the logits it trained on (the training error, with no extra pass)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
         logits = model(images)
-    loss = F.cross_entropy(logits.float(), labels.to(logits.device))
+    labels = labels.to(logits.device)
+    loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.detach()
+    return loss.detach(), (logits.detach().argmax(dim=1) != labels).sum()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +189,8 @@ class Run:
 @dataclass
 class Position:
     """Where the loop is: the epoch, the global step, the loader position to resume inside the epoch (None: from
-    its start) and the losses logged so far in the epoch (for its mean train loss)."""
+    its start), the losses logged so far in the epoch (for its mean train loss) and [top-1 mistakes, images] of
+    the batches trained so far in it on this rank (for its train_top1_error)."""
 
     epoch: int = 0
     step: int = 0
@@ -195,6 +198,7 @@ class Position:
     epoch_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped the run (its checkpoint is written)
     resumed_from: str | None = None  # the checkpoint this start resumed from
+    epoch_mistakes: list = field(default_factory=lambda: [0, 0])
 
 
 class StopFlag:
@@ -284,8 +288,10 @@ def resume(run: Run) -> Position:
     if run.main_rank:
         _truncate_metrics(run.metrics, state["step"])
         run.progress.info(f"train: resuming from step {state['step']}, epoch {state['epoch']} ({chosen})")
+    mistakes = state.get("epoch_mistakes", [[0, 0]])
+    rank = run.place.rank
     return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])),
-                    resumed_from=str(chosen))
+                    list(mistakes[rank] if rank < len(mistakes) else mistakes[0]), resumed_from=str(chosen))
 
 
 def topology(cfg: TrainConfig, place: Placement) -> dict:
@@ -316,7 +322,7 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     if resuming:
         train_loader.load_state_dict(at.loader)
     if not resuming:
-        at.epoch_losses = []
+        at.epoch_losses, at.epoch_mistakes = [], [0, 0]
     at.loader = None
     steps_per_epoch, per_rank_batch = len(train_loader), cfg.batch_size // place.world_size
     run.model.train()
@@ -324,7 +330,8 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     run.speed.fetch_started()
     for images, labels in train_loader:
         run.speed.fetch_done()
-        loss = train_step(step_fn, run.optimizer, images, labels, cfg.amp)
+        loss, mistakes = train_step(step_fn, run.optimizer, images, labels, cfg.amp)
+        count_mistakes(at, mistakes, len(labels))
         at.step += 1
         seen += per_rank_batch
         if at.step % cfg.log_every == 0 or at.step == total:
@@ -356,6 +363,7 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
     record = {"epoch": at.epoch, "step": at.step, "val_top1_error": val["top1_error"],
               "val_top5_error": val["top5_error"], "val_samples": val["samples"],
               "train_loss": round(float(np.mean(losses)), 6) if losses else None,
+              "train_top1_error": train_top1_error(at, run.place),
               "lr": run.optimizer.param_groups[0]["lr"], **schedule}
     if at.epoch >= 1 and flat_loss(losses, run.config["model"]["num_classes"]):
         record["not_learning"] = True
@@ -370,20 +378,37 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
                           f"ln({run.config['model']['num_classes']}) for the whole epoch: the net has not started "
                           "learning (try --init default, a higher --lr, or check the labels)")
     at.epoch += 1
-    at.epoch_losses = []
+    at.epoch_losses, at.epoch_mistakes = [], [0, 0]
     save(run, at, {"epoch": at.epoch, "batches": 0})
 
 
 def save(run: Run, at: Position, loader_state: dict) -> None:
     """A checkpoint of the run at `at` (every rank's RNGs gathered; rank 0 writes)."""
     rngs = _gather(rng_state(), run.place)
+    mistakes = _gather([int(n) for n in at.epoch_mistakes], run.place)  # every rank: a collective
     if run.main_rank:
         save_checkpoint(run.checkpoints, at.step, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
-            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "config": run.config,
-            "topology": topology(run.cfg, run.place)},
+            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "epoch_mistakes": mistakes,
+            "config": run.config, "topology": topology(run.cfg, run.place)},
             run.cfg.keep_checkpoints)
+
+
+def count_mistakes(at: Position, mistakes: torch.Tensor, images: int) -> None:
+    """Add a batch's top-1 mistakes to the epoch's (kept as a tensor on the device: no sync per step)."""
+    at.epoch_mistakes = [at.epoch_mistakes[0] + mistakes, at.epoch_mistakes[1] + images]
+
+
+def train_top1_error(at: Position, place: Placement) -> float | None:
+    """The epoch's top-1 error on its training batches as they were trained (augmented, dropout on), over ranks."""
+    counts = torch.tensor([float(at.epoch_mistakes[0]), float(at.epoch_mistakes[1])], dtype=torch.float64)
+    if place.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    wrong, seen = counts.tolist()
+    return round(wrong / seen, 6) if seen else None
 
 
 @torch.no_grad()

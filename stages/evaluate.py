@@ -20,8 +20,9 @@ from pipeline.errors import PipeError
 from pipeline.record import run_record
 from stages import QuietReporter, Reporter
 
-VERSION = 1
+VERSION = 2  # 2: eval.json holds the paper's Figure 3 (and Figure 4 with --train)
 EXAMPLES = 16
+NEIGHBOUR_TRAIN_IMAGES = 10_000  # Figure 4's default bound on the pass over the training shards
 
 
 def resolve_checkpoint(run_or_checkpoint: Path, reporter: Reporter) -> Path:
@@ -40,13 +41,19 @@ def resolve_checkpoint(run_or_checkpoint: Path, reporter: Reporter) -> Path:
 
 
 def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",
-        batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, force: bool = False,
+        batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, train_dir: Path | None = None,
+        neighbour_train_images: int | None = None, force: bool = False,
         reporter: Reporter | None = None) -> dict | None:
+    """With `train_dir`, also Figure 4's nearest training images of five val images, over the first
+    `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES) training images."""
     reporter = reporter or QuietReporter()
     checkpoint = resolve_checkpoint(run_or_checkpoint, reporter)
     inputs = {"checkpoint": Input.of_file(checkpoint), "val": Input.of_stage(val_dir, "manifest.json")}
-    stage = Stage("eval", VERSION, out, {"ten_crop": ten_crop}, inputs, product="eval.json",
-                  outputs=("eval.json",))
+    params: dict = {"ten_crop": ten_crop}
+    if train_dir is not None:
+        inputs["train"] = Input.of_stage(train_dir, "manifest.json")
+        params["neighbour_train_images"] = neighbour_train_images = neighbour_train_images or NEIGHBOUR_TRAIN_IMAGES
+    stage = Stage("eval", VERSION, out, params, inputs, product="eval.json", outputs=("eval.json",))
     if stage.up_to_date() and not force:
         reporter.info(f"eval: up to date ({out / 'eval.json'})")
         return None
@@ -56,6 +63,7 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
         result = evaluate_checkpoint(checkpoint, val_dir, ten_crop=ten_crop, devices=devices,
                                      batch_size=batch_size, loader=loader, loader_threads=loader_threads,
                                      reporter=reporter)
+        result.update(paper_figures(checkpoint, val_dir, train_dir, neighbour_train_images, devices, reporter))
         result["checkpoint"]["sha256"] = inputs["checkpoint"].digest.removeprefix("sha256:")
         result["val"]["manifest_sha256"] = inputs["val"].digest.removeprefix("sha256:")
         result["run_record"] = run_record()  # what it ran on: in eval.json, outside the stage's key
@@ -119,6 +127,28 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
                           for e in example_predictions(model, val_dir, pca, model_config.crop, device_list[0])]
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
+
+
+def paper_figures(checkpoint: Path, val_dir: Path, train_dir: Path | None, limit: int | None, devices: str,
+                  reporter: Reporter) -> dict:
+    """{"figure3": conv1's kernels and chroma per tower, "figure4": nearest training images (with train_dir)}."""
+    from pipeline.checkpoints import load_checkpoint
+    from pipeline.cluster import resolve_devices
+    from pipeline.figures import figure3, figure4
+    from pipeline.model import AlexNetConfig, build_model
+
+    state = load_checkpoint(checkpoint)
+    config = state["config"]
+    model_config = AlexNetConfig.from_dict(config["model"])
+    model = build_model(model_config, resolve_devices(devices)[:model_config.towers])
+    model.load_state_dict(state["model"])
+    figures = {"figure3": figure3(model)}
+    if train_dir is not None:
+        pca = {"mean": config["mean"], "eigvals": config["eigvals"], "eigvecs": config["eigvecs"]}
+        figures["figure4"] = figure4(model.eval(), val_dir, train_dir, pca, model_config.crop, limit=limit)
+        reporter.info(f"eval: nearest training images of {len(figures['figure4']['queries'])} val images over "
+                      f"{figures['figure4']['train_images']} training images")
+    return figures
 
 
 def _counting(batches, advance):

@@ -310,6 +310,15 @@ def test_crops_lie_in_the_central_square_at_uniform_offsets_and_half_are_mirrore
 
 
 @pytest.mark.parametrize("kind", LOADERS)
+def test_random_crop_and_mirror_off_give_the_unflipped_centre_patch_every_time(pattern_shards, pca, kind):
+    loader = train_loader(kind, pattern_shards, pca, 50, lighting=False, random_crop=False, mirror=False)
+    draws = [read_back_crop(image) for number in range(2) for images, _ in epoch(loader, number) for image in images]
+    assert len(draws) == 300
+    assert {(dx, dy, mirrored) for dx, dy, mirrored, _ in draws} == {(16, 16, False)}  # (256 - 224) / 2
+    assert max(error for *_, error in draws) <= 5
+
+
+@pytest.mark.parametrize("kind", LOADERS)
 def test_lighting_offsets_have_the_papers_covariance_and_are_exactly_zero_when_off(grey_shards, pca, kind):
     base = GREY - torch.tensor([255 * m for m in MEAN], dtype=torch.float64).float()[:, None, None]
     for images, _ in epoch(train_loader(kind, grey_shards, pca, 64, lighting=False), 0):

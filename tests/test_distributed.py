@@ -35,7 +35,7 @@ WORKER = textwrap.dedent("""
     labels = torch.randint(0, 10, (B,), generator=data)
     for step in range(4):
         rows = slice(rank * B // world, (rank + 1) * B // world)  # rank r takes rows [rB/W, (r+1)B/W)
-        loss = train_step(net, optimizer, images[rows], labels[rows])
+        loss, _ = train_step(net, optimizer, images[rows], labels[rows])
         if world > 1:
             dist.all_reduce(loss)
             loss /= world

@@ -44,7 +44,7 @@ def test_the_whole_dag_runs_end_to_end_and_a_second_pass_is_up_to_date(cli, tmp_
     assert len(list((shards / "train").glob("train-*.tar"))) == 3 and len(list((shards / "val").glob("val-*.tar"))) == 2
     assert (work / "pca" / "pca.json").is_file() and (run / "checkpoints" / "step-000000006.pt").is_file()
     assert (evaluation / "eval.json").is_file() and (report / "report.md").is_file()
-    assert sorted(p.name for p in report.glob("*.png")) == ["images_per_s.png", "loss.png", "lr.png",
+    assert sorted(p.name for p in report.glob("*.png")) == ["figure3.png", "images_per_s.png", "loss.png", "lr.png",
                                                               "predictions.png", "val_error.png"]
     text = (report / "report.md").read_text()
 

@@ -171,7 +171,7 @@ def lrn_by_hand(a: torch.Tensor, n: int, alpha: float, beta: float, k: float) ->
 def test_lrn_equals_the_printed_formula_with_alpha_as_printed_or_caffes_alpha_over_n(convention, alpha):
     model = AlexNet(AlexNetConfig(width=SMALL, lrn_convention=convention))
     a = torch.randn(2, 12, 5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 30
-    for norm in (model.towers[0].norm, model.towers[1].norm):
+    for norm in (model.towers[0].norm1, model.towers[0].norm2, model.towers[1].norm1, model.towers[1].norm2):
         torch.testing.assert_close(norm(a), lrn_by_hand(a, n=5, alpha=alpha, beta=0.75, k=2.0),
                                    rtol=1e-12, atol=0)
     other = 1e-4 / 5 if convention == "paper" else 1e-4  # the α term matters at this scale: a swap would fail

@@ -1,0 +1,244 @@
+"""The paper's claims as a sweep: a baseline and one variant per claim, each trained for several seeds, and the
+table that compares them without implying more than the seeds can tell.
+
+A variant is the recipe plus the settings it changes (`Variant.changes`, names of `pipeline/config.py` fields). No
+torch here: the table is built from the runs' eval.json and metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from pipeline.config import AlexNetConfig, TrainConfig
+
+BASELINE = "baseline"
+DETECTABLE_Z = 2.0  # a difference counts as measured when it exceeds 2 standard errors (about 95%)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    what: str  # what changes, in words
+    changes: dict  # setting → value
+    paper: str  # the paper's reported effect of the baseline's choice
+    section: str
+
+
+VARIANTS = (
+    Variant(BASELINE, "the recipe as it is (ReLU, two towers, LRN, overlapping pools, crops+mirrors, lighting, "
+            "dropout 0.5)", {}, "-", "-"),
+    Variant("tanh", "tanh neurons in place of ReLUs", {"activation": "tanh"},
+            "ReLU: a 4-layer CNN reaches 25% training error on CIFAR-10 six times faster", "§3.1, Fig. 1"),
+    Variant("one-tower", "§3.2's one-GPU net (half the kernels in conv1-4)", {"towers": 1},
+            "two GPUs: -1.7% top-1, -1.2% top-5", "§3.2"),
+    Variant("no-lrn", "no local response normalization", {"norm": "none"},
+            "LRN: -1.4% top-1, -1.2% top-5", "§3.3"),
+    Variant("batch-norm", "BatchNorm2d in place of each LRN (not in the paper)", {"norm": "batch"},
+            "- (BN came in 2015)", "-"),
+    Variant("plain-pool", "non-overlapping pools z=2, s=2", {"pool": "plain"},
+            "overlapping pools: -0.4% top-1, -0.3% top-5", "§3.4"),
+    Variant("no-crop-mirror", "centre crop, no mirrors", {"random_crop": False, "mirror": False},
+            "crops+mirrors: without them, substantial overfitting", "§4.1"),
+    Variant("no-lighting", "no PCA lighting noise", {"lighting": False},
+            "PCA lighting: -1% top-1 (over 1%)", "§4.1"),
+    Variant("no-dropout", "no dropout in fc6/fc7", {"dropout": 0.0},
+            "dropout: without it, substantial overfitting; it doubles the iterations to converge", "§4.2"),
+)
+VARIANT_NAMES = tuple(v.name for v in VARIANTS)
+
+
+def variant(name: str) -> Variant:
+    return VARIANTS[VARIANT_NAMES.index(name)]
+
+
+def unit_name(variant_name: str, seed: int) -> str:
+    return f"{variant_name}-seed{seed}"
+
+
+def sweep_units(variants: tuple[str, ...], seeds: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(variant, seed) pairs, seed-major: a sweep cut short has every variant at its first seeds."""
+    return [(name, seed) for seed in seeds for name in variants]
+
+
+def variant_settings(name: str, model: AlexNetConfig, cfg: TrainConfig, seed: int
+                     ) -> tuple[AlexNetConfig, TrainConfig]:
+    """The recipe's settings with the variant's changes and this seed."""
+    changes = variant(name).changes
+    model_names = {f.name for f in fields(AlexNetConfig)}
+    return (replace(model, **{k: v for k, v in changes.items() if k in model_names}),
+            replace(cfg, seed=seed, **{k: v for k, v in changes.items() if k not in model_names}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the table
+
+
+def run_record(name: str, seed: int, eval_json: Path, metrics_jsonl: Path) -> dict:
+    """One run's numbers: val errors (the paper's test: 10-crop when evaluated, else the centre crop) and its
+    training error per epoch."""
+    result = json.loads(eval_json.read_text())
+    test = "ten_crop" if "ten_crop" in result else "centre"
+    epochs = [r for r in map(json.loads, metrics_jsonl.read_text().splitlines()) if "val_top1_error" in r]
+    return {"variant": name, "seed": seed, "test": test, "top1_error": result[test]["top1_error"],
+            "top5_error": result[test]["top5_error"], "samples": result["samples"],
+            "train_top1_error": [r.get("train_top1_error") for r in epochs]}
+
+
+def epochs_to(errors: list[float | None], threshold: float) -> int | None:
+    """Epochs trained until the training error first was at or below `threshold` (None: never)."""
+    return next((i + 1 for i, e in enumerate(errors) if e is not None and e <= threshold), None)
+
+
+def mean_sd(values: list[float]) -> tuple[float, float | None]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarize(records: list[dict], threshold: float) -> dict:
+    """Per variant: mean ± sd over seeds of the val errors, the difference from the baseline ± its standard error,
+    whether it is within the seeds' noise, and the epochs to `threshold` training error; plus the smallest
+    difference this sweep can detect."""
+    by_variant: dict[str, list[dict]] = {}
+    for r in records:
+        by_variant.setdefault(r["variant"], []).append(r)
+    rows = []
+    for name in (n for n in VARIANT_NAMES if n in by_variant):
+        runs = sorted(by_variant[name], key=lambda r: r["seed"])
+        row = {"variant": name, "what": variant(name).what, "paper": variant(name).paper,
+               "section": variant(name).section, "seeds": [r["seed"] for r in runs], "test": runs[0]["test"]}
+        for metric in ("top1_error", "top5_error"):
+            row[metric] = dict(zip(("mean", "sd"), mean_sd([r[metric] for r in runs])))
+        reached = [epochs_to(r["train_top1_error"], threshold) for r in runs]
+        row["epochs_to_threshold"] = reached
+        row["epochs_to_threshold_mean"] = (statistics.fmean(reached) if all(e is not None for e in reached)
+                                           else None)
+        row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs])
+        rows.append(row)
+    base = next((r for r in rows if r["variant"] == BASELINE), None)
+    seeds = len(base["seeds"]) if base else 0
+    for row in rows:
+        for metric in ("top1_error", "top5_error"):
+            row[f"{metric}_diff"] = _difference(row, base, metric) if base and row is not base else None
+    pooled = _pooled_sd(rows, "top1_error")
+    detectable = DETECTABLE_Z * pooled * math.sqrt(2 / seeds) if pooled is not None and seeds else None
+    return {"threshold": threshold, "seeds": seeds, "rows": rows, "pooled_sd_top1": pooled,
+            "smallest_detectable_top1": detectable}
+
+
+def _difference(row: dict, base: dict, metric: str) -> dict:
+    diff = row[metric]["mean"] - base[metric]["mean"]
+    sds = (row[metric]["sd"], base[metric]["sd"])
+    if None in sds:
+        return {"mean": diff, "se": None, "within_noise": None}
+    se = math.sqrt(sds[0] ** 2 / len(row["seeds"]) + sds[1] ** 2 / len(base["seeds"]))
+    return {"mean": diff, "se": se, "within_noise": abs(diff) <= DETECTABLE_Z * se}
+
+
+def _pooled_sd(rows: list[dict], metric: str) -> float | None:
+    """The seeds' standard deviation pooled over every variant (each has its own mean)."""
+    parts = [(len(r["seeds"]) - 1, r[metric]["sd"]) for r in rows if r[metric]["sd"] is not None]
+    dof = sum(n for n, _ in parts)
+    return math.sqrt(sum(n * sd**2 for n, sd in parts) / dof) if dof else None
+
+
+def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+    length = min(len(c) for c in curves)
+    return [statistics.fmean(v) if None not in (v := [c[i] for c in curves]) else None for i in range(length)]
+
+
+def speedup(summary: dict, fast: str = BASELINE, slow: str = "tanh") -> float | None:
+    """Figure 1's number: epochs to the threshold with `slow`'s neurons over those with `fast`'s (ReLU)."""
+    rows = {r["variant"]: r for r in summary["rows"]}
+    if fast not in rows or slow not in rows:
+        return None
+    a, b = rows[fast]["epochs_to_threshold_mean"], rows[slow]["epochs_to_threshold_mean"]
+    return b / a if a and b else None
+
+
+def table_markdown(summary: dict, description: str) -> str:
+    """ablations.md: the table and what it can and cannot tell."""
+    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    threshold = summary["threshold"]
+    lines = ["# Ablations: the paper's claims, measured", "", description, "",
+             f"Val error in %, mean ± sd over {summary['seeds']} seed(s), the paper's test (10-crop) unless marked. "
+             "Difference = variant − baseline ± its standard error (positive: the variant is worse, i.e. the "
+             "paper's choice helps). Epochs: epochs until the training top-1 error first reached "
+             f"{threshold:.0%}, mean over seeds (— when a seed never did).", "",
+             "| variant | what changes | paper (section) | top-1 error | top-5 error | Δ top-1 | Δ top-5 | "
+             f"epochs to {threshold:.0%} train error |", "|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        cells = [row["variant"], row["what"], f"{row['paper']} ({row['section']})"]
+        for metric in ("top1_error", "top5_error"):
+            m = row[metric]
+            cells.append(f"{pct(m['mean'])} ± {pct(m['sd'])}" + ("" if row["test"] == "ten_crop" else " (centre)"))
+        for metric in ("top1_error", "top5_error"):
+            d = row[f"{metric}_diff"]
+            if d is None:
+                cells.append("-")
+            elif d["se"] is None:
+                cells.append(f"{100 * d['mean']:+.1f} (one seed: no noise estimate)")
+            else:
+                verdict = "within the noise" if d["within_noise"] else "beyond 2 s.e."
+                cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} ({verdict})")
+        reached = row["epochs_to_threshold_mean"]
+        cells.append("—" if reached is None else f"{reached:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    detectable = summary["smallest_detectable_top1"]
+    if detectable is None:
+        lines.append("One seed per variant: the sweep cannot tell an effect from seed noise; run with more seeds.")
+    else:
+        sd = pct(summary["pooled_sd_top1"])
+        lines.append(f"Seed noise: the seeds' top-1 error sd, pooled over the variants, is {sd} points, so with "
+                     f"{summary['seeds']} seeds the smallest top-1 difference this sweep can "
+                     f"detect (2 standard errors) is about {pct(detectable)} points. The paper's effects are "
+                     "0.3–1.7 points on ImageNet's 50,000 val images; a smaller measured difference here says "
+                     "nothing either way." + (" With 2 seeds each sd is itself a rough estimate (one degree of "
+                                              "freedom): read these verdicts as a first look." if summary["seeds"] < 3
+                                              else ""))
+    factor = speedup(summary)
+    if factor is not None:
+        lines += ["", f"Figure 1 in spirit: tanh needed {factor:.1f}× the epochs of ReLU to reach {threshold:.0%} "
+                  "training error (the paper: about 6× to 25% on CIFAR-10 with a 4-layer CNN)."]
+    lines += ["", "![training error against epochs](figure1.png)", "", "![val top-1 error](ablations.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(summary: dict, out: Path) -> list[str]:
+    """figure1.png (training error against epochs, ReLU vs tanh, mean over seeds) and ablations.png (val top-1
+    error per variant, mean ± sd)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = {r["variant"]: r for r in summary["rows"]}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, label, style in ((BASELINE, "ReLU", "-"), ("tanh", "tanh", "--")):
+        if name in rows:
+            curve = rows[name]["train_top1_error_mean"]
+            ax.plot(range(1, len(curve) + 1), curve, style, marker=".", label=f"{label} (mean of seeds)")
+    ax.axhline(summary["threshold"], color="grey", lw=0.8, label=f"threshold {summary['threshold']:.0%}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training top-1 error")
+    ax.set_title("Figure 1 in spirit: ReLU vs tanh")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "figure1.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(rows)
+    means = [100 * rows[n]["top1_error"]["mean"] for n in names]
+    sds = [100 * (rows[n]["top1_error"]["sd"] or 0) for n in names]
+    ax.bar(names, means, yerr=sds, capsize=3, color=["tab:grey" if n == BASELINE else "tab:blue" for n in names])
+    ax.set_ylabel("val top-1 error, % (mean ± sd)")
+    ax.tick_params(axis="x", rotation=35)
+    fig.tight_layout()
+    fig.savefig(out / "ablations.png", dpi=100)
+    plt.close(fig)
+    return ["figure1.png", "ablations.png"]

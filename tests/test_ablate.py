@@ -1,0 +1,116 @@
+"""Stage `ablate`: a tiny sweep (baseline and tanh, two seeds, one epoch each) through the real CLI; its table
+quotes the runs' eval.json, a rerun does nothing, and a sweep killed mid-run resumes (as two array tasks) to the
+same table."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import statistics
+import time
+
+import pytest
+
+from pipeline.ablation import summarize
+
+SWEEP = ["--variants", "baseline,tanh", "--seeds", "2", "--threshold", "0.9", "--width", "0.125", "--init",
+         "default", "--lr", "0.003", "--epochs", "1", "--batch-size", "4", "--devices", "cpu", "--checkpoint-every",
+         "3", "--log-every", "1"]
+UNITS = ["baseline-seed0", "tanh-seed0", "baseline-seed1", "tanh-seed1"]
+
+
+def sweep_args(tiny_data, out, *extra) -> list:
+    return ["ablate", "--train", tiny_data["train"], "--val", tiny_data["val"], "--pca", tiny_data["pca"], "--out",
+            out, *SWEEP, *extra]
+
+
+@pytest.fixture(scope="module")
+def sweep(tiny_data, tmp_path_factory, cli):
+    out = tmp_path_factory.mktemp("sweep") / "ablations"
+    cli(*sweep_args(tiny_data, out), timeout=1200)
+    return out
+
+
+def without_digests(table: dict) -> dict:
+    """The table minus what names its folder (eval.json holds the checkpoint path, so its digest does too)."""
+    return {**table, "runs": [{k: v for k, v in r.items() if k != "eval_sha256"} for r in table["runs"]]}
+
+
+def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
+    table = json.loads((sweep / "ablations.json").read_text())
+    evals = {u: json.loads((sweep / "eval" / u / "eval.json").read_text()) for u in UNITS}
+    assert sorted(f"{r['variant']}-seed{r['seed']}" for r in table["runs"]) == sorted(UNITS)
+    for record in table["runs"]:
+        result = evals[f"{record['variant']}-seed{record['seed']}"]
+        assert record["test"] == "ten_crop"
+        assert (record["top1_error"], record["top5_error"]) == (result["ten_crop"]["top1_error"],
+                                                                result["ten_crop"]["top5_error"])
+    rows = {r["variant"]: r for r in table["rows"]}
+    md = (sweep / "ablations.md").read_text()
+    for variant in ("baseline", "tanh"):
+        for metric in ("top1_error", "top5_error"):
+            values = [evals[f"{variant}-seed{s}"]["ten_crop"][metric] for s in (0, 1)]
+            assert rows[variant][metric]["mean"] == pytest.approx(statistics.fmean(values), abs=1e-12)
+            assert rows[variant][metric]["sd"] == pytest.approx(statistics.stdev(values), abs=1e-12)
+            assert f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}" in md
+        curves = [[json.loads(line).get("train_top1_error") for line in
+                   (sweep / "runs" / f"{variant}-seed{s}" / "metrics.jsonl").read_text().splitlines()
+                   if "val_top1_error" in line] for s in (0, 1)]
+        assert rows[variant]["train_top1_error_mean"] == pytest.approx([statistics.fmean(c) for c in zip(*curves)])
+    diff = rows["tanh"]["top1_error_diff"]
+    assert diff["mean"] == pytest.approx(rows["tanh"]["top1_error"]["mean"] - rows["baseline"]["top1_error"]["mean"])
+    assert diff["se"] == pytest.approx(math.hypot(rows["tanh"]["top1_error"]["sd"],
+                                                  rows["baseline"]["top1_error"]["sd"]) / math.sqrt(2))
+    assert "smallest top-1 difference this sweep can detect" in md
+    assert {"figure1.png", "ablations.png"} <= {p.name for p in sweep.iterdir()}
+    # the switch is in the run's checkpoint config, so eval (and the report) know it
+    assert evals["tanh-seed0"]["model"]["activation"] == "tanh" and evals["baseline-seed0"]["model"]["activation"] \
+        == "relu"
+
+
+def test_a_rerun_of_a_finished_sweep_is_up_to_date_and_writes_nothing(sweep, tiny_data, cli):
+    before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()}
+    out = cli(*sweep_args(tiny_data, sweep))
+    assert "up to date" in out.stderr
+    assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == before
+
+
+def test_a_sweep_killed_mid_run_resumes_as_two_array_tasks_to_the_same_table(sweep, tiny_data, cli, cli_popen,
+                                                                             tmp_path):
+    out = tmp_path / "ablations"
+    proc = cli_popen(*sweep_args(tiny_data, out), log=tmp_path / "log")
+    deadline = time.monotonic() + 600
+    while not list((out / "runs" / "tanh-seed0" / "checkpoints").glob("step-*.pt")):
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "ablations.json").exists()
+    # task 1 of 2 owns the seed-1 runs; task 0 then resumes tanh-seed0 and, finishing last, writes the table
+    first = cli(*sweep_args(tiny_data, out, "--task-index", "1", "--num-tasks", "2"), timeout=1200)
+    assert not (out / "ablations.json").exists() and "3 of 4 runs finished" in first.stderr
+    cli(*sweep_args(tiny_data, out, "--task-index", "0", "--num-tasks", "2"), timeout=1200)
+    assert without_digests(json.loads((out / "ablations.json").read_text())) == without_digests(
+        json.loads((sweep / "ablations.json").read_text()))
+
+
+def test_summary_says_within_the_noise_and_the_smallest_detectable_difference():
+    def record(variant, seed, top1):
+        return {"variant": variant, "seed": seed, "test": "ten_crop", "top1_error": top1, "top5_error": top1 / 2,
+                "samples": 100, "train_top1_error": [0.9, 0.6, 0.4] if variant == "baseline" else [0.9, 0.8, 0.7]}
+
+    base, noisy, far = [0.50, 0.60, 0.55], [0.52, 0.62, 0.57], [0.90, 0.91, 0.92]
+    records = ([record("baseline", s, e) for s, e in enumerate(base)] + [record("tanh", s, e) for s, e in
+                                                                        enumerate(noisy)]
+               + [record("no-lrn", s, e) for s, e in enumerate(far)])
+    summary = summarize(records, threshold=0.5)
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert rows["tanh"]["top1_error_diff"]["within_noise"] is True
+    assert rows["no-lrn"]["top1_error_diff"]["within_noise"] is False
+    pooled = math.sqrt((2 * statistics.variance(base) + 2 * statistics.variance(noisy) + 2 * statistics.variance(far))
+                       / 6)
+    assert summary["smallest_detectable_top1"] == pytest.approx(2 * pooled * math.sqrt(2 / 3))
+    assert rows["baseline"]["epochs_to_threshold"] == [3, 3, 3] and rows["tanh"]["epochs_to_threshold_mean"] is None

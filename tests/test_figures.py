@@ -1,0 +1,102 @@
+"""The paper's Figure 3 (conv1 kernels, chroma per tower) and Figure 4 (nearest training images by fc7 features),
+computed by `eval` and laid out by the report."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.figures import chroma_energy, nearest
+
+NEIGHBOUR_LIMIT = 20
+
+
+def test_streamed_nearest_neighbours_equal_a_brute_force_search():
+    gen = torch.Generator().manual_seed(0)
+    queries, pool = torch.randn(5, 16, generator=gen), torch.randn(203, 16, generator=gen)
+    ids = [f"img{i}" for i in range(len(pool))]
+    batches = [(ids[i:i + 7], pool[i:i + 7]) for i in range(0, len(pool), 7)]
+    found = nearest(queries, iter(batches), k=6)
+    distances = torch.cdist(queries.double(), pool.double())
+    for q, row in enumerate(found):
+        order = distances[q].argsort()[:6]
+        assert [i for _, i in row] == [ids[j] for j in order.tolist()]
+        assert [d for d, _ in row] == pytest.approx(distances[q, order].tolist(), abs=1e-9)
+    assert nearest(queries[:1], iter([(ids[:3], pool[:3])]), k=6)[0].__len__() == 3  # fewer candidates than k
+
+
+def test_chroma_energy_is_zero_for_grey_kernels_and_the_off_grey_share_otherwise():
+    grey = np.broadcast_to(np.random.default_rng(0).normal(size=(1, 1, 11, 11)), (1, 3, 11, 11))
+    red_green = np.zeros((1, 3, 11, 11))
+    red_green[0, 0], red_green[0, 1] = 1.0, -1.0  # mean over RGB 0: all of its energy is colour
+    mixed = np.ones((1, 3, 11, 11))
+    mixed[0, 2] = 4.0  # mean 2; off-grey energy (1+1+4)·121, total (1+1+16)·121
+    energies = chroma_energy(np.concatenate([grey, red_green, mixed]))
+    assert energies.tolist() == pytest.approx([0.0, 1.0, 6 / 18])
+
+
+@pytest.fixture(scope="module")
+def figured(tiny_run, tiny_data, cli, tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    cli("eval", tiny_run, "--val", tiny_data["val"], "--out", out / "eval", "--devices", "cpu", "--no-ten-crop",
+        "--train", tiny_data["train"], "--neighbour-train-images", NEIGHBOUR_LIMIT)
+    cli("report", tiny_run, "--eval", out / "eval", "--out", out / "report")
+    return out
+
+
+def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_run):
+    result = json.loads((figured / "eval" / "eval.json").read_text())
+    state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    towers = result["figure3"]["towers"]
+    assert len(towers) == 2
+    for i, tower in enumerate(towers):
+        weights = state["model"][f"towers.{i}.conv1.weight"].numpy()
+        np.testing.assert_allclose(np.array(tower["kernels"]), weights, atol=1e-6)
+        np.testing.assert_allclose(tower["chroma"], chroma_energy(weights), atol=1e-6)
+        assert tower["mean_chroma"] == pytest.approx(chroma_energy(weights).mean(), abs=1e-6)
+    assert isinstance(result["figure3"]["differ"], bool)
+
+
+def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figured, tiny_run, tiny_data):
+    from pipeline.augment import load_pca, reference_eval_samples
+    from pipeline.model import AlexNetConfig, build_model
+
+    result = json.loads((figured / "eval" / "eval.json").read_text())["figure4"]
+    state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net.load_state_dict(state["model"])
+    net.eval()
+    pca = load_pca(tiny_data["pca"])
+    val = list(reference_eval_samples(tiny_data["val"], pca, limit=5))
+    train = list(reference_eval_samples(tiny_data["train"], pca, limit=NEIGHBOUR_LIMIT))
+    with torch.no_grad():
+        fq = net.features(torch.stack([image for _, image, _ in val]))
+        ft = net.features(torch.stack([image for _, image, _ in train]))
+        fc8 = net(torch.stack([image for _, image, _ in val]))
+    torch.testing.assert_close(net.fc8(fq), fc8)  # the features are what fc8 reads
+    assert (fq >= 0).all()  # after the ReLU
+    distances = torch.cdist(fq.double(), ft.double())
+    assert result["train_images"] == NEIGHBOUR_LIMIT
+    assert [q["key"] for q in result["queries"]] == [key for key, _, _ in val]
+    for q, query in enumerate(result["queries"]):
+        order = distances[q].argsort()[:6].tolist()
+        assert [n["key"] for n in query["neighbours"]] == [train[j][0] for j in order]
+        assert [n["label"] for n in query["neighbours"]] == [train[j][2] for j in order]
+        assert [n["distance"] for n in query["neighbours"]] == pytest.approx(distances[q, order].tolist(), abs=1e-4)
+
+
+def test_report_lays_out_figure3_and_figure4_from_eval_json(figured):
+    result = json.loads((figured / "eval" / "eval.json").read_text())
+    md = (figured / "report" / "report.md").read_text()
+    for tower, name in zip(result["figure3"]["towers"], "AB"):
+        assert f"tower {name} {tower['mean_chroma']:.3f}" in md
+    assert "![figure 3](figure3.png)" in md and "![figure 4](figure4.png)" in md
+    assert f"searched over {NEIGHBOUR_LIMIT} training images" in md
+    kernels = len(result["figure3"]["towers"][0]["kernels"])  # 6 at width 0.125: one row of 6 per tower
+    width, height = Image.open(figured / "report" / "figure3.png").size
+    assert (width, height) == (8 * (kernels * 12 + 1), 8 * 2 * (12 + 1 + 1))  # shown 8 pixels a weight
+    assert Image.open(figured / "report" / "figure4.png").size[0] > 0
