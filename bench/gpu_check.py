@@ -130,7 +130,7 @@ def learning(args: argparse.Namespace) -> dict:
         while time.perf_counter() - started < args.seconds and len(losses) < args.max_steps:
             loader.set_epoch(epoch)
             for images, labels in loader:
-                losses.append(train_step(model, optimizer, images, labels, amp=device.type == "cuda"))
+                losses.append(train_step(model, optimizer, images, labels, amp=device.type == "cuda")[0])
                 if len(losses) % 50 == 0 and time.perf_counter() - started >= args.seconds:
                     break
             epoch += 1

@@ -340,7 +340,7 @@ def predict(
     from stages.evaluate import resolve_checkpoint
 
     reporter = _reporter()
-    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint), devices)
+    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter), devices)
     classified = failed = 0
     for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
         if "error" in record:
@@ -377,11 +377,12 @@ def export(
     from pipeline.predict import load_classifier
     from stages.evaluate import resolve_checkpoint
 
-    checkpoint = resolve_checkpoint(run_or_checkpoint)
+    reporter = _reporter()
+    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter)
     fmt = export_format(out, format)
     classifier = load_classifier(checkpoint, "cpu")
     export_file(classifier, out, fmt, sha256_file(checkpoint))
-    _reporter().info(f"export: {checkpoint} (step {classifier.step}) → {out} ({fmt}, dynamic batch)")
+    reporter.info(f"export: {checkpoint} (step {classifier.step}) → {out} ({fmt}, dynamic batch)")
 
 
 @app.command()

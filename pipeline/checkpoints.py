@@ -102,7 +102,8 @@ def load_checkpoint(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PipeError(f"{path}: not a readable checkpoint ({reason})") from None
+        raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found an unreadable file "
+                        f"({reason})") from None
 
 
 def checkpoint_classes(config: dict) -> ClassTable:

@@ -291,7 +291,8 @@ def resume(run: Run) -> Position:
     mistakes = state.get("epoch_mistakes", [[0, 0]])
     rank = run.place.rank
     return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])),
-                    list(mistakes[rank] if rank < len(mistakes) else mistakes[0]), resumed_from=str(chosen))
+                    epoch_mistakes=list(mistakes[rank] if rank < len(mistakes) else mistakes[0]),
+                    resumed_from=str(chosen))
 
 
 def topology(cfg: TrainConfig, place: Placement) -> dict:
