@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import SAMPLE
 from torch import nn
 
 from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters
@@ -125,6 +126,18 @@ def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_da
     cli("report", out, "--eval", tmp_path / "eval", "--out", tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "activation tanh, norm batch, pool plain, towers 1" in report
+    # predict builds the switched net from the checkpoint: tanh, BatchNorm, plain pools, one tower
+    from pipeline.predict import load_classifier
+
+    classifier = load_classifier(sorted((out / "checkpoints").glob("step-*.pt"))[-1], "cpu")
+    kinds = {type(m).__name__ for m in classifier.model.modules()}
+    assert "BatchNorm2d" in kinds and "LocalResponseNorm" not in kinds
+    assert {m.act for m in classifier.model.modules() if hasattr(m, "act")} == {torch.tanh}
+    assert classifier.config.pool == "plain" and classifier.config.towers == 1
+    images = sorted((SAMPLE / "val").glob("*.JPEG"))[:2]
+    predicted = cli("predict", out, *images, "--json", "--devices", "cpu", "--top", "3")
+    records = [json.loads(line) for line in predicted.stdout.splitlines()]
+    assert [r["path"] for r in records] == [str(p) for p in images] and all(len(r["top"]) == 3 for r in records)
     refused = cli(*train_cmd(tiny_data, tmp_path / "two", towers=1, devices="cpu,cpu"), check=False)
     assert refused.returncode == 2
     assert refused.stderr.count("\n") == 1 and "towers=1" in refused.stderr and "Traceback" not in refused.stderr
