@@ -152,3 +152,14 @@ def cli_popen():
 def train_cmd():
     """`train_cmd(data, out, **overrides)`: the tiny run's `train` arguments, options overridden by name."""
     return train_args
+
+
+@pytest.fixture
+def one_thread():
+    """Per-image tensors are tiny: with several intra-op threads on a busy machine they only wait on each other."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

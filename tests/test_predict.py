@@ -45,15 +45,6 @@ def photos(sample_dir, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
-@pytest.fixture
-def one_thread():
-    """Per-image tensors are tiny: with several intra-op threads on a busy machine they only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(("split", "ten_crop"), [("train", False), ("val", True)])
 def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the_same_files(
         sample_dir, sample_shards, classifier, one_thread, split, ten_crop):

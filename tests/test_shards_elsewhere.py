@@ -52,15 +52,6 @@ def test_webdataset_reads_the_keys_labels_and_bytes_of_the_dali_index(sample_sha
     assert theirs == indexed_samples(folder)
 
 
-@pytest.fixture
-def one_thread():
-    """Per-image tensors are tiny: with several intra-op threads on a busy machine they only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("split", SPLITS)
 def test_timm_create_dataset_reads_the_folder_alone_as_the_reference_loader_does(sample_shards, one_thread, split):
     from timm.data import create_dataset
