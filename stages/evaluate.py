@@ -132,20 +132,15 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
 def paper_figures(checkpoint: Path, val_dir: Path, train_dir: Path | None, limit: int | None, devices: str,
                   reporter: Reporter) -> dict:
     """{"figure3": conv1's kernels and chroma per tower, "figure4": nearest training images (with train_dir)}."""
-    from pipeline.checkpoints import load_checkpoint
-    from pipeline.cluster import resolve_devices
     from pipeline.figures import figure3, figure4
-    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.predict import load_classifier
 
-    state = load_checkpoint(checkpoint)
-    config = state["config"]
-    model_config = AlexNetConfig.from_dict(config["model"])
-    model = build_model(model_config, resolve_devices(devices)[:model_config.towers])
-    model.load_state_dict(state["model"])
+    classifier = load_classifier(checkpoint, devices)  # the same model, settings and placement as the eval
+    model, model_config, config = classifier.model, classifier.config, classifier.settings
     figures = {"figure3": figure3(model)}
     if train_dir is not None:
         pca = {"mean": config["mean"], "eigvals": config["eigvals"], "eigvecs": config["eigvecs"]}
-        figures["figure4"] = figure4(model.eval(), val_dir, train_dir, pca, model_config.crop, limit=limit)
+        figures["figure4"] = figure4(model, val_dir, train_dir, pca, model_config.crop, limit=limit)
         reporter.info(f"eval: nearest training images of {len(figures['figure4']['queries'])} val images over "
                       f"{figures['figure4']['train_images']} training images")
     return figures
