@@ -78,3 +78,27 @@ def test_two_gloo_ranks_follow_the_single_rank_loss_curve(tmp_path):
 @pytest.mark.slow
 def test_two_tower_placement_on_two_devices_trains_identically(tmp_path):
     assert run_ranks(tmp_path, 1, "cpu,cpu") == pytest.approx(run_ranks(tmp_path, 1, "cpu"), abs=1e-6)
+
+
+def test_alexnet_pipe_torchrun_ends_a_stop_signal_with_one_line_and_the_signals_status(tmp_path):
+    """What the Slurm train job runs: torchrun's arguments, and on SIGTERM (after the ranks got it) one line and exit
+    143 where torchrun prints a SignalException traceback."""
+    import signal
+    import time
+
+    launcher = Path(sys.executable).with_name("alexnet-pipe-torchrun")
+    proc = subprocess.Popen([str(launcher), "--standalone", "--nproc_per_node=1", "--no-python", "sleep", "60"],
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():  # the rank has started
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == "torchrun: stopped by SIGTERM; the ranks were passed the signal and " \
+                                             "have exited"

@@ -232,6 +232,7 @@ def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_wi
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm, check=True, timeout=60)
     states = wait(slurm, job, timeout=300)
     log = logs(work)
+    assert "Traceback" not in log and "torchrun: stopped by SIGTERM; the ranks were passed the signal" in log, log
     assert states == {job: "COMPLETED"}, log
     assert "Restarts=1 " in scontrol(slurm, "show", "job", "-o", job), log
     import re
