@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.cache import Input, Stage, write_json
 from pipeline.checkpoints import (
@@ -19,6 +20,9 @@ from pipeline.checkpoints import (
 from pipeline.errors import PipeError
 from pipeline.record import run_record
 from stages import QuietReporter, Reporter
+
+if TYPE_CHECKING:
+    from pipeline.predict import Classifier
 
 VERSION = 2  # 2: eval.json holds the paper's Figure 3 (and Figure 4 with --train)
 EXAMPLES = 16
@@ -60,10 +64,15 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["eval"], force=force)
-        result = evaluate_checkpoint(checkpoint, val_dir, ten_crop=ten_crop, devices=devices,
+        from pipeline.cluster import resolve_devices
+        from pipeline.predict import load_classifier
+
+        device_list = resolve_devices(devices)
+        classifier = load_classifier(checkpoint, device_list)  # one load for the errors and the figures
+        result = evaluate_checkpoint(classifier, checkpoint, val_dir, ten_crop=ten_crop, device=device_list[0],
                                      batch_size=batch_size, loader=loader, loader_threads=loader_threads,
                                      reporter=reporter)
-        result.update(paper_figures(checkpoint, val_dir, train_dir, neighbour_train_images, devices, reporter))
+        result.update(paper_figures(classifier, val_dir, train_dir, neighbour_train_images, reporter))
         result["checkpoint"]["sha256"] = inputs["checkpoint"].digest.removeprefix("sha256:")
         result["val"]["manifest_sha256"] = inputs["val"].digest.removeprefix("sha256:")
         result["run_record"] = run_record()  # what it ran on: in eval.json, outside the stage's key
@@ -76,22 +85,20 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     return result
 
 
-def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devices: str, batch_size: int,
-                        loader: str, loader_threads: int, reporter: Reporter) -> dict:
+def evaluate_checkpoint(classifier: Classifier, checkpoint: Path, val_dir: Path, *, ten_crop: bool, device: str,
+                        batch_size: int, loader: str, loader_threads: int, reporter: Reporter) -> dict:
+    """The errors of `classifier` (loaded from `checkpoint`) on the val shards; `device` is where batches go (the
+    device of its first tower)."""
     import torch
 
     from pipeline.augment import make_eval_loader
-    from pipeline.cluster import resolve_devices
     from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
-    from pipeline.predict import load_classifier
     from pipeline.shards import load_manifest
     from stages.train import val_class_problems
 
     manifest = load_manifest(val_dir)
     if manifest.get("split") != "val":
         raise PipeError(f"{val_dir}: expected val shards, found split {manifest.get('split')!r} in its manifest.json")
-    device_list = resolve_devices(devices)
-    classifier = load_classifier(checkpoint, device_list)
     model, model_config, config, classes = (classifier.model, classifier.config, classifier.settings,
                                             classifier.classes)
     trained = config.get("classes", {}).get("trained", range(len(classes.wnids)))
@@ -103,7 +110,7 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
     views = {"centre": False, **({"ten_crop": True} if ten_crop else {})}
     for name, ten in views.items():
         batches = make_eval_loader(val_dir, pca, batch_size, crop=model_config.crop, ten_crop=ten,
-                                   device=device_list[0], num_threads=loader_threads, loader=loader)
+                                   device=device, num_threads=loader_threads, loader=loader)
         with reporter.progress(f"eval {name.replace('_', '-')}", total=len(batches)) as advance:
             started = time.perf_counter()
             probs, labels = predict(model, _counting(batches, advance))
@@ -124,18 +131,16 @@ def evaluate_checkpoint(checkpoint: Path, val_dir: Path, *, ten_crop: bool, devi
                                   for pair in confused_pairs(probs, labels)]
     result["samples"] = manifest["samples"]
     result["examples"] = [{**e, "name": classes.names[e["label"]], "top5_names": [classes.names[c] for c in e["top5"]]}
-                          for e in example_predictions(model, val_dir, pca, model_config.crop, device_list[0])]
+                          for e in example_predictions(model, val_dir, pca, model_config.crop, device)]
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return result
 
 
-def paper_figures(checkpoint: Path, val_dir: Path, train_dir: Path | None, limit: int | None, devices: str,
+def paper_figures(classifier: Classifier, val_dir: Path, train_dir: Path | None, limit: int | None,
                   reporter: Reporter) -> dict:
     """{"figure3": conv1's kernels and chroma per tower, "figure4": nearest training images (with train_dir)}."""
     from pipeline.figures import figure3, figure4
-    from pipeline.predict import load_classifier
 
-    classifier = load_classifier(checkpoint, devices)  # the same model, settings and placement as the eval
     model, model_config, config = classifier.model, classifier.config, classifier.settings
     figures = {"figure3": figure3(model)}
     if train_dir is not None:
