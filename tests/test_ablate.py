@@ -82,17 +82,20 @@ def test_a_sweep_killed_mid_run_resumes_as_two_array_tasks_to_the_same_table(swe
     out = tmp_path / "ablations"
     proc = cli_popen(*sweep_args(tiny_data, out), log=tmp_path / "log")
     deadline = time.monotonic() + 600
-    while not list((out / "runs" / "tanh-seed0" / "checkpoints").glob("step-*.pt")):
+    while not list((out / "runs" / "baseline-seed1" / "checkpoints").glob("step-*.pt")):  # inside the third run
         assert proc.poll() is None, (tmp_path / "log").read_text()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (out / "ablations.json").exists()
-    # task 1 of 2 owns the seed-1 runs; task 0 then resumes tanh-seed0 and, finishing last, writes the table
-    first = cli(*sweep_args(tiny_data, out, "--task-index", "1", "--num-tasks", "2"), timeout=1200)
-    assert not (out / "ablations.json").exists() and "3 of 4 runs finished" in first.stderr
-    cli(*sweep_args(tiny_data, out, "--task-index", "0", "--num-tasks", "2"), timeout=1200)
+    # task 0 owns the seed-0 runs, both finished: it leaves the table to the task that finishes last
+    first = cli(*sweep_args(tiny_data, out, "--task-index", "0", "--num-tasks", "2"), timeout=1200)
+    assert "2 of 2 runs already trained" in first.stderr and "2 of 4 runs finished" in first.stderr
+    assert not (out / "ablations.json").exists()
+    # task 1 resumes baseline-seed1 where it was killed, trains tanh-seed1 and, finishing last, writes the table
+    last = cli(*sweep_args(tiny_data, out, "--task-index", "1", "--num-tasks", "2"), timeout=1200)
+    assert "train: resuming from step" in last.stderr, last.stderr
     assert without_digests(json.loads((out / "ablations.json").read_text())) == without_digests(
         json.loads((sweep / "ablations.json").read_text()))
 
