@@ -245,3 +245,25 @@ def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_wi
     logged = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in logged if "loss" in r] == list(range(1, 31))  # each step once: none lost or redone
     assert sorted(p.name for p in (metrics.parent / "checkpoints").glob("*.pt"))[-1] == "step-000000030.pt"
+
+
+def test_ablations_run_as_an_array_whose_last_task_writes_the_table(slurm, prepared):
+    """`cluster/submit.sh ablations`: two array tasks share the sweep's runs (one each) on the prepared shards; the
+    table quotes both runs' eval.json."""
+    work, _, _ = prepared
+    jobs = submit(slurm, "ablations", WORK=str(work), ABLATION_TASKS="2", TRAIN_CPUS="1", GPUS_PER_NODE="0",
+                  DEVICES="cpu",
+                  ABLATION_ARGS="--variants baseline,tanh --seeds 1 --width 0.125 --epochs 1 --max-steps 3 "
+                                "--batch-size 8 --loader torch --loader-threads 1 --no-ten-crop --threshold 0.9")
+    array = jobs["ablations"]
+    states = wait(slurm, array, timeout=300)
+    assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}, logs(work)
+    import json
+
+    table = json.loads((work / "ablations" / "ablations.json").read_text())
+    for record in table["runs"]:  # one run per task, each its own cached train run and eval
+        result = json.loads((work / "ablations" / "eval" / f"{record['variant']}-seed0" / "eval.json").read_text())
+        assert record["top1_error"] == result["centre"]["top1_error"] and record["test"] == "centre"
+    assert sorted(r["variant"] for r in table["runs"]) == ["baseline", "tanh"]
+    task_logs = [(work / "logs" / f"ablations-{array}_{i}.out").read_text() for i in (0, 1)]
+    assert sum("ablate: 2 runs →" in text for text in task_logs) == 1, task_logs  # the table, written once
