@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -37,9 +36,7 @@ def test_every_command_has_help_that_explains_it(command):
 
 
 def test_help_is_fast_because_heavy_libraries_load_lazily():
-    start = time.perf_counter()
-    assert cli("shard", "--help").returncode == 0
-    assert time.perf_counter() - start < 2.0
+    """Checked by what is imported, not by a clock (a busy machine would make a timed test fail)."""
     probe = subprocess.run([sys.executable, "-c", "import sys, cli.main; print('torch' in sys.modules, "
                             "'nvidia.dali' in sys.modules, 'numpy' in sys.modules)"], capture_output=True, text=True)
     assert probe.stdout.split() == ["False", "False", "False"]

@@ -3,8 +3,6 @@ train/val → pca-stats → train → eval → report → status; then a second 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 STAGES = ["synth", "shard train", "shard val", "pca-stats", "train demo", "eval demo", "report demo"]
@@ -50,10 +48,8 @@ def test_the_whole_dag_runs_end_to_end_and_a_second_pass_is_up_to_date(cli, tmp_
 
     stamps = {p: p.stat().st_mtime_ns for p in work.rglob("*") if p.is_file() and ".locks" not in p.parts}
     for command in commands:
-        started = time.perf_counter()
         out = cli(*command)
         assert "up to date" in out.stdout + out.stderr, (command[0], out.stdout, out.stderr)
-        assert time.perf_counter() - started < 5, command[0]
     assert (report / "report.md").read_text() == text
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing was rewritten
     assert status_states(cli, work) == dict.fromkeys(STAGES, "done")

@@ -579,9 +579,7 @@ def test_rerun_with_the_same_params_is_up_to_date_and_changes_nothing(quirk_tree
     out = tmp_path / "val"
     assert cli("shard", quirk_tree, out, "--split", "val", "--shard-size", "16").returncode == 0
     before = snapshot(out)
-    start = time.perf_counter()
     again = cli("shard", quirk_tree, out, "--split", "val", "--shard-size", "16", "--workers", "1")
-    assert time.perf_counter() - start < 3
     assert again.returncode == 0 and "up to date" in again.stderr
     assert snapshot(out) == before
 
