@@ -52,14 +52,38 @@ def disk_full_is_user_error(path: Path) -> Iterator[None]:
                         "or choose another output folder, then rerun: finished units are kept") from None
 
 
+# An output path the user chose that cannot be made or written (a file where a folder must be, no such place,
+# read-only, no permission): theirs to fix, unlike such an error later inside a writer's own block.
+_UNWRITABLE = (errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+@contextlib.contextmanager
+def unwritable_is_user_error(path: Path) -> Iterator[None]:
+    """Around making `path`'s folder and creating `path` (or its temp file): a place that cannot be written is one
+    line naming it, exit 2. Used where files and folders are created (atomic_write, the locks, stage folders)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _UNWRITABLE:
+            raise
+        blocker = path.parent  # the nearest place that exists: what stands in the way
+        while not blocker.exists() and blocker != blocker.parent:
+            blocker = blocker.parent
+        found = "a file" if not blocker.is_dir() else e.strerror.lower()
+        raise PipeError(f"{path}: expected a writable folder at {blocker}, found {found}; choose another output "
+                        "path") from None
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Write `path` under a temp name in the same folder; fsync and rename only when the block succeeds."""
     tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
     with disk_full_is_user_error(path):
-        try:
+        with unwritable_is_user_error(path):
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, mode) as f:
+            f = open(tmp, mode)
+        try:
+            with f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -141,7 +165,7 @@ def stage_key(name: str, version: int, params: dict, inputs: dict[str, str]) -> 
 @contextlib.contextmanager
 def file_lock(path: Path, *, blocking: bool) -> Iterator[bool]:
     """flock on `path`; yields whether it was acquired. The kernel drops it when the holder dies (SIGKILL too)."""
-    with disk_full_is_user_error(path):
+    with disk_full_is_user_error(path), unwritable_is_user_error(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -251,7 +275,8 @@ class Stage:
     def plan(self, units: list[str], force: bool = False) -> None:
         """Record the unit list for this key; a different key (or --force) first removes the old outputs. Units
         only accumulate under one key: a stage that learns its units from a first unit plans twice."""
-        self.out.mkdir(parents=True, exist_ok=True)
+        with unwritable_is_user_error(self.out / PLAN):
+            self.out.mkdir(parents=True, exist_ok=True)
         with file_lock(self.out / LOCKS / "finalize", blocking=True):
             p = self.out / PLAN
             old = read_json(p) if p.is_file() else None

@@ -96,12 +96,16 @@ def load_checkpoint(path: Path) -> dict:
     import pickle
     import zipfile
 
+    if path.is_file() and not zipfile.is_zipfile(path):  # what torch.save writes; torch's own words are misleading
+        raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found a file that is not a "
+                        "complete zip archive (cut short, or not a checkpoint)")
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        # torch's first line can be a paragraph (weights_only's advice for any non-checkpoint): its first sentence
+        reason = str(e).splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found an unreadable file "
                         f"({reason})") from None
 

@@ -91,7 +91,6 @@ def export(classifier: Classifier, out: Path, fmt: str, checkpoint_sha256: str) 
         buffer = io.BytesIO()
         torch.export.save(export_program(classifier), buffer, extra_files={PREPROCESSING: canonical_json(metadata)})
         data = buffer.getvalue()
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as f:
         f.write(data)
     return out

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import Input, Stage, atomic_write, inspect, write_json
-from pipeline.errors import StageBusy
+from pipeline.cache import Input, Stage, atomic_write, file_lock, inspect, write_json
+from pipeline.errors import PipeError, StageBusy
 from stages import task_slice
 
 # A toy stage with slow units, run as a separate process: `toy.py OUT PARAM UNITS DELAY [UPSTREAM]`.
@@ -174,6 +174,31 @@ def test_atomic_write_leaves_nothing_when_the_writer_fails(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_json(target, {"a": 1})
     assert target.read_text() == '{\n "a": 1\n}\n'
+
+
+def test_an_output_under_a_file_or_on_a_read_only_disk_is_one_line_naming_what_is_in_the_way(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    expected = f"expected a writable folder at {blocker}, found a file; choose another output path"
+    with pytest.raises(PipeError, match=expected):
+        write_json(blocker / "sub" / "x.json", {"a": 1})
+    with pytest.raises(PipeError, match=expected):
+        with file_lock(blocker / ".locks" / "run", blocking=False):
+            pass
+    with pytest.raises(PipeError, match=expected):
+        Stage("toy", 1, blocker / "out", {}).plan(["a"])
+    assert list(tmp_path.iterdir()) == [blocker] and blocker.read_text() == "not a folder"
+
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(read_only)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("a read-only disk needs root to mount a tmpfs")
+    try:
+        with pytest.raises(PipeError, match=f"expected a writable folder at {read_only}, found read-only file system"):
+            write_json(read_only / "x.json", {"a": 1})
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
 
 
 def test_key_ignores_nothing_but_what_it_is_not_given(tmp_path):

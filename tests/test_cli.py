@@ -85,3 +85,15 @@ def test_status_reports_missing_partial_and_done_stages(tmp_path, sample_shards)
     rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 4}
     assert "done" in rows["shard train"]
     assert "missing" in rows["shard val"] and "missing" in rows["pca-stats"]
+
+
+@pytest.mark.parametrize("command", [["synth"], ["shard", "SAMPLE", "--split", "train"]], ids=lambda c: c[0])
+def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, tmp_path):
+    from conftest import SAMPLE
+
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    args = [str(SAMPLE) if a == "SAMPLE" else a for a in command]
+    out = cli(args[0], *args[1:2], str(blocker / "out"), *args[2:])
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert f"expected a writable folder at {blocker}, found a file" in out.stderr

@@ -122,8 +122,9 @@ def test_predict_prints_top_k_lines(tiny_run, photos):
     assert run.exit_code == 0 and lines[:4] == [str(photos[GRAYSCALE]), *lines[1:4]] and len(lines) >= 4
     assert [line[:5] for line in lines[1:4]] == ["  1. ", "  2. ", "  3. "]
     not_a_checkpoint = CliRunner().invoke(app, ["predict", str(photos["text"]), str(photos[RGB])])
-    assert isinstance(not_a_checkpoint.exception, PipeError) and "expected a checkpoint" in str(
-        not_a_checkpoint.exception)
+    assert isinstance(not_a_checkpoint.exception, PipeError) and str(not_a_checkpoint.exception) == (
+        f"{photos['text']}: expected a checkpoint written by `alexnet-pipe train`, found a file that is not a "
+        "complete zip archive (cut short, or not a checkpoint)")
 
 
 def test_predict_exits_2_with_one_line_when_no_image_is_readable(cli, tiny_run, photos):
