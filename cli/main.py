@@ -279,8 +279,12 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     from rich.console import Console
     from rich.table import Table
 
+    from pipeline.errors import PipeError
     from stages.status import stage_rows
 
+    if not work.is_dir():  # a mistyped WORK would otherwise list every stage as missing
+        raise PipeError(f"{work}: expected a work folder (make's WORK), found "
+                        f"{'a file' if work.exists() else 'nothing there'}; run `make prepare` or name your WORK")
     table = Table(title=f"alexnet-pipe status: {work}")
     for col in ("stage", "folder", "state", "detail"):
         table.add_column(col)

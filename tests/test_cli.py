@@ -85,6 +85,10 @@ def test_status_reports_missing_partial_and_done_stages(tmp_path, sample_shards)
     rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 4}
     assert "done" in rows["shard train"]
     assert "missing" in rows["shard val"] and "missing" in rows["pca-stats"]
+    mistyped = cli("status", str(tmp_path / "wrok"))
+    assert mistyped.returncode == 2 and mistyped.stderr == (f"error: {tmp_path / 'wrok'}: expected a work folder "
+                                                            "(make's WORK), found nothing there; run `make prepare` "
+                                                            "or name your WORK\n")
 
 
 @pytest.mark.parametrize("command", [["synth"], ["shard", "SAMPLE", "--split", "train"]], ids=lambda c: c[0])
