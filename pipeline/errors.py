@@ -17,3 +17,17 @@ class VerifyFailed(PipeError):
     """Shards on disk do not match their manifest."""
 
     exit_code = 4
+
+
+class Stopped(Exception):
+    """A stop signal ended the work at a checkpoint: not an error, a rerun resumes. The CLI prints the message and
+    exits 0 for SIGTERM/SIGUSR1 (Slurm's preemption and time-limit warnings: the job's own script decides what
+    follows) and 130 for Ctrl-C (SIGINT), so that `train && eval` in a shell stops there too."""
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+    @property
+    def exit_code(self) -> int:
+        return 130 if self.signal_name == "SIGINT" else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -38,7 +39,8 @@ from pipeline.record import append_event
 from pipeline.speed import TrainingSpeed
 
 METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # Slurm's preemption / time-limit warnings: checkpoint, then exit
+# Slurm's preemption and time-limit warnings, and Ctrl-C: checkpoint at the next step boundary, then exit
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CHANCE_MARGIN = 1.5  # val top-1 error above 1 - CHANCE_MARGIN/K (K val classes) is chance level: nothing learnt yet
 FLAT_LOSS = 0.01  # an epoch's mean train loss within 1% of ln(C): the net has not started learning
 
@@ -202,15 +204,24 @@ class Position:
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1 only set a flag: the loop reads it at the next step boundary, where the ranks agree on it
-    (all-reduced), so a signal during a step, validation or a checkpoint write lets that finish first."""
+    """SIGTERM/SIGUSR1/SIGINT only set a flag: the loop reads it at the next step boundary, where the ranks agree on
+    it (all-reduced), so a signal during a step, validation or a checkpoint write lets that finish first. A second
+    Ctrl-C quits at once, as Ctrl-C does elsewhere."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        self._previous = {s: signal.signal(s, self._set) for s in STOP_SIGNALS}
+        # a process started with SIGINT ignored (a background job of a script, nohup) keeps ignoring it
+        self._previous = {s: signal.signal(s, self._set) for s in STOP_SIGNALS
+                          if signal.getsignal(s) is not signal.SIG_IGN}
 
     def _set(self, signum: int, frame) -> None:
-        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            if self.signal == "SIGINT":
+                raise KeyboardInterrupt
+            if os.environ.get("RANK", "0") == "0":
+                os.write(2, b"\ntrain: Ctrl-C: stopping at the next step with a checkpoint (Ctrl-C again: quit now, "
+                            b"losing the steps since the last checkpoint)\n")
+        self.signal = self.signal or signal.Signals(signum).name  # the first signal names the stop
 
     def agreed(self, place: Placement) -> str | None:
         """The signal's name when any rank has received one, the same answer on every rank."""

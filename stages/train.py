@@ -17,7 +17,7 @@ from pipeline.cache import MARKER, Input, Stage, canonical_json, read_json, writ
 from pipeline.checkpoints import CHECKPOINTS_DIR
 from pipeline.cluster import placement, resolve_devices
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
-from pipeline.errors import PipeError
+from pipeline.errors import PipeError, Stopped
 from pipeline.imagenet import ilsvrc2012_classes
 from pipeline.shards import load_manifest
 from stages import QuietReporter, Reporter
@@ -112,10 +112,10 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
             dist.destroy_process_group()
         if place.rank == 0 and not result["stopped"]:
             stage.finalize(lambda: None, started=started, extra={"final": result})
-    if place.rank == 0 and result["stopped"]:
-        reporter.info(f"train: stopped at step {result['step']} ({result['stopped']}), rerun to resume "
-                      f"→ {result['checkpoint']}")
-    elif place.rank == 0:
+    if result["stopped"]:  # on every rank: none goes on to what follows a finished run
+        raise Stopped(f"train: stopped at step {result['step']} ({result['stopped']}), rerun to resume "
+                      f"→ {result['checkpoint']}", result["stopped"])
+    if place.rank == 0:
         reporter.info(f"train: step {result['step']}, epoch {result['epoch']} → {result['checkpoint']}")
     return result
 

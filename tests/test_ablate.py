@@ -1,5 +1,5 @@
 """Stage `ablate`: a tiny sweep (baseline and tanh, two seeds, one epoch each) through the real CLI; its table
-quotes the runs' eval.json, a rerun does nothing, and a sweep killed mid-run resumes (as two array tasks) to the
+quotes the runs' eval.json, a rerun does nothing, and a sweep stopped mid-run resumes (as two array tasks) to the
 same table."""
 
 from __future__ import annotations
@@ -77,23 +77,27 @@ def test_a_rerun_of_a_finished_sweep_is_up_to_date_and_writes_nothing(sweep, tin
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == before
 
 
-def test_a_sweep_killed_mid_run_resumes_as_two_array_tasks_to_the_same_table(sweep, tiny_data, cli, cli_popen,
-                                                                             tmp_path):
-    out = tmp_path / "ablations"
-    proc = cli_popen(*sweep_args(tiny_data, out), log=tmp_path / "log")
+def test_a_sweep_stopped_by_sigterm_mid_run_records_nothing_of_it_and_resumes_as_two_array_tasks(
+        sweep, tiny_data, cli, cli_popen, tmp_path):
+    """SIGTERM, as Slurm sends on preemption: the run being trained stops at a checkpoint and is neither evaluated
+    nor recorded as done (a partly trained run in the table would be a wrong result)."""
+    out, log = tmp_path / "ablations", tmp_path / "log"
+    proc = cli_popen(*sweep_args(tiny_data, out), log=log)
     deadline = time.monotonic() + 600
     while not list((out / "runs" / "baseline-seed1" / "checkpoints").glob("step-*.pt")):  # inside the third run
-        assert proc.poll() is None, (tmp_path / "log").read_text()
+        assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert not (out / "ablations.json").exists()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 0, log.read_text()
+    assert "train: stopped at step" in log.read_text() and "(SIGTERM), rerun to resume" in log.read_text()
+    assert sorted(p.stem for p in (out / "_units").glob("*.json")) == ["baseline-seed0", "tanh-seed0"]
+    assert not (out / "eval" / "baseline-seed1").exists() and not (out / "ablations.json").exists()
     # task 0 owns the seed-0 runs, both finished: it leaves the table to the task that finishes last
     first = cli(*sweep_args(tiny_data, out, "--task-index", "0", "--num-tasks", "2"), timeout=1200)
     assert "2 of 2 runs already trained" in first.stderr and "2 of 4 runs finished" in first.stderr
     assert not (out / "ablations.json").exists()
-    # task 1 resumes baseline-seed1 where it was killed, trains tanh-seed1 and, finishing last, writes the table
+    # task 1 resumes baseline-seed1 where it stopped, trains tanh-seed1 and, finishing last, writes the table
     last = cli(*sweep_args(tiny_data, out, "--task-index", "1", "--num-tasks", "2"), timeout=1200)
     assert "train: resuming from step" in last.stderr, last.stderr
     assert without_digests(json.loads((out / "ablations.json").read_text())) == without_digests(

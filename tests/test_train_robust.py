@@ -74,6 +74,22 @@ def test_sigterm_mid_epoch_checkpoints_exits_0_and_a_rerun_ends_with_the_weights
     same_weights(out, tiny_run)
 
 
+def test_ctrl_c_to_the_process_group_checkpoints_at_the_next_step_and_exits_130(tiny_data, train_cmd, cli_popen,
+                                                                               tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, the torch loader's workers too: they ignore it, and the
+    run stops at a step boundary with a checkpoint (exit 130, so `train && eval` stops there as well)."""
+    out, log = tmp_path / "run", tmp_path / "int.log"
+    proc = cli_popen(*train_cmd(tiny_data, out, loader="torch", loader_threads=1), log=log)
+    wait_for_step(out, proc, log, 4)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    stopped = last_checkpoint(out)
+    text = log.read_text()
+    assert "train: Ctrl-C: stopping at the next step with a checkpoint" in text and "Traceback" not in text, text
+    assert f"train: stopped at step {stopped['step']} (SIGINT), rerun to resume" in text and stopped["step"] >= 4
+    assert [r["step"] for r in metrics(out)] == list(range(1, stopped["step"] + 1))
+
+
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(tiny_data, tiny_run,
                                                                                          train_cmd, cli, tmp_path):
     run = tmp_path / "run"

@@ -166,11 +166,12 @@ def _data_loader(dataset, batches: list, num_workers: int, device: torch.device)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Slurm signals every process of a job step: a worker must outlive SIGTERM/SIGUSR1 so that its rank can finish
-    the step and write the checkpoint (the rank ends its workers itself)."""
+    """Slurm signals every process of a job step, and Ctrl-C the terminal's whole process group: a worker must
+    outlive SIGTERM/SIGUSR1/SIGINT so that its rank can finish the step and write the checkpoint (the rank ends its
+    workers itself)."""
     import signal
 
-    for stop in (signal.SIGTERM, signal.SIGUSR1):
+    for stop in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(stop, signal.SIG_IGN)
 
 
