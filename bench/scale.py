@@ -4,9 +4,10 @@ members, sharded at --short-side 16, then every data command on it, each a separ
     python bench/scale.py [--members 128117 1281167] [--workers 2] [--work DIR] [--keep]
 
 For each size: build ILSVRC2012_img_train.tar (not timed), then time the index unit alone, the whole shard stage
-(index included), the up-to-date check (a second `shard`), `status`, `verify` and `pca-stats`. The members are
-tiny so the figures show the stages' own costs (listing, bookkeeping, tar and index writing, hashing), not JPEG
-decoding, which bench/shard.py measures. Not part of `make test`. Prints a table and one JSON line per figure.
+(index included), the up-to-date check (a second `shard`), `status`, `verify` and `pca-stats`, each after a
+`sync`, with the 1-minute load average at its end. The members are tiny so the figures show the stages' own costs
+(listing, bookkeeping, tar and index writing, hashing), not JPEG decoding, which bench/shard.py measures. Not part
+of `make test`. Prints a table and one JSON line per figure.
 """
 
 from __future__ import annotations
@@ -64,7 +65,10 @@ def build_train_archive(path: Path, members: int) -> None:
 
 def timed(what: str, args: list[str]) -> dict:
     """Run one process to completion; wall seconds and the peak RSS of the largest process it (or a worker it
-    reaped) had, from wait4."""
+    reaped) had, from wait4. Dirty pages are written out first (the last step's writeback is not charged to this
+    one), and the 1-minute load average at the end is kept beside the figure: on a shared 2-core machine another
+    user's process running alongside inflates it, and inflates a long step more often than a short one."""
+    os.sync()
     with tempfile.TemporaryFile() as log:
         start = time.perf_counter()
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=ENV)
@@ -73,7 +77,8 @@ def timed(what: str, args: list[str]) -> dict:
         if os.waitstatus_to_exitcode(status) != 0:
             log.seek(0)
             raise SystemExit(f"{what} failed (exit {os.waitstatus_to_exitcode(status)}):\n{log.read().decode()}")
-    return {"what": what, "seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024)}
+    return {"what": what, "seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "load": round(os.getloadavg()[0], 2)}
 
 
 def index_unit(source: Path, out: Path) -> list[str]:
@@ -122,9 +127,9 @@ def main() -> None:
     finally:
         if not args.keep and args.work is None:
             shutil.rmtree(base, ignore_errors=True)
-    print(f"{'members':>10} {'step':<24} {'seconds':>8} {'peak RSS MB':>12}")
+    print(f"{'members':>10} {'step':<24} {'seconds':>8} {'peak RSS MB':>12} {'load':>5}")
     for r in rows:
-        print(f"{r['members']:>10,} {r['what']:<24} {r['seconds']:>8.2f} {r['peak_rss_mb']:>12}")
+        print(f"{r['members']:>10,} {r['what']:<24} {r['seconds']:>8.2f} {r['peak_rss_mb']:>12} {r['load']:>5.2f}")
     for r in rows:
         print(json.dumps(r))
 

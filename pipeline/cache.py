@@ -325,9 +325,9 @@ class Stage:
             import multiprocessing
 
             ctx = multiprocessing.get_context("forkserver")
-            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
-                results = list(_report(pool.map(job, todo), on_done))
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=ctx, initializer=_start_worker,
+                                     initargs=(os.getpid(), job)) as pool:
+                results = list(_report(pool.map(_run_in_worker, todo), on_done))
         else:
             results = list(_report(map(job, todo), on_done))
         held = [u for u, rec in results if rec is None]
@@ -376,6 +376,22 @@ class _UnitJob:
             record = self.work(unit)
             write_json(record_path, record)
             return unit, record
+
+
+_worker_job: _UnitJob | None = None  # set once in each worker process by _start_worker
+
+
+def _start_worker(parent: int, job: _UnitJob) -> None:
+    """A worker gets the job once, here, and each task only its unit's name: `pool.map(job, …)` would pickle the
+    job with every task, and a job that holds something for each unit (pca-stats' sample positions per shard)
+    then costs units² to send."""
+    global _worker_job
+    _worker_job = job
+    _exit_with_parent(parent)
+
+
+def _run_in_worker(unit: str) -> tuple[str, dict | None]:
+    return _worker_job(unit)
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -214,3 +214,39 @@ def test_task_slices_partition_the_units(units, tasks):
     owned = [list(task_slice(units, i, tasks)) for i in range(tasks)]
     assert sum(owned, []) == list(range(units))
     assert max(map(len, owned)) - min(map(len, owned)) <= 1
+
+
+# A job that counts, in the parent (where all pickling happens), how often it is pickled: `counted.py OUT UNITS`.
+COUNTED = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from pipeline.cache import Stage
+
+    class CountedJob:
+        pickled = 0
+
+        def __getstate__(self):
+            CountedJob.pickled += 1
+            return {}
+
+        def __call__(self, unit):
+            return {"unit": unit}
+
+    if __name__ == "__main__":
+        stage = Stage("counted", 1, Path(sys.argv[1]), {})
+        units = [f"unit-{i:03d}" for i in range(int(sys.argv[2]))]
+        stage.run_units(units, CountedJob(), workers=2)
+        assert [r["unit"] for r in stage.records(units).values()] == units
+        print(CountedJob.pickled)
+""")
+
+
+def test_workers_get_the_job_once_not_with_every_unit(tmp_path):
+    """What is sent per unit must not grow with the stage: a job holding something for each of n units, pickled
+    with every one of the n tasks, costs n² (pca-stats' keep lists over 1,282 shards)."""
+    script = tmp_path / "counted.py"
+    script.write_text(COUNTED)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "out"), "12"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == 2  # once for each of the two workers, for 12 units
