@@ -282,9 +282,10 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     from pipeline.errors import PipeError
     from stages.status import stage_rows
 
-    if not work.is_dir():  # a mistyped WORK would otherwise list every stage as missing
-        raise PipeError(f"{work}: expected a work folder (make's WORK), found "
-                        f"{'a file' if work.exists() else 'nothing there'}; run `make prepare` or name your WORK")
+    if work.exists() and not work.is_dir():
+        raise PipeError(f"{work}: expected a work folder (make's WORK), found a file")
+    if not work.exists():  # before the first stage, or a mistyped WORK: the table alone would not tell them apart
+        print(f"warning: {work} does not exist yet: nothing has run there (is WORK right?)", file=sys.stderr)
     table = Table(title=f"alexnet-pipe status: {work}")
     for col in ("stage", "folder", "state", "detail"):
         table.add_column(col)

@@ -85,10 +85,12 @@ def test_status_reports_missing_partial_and_done_stages(tmp_path, sample_shards)
     rows = {line.split("│")[1].strip(): line for line in out.stdout.splitlines() if line.count("│") >= 4}
     assert "done" in rows["shard train"]
     assert "missing" in rows["shard val"] and "missing" in rows["pca-stats"]
-    mistyped = cli("status", str(tmp_path / "wrok"))
-    assert mistyped.returncode == 2 and mistyped.stderr == (f"error: {tmp_path / 'wrok'}: expected a work folder "
-                                                            "(make's WORK), found nothing there; run `make prepare` "
-                                                            "or name your WORK\n")
+    mistyped = cli("status", str(tmp_path / "wrok"))  # or not made yet: every stage missing, and a warning
+    assert mistyped.returncode == 0 and mistyped.stderr == (f"warning: {tmp_path / 'wrok'} does not exist yet: "
+                                                            "nothing has run there (is WORK right?)\n")
+    assert mistyped.stdout.count("│ missing │") == 6
+    a_file = cli("status", str(sample_shards["train"] / "manifest.json"))
+    assert a_file.returncode == 2 and a_file.stderr.startswith("error: ") and "found a file" in a_file.stderr
 
 
 @pytest.mark.parametrize("command", [["synth"], ["shard", "SAMPLE", "--split", "train"]], ids=lambda c: c[0])
