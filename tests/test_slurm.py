@@ -247,23 +247,36 @@ def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_wi
     assert sorted(p.name for p in (metrics.parent / "checkpoints").glob("*.pt"))[-1] == "step-000000030.pt"
 
 
-def test_ablations_run_as_an_array_whose_last_task_writes_the_table(slurm, prepared):
-    """`cluster/submit.sh ablations`: two array tasks share the sweep's runs (one each) on the prepared shards; the
-    table quotes both runs' eval.json."""
+def test_ablations_run_as_an_array_a_task_signalled_usr1_requeues_and_the_last_task_writes_the_table(slurm,
+                                                                                                    prepared):
+    """`cluster/submit.sh ablations`: two array tasks share the sweep's runs (one each) on the prepared shards; task 0
+    is sent USR1 mid-run (a time limit's warning), stops its run at a checkpoint, requeues itself and resumes it."""
     work, _, _ = prepared
     jobs = submit(slurm, "ablations", WORK=str(work), ABLATION_TASKS="2", TRAIN_CPUS="1", GPUS_PER_NODE="0",
                   DEVICES="cpu",
-                  ABLATION_ARGS="--variants baseline,tanh --seeds 1 --width 0.125 --epochs 1 --max-steps 3 "
-                                "--batch-size 8 --loader torch --loader-threads 1 --no-ten-crop --threshold 0.9")
+                  ABLATION_ARGS="--variants baseline,tanh --seeds 1 --width 0.125 --epochs 2 --max-steps 30 "
+                                "--batch-size 8 --loader torch --loader-threads 1 --no-ten-crop --threshold 0.9 "
+                                "--log-every 1 --checkpoint-every 1000")
     array = jobs["ablations"]
+    metrics = work / "ablations" / "runs" / "baseline-seed0" / "metrics.jsonl"  # task 0's run
+    deadline = time.monotonic() + 180
+    while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline, f"no training after 180 s\n{squeue(slurm)}\n{logs(work)}"
+        time.sleep(0.1)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", f"{array}_0"], env=slurm, check=True, timeout=60)
     states = wait(slurm, array, timeout=300)
     assert states == {f"{array}_0": "COMPLETED", f"{array}_1": "COMPLETED"}, logs(work)
+    task_logs = [(work / "logs" / f"ablations-{array}_{i}.out").read_text() for i in (0, 1)]
+    assert "Restarts=1 " in scontrol(slurm, "show", "job", "-o", f"{array}_0"), task_logs[0]
+    assert "(SIGTERM), rerun to resume" in task_logs[0] and "train: resuming from step" in task_logs[0], task_logs[0]
+    assert "requeueing job" in task_logs[0] and "Traceback" not in task_logs[0], task_logs[0]
     import json
 
+    logged = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in logged if "loss" in r] == list(range(1, 31))  # each step once: none lost or redone
     table = json.loads((work / "ablations" / "ablations.json").read_text())
     for record in table["runs"]:  # one run per task, each its own cached train run and eval
         result = json.loads((work / "ablations" / "eval" / f"{record['variant']}-seed0" / "eval.json").read_text())
         assert record["top1_error"] == result["centre"]["top1_error"] and record["test"] == "centre"
     assert sorted(r["variant"] for r in table["runs"]) == ["baseline", "tanh"]
-    task_logs = [(work / "logs" / f"ablations-{array}_{i}.out").read_text() for i in (0, 1)]
-    assert sum("ablate: 2 runs →" in text for text in task_logs) == 1, task_logs  # the table, written once
+    assert sum(text.count("ablate: 2 runs →") for text in task_logs) == 1, task_logs  # the table, written once
