@@ -429,12 +429,13 @@ def ablate(
 
 def main() -> None:
     """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
+    from pipeline.cluster import placement
     from pipeline.errors import PipeError, Stopped
 
     try:
         app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
     except Stopped as e:  # a signal stopped the work at a checkpoint (rank 0 says so; every rank exits alike)
-        if os.environ.get("RANK", "0") == "0":
+        if placement().rank == 0:
             print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except PipeError as e:

@@ -208,8 +208,9 @@ class StopFlag:
     it (all-reduced), so a signal during a step, validation or a checkpoint write lets that finish first. A second
     Ctrl-C quits at once, as Ctrl-C does elsewhere."""
 
-    def __init__(self) -> None:
+    def __init__(self, announce: bool = True) -> None:
         self.signal: str | None = None
+        self._announce = announce  # rank 0 says what Ctrl-C does; the others keep quiet
         # a process started with SIGINT ignored (a background job of a script, nohup) keeps ignoring it
         self._previous = {s: signal.signal(s, self._set) for s in STOP_SIGNALS
                           if signal.getsignal(s) is not signal.SIG_IGN}
@@ -218,7 +219,7 @@ class StopFlag:
         if signum == signal.SIGINT:
             if self.signal == "SIGINT":
                 raise KeyboardInterrupt
-            if os.environ.get("RANK", "0") == "0":
+            if self._announce:
                 os.write(2, b"\ntrain: Ctrl-C: stopping at the next step with a checkpoint (Ctrl-C again: quit now, "
                             b"losing the steps since the last checkpoint)\n")
         self.signal = self.signal or signal.Signals(signum).name  # the first signal names the stop
@@ -248,7 +249,8 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
               {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
     step_fn = wrap_model(model, cfg, place)
-    run.stop = StopFlag()  # from here a signal is noted, not fatal: the run stops at its next step boundary
+    # from here a signal is noted, not fatal: the run stops at its next step boundary
+    run.stop = StopFlag(announce=run.main_rank)
     try:
         at = resume(run)
         total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)

@@ -67,9 +67,9 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
         from pipeline.cluster import resolve_devices
         from pipeline.predict import load_classifier
 
-        device_list = resolve_devices(devices)
-        classifier = load_classifier(checkpoint, device_list)  # one load for the errors and the figures
-        result = evaluate_checkpoint(classifier, checkpoint, val_dir, ten_crop=ten_crop, device=device_list[0],
+        manifest = val_manifest(val_dir)  # a wrong folder is refused before the checkpoint is loaded
+        classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
+        result = evaluate_checkpoint(classifier, checkpoint, val_dir, manifest, ten_crop=ten_crop,
                                      batch_size=batch_size, loader=loader, loader_threads=loader_threads,
                                      reporter=reporter)
         result.update(paper_figures(classifier, val_dir, train_dir, neighbour_train_images, reporter))
@@ -85,20 +85,27 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     return result
 
 
-def evaluate_checkpoint(classifier: Classifier, checkpoint: Path, val_dir: Path, *, ten_crop: bool, device: str,
-                        batch_size: int, loader: str, loader_threads: int, reporter: Reporter) -> dict:
-    """The errors of `classifier` (loaded from `checkpoint`) on the val shards; `device` is where batches go (the
-    device of its first tower)."""
-    import torch
-
-    from pipeline.augment import make_eval_loader
-    from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
+def val_manifest(val_dir: Path) -> dict:
+    """The val shards' manifest; shards of another split are refused."""
     from pipeline.shards import load_manifest
-    from stages.train import val_class_problems
 
     manifest = load_manifest(val_dir)
     if manifest.get("split") != "val":
         raise PipeError(f"{val_dir}: expected val shards, found split {manifest.get('split')!r} in its manifest.json")
+    return manifest
+
+
+def evaluate_checkpoint(classifier: Classifier, checkpoint: Path, val_dir: Path, manifest: dict, *, ten_crop: bool,
+                        batch_size: int, loader: str, loader_threads: int, reporter: Reporter) -> dict:
+    """The errors of `classifier` (loaded from `checkpoint`) on the val shards of `val_dir` (`manifest`); batches
+    go to the device of its first tower."""
+    import torch
+
+    from pipeline.augment import make_eval_loader
+    from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict
+    from stages.train import val_class_problems
+
+    device = str(classifier.device)
     model, model_config, config, classes = (classifier.model, classifier.config, classifier.settings,
                                             classifier.classes)
     trained = config.get("classes", {}).get("trained", range(len(classes.wnids)))
