@@ -64,10 +64,10 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["eval"], force=force)
+        manifest = val_manifest(val_dir)  # a wrong folder is refused before torch and the checkpoint load
         from pipeline.cluster import resolve_devices
         from pipeline.predict import load_classifier
 
-        manifest = val_manifest(val_dir)  # a wrong folder is refused before the checkpoint is loaded
         classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
         result = evaluate_checkpoint(classifier, checkpoint, val_dir, manifest, ten_crop=ten_crop,
                                      batch_size=batch_size, loader=loader, loader_threads=loader_threads,
