@@ -229,10 +229,15 @@ class Stage:
     inputs: dict[str, Input] = field(default_factory=dict)
     product: str | None = None  # the file downstream stages digest (manifest.json, pca.json, …)
     outputs: tuple[str, ...] = ()  # globs of this stage's files, removed when the key changes
+    # earlier VERSIONs whose finished units this one still uses (only the product changed): kept across the bump
+    unit_versions: tuple[int, ...] = ()
 
     @property
     def key(self) -> str:
-        return stage_key(self.name, self.version, self.params, {k: v.digest for k, v in self.inputs.items()})
+        return self._key(self.version)
+
+    def _key(self, version: int) -> str:
+        return stage_key(self.name, version, self.params, {k: v.digest for k, v in self.inputs.items()})
 
     def marker(self) -> dict | None:
         p = self.out / MARKER
@@ -273,7 +278,8 @@ class Stage:
             yield
 
     def plan(self, units: list[str], force: bool = False) -> None:
-        """Record the unit list for this key; a different key (or --force) first removes the old outputs. Units
+        """Record the unit list for this key; a different key (or --force) first removes the old outputs, unless
+        it is this stage's key under one of `unit_versions` (then its units are kept, its done marker goes). Units
         only accumulate under one key: a stage that learns its units from a first unit plans twice."""
         with unwritable_is_user_error(self.out / PLAN):
             self.out.mkdir(parents=True, exist_ok=True)
@@ -282,12 +288,15 @@ class Stage:
             old = read_json(p) if p.is_file() else None
             marker = self.marker()
             old_key = (old or {}).get("key") or (marker or {}).get("key")
-            if force or (old_key is not None and old_key != self.key):
+            reusable = {self.key, *(self._key(v) for v in self.unit_versions)}
+            if force or (old_key is not None and old_key not in reusable):
                 self.clear()
                 old = None
-            known = list((old or {}).get("units", [])) if (old or {}).get("key") == self.key else []
+            elif old_key is not None and old_key != self.key:
+                (self.out / MARKER).unlink(missing_ok=True)  # an earlier version's product: not done any more
+            known = list((old or {}).get("units", [])) if (old or {}).get("key") in reusable else []
             merged = known + [u for u in units if u not in known]
-            if old is None or merged != known:
+            if old is None or merged != known or old.get("key") != self.key:
                 write_json(p, {"stage": self.name, "key": self.key, "units": merged})
 
     def reopen(self, units: Iterable[str]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -73,29 +74,81 @@ def merge(partials: Iterable[Moments]) -> Moments:
 
 
 def pca_from_moments(m: Moments) -> dict:
-    """mean, std, covariance and eigen-pairs in [0,1] pixel units, as pca.json holds them."""
+    """mean, std, covariance and eigen-pairs in [0,1] pixel units, as pca.json holds them. Plain Python floats
+    throughout (see `symmetric_eigen`): the bytes of pca.json, which key `train` and `ablate`, are the same on every
+    CPU."""
     if m.pixels == 0:
         raise ValueError("no pixels: cannot compute PCA")
     n, s = m.pixels, m.sum
     # n²·cov·255² = n·Σxx − Σx Σxᵀ, exact in Python integers; one float division at the end
-    scaled = [[n * m.sumsq[i][j] - s[i] * s[j] for j in range(3)] for i in range(3)]
-    cov = np.array(scaled, dtype=np.float64) / (float(n) * float(n) * 255.0**2)
-    mean = np.array(s, dtype=np.float64) / (n * 255.0)
-    eigvals, eigvecs = np.linalg.eigh(cov)
-    order = np.argsort(eigvals)[::-1]
-    eigvals, eigvecs = eigvals[order], eigvecs[:, order]
-    signs = np.sign(eigvecs[np.abs(eigvecs).argmax(axis=0), range(3)])  # largest-magnitude component positive
-    eigvecs = eigvecs * signs
+    scale = float(n) * float(n) * 255.0**2
+    cov = [[float(n * m.sumsq[i][j] - s[i] * s[j]) / scale for j in range(3)] for i in range(3)]
+    eigvals, eigvecs = symmetric_eigen(cov)
     return {
         "pixel_scale": "0-1",
         "pixels": n,
         "images": m.images,
-        "mean": mean.tolist(),
-        "std": np.sqrt(np.diag(cov)).tolist(),
-        "cov": cov.tolist(),
-        "eigvals": eigvals.tolist(),
-        "eigvecs": eigvecs.tolist(),  # column i = eigenvector i
+        "mean": [float(v) / (n * 255.0) for v in s],
+        "std": [math.sqrt(cov[i][i]) for i in range(3)],
+        "cov": cov,
+        "eigvals": eigvals,
+        "eigvecs": eigvecs,  # column i = eigenvector i
     }
+
+
+JACOBI_SWEEPS = 50  # a 3×3 converges in 4–6; the cap only bounds a pathological input
+
+
+def symmetric_eigen(matrix: list[list[float]]) -> tuple[list[float], list[list[float]]]:
+    """Eigenvalues (descending) and eigenvectors (columns, each with its largest-magnitude component positive) of a
+    symmetric 3×3 matrix: cyclic Jacobi rotations in a fixed order on Python floats, using only + − × ÷ and √.
+    IEEE-754 rounds each of those exactly, so the result is the same bits on every CPU; `np.linalg.eigh`'s last
+    bits depend on the BLAS kernel OpenBLAS picks for the CPU (SkylakeX differs from Haswell), and pca.json's digest
+    keys every training run. Numerical Recipes' `jacobi`: an off-diagonal entry that no longer changes either
+    diagonal entry it couples is set to zero instead of rotated."""
+    a = [[float(x) for x in row] for row in matrix]
+    v = [[1.0 if i == j else 0.0 for j in range(3)] for i in range(3)]
+    for sweep in range(JACOBI_SWEEPS):
+        if a[0][1] == a[0][2] == a[1][2] == 0.0:
+            break
+        for p, q in ((0, 1), (0, 2), (1, 2)):
+            apq = a[p][q]
+            g = 100.0 * abs(apq)
+            if sweep > 3 and abs(a[p][p]) + g == abs(a[p][p]) and abs(a[q][q]) + g == abs(a[q][q]):
+                a[p][q] = a[q][p] = 0.0
+                continue
+            if apq == 0.0:
+                continue
+            h = a[q][q] - a[p][p]
+            if abs(h) + g == abs(h):
+                t = apq / h  # t = 1/(2θ): θ² would overflow
+            else:
+                theta = 0.5 * h / apq
+                t = 1.0 / (abs(theta) + math.sqrt(1.0 + theta * theta))
+                if theta < 0.0:
+                    t = -t
+            c = 1.0 / math.sqrt(1.0 + t * t)
+            s = t * c
+            tau = s / (1.0 + c)
+            h = t * apq
+            a[p][p] -= h
+            a[q][q] += h
+            a[p][q] = a[q][p] = 0.0
+            r = 3 - p - q  # the third index
+            g, h = a[r][p], a[r][q]
+            a[r][p] = a[p][r] = g - s * (h + g * tau)
+            a[r][q] = a[q][r] = h + s * (g - h * tau)
+            for row in v:
+                g, h = row[p], row[q]
+                row[p] = g - s * (h + g * tau)
+                row[q] = h + s * (g - h * tau)
+    order = sorted(range(3), key=lambda i: -a[i][i])  # stable: equal eigenvalues keep their index order
+    columns = []
+    for i in order:
+        column = [v[r][i] for r in range(3)]
+        largest = max(range(3), key=lambda r: abs(column[r]))  # the first of equal magnitudes
+        columns.append([-x if column[largest] < 0 else x for x in column])
+    return [a[i][i] for i in order], [[columns[c][r] for c in range(3)] for r in range(3)]
 
 
 ORTHONORMAL_TOL = 1e-3  # eigenvectors published to 4 decimals (Krizhevsky's, fb.resnet's) are off by ~5e-5
@@ -130,6 +183,18 @@ def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
              f"{np.abs(vecs.T @ vecs - np.eye(3)).max():.3g}")
     if (err := float(np.abs(vecs @ np.diag(vals) @ vecs.T - cov).max())) > tol * scale:
         fail("eigvecs·diag(eigvals)·eigvecsᵀ = cov", f"a difference of {err:.3g}")
+
+
+PCA_SAME_TOL = 1e-9  # beyond float64 round-off of an eigen-solver, far below any change of the data
+
+
+def pca_difference(a: dict, b: dict) -> float:
+    """The largest difference between two PCAs' mean, eigenvalues and eigenvectors ([0,1] units; eigenvalues
+    relative to the largest): two solvers' round-off is ~1e-16, other pixels are far above PCA_SAME_TOL."""
+    scale = max(abs(v) for v in a["eigvals"]) or 1.0
+    pairs = [*zip(a["mean"], b["mean"]), *((x / scale, y / scale) for x, y in zip(a["eigvals"], b["eigvals"])),
+             *((x, y) for ra, rb in zip(a["eigvecs"], b["eigvecs"]) for x, y in zip(ra, rb))]
+    return max(abs(x - y) for x, y in pairs)
 
 
 def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.ndarray]:

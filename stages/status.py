@@ -40,9 +40,24 @@ def find_stage_folders(work: Path) -> list[Path]:
     return sorted(found)
 
 
+def stage_versions() -> dict[str, int]:
+    """Each stage's current VERSION by the name its done marker records."""
+    from stages import ablate, evaluate, pca, report, shard, synth, train
+
+    return {"synth": synth.VERSION, "shard-train": shard.VERSION, "shard-val": shard.VERSION, "pca-stats": pca.VERSION,
+            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION}
+
+
 def state_of(folder: Path) -> StageState:
-    """`inspect`, plus the cheap integrity check of a finished shard set (sizes against the manifest)."""
+    """`inspect`, plus the cheap integrity check of a finished shard set (sizes against the manifest) and the
+    stage's VERSION (a folder finished by an earlier version is redone by the next run of its stage)."""
     state = inspect(folder)
+    marker = read_json(folder / MARKER) if state.state == "done" else {}
+    current = stage_versions().get(marker.get("stage", ""))
+    if current is not None and marker.get("version") != current:
+        command = "shard" if marker["stage"].startswith("shard-") else marker["stage"]
+        return StageState("stale", f"written by stage version {marker.get('version')}, now {current}: the next "
+                                   f"`{command}` run redoes it")
     if state.state == "done" and _stage_name(folder).startswith("shard"):
         manifest = folder / "manifest.json"
         damaged = damaged_shards(folder, load_manifest(folder)) if manifest.is_file() else ["manifest.json"]

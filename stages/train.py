@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,7 +61,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     started = time.time()
     device_list = resolve_devices(devices, place.local_rank, place.local_world_size)  # before the folder is claimed
     with stage.run_lock(exclusive=place.rank == 0):
-        _claim_run_folder(out, trajectory, force, main_rank=place.rank == 0)
+        _claim_run_folder(out, trajectory, force, main_rank=place.rank == 0, pca_path=pca_path,
+                          info=reporter.info if place.rank == 0 else _ignore)
         on_gpu = device_list[0].startswith("cuda")
         if on_gpu:
             torch.cuda.set_device(device_list[0])
@@ -170,16 +172,21 @@ def val_class_problems(classes: dict, val_manifest: dict, val_dir: Path) -> list
     return []
 
 
-def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool) -> None:
-    """Checkpoints are resumed only by the settings that made them."""
+def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool, pca_path: Path,
+                      info: Callable[[str], None]) -> None:
+    """Checkpoints are resumed only by the settings that made them. One exception: a pca.json whose digest changed
+    while its numbers did not (pca-stats' VERSION 2 recomputed the eigen-pairs without BLAS: the same PCA to
+    ~1e-16, new bytes) is adopted, so a run in progress continues instead of starting over."""
     path = out / RUN_SETTINGS
     digest = hashlib.sha256(canonical_json(trajectory).encode()).hexdigest()[:16]
     old = upgrade_trajectory(read_json(path)["settings"]) if path.is_file() else trajectory
-    if old != trajectory:
-        if not force:
-            changed = sorted(_diff(old, trajectory))
+    if old != trajectory and not force:
+        changed = sorted(_diff(old, trajectory))
+        adopted = _recomputed_pca(out, pca_path) if changed == ["inputs.pca"] else None
+        if adopted is None:
             raise PipeError(f"{out} holds a run with other settings (changed: {', '.join(changed)}); "
                             "use another --out, or --force to start this run over")
+        info(adopted)
     if not main_rank:
         return
     if force:
@@ -188,6 +195,26 @@ def _claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool)
         (out / MARKER).unlink(missing_ok=True)
     (out / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": digest, "settings": trajectory})
+
+
+def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
+    """Why this run may go on with `pca_path` although its digest is not the run's: its mean and eigen-pairs equal
+    those in the run's newest checkpoint to PCA_SAME_TOL (or no checkpoint exists yet). None: they differ."""
+    from pipeline.checkpoints import latest_checkpoint, load_checkpoint
+    from pipeline.pca import PCA_SAME_TOL, load_pca, pca_difference
+
+    checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+    new = load_pca(pca_path)
+    if checkpoint is not None:
+        difference = pca_difference(load_checkpoint(checkpoint)["config"], new)
+        if difference > PCA_SAME_TOL:
+            return None
+        said = (f"its mean and eigen-pairs equal those {checkpoint.name} trained with (largest difference "
+                f"{difference:.1g})")
+    else:
+        said = "no checkpoint was written with the old one"
+    return (f"train: {pca_path} is not the file this run started with, but {said}: the run goes on with it "
+            "(pca-stats recomputes the same PCA in bits that no longer depend on the CPU)")
 
 
 def _diff(a, b, prefix: str = "") -> list[str]:

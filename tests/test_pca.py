@@ -142,3 +142,85 @@ def test_rerun_is_up_to_date_and_new_shards_make_it_stale(sample_shards, small_s
         (out / "pca.json").read_text())["source_manifest_sha256"]
     result = pca_stage.run(sample_shards["train"], out)  # other shards → other manifest digest → recomputed
     assert not result.up_to_date and result.pca["images"] == 210
+
+
+PROBE = """
+import json, sys
+import numpy as np
+from pipeline.cache import canonical_json
+from pipeline.pca import Moments, pca_from_moments, pixel_moments
+rng = np.random.default_rng(0)
+moments = [Moments.from_dict(d) for d in json.loads(sys.argv[1])]
+for _ in range(200):  # random colour images: every covariance shape, correlated channels included
+    mix = rng.normal(size=(3, 3)) * rng.uniform(0, 1, size=3)
+    pixels = np.clip(rng.normal(size=(500, 3)) @ mix * 60 + rng.uniform(40, 200, size=3), 0, 255)
+    moments.append(pixel_moments(pixels.astype(np.uint8)))
+print(canonical_json([pca_from_moments(m) for m in moments]))
+"""
+
+
+def _has_avx512() -> bool:
+    try:
+        return "avx512f" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("kernel", ["Haswell", pytest.param("SkylakeX", marks=pytest.mark.skipif(
+    not _has_avx512(), reason="this CPU has no avx512f: OpenBLAS cannot use its SkylakeX kernels here"))])
+def test_pca_json_is_the_same_bytes_under_each_openblas_kernel(kernel, small_shards):
+    """pca.json keys every training run: its bytes must not depend on the CPU family a cluster node has. The
+    sample shards' real partials and 200 random images' moments, reduced under a forced OpenBLAS kernel, give the
+    same bytes as under this machine's own choice."""
+    partials = json.dumps([shard_moments(small_shards / s["name"]).to_dict()
+                           for s in load_manifest(small_shards)["shards"]])
+
+    def reduce(env: dict) -> str:
+        out = subprocess.run([sys.executable, "-c", PROBE, partials], capture_output=True, text=True, timeout=120,
+                             env={**os.environ, **env}, check=True)
+        return out.stdout
+
+    assert reduce({"OPENBLAS_CORETYPE": kernel}) == reduce({})
+
+
+def test_the_eigen_pairs_are_exact_for_every_kind_of_symmetric_matrix():
+    """Against LAPACK to round-off: random spectra over eight decades, repeated and zero eigenvalues."""
+    from pipeline.pca import symmetric_eigen
+
+    rng = np.random.default_rng(1)
+    for k in range(300):
+        q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+        values = np.sort(rng.exponential(size=3))[::-1] * 10 ** rng.uniform(-6, 2)
+        values[1] = values[0] if k % 5 == 0 else values[1]
+        values[2] = 0.0 if k % 7 == 0 else values[2]
+        cov = q @ np.diag(values) @ q.T
+        cov = (cov + cov.T) / 2
+        got_values, got_vectors = (np.array(x) for x in symmetric_eigen(cov.tolist()))
+        scale = np.abs(cov).max()
+        assert np.abs(got_values - np.linalg.eigvalsh(cov)[::-1]).max() <= 1e-14 * scale
+        assert np.abs(got_vectors @ np.diag(got_values) @ got_vectors.T - cov).max() <= 1e-14 * scale
+        assert np.abs(got_vectors.T @ got_vectors - np.eye(3)).max() <= 1e-14
+        assert np.all(got_vectors[np.abs(got_vectors).argmax(axis=0), range(3)] > 0)
+
+
+def test_a_folder_finished_by_pca_stats_version_1_keeps_its_partials_and_only_reduces_again(small_shards, tmp_path):
+    """After the upgrade that changed how the eigen-pairs are computed, the per-shard partials (a pass over every
+    training image) are reused: the rerun only reduces; status says the folder is stale until then."""
+    from pipeline.cache import MARKER, PLAN, Input, Stage
+    from stages.status import state_of
+
+    out = tmp_path / "pca"
+    fresh = pca_stage.run(small_shards, out, workers=2).pca
+    old = Stage("pca-stats", 1, out, {"max_images": None, "seed": None},
+                {"shards": Input.of_stage(small_shards, "manifest.json")})._key(1)
+    for name in (MARKER, PLAN):
+        record = json.loads((out / name).read_text())
+        (out / name).write_text(json.dumps({**record, "key": old, **({"version": 1} if name == MARKER else {})}))
+    (out / "pca.json").write_text("{}")  # version 1's bytes: whatever they were, they are rewritten
+    units = {p.name: p.stat().st_mtime_ns for p in (out / "_units").glob("*.json")}
+    assert state_of(out).state == "stale" and "stage version 1, now 2" in state_of(out).detail
+
+    result = pca_stage.run(small_shards, out, workers=2)
+    assert result.finalized and result.pca == fresh
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "_units").glob("*.json")} == units  # none recomputed
+    assert state_of(out).state == "done" and pca_stage.run(small_shards, out).up_to_date

@@ -3,6 +3,7 @@ other settings on the same run folder, --force, extending a finished run."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -188,3 +189,34 @@ def test_torchrun_with_two_ranks_trains_one_run_and_a_rerun_is_up_to_date(tiny_d
     assert (state["step"], state["config"]["world_size"]) == (2, 2)
     rerun = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0 and "up to date" in said(rerun), rerun.stderr
+
+
+def _pca_copy(tiny_data, where: Path, nudge: float) -> Path:
+    """A finished pca-stats folder like the tiny set's whose covariance (so its eigenvalues) is scaled by 1 + `nudge`:
+    new bytes, and the same PCA when the nudge is round-off."""
+    folder = where / "pca"
+    shutil.copytree(tiny_data["pca"].parent, folder)
+    pca = json.loads((folder / "pca.json").read_text())
+    pca["eigvals"] = [v * (1 + nudge) for v in pca["eigvals"]]
+    pca["cov"] = [[v * (1 + nudge) for v in row] for row in pca["cov"]]
+    (folder / "pca.json").write_text(json.dumps(pca))
+    return folder / "pca.json"
+
+
+def test_a_run_goes_on_with_a_recomputed_pca_json_that_holds_the_same_pca(tiny_data, tiny_run, train_cmd, cli,
+                                                                          tmp_path):
+    """pca-stats' upgrade rewrites pca.json with the same numbers in other last bits: a run in progress (or
+    finished) adopts it and is not started over; a pca.json with other numbers is refused as before."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    recomputed = {**tiny_data, "pca": _pca_copy(tiny_data, tmp_path / "recomputed", 3e-16)}
+    out = cli(*train_cmd(recomputed, run))
+    assert "the run goes on with it" in said(out) and "largest difference" in said(out)
+    assert metrics(run) == metrics(tiny_run) and checkpoints(run) == checkpoints(tiny_run)  # nothing retrained
+    assert json.loads((run / "_run.json").read_text())["settings"]["inputs"]["pca"] == \
+        "sha256:" + hashlib.sha256(recomputed["pca"].read_bytes()).hexdigest()
+    assert "up to date" in said(cli(*train_cmd(recomputed, run)))
+
+    other = {**tiny_data, "pca": _pca_copy(tiny_data, tmp_path / "other", 1e-3)}
+    refused = cli(*train_cmd(other, run), check=False)
+    assert refused.returncode == 2 and "changed: inputs.pca" in refused.stderr
