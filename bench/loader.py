@@ -21,21 +21,21 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
+from pipeline.artifacts import MANIFEST, PixelStats
 from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.cache import write_json
 from pipeline.shards import load_manifest
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 # ImageNet's published RGB statistics (the rate does not depend on them)
-PCA = {"pixel_scale": "0-1", "pixels": 0, "images": 0, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
-       "cov": [[0.0, 0.0, 0.0]] * 3, "eigvals": [0.2175, 0.0188, 0.0045],
-       "eigvecs": [[0.5675, 0.7192, -0.4009], [0.5808, -0.0045, 0.8140], [0.5836, -0.6948, -0.4203]],
-       "source_manifest_sha256": ""}
+PCA = PixelStats(mean=(0.485, 0.456, 0.406), eigvals=(0.2175, 0.0188, 0.0045),
+                 eigvecs=((0.5675, 0.7192, -0.4009), (0.5808, -0.0045, 0.8140), (0.5836, -0.6948, -0.4203)))
 
 
 def repeated(shards: Path, out: Path, times: int) -> Path:
@@ -44,12 +44,12 @@ def repeated(shards: Path, out: Path, times: int) -> Path:
     entries = []
     out.mkdir(parents=True)
     for r in range(times):
-        for s in manifest["shards"]:
-            name = f"bench-{r:03d}-{s['name']}"
-            os.symlink((shards / s["name"]).resolve(), out / name)
-            os.symlink((shards / s["name"]).with_suffix(".idx").resolve(), (out / name).with_suffix(".idx"))
-            entries.append({**s, "name": name})
-    write_json(out / "manifest.json", {**manifest, "shards": entries, "samples": manifest["samples"] * times})
+        for s in manifest.shards:
+            name = f"bench-{r:03d}-{s.name}"
+            os.symlink((shards / s.name).resolve(), out / name)
+            os.symlink((shards / s.name).with_suffix(".idx").resolve(), (out / name).with_suffix(".idx"))
+            entries.append(replace(s, name=name))
+    write_json(out / MANIFEST, replace(manifest, shards=tuple(entries), samples=manifest.samples * times).to_json())
     return out
 
 

@@ -262,7 +262,7 @@ def verify(
     from pipeline.shards import load_manifest, verify_shards
 
     reporter = _reporter()
-    total = len(load_manifest(shard_dir)["shards"])
+    total = len(load_manifest(shard_dir).shards)
     with reporter.progress("verify", total=total) as advance:
         problems = verify_shards(shard_dir, decode=decode, on_shard=lambda _: advance(1))
     for p in problems:
@@ -280,7 +280,8 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     from rich.table import Table
 
     from pipeline.errors import PipeError
-    from stages.status import stage_rows
+    from pipeline.status import stage_rows
+    from stages import versions
 
     if work.exists() and not work.is_dir():
         raise PipeError(f"{work}: expected a work folder (make's WORK), found a file")
@@ -290,7 +291,7 @@ def status(work: Annotated[Path, typer.Argument(help="The work folder (default .
     for col in ("stage", "folder", "state", "detail"):
         table.add_column(col)
     colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta"}
-    for name, folder, state in stage_rows(work):
+    for name, folder, state in stage_rows(work, versions()):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
@@ -302,7 +303,7 @@ def _print_runs(console, work: Path) -> None:
     from rich import box
     from rich.table import Table
 
-    from stages.status import run_progress
+    from pipeline.status import run_progress
 
     rows = run_progress(work)
     if not rows:
@@ -311,12 +312,11 @@ def _print_runs(console, work: Path) -> None:
     for col in ("run", "state", "step", "epoch", "val top-1 error", "rate", "time left"):
         table.add_column(col)
     for r in rows:
-        step = f"{r['step']}/{r['total_steps']}" if r["total_steps"] else str(r["step"])
-        error = f"{r['val_top1_error']:.4f}" if r["val_top1_error"] is not None else "—"
-        rate = f"{r['steps_per_s']:g} steps/s, {r['images_per_s']:g} img/s" if r["steps_per_s"] else "—"
-        left = (f"{r['eta_s'] // 3600}h{r['eta_s'] % 3600 // 60:02d}m{r['eta_s'] % 60:02d}s"
-                if r["eta_s"] is not None else "—")
-        table.add_row(r["run"], r["state"], step, str(r["epoch"]), error, rate, left)
+        step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
+        error = f"{r.val_top1_error:.4f}" if r.val_top1_error is not None else "—"
+        rate = f"{r.steps_per_s:g} steps/s, {r.images_per_s:g} img/s" if r.steps_per_s else "—"
+        left = f"{r.eta_s // 3600}h{r.eta_s % 3600 // 60:02d}m{r.eta_s % 60:02d}s" if r.eta_s is not None else "—"
+        table.add_row(r.run, r.state, step, str(r.epoch), error, rate, left)
     console.print(table)
 
 
@@ -340,12 +340,12 @@ def predict(
     and the others go on; exit 0 when at least one image was classified, 2 when none."""
     import json
 
+    from pipeline.checkpoints import resolve_checkpoint
     from pipeline.errors import PipeError
     from pipeline.predict import classify, load_classifier
-    from stages.evaluate import resolve_checkpoint
 
     reporter = _reporter()
-    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter), devices)
+    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter.warn), devices)
     classified = failed = 0
     for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
         if "error" in record:
@@ -377,13 +377,13 @@ def export(
     """Export a checkpoint's network for other runtimes, with a dynamic batch dimension: torch.export (.pt2) or ONNX.
     The preprocessing it expects (short side, crop, mean, class list) is stored in the file as preprocessing.json."""
     from pipeline.cache import sha256_file
+    from pipeline.checkpoints import resolve_checkpoint
     from pipeline.export import export as export_file
     from pipeline.export import export_format
     from pipeline.predict import load_classifier
-    from stages.evaluate import resolve_checkpoint
 
     reporter = _reporter()
-    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter)
+    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
     fmt = export_format(out, format)
     classifier = load_classifier(checkpoint, "cpu")
     export_file(classifier, out, fmt, sha256_file(checkpoint))
@@ -418,11 +418,14 @@ def ablate(
     from pipeline.ablation import VARIANT_NAMES
     from pipeline.config import resolve_settings
     from stages import ablate as stage
+    from stages import evaluate as eval_stage
+    from stages import train as train_stage
 
     task_index, num_tasks = _task_flags(task_index, num_tasks)
     model, cfg = resolve_settings(recipe, settings)
     chosen = VARIANT_NAMES if variants == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
-    stage.run(train, val, pca, out, model=model, cfg=cfg, recipe=recipe, seeds=seeds, variants=chosen,
+    stage.run(train, val, pca, out, model=model, cfg=cfg, train_stage=train_stage.run, eval_stage=eval_stage.run,
+              recipe=recipe, seeds=seeds, variants=chosen,
               threshold=threshold, ten_crop=ten_crop, devices=devices, task_index=task_index, num_tasks=num_tasks,
               force=force, reporter=_reporter())
 
@@ -441,7 +444,8 @@ def main() -> None:
     except PipeError as e:
         if _debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
+        print(f"error: {flag}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if _debug:

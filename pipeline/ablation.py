@@ -7,12 +7,12 @@ torch here: the table is built from the runs' eval.json and metrics.jsonl.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from pipeline.artifacts import EVAL, EvalResult, read_metrics
 from pipeline.config import AlexNetConfig, TrainConfig
 
 BASELINE = "baseline"
@@ -77,15 +77,14 @@ def variant_settings(name: str, model: AlexNetConfig, cfg: TrainConfig, seed: in
 # the table
 
 
-def run_record(name: str, seed: int, eval_json: Path, metrics_jsonl: Path) -> dict:
-    """One run's numbers: val errors (the paper's test: 10-crop when evaluated, else the centre crop) and its
-    training error per epoch."""
-    result = json.loads(eval_json.read_text())
-    test = "ten_crop" if "ten_crop" in result else "centre"
-    epochs = [r for r in map(json.loads, metrics_jsonl.read_text().splitlines()) if "val_top1_error" in r]
-    return {"variant": name, "seed": seed, "test": test, "top1_error": result[test]["top1_error"],
-            "top5_error": result[test]["top5_error"], "samples": result["samples"],
-            "train_top1_error": [r.get("train_top1_error") for r in epochs]}
+def sweep_record(name: str, seed: int, run_dir: Path, eval_dir: Path) -> dict:
+    """One run's numbers for the table: val errors (the paper's test: 10-crop when evaluated, else the centre crop)
+    and its training error per epoch."""
+    result = EvalResult.read(eval_dir / EVAL)
+    errors = result.paper_test
+    return {"variant": name, "seed": seed, "test": result.test, "top1_error": errors.top1_error,
+            "top5_error": errors.top5_error, "samples": result.samples,
+            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs]}
 
 
 def epochs_to(errors: list[float | None], threshold: float) -> int | None:

@@ -92,6 +92,28 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
             tmp.unlink(missing_ok=True)
 
 
+def append_line(path: Path, line: str) -> None:
+    """Append `line` and a newline to a log (metrics.jsonl, events.jsonl) as one write, fsync'd. A write that fails
+    part-way (a full disk) is cut back off, so a log never holds half a line; the error names the file."""
+    data = (line + "\n").encode()
+    with disk_full_is_user_error(path):
+        with unwritable_is_user_error(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, f"wrote {written} of {len(data)} bytes")
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
 

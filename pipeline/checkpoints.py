@@ -12,11 +12,10 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.artifacts import CHECKPOINTS_DIR
 from pipeline.cache import atomic_write, sha256_file
 from pipeline.errors import PipeError
-from pipeline.imagenet import ClassTable, ilsvrc2012_classes
 
-CHECKPOINTS_DIR = "checkpoints"  # inside a run folder
 CHECKPOINT_GLOB = "step-*.pt"
 DIGEST_SUFFIX = ".sha256"  # the sidecar: the checkpoint's sha256 in hex, written after it
 DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed its check, set aside (never deleted: it may be evidence)
@@ -102,18 +101,29 @@ def load_checkpoint(path: Path) -> dict:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         # torch's first line can be a paragraph (weights_only's advice for any non-checkpoint): its first sentence
         reason = str(e).splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
         raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found an unreadable file "
                         f"({reason})") from None
+    if not isinstance(state, dict) or not {"model", "config", "step"} <= set(state):
+        found = f"a dict of {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict) else \
+            f"a saved {type(state).__module__}.{type(state).__name__}"
+        raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found {found}")
+    return state
 
 
-def checkpoint_classes(config: dict) -> ClassTable:
-    """The class table of a checkpoint's outputs (index → wnid, name); checkpoints written before it was stored
-    read as the built-in ILSVRC-2012 list. Unknown entries (a custom class list's classes never seen) are ""."""
-    stored = config.get("classes")
-    if stored is None:
-        return ilsvrc2012_classes()
-    return ClassTable(tuple(stored["wnids"]), tuple(stored["names"]))
+def resolve_checkpoint(run_or_checkpoint: Path, warn: Callable[[str], None]) -> Path:
+    """A run folder means its newest checkpoint that verifies (found by the digests beside them, without importing
+    torch: an up-to-date eval and a wrong path return at once); a named file that does not verify is an error."""
+    if run_or_checkpoint.is_file():  # without a digest beside it, reading it is the check (load_checkpoint)
+        problem = checkpoint_problem(run_or_checkpoint) if digest_path(run_or_checkpoint).is_file() else None
+        if problem:
+            raise PipeError(f"{run_or_checkpoint}: expected a good checkpoint, found it damaged ({problem})")
+        return run_or_checkpoint
+    found = newest_good_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR, warn)
+    if found is None:
+        raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
+                        f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+    return found

@@ -273,12 +273,19 @@ def resolve_settings(recipe: str | Path = DEFAULT_RECIPE, overrides: dict | None
     return built[0], built[1]
 
 
+def upgrade_train_settings(train: dict) -> dict:
+    """Training settings as an older version stored them, in today's keys: the old `augment` dict is the three
+    booleans."""
+    out = dict(train)
+    out.update(out.pop("augment", None) or {})
+    return out
+
+
 def upgrade_trajectory(settings: dict) -> dict:
     """A run's recorded settings as this version writes them, so that a run folder from an older version is not
     refused: absent keys read as their defaults; the old `train.augment` dict is the three booleans."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in settings.items()}
-    train = out.get("train", {})
-    train.update(train.pop("augment", None) or {})
+    out["train"] = upgrade_train_settings(out.get("train", {}))
     for section, cls in SETTINGS.items():
         current = out.setdefault(section, {})
         keep = {f.name for f in fields(cls)} if section == "model" else set(TrainConfig().trajectory())

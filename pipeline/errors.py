@@ -2,9 +2,14 @@
 
 
 class PipeError(Exception):
-    """Bad input or a state the user must fix: say what was expected, what was found, and the path."""
+    """Bad input or a state the user must fix: say what was expected, what was found, and the path. `option`: the
+    setting or argument at fault by its name (`batch_size`, `devices`); the CLI shows it as the flag."""
 
     exit_code = 2
+
+    def __init__(self, message: str, *, option: str | None = None) -> None:
+        super().__init__(message)
+        self.option = option
 
 
 class StageBusy(PipeError):

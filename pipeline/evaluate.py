@@ -6,9 +6,30 @@ network's softmax outputs over the ten are averaged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from pipeline.artifacts import (
+    CheckpointRef,
+    ClassAccuracy,
+    ConfusedPair,
+    Errors,
+    EvalResult,
+    Example,
+    Manifest,
+    PixelStats,
+    ValRef,
+)
+from pipeline.classes import val_class_problems
+from pipeline.errors import PipeError
+
+if TYPE_CHECKING:
+    from pipeline.predict import Classifier
 
 
 def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,3 +79,74 @@ def confused_pairs(probs: torch.Tensor, labels: torch.Tensor, top: int = 10) -> 
     pairs, counts = torch.stack([labels[wrong], predicted[wrong]], 1).unique(dim=0, return_counts=True)
     order = counts.argsort(descending=True, stable=True)[:top]
     return [{"true": int(pairs[i, 0]), "predicted": int(pairs[i, 1]), "count": int(counts[i])} for i in order]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# a checkpoint on the val shards: what eval.json holds
+
+EXAMPLES = 16  # val images shown with their top-5 in the report's grid
+
+
+def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_dir: Path, manifest: Manifest, *,
+                        ten_crop: bool, batch_size: int, loader: str, loader_threads: int,
+                        progress: Callable[[str, int], contextlib.AbstractContextManager[Callable[..., None]]],
+                        warn: Callable[[str], None]) -> EvalResult:
+    """The errors of `classifier` on every image of the val shards in `val_dir`: centre crop (and the paper's
+    10-crop), per class, the most confused pairs and the first images' top-5. Batches go to the device of its
+    first tower; `progress(description, total)` is the reporter's progress bar."""
+    from pipeline.augment import make_eval_loader
+
+    device, classes = str(classifier.device), classifier.classes
+    for problem in val_class_problems(classifier.spec.classes, manifest, val_dir):
+        warn(problem)  # a mismatch raised; a val class never trained on is only a warning
+    pixels, crop = classifier.spec.pixels, classifier.spec.model.crop
+    tests: dict[str, Errors] = {}
+    per_class: tuple[ClassAccuracy, ...] = ()
+    confused: tuple[ConfusedPair, ...] = ()
+    for name, ten in {"centre": False, **({"ten_crop": True} if ten_crop else {})}.items():
+        batches = make_eval_loader(val_dir, pixels, batch_size, crop=crop, ten_crop=ten, device=device,
+                                   num_threads=loader_threads, loader=loader)
+        with progress(f"eval {name.replace('_', '-')}", len(batches)) as advance:
+            started = time.perf_counter()
+            probs, labels = predict(classifier.model, _counting(batches, advance))
+            seconds = time.perf_counter() - started
+        if len(labels) != manifest.samples:
+            raise PipeError(f"eval saw {len(labels)} samples but {val_dir} holds {manifest.samples}")
+        tests[name] = Errors(**errors(probs, labels), images_per_s=round(len(labels) / seconds, 1))
+        if name == "centre":
+            counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
+            per_class = tuple(ClassAccuracy(c, classes.wnids[c], classes.names[c], counts[c], round(a, 6))
+                              for c, a in sorted(per_class_accuracy(probs, labels).items()))
+            confused = tuple(ConfusedPair(**pair, true_wnid=classes.wnids[pair["true"]],
+                                          true_name=classes.names[pair["true"]],
+                                          predicted_wnid=classes.wnids[pair["predicted"]],
+                                          predicted_name=classes.names[pair["predicted"]])
+                             for pair in confused_pairs(probs, labels))
+    examples = tuple(Example(**e, name=classes.names[e["label"]], top5_names=tuple(classes.names[c] for c in e["top5"]))
+                     for e in example_predictions(classifier.model, val_dir, pixels, crop, device))
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return EvalResult(checkpoint=checkpoint, val=ValRef(str(val_dir), manifest.split), model=classifier.spec.model,
+                      centre=tests["centre"], ten_crop=tests.get("ten_crop"), samples=manifest.samples,
+                      per_class=per_class, confused=confused, examples=examples)
+
+
+def _counting(batches, advance):
+    for batch in batches:
+        yield batch
+        advance(1)
+
+
+def example_predictions(model: torch.nn.Module, val_dir: Path, pixels: PixelStats, crop: int, device: str
+                        ) -> list[dict]:
+    """Top-5 predictions for the first val samples (for the report's image grid), via the reference transform."""
+    from pipeline.augment import reference_eval_samples
+
+    examples = []
+    for key, image, label in reference_eval_samples(val_dir, pixels, crop=crop, limit=EXAMPLES):
+        with torch.no_grad():
+            probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
+        top = probs.topk(5)
+        examples.append({"key": key, "label": int(label), "top5": tuple(top.indices.tolist()),
+                         "top5_prob": tuple(round(p, 4) for p in top.values.tolist())})
+    return examples

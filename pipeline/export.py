@@ -29,7 +29,7 @@ SHORT_SIDE = inspect.signature(prepare_image).parameters["short_side"].default  
 
 def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> dict:
     """What an exported file's input must be, and what its outputs index."""
-    config = classifier.config
+    config = classifier.spec.model
     classes = classifier.classes
     return {
         "input": "float32 [batch, 3, crop, crop], RGB on the 0-255 scale minus mean_255 (no division by a std)",
@@ -46,7 +46,7 @@ def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> dict:
 
 
 def _example(classifier: Classifier) -> tuple[tuple[torch.Tensor], tuple[dict]]:
-    crop = classifier.config.crop
+    crop = classifier.spec.model.crop
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
     return (torch.zeros(2, 3, crop, crop, device=classifier.device),), ({0: batch},)
 

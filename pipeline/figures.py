@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.artifacts import Figure3, Figure4, Neighbour, PixelStats, Query, TowerKernels
+
 NEIGHBOURS = 6  # Figure 4: six training images per query
 QUERIES = 5  # Figure 4: five val images
 
@@ -29,21 +31,21 @@ def chroma_energy(kernels: np.ndarray) -> np.ndarray:
     return ((k - grey) ** 2).sum(axis=(1, 2)) / np.where(total > 0, total, 1.0)
 
 
-def figure3(model: torch.nn.Module) -> dict:
+def figure3(model: torch.nn.Module) -> Figure3:
     """conv1's kernels of each tower (tower A first) and each tower's mean chroma energy; `differ` when the means
     are more than two standard errors apart."""
     towers = []
     for tower in model.towers:
         w = tower.conv1.weight.detach().float().cpu().numpy()
         chroma = chroma_energy(w)
-        towers.append({"kernels": np.round(w, 6).tolist(), "chroma": [round(float(c), 6) for c in chroma],
-                       "mean_chroma": round(float(chroma.mean()), 6)})
-    result: dict = {"towers": towers, "measure": "mean chroma energy of conv1's kernels, Σ(w − grey)²/Σw²"}
+        towers.append(TowerKernels(np.round(w, 6).tolist(), tuple(round(float(c), 6) for c in chroma),
+                                   round(float(chroma.mean()), 6)))
+    differ = None
     if len(towers) == 2:
-        a, b = (np.array(t["chroma"]) for t in towers)
+        a, b = (np.array(t.chroma) for t in towers)
         se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b)) if min(len(a), len(b)) > 1 else 0.0
-        result["differ"] = bool(abs(a.mean() - b.mean()) > 2 * se)
-    return result
+        differ = bool(abs(a.mean() - b.mean()) > 2 * se)
+    return Figure3(tuple(towers), "mean chroma energy of conv1's kernels, Σ(w − grey)²/Σw²", differ)
 
 
 @torch.no_grad()
@@ -78,24 +80,22 @@ def _batched(samples: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def figure4(model: torch.nn.Module, val_dir: Path, train_dir: Path, pca: dict, crop: int, *,
-            limit: int, batch_size: int = 64) -> dict:
+def figure4(model: torch.nn.Module, val_dir: Path, train_dir: Path, pixels: PixelStats, crop: int, *,
+            limit: int, batch_size: int = 64) -> Figure4:
     """The first QUERIES val images and, for each, its NEIGHBOURS nearest among the first `limit` training images
     (in shard order), streamed in batches."""
     from pipeline.augment import reference_eval_samples
 
-    queries = list(reference_eval_samples(val_dir, pca, crop=crop, limit=QUERIES))
+    queries = list(reference_eval_samples(val_dir, pixels, crop=crop, limit=QUERIES))
     query_vectors = features(model, torch.stack([image for _, image, _ in queries]))
     seen = {"images": 0}
 
     def candidates() -> Iterator[tuple[list, torch.Tensor]]:
-        for batch in _batched(reference_eval_samples(train_dir, pca, crop=crop, limit=limit), batch_size):
+        for batch in _batched(reference_eval_samples(train_dir, pixels, crop=crop, limit=limit), batch_size):
             seen["images"] += len(batch)
             yield [(key, label) for key, _, label in batch], features(model, torch.stack([b[1] for b in batch]))
 
     found = nearest(query_vectors, candidates())
-    return {"train_dir": str(train_dir), "train_images": seen["images"], "limit": limit,
-            "layer": "fc7 after ReLU, every tower, eval mode, centre crop",
-            "queries": [{"key": key, "label": int(label),
-                         "neighbours": [{"key": n[0], "label": int(n[1]), "distance": round(d, 6)} for d, n in row]}
-                        for (key, _, label), row in zip(queries, found)]}
+    return Figure4(str(train_dir), seen["images"], limit, "fc7 after ReLU, every tower, eval mode, centre crop",
+                   tuple(Query(key, int(label), tuple(Neighbour(n[0], int(n[1]), round(d, 6)) for d, n in row))
+                         for (key, _, label), row in zip(queries, found)))

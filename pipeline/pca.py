@@ -13,15 +13,13 @@ import json
 import math
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import Pca, PixelStats
 from pipeline.errors import PipeError
-
-# what `pca.json` holds (pca-stats writes them, `load_pca` reads exactly these)
-PCA_FIELDS = ("pixel_scale", "pixels", "images", "mean", "std", "cov", "eigvals", "eigvecs", "source_manifest_sha256")
 
 
 @dataclass
@@ -73,7 +71,7 @@ def merge(partials: Iterable[Moments]) -> Moments:
     return total
 
 
-def pca_from_moments(m: Moments) -> dict:
+def pca_from_moments(m: Moments, source_manifest_sha256: str) -> Pca:
     """mean, std, covariance and eigen-pairs in [0,1] pixel units, as pca.json holds them. Plain Python floats
     throughout (see `symmetric_eigen`): the bytes of pca.json, which key `train` and `ablate`, are the same on every
     CPU."""
@@ -84,16 +82,10 @@ def pca_from_moments(m: Moments) -> dict:
     scale = float(n) * float(n) * 255.0**2
     cov = [[float(n * m.sumsq[i][j] - s[i] * s[j]) / scale for j in range(3)] for i in range(3)]
     eigvals, eigvecs = symmetric_eigen(cov)
-    return {
-        "pixel_scale": "0-1",
-        "pixels": n,
-        "images": m.images,
-        "mean": [float(v) / (n * 255.0) for v in s],
-        "std": [math.sqrt(cov[i][i]) for i in range(3)],
-        "cov": cov,
-        "eigvals": eigvals,
-        "eigvecs": eigvecs,  # column i = eigenvector i
-    }
+    return Pca(pixel_scale="0-1", pixels=n, images=m.images, mean=tuple(float(v) / (n * 255.0) for v in s),
+               std=tuple(math.sqrt(cov[i][i]) for i in range(3)), cov=tuple(map(tuple, cov)),
+               eigvals=tuple(eigvals), eigvecs=tuple(map(tuple, eigvecs)),  # column i = eigenvector i
+               source_manifest_sha256=source_manifest_sha256)
 
 
 JACOBI_SWEEPS = 50  # a 3×3 converges in 4–6; the cap only bounds a pathological input
@@ -154,23 +146,26 @@ def symmetric_eigen(matrix: list[list[float]]) -> tuple[list[float], list[list[f
 ORTHONORMAL_TOL = 1e-3  # eigenvectors published to 4 decimals (Krizhevsky's, fb.resnet's) are off by ~5e-5
 
 
-def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
-    """What the lighting augmentation relies on, checked when pca.json is read: cov symmetric positive
-    semi-definite, eigenvalues non-negative and descending, eigvecs orthonormal and eigvecs·diag(eigvals)·eigvecsᵀ
-    = cov. `tol` is relative to the covariance's largest entry (float64 round-off, not a licence for wrong
-    numbers)."""
-    from pipeline.errors import PipeError
+def check_pca(pca: Pca, path: Path, tol: float = 1e-6) -> None:
+    """What the lighting augmentation relies on, checked when pca.json is read: finite values of the right shapes,
+    cov symmetric positive semi-definite, eigenvalues non-negative and descending, eigvecs orthonormal and
+    eigvecs·diag(eigvals)·eigvecsᵀ = cov. `tol` is relative to the covariance's largest entry (float64 round-off,
+    not a licence for wrong numbers)."""
 
     def fail(expected: str, found: str) -> None:
         raise PipeError(f"{path}: expected {expected}, found {found}; rerun `alexnet-pipe pca-stats --force`")
 
-    try:
-        cov, vals, vecs = (np.asarray(d[k], dtype=np.float64) for k in ("cov", "eigvals", "eigvecs"))
-    except (KeyError, TypeError, ValueError) as e:
-        fail("cov [3][3], eigvals [3] and eigvecs [3][3] of numbers", f"{type(e).__name__}: {e}")
-    if cov.shape != (3, 3) or vals.shape != (3,) or vecs.shape != (3, 3) or not np.isfinite(
-            np.concatenate([cov.ravel(), vals, vecs.ravel()])).all():
-        fail("finite cov [3][3], eigvals [3], eigvecs [3][3]", f"shapes {cov.shape}, {vals.shape}, {vecs.shape}")
+    if pca.pixel_scale != "0-1":
+        fail("pixel_scale '0-1'", repr(pca.pixel_scale))
+    arrays = {}
+    for name, shape in (("mean", (3,)), ("std", (3,)), ("eigvals", (3,)), ("cov", (3, 3)), ("eigvecs", (3, 3))):
+        try:
+            arrays[name] = np.asarray(getattr(pca, name), dtype=np.float64)
+        except (TypeError, ValueError):
+            arrays[name] = np.array([])
+        if arrays[name].shape != shape or not np.isfinite(arrays[name]).all():
+            fail(f"{name} as {'×'.join(map(str, shape))} finite numbers", repr(getattr(pca, name)))
+    cov, vals, vecs = arrays["cov"], arrays["eigvals"], arrays["eigvecs"]
     scale = max(float(np.abs(cov).max()), 1e-12)
     if np.abs(cov - cov.T).max() > tol * scale:
         fail("a symmetric covariance", f"cov - covᵀ up to {np.abs(cov - cov.T).max():.3g}")
@@ -188,12 +183,12 @@ def check_pca(d: dict, path: Path, tol: float = 1e-6) -> None:
 PCA_SAME_TOL = 1e-9  # beyond float64 round-off of an eigen-solver, far below any change of the data
 
 
-def pca_difference(a: dict, b: dict) -> float:
+def pca_difference(a: PixelStats, b: PixelStats) -> float:
     """The largest difference between two PCAs' mean, eigenvalues and eigenvectors ([0,1] units; eigenvalues
     relative to the largest): two solvers' round-off is ~1e-16, other pixels are far above PCA_SAME_TOL."""
-    scale = max(abs(v) for v in a["eigvals"]) or 1.0
-    pairs = [*zip(a["mean"], b["mean"]), *((x / scale, y / scale) for x, y in zip(a["eigvals"], b["eigvals"])),
-             *((x, y) for ra, rb in zip(a["eigvecs"], b["eigvecs"]) for x, y in zip(ra, rb))]
+    scale = max(abs(v) for v in a.eigvals) or 1.0
+    pairs = [*zip(a.mean, b.mean), *((x / scale, y / scale) for x, y in zip(a.eigvals, b.eigvals)),
+             *((x, y) for ra, rb in zip(a.eigvecs, b.eigvecs) for x, y in zip(ra, rb))]
     return max(abs(x - y) for x, y in pairs)
 
 
@@ -228,8 +223,8 @@ def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list
     return [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]
 
 
-def load_pca(path: Path) -> dict:
-    """The fields of `pca.json` (written by pca-stats), checked: mean/std/eigvals [3], cov/eigvecs [3][3]."""
+def load_pca(path: Path) -> Pca:
+    """pca.json (written by pca-stats, or the published values in its format), checked (`check_pca`)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -237,22 +232,13 @@ def load_pca(path: Path) -> dict:
         raise PipeError(f"{path}: no such file (expected pca.json from `alexnet-pipe pca-stats`)") from None
     except (OSError, ValueError) as e:
         raise PipeError(f"{path}: not readable as JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise PipeError(f"{path}: expected a JSON object with fields {', '.join(PCA_FIELDS)}")
-    missing = [k for k in PCA_FIELDS if k not in data]
-    if missing:
-        raise PipeError(f"{path}: missing field(s) {', '.join(missing)} (expected pca.json from pca-stats)")
-    if data["pixel_scale"] != "0-1":
-        raise PipeError(f"{path}: pixel_scale {data['pixel_scale']!r}, expected '0-1'")
-    for name, shape in (("mean", (3,)), ("std", (3,)), ("eigvals", (3,)), ("cov", (3, 3)), ("eigvecs", (3, 3))):
-        try:
-            value = np.asarray(data[name], dtype=np.float64)
-        except (TypeError, ValueError):
-            value = None
-        if value is None or value.shape != shape or not np.isfinite(value).all():
-            raise PipeError(f"{path}: field {name} must be {'×'.join(map(str, shape))} finite numbers, "
-                            f"found {data[name]!r}")
-    if list(data["eigvals"]) != sorted(data["eigvals"], reverse=True):
-        raise PipeError(f"{path}: eigvals must be in descending order, found {data['eigvals']}")
-    check_pca(data, path)
-    return {k: data[k] for k in PCA_FIELDS}
+    try:
+        pca = Pca.from_json(data)
+    except (ValueError, TypeError) as e:
+        raise PipeError(f"{path}: expected pca.json from `alexnet-pipe pca-stats` (fields {', '.join(PCA_FIELDS)}), "
+                        f"found {type(e).__name__}: {e}") from None
+    check_pca(pca, path)
+    return pca
+
+
+PCA_FIELDS = tuple(f.name for f in fields(Pca))

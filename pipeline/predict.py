@@ -9,18 +9,17 @@ Crop, width, LRN convention and mean all come from the checkpoint.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.artifacts import RunSpec
 from pipeline.augment.geometry import centre_crop_box, ten_crop_boxes
 from pipeline.augment.reference import decode_rgb, reference_patch
-from pipeline.checkpoints import checkpoint_classes
+from pipeline.classes import class_table
 from pipeline.cluster import resolve_devices
-from pipeline.config import AlexNetConfig
 from pipeline.errors import PipeError
 from pipeline.evaluate import view_probabilities
 from pipeline.imagenet import IMAGE_SUFFIXES, ClassTable
@@ -30,12 +29,10 @@ from pipeline.model import AlexNet, build_model
 
 @dataclass
 class Classifier:
-    """A checkpoint's model in eval mode, with what its inputs and outputs mean."""
+    """A checkpoint's model in eval mode, with what its inputs and outputs mean (its run's spec)."""
 
     model: AlexNet
-    config: AlexNetConfig
-    settings: dict  # the checkpoint's `config`: model, train, mean, eigen-pairs, manifest digests
-    classes: ClassTable
+    spec: RunSpec
     step: int
     epoch: int
 
@@ -44,26 +41,30 @@ class Classifier:
         return self.model.devices[0]
 
     @property
-    def mean(self) -> list[float]:
+    def classes(self) -> ClassTable:
+        return class_table(self.spec.classes)
+
+    @property
+    def mean(self) -> tuple[float, ...]:
         """The training set's per-channel RGB mean in [0, 1] units (pca.json's), subtracted ×255 (§2)."""
-        return self.settings["mean"]
+        return self.spec.pixels.mean
 
 
 def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> Classifier:
     """The model of `checkpoint` on `devices` (a --devices spec or a resolved list), in eval mode."""
     from pipeline.checkpoints import load_checkpoint
 
+    state = load_checkpoint(checkpoint)
     try:
-        state = load_checkpoint(checkpoint)
-        settings = state["config"]
-        config = AlexNetConfig.from_dict(settings["model"])
-    except (OSError, RuntimeError, KeyError, TypeError, ValueError, pickle.UnpicklingError) as e:
+        spec = RunSpec.of_checkpoint(state)
+        step, epoch, weights = state["step"], state["epoch"], state["model"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PipeError(f"{checkpoint}: expected a checkpoint written by `alexnet-pipe train`, "
                         f"found {type(e).__name__}: {e}") from None
-    device_list = (resolve_devices(devices) if isinstance(devices, str) else list(devices))[:config.towers]
-    model = build_model(config, device_list)
-    model.load_state_dict(state["model"])
-    return Classifier(model.eval(), config, settings, checkpoint_classes(settings), state["step"], state["epoch"])
+    device_list = (resolve_devices(devices) if isinstance(devices, str) else list(devices))[:spec.model.towers]
+    model = build_model(spec.model, device_list)
+    model.load_state_dict(weights)
+    return Classifier(model.eval(), spec, step, epoch)
 
 
 def image_views(data: bytes, mean: Sequence[float], crop: int, ten_crop: bool) -> torch.Tensor:
@@ -121,7 +122,7 @@ def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten
     for path, problem in image_files(paths):
         if problem is None:
             try:
-                pending.append((path, image_views(path.read_bytes(), classifier.mean, classifier.config.crop,
+                pending.append((path, image_views(path.read_bytes(), classifier.mean, classifier.spec.model.crop,
                                                   ten_crop)))
                 readable += 1
             except (BadImage, OSError) as e:

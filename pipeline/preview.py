@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from pipeline.artifacts import PixelStats
 from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square, load_pca
 from pipeline.cache import atomic_write
 from pipeline.errors import PipeError
@@ -21,12 +22,12 @@ ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)
 GAP, CAPTION, COLUMNS = 8, 20, 4
 
 
-def augmented_samples(shard_dir: Path, pca: dict, n: int, seed: int, crop: int = 224,
+def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, crop: int = 224,
                       loader: str = "dali") -> list[dict]:
     """The first n training samples of epoch 0 with their augmentation: augmented [3, crop, crop] float (mean
     subtracted), label, original uint8 [H, W, 3], crop (left, top), mirrored, lighting offset [3]."""
     if loader == "dali":
-        pipe = TrainLoader(shard_dir, pca, 1, crop=crop, seed=seed, num_threads=2).pipeline(0, with_params=True,
+        pipe = TrainLoader(shard_dir, pixels, 1, crop=crop, seed=seed, num_threads=2).pipeline(0, with_params=True,
                                                                                            batch_size=n)
         images, labels, originals, xs, ys, flips, offsets = pipe.run()
         return [{"augmented": torch.from_numpy(np.array(images[i])), "label": int(np.array(labels[i])),
@@ -34,7 +35,7 @@ def augmented_samples(shard_dir: Path, pca: dict, n: int, seed: int, crop: int =
                  "mirrored": bool(np.array(flips[i])), "offset": np.array(offsets[i], dtype=np.float64)}
                 for i in range(n)]
     if loader == "torch":
-        reference = ReferenceTrainLoader(shard_dir, pca, 1, crop=crop, seed=seed, num_threads=0)
+        reference = ReferenceTrainLoader(shard_dir, pixels, 1, crop=crop, seed=seed, num_threads=0)
         dataset = reference.dataset(0)
         out = []
         for position, index in enumerate(reference.epoch_samples(0)[:n]):
@@ -50,10 +51,10 @@ def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, se
     """Write a grid of n augmented training samples beside their originals to `out_png`; return its path."""
     if n < 1:
         raise PipeError(f"--n must be at least 1, got {n}")
-    pca = load_pca(pca_path)
-    mean = 255.0 * np.asarray(pca["mean"], dtype=np.float32)
-    samples = augmented_samples(Path(shard_dir), pca, n, seed, crop, loader)
-    names = {c["index"]: f"{c['wnid']} {c['name']}" for c in load_manifest(Path(shard_dir))["classes"]}
+    pixels = load_pca(pca_path).stats
+    mean = 255.0 * np.asarray(pixels.mean, dtype=np.float32)
+    samples = augmented_samples(Path(shard_dir), pixels, n, seed, crop, loader)
+    names = {c.index: f"{c.wnid} {c.name}" for c in load_manifest(Path(shard_dir)).classes}
     font = ImageFont.load_default(size=14)
     cell_w, cell_h = ORIGINAL_BOX[0] + GAP + ORIGINAL_BOX[1], ORIGINAL_BOX[1] + 2 * CAPTION
     rows = -(-n // COLUMNS)

@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-EVENTS = "events.jsonl"
+from pipeline.artifacts import EVENTS, Event
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -71,26 +72,25 @@ def run_record() -> dict:
     }
 
 
-def append_event(run_dir: Path, **fields) -> dict:
-    """One line in `run_dir/events.jsonl`: the time, `fields` (step, resumed_from, …) and the run record. A single
-    write of one line, flushed and fsync'd: a crash leaves whole lines (a torn last line is skipped on reading)."""
-    event = {"time": round(time.time(), 3), **fields, "record": run_record()}
-    with open(run_dir / EVENTS, "a") as f:
-        f.write(json.dumps(event) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    return event
+def append_event(run_dir: Path, event: str, **fields) -> Event:
+    """One line in `run_dir/events.jsonl`: the time, what happened (`event`: start, resume), `fields` (step,
+    resumed_from, …) and the run record, written whole or not at all (a full disk is one line naming the file)."""
+    from pipeline.cache import append_line
+
+    line = Event(time=round(time.time(), 3), event=event, record=run_record(), **fields)
+    append_line(run_dir / EVENTS, json.dumps(line.to_json()))
+    return line
 
 
-def read_events(run_dir: Path) -> list[dict]:
+def read_events(run_dir: Path) -> list[Event]:
     path = run_dir / EVENTS
     if not path.is_file():
         return []
     events = []
     for line in path.read_text().splitlines():
         try:
-            events.append(json.loads(line))
-        except ValueError:  # a line torn by a crash mid-write
+            events.append(Event.from_json(json.loads(line)))
+        except (ValueError, TypeError):  # a line torn by a crash mid-write
             continue
     return events
 

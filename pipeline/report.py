@@ -9,6 +9,18 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.artifacts import (
+    EVAL,
+    REPORT,
+    EpochRecord,
+    EvalResult,
+    Event,
+    Figure3,
+    Figure4,
+    Manifest,
+    StepRecord,
+    read_metrics,
+)
 from pipeline.cache import atomic_write
 from pipeline.config import AlexNetConfig
 from pipeline.record import read_events
@@ -19,17 +31,7 @@ TORCHVISION = {"name": "torchvision AlexNet (one-column model)", "top1_error": 0
                "protocol": "ILSVRC-2012 val, centre 224 crop"}
 
 
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(step records, epoch records) from metrics.jsonl."""
-    steps, epochs = [], []
-    path = run_dir / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        record = json.loads(line)
-        (epochs if "val_top1_error" in record else steps).append(record)
-    return steps, epochs
-
-
-def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
+def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], out: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,8 +47,8 @@ def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key, records, x in series:
             if records:
-                ax.plot([r[x] for r in records], [r[key] for r in records], marker="." if x == "epoch" else None,
-                        label=key.replace("_", " "))
+                ax.plot([getattr(r, x) for r in records], [getattr(r, key) for r in records],
+                        marker="." if x == "epoch" else None, label=key.replace("_", " "))
         ax.set_title(title)
         ax.set_xlabel(series[0][2])
         if not ax.get_lines():  # e.g. no epoch finished yet: say so (a legend or log axis of nothing warns)
@@ -63,7 +65,7 @@ def plot_curves(steps: list[dict], epochs: list[dict], out: Path) -> list[str]:
     return figures
 
 
-def shard_images(shard_dir: Path, keys: set[str]) -> dict:
+def shard_samples_by_key(shard_dir: Path, keys: set[str]) -> dict:
     """{key: PIL RGB image} for the samples named, read from the shards (stops once all are found)."""
     from PIL import Image
 
@@ -81,7 +83,7 @@ def shard_images(shard_dir: Path, keys: set[str]) -> dict:
     return images
 
 
-def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
+def prediction_grid(eval_result: EvalResult, val_dir: Path, out_png: Path) -> None:
     """Val images with their top-5 predictions; a correct top-1 in green, a correct top-5 in orange."""
     import matplotlib
 
@@ -90,9 +92,9 @@ def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
 
     from pipeline.imagenet import ilsvrc2012_classes
 
-    classes = ilsvrc2012_classes()
-    wanted = {e["key"]: e for e in eval_result["examples"]}
-    images = shard_images(val_dir, set(wanted))
+    builtin = ilsvrc2012_classes()
+    wanted = {e.key: e for e in eval_result.examples}
+    images = shard_samples_by_key(val_dir, set(wanted))
     cols = 4
     rows = max(1, -(-len(wanted) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
@@ -101,15 +103,15 @@ def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
     for ax, (key, example) in zip(axes.flat, wanted.items()):
         ax.imshow(images[key])
         # names from the checkpoint's class table (eval.json); an eval.json from before it: the built-in list
-        truth = example.get("name", classes.names[example["label"]]).split(",")[0]
-        names = example.get("top5_names") or [classes.names[c] for c in example["top5"]]
+        truth = (example.name or builtin.names[example.label]).split(",")[0]
+        names = example.top5_names or [builtin.names[c] for c in example.top5]
         lines = []
-        for rank, (c, name, p) in enumerate(zip(example["top5"], names, example["top5_prob"])):
-            mark = "✓ " if c == example["label"] else "  "
+        for rank, (c, name, p) in enumerate(zip(example.top5, names, example.top5_prob)):
+            mark = "✓ " if c == example.label else "  "
             lines.append(f"{mark}{name.split(',')[0][:22]} {p:.2f}")
-            if c == example["label"]:
+            if c == example.label:
                 colour = "green" if rank == 0 else "darkorange"
-        hit = example["label"] in example["top5"]
+        hit = example.label in example.top5
         ax.set_title(f"{key}\ntrue: {truth}", fontsize=8, color=colour if hit else "red")
         ax.text(0, 1.0, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="top", family="monospace",
                 bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
@@ -121,64 +123,65 @@ def prediction_grid(eval_result: dict, val_dir: Path, out_png: Path) -> None:
 def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     """report.md + PNGs in `out`. Every figure it quotes comes from eval.json and metrics.jsonl."""
     out.mkdir(parents=True, exist_ok=True)
-    result = json.loads((eval_dir / "eval.json").read_text())
-    steps, epochs = read_metrics(run_dir)
+    result = EvalResult.read(eval_dir / EVAL)
+    metrics = read_metrics(run_dir)
+    steps, epochs = metrics.steps, metrics.epochs
     figures = plot_curves(steps, epochs, out)
-    prediction_grid(result, Path(result["val"]["dir"]), out / "predictions.png")
-    origin, comparable = val_data_origin(Path(result["val"]["dir"]))
-    rows = [("this run, " + Path(result["checkpoint"]["path"]).name, result["centre"], "centre 224 crop")]
-    if "ten_crop" in result:
-        rows.append(("this run, " + Path(result["checkpoint"]["path"]).name, result["ten_crop"], "10-crop"))
+    val_dir = Path(result.val.dir)
+    prediction_grid(result, val_dir, out / "predictions.png")
+    origin, comparable = val_data_origin(val_dir)
+    checkpoint = result.checkpoint
+    rows = [("this run, " + Path(checkpoint.path).name, result.centre, "centre 224 crop")]
+    if result.ten_crop is not None:
+        rows.append(("this run, " + Path(checkpoint.path).name, result.ten_crop, "10-crop"))
     table = ["| model | top-1 error | top-5 error | protocol |", "|---|---|---|---|"]
     for name, errs, protocol in rows:
-        data = f"{result['samples']} images of {result['val']['dir']}"
-        table.append(f"| {name} | {errs['top1_error']:.2%} | {errs['top5_error']:.2%} | {protocol}, {data} |")
+        data = f"{result.samples} images of {result.val.dir}"
+        table.append(f"| {name} | {errs.top1_error:.2%} | {errs.top5_error:.2%} | {protocol}, {data} |")
     for ref in (PAPER, TORCHVISION):
         table.append(f"| {ref['name']} | {ref['top1_error']:.1%} | {ref['top5_error']:.1%} | {ref['protocol']} |")
-    chance = 1 / len(result["per_class"]) if result["per_class"] else 0
-    last = epochs[-1] if epochs else {}
+    chance = 1 / len(result.per_class) if result.per_class else 0
     md = [
         "# AlexNet run report", "",
-        f"Checkpoint `{result['checkpoint']['path']}` (step {result['checkpoint']['step']}, epoch "
-        f"{result['checkpoint']['epoch']}, sha256 `{result['checkpoint']['sha256'][:16]}…`), evaluated on "
-        f"{result['samples']} validation images (manifest sha256 `{result['val']['manifest_sha256'][:16]}…`) "
-        f"of {origin}.", "",
-        f"Model: {model_switches(result['model'])}.", "",
+        f"Checkpoint `{checkpoint.path}` (step {checkpoint.step}, epoch {checkpoint.epoch}, sha256 "
+        f"`{checkpoint.sha256[:16]}…`), evaluated on {result.samples} validation images (manifest sha256 "
+        f"`{result.val.manifest_sha256[:16]}…`) of {origin}.", "",
+        f"Model: {model_switches(result.model)}.", "",
     ]
     if not comparable:
         md += [f"> **Different data.** This run used {origin}, not the full ILSVRC-2012: its errors are not "
                f"comparable with the paper's. Chance top-1 error here is {1 - chance:.1%} "
-               f"({len(result['per_class'])} classes present, top-1 over all 1,000 outputs).", ""]
+               f"({len(result.per_class)} classes present, top-1 over all 1,000 outputs).", ""]
     md += ["## Error", "", *table, "",
-           f"Evaluation throughput: centre {result['centre']['images_per_s']:.0f} images/s"
-           + (f", 10-crop {result['ten_crop']['images_per_s']:.0f} images/s" if "ten_crop" in result else "") + ".",
+           f"Evaluation throughput: centre {result.centre.images_per_s:.0f} images/s"
+           + (f", 10-crop {result.ten_crop.images_per_s:.0f} images/s" if result.ten_crop else "") + ".",
            "", "## Training", ""]
-    if last:
-        md += [f"{len(epochs)} epochs, {last['step']} steps; last epoch: val top-1 error {last['val_top1_error']:.2%}, "
-               f"top-5 {last['val_top5_error']:.2%}, lr {last['lr']:g}.", ""]
+    if epochs:
+        last = epochs[-1]
+        md += [f"{len(epochs)} epochs, {last.step} steps; last epoch: val top-1 error {last.val_top1_error:.2%}, "
+               f"top-5 {last.val_top5_error:.2%}, lr {last.lr:g}.", ""]
     if steps:
         md += [_speed_line(steps), ""]
     md += [f"![{f}]({f})" for f in figures] + [""]
     md += ["## Per class (centre crop)", "", "| label | wnid | name | images | top-1 accuracy |",
            "|---|---|---|---|---|"]
-    md += [f"| {c['index']} | {c['wnid']} | {c['name']} | {c['samples']} | {c['top1_accuracy']:.1%} |"
-           for c in result["per_class"]]
+    md += [f"| {c.index} | {c.wnid} | {c.name} | {c.samples} | {c.top1_accuracy:.1%} |" for c in result.per_class]
     md += ["", "## Most confused pairs", "", "| true | predicted | count |", "|---|---|---|"]
-    md += [f"| {p['true_wnid']} {p['true_name']} | {p['predicted_wnid']} {p['predicted_name']} | {p['count']} |"
-           for p in result["confused"]]
+    md += [f"| {p.true_wnid} {p.true_name} | {p.predicted_wnid} {p.predicted_name} | {p.count} |"
+           for p in result.confused]
     md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class; "
            "Figure 4, left).", "", "![predictions](predictions.png)", ""]
-    md += environment_table(read_events(run_dir), result.get("run_record"))
-    md += paper_figures(result, out)
-    path = out / "report.md"
+    md += environment_table(read_events(run_dir), result.run_record)
+    md += figure_sections(result, out)
+    path = out / REPORT
     with atomic_write(path, "w") as f:
         f.write("\n".join(md))
     return path
 
 
-def environment_table(events: list[dict], eval_record: dict | None) -> list[str]:
+def environment_table(events: list[Event], eval_record: dict | None) -> list[str]:
     """The run records (pipeline.record) of the training run's last start and of the eval, side by side."""
-    columns = [(f"training ({e.get('event', 'start')} at step {e.get('step', 0)})", e["record"]) for e in events[-1:]]
+    columns = [(f"training ({e.event} at step {e.step})", e.record) for e in events[-1:]]
     columns += [("evaluation", eval_record)] if eval_record else []
     if not columns:
         return []
@@ -201,44 +204,43 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
     and done marker: the generated demo set (its source is a `synth` stage folder), a subset of ILSVRC-2012, or
     the full ILSVRC-2012 val. Never guessed from a sample count alone."""
     from pipeline.cache import MARKER
-    from pipeline.shards import load_manifest
 
-    manifest = load_manifest(val_dir)
-    k, total = len(manifest["classes"]), manifest["num_classes_total"]
+    manifest = Manifest.read(val_dir)
+    k, total = len(manifest.classes), manifest.num_classes_total
     marker = json.loads((val_dir / MARKER).read_text()) if (val_dir / MARKER).is_file() else {}
     source = Path(marker.get("inputs", {}).get("source", {}).get("path", "/nonexistent"))
     for folder in (source, source.parent):
         synth = folder / MARKER
         if synth.is_file() and json.loads(synth.read_text()).get("stage") == "synth":
             return f"the generated demo data set ({k} of {total:,} classes)", False
-    if k == total == 1000 and manifest["samples"] == 50_000 and manifest["split"] == "val":
+    if k == total == 1000 and manifest.samples == 50_000 and manifest.split == "val":
         return "the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True
-    return f"a subset of ILSVRC-2012 {manifest['split']} ({k} of {total:,} classes)", False
+    return f"a subset of ILSVRC-2012 {manifest.split} ({k} of {total:,} classes)", False
 
 
-def _speed_line(steps: list[dict]) -> str:
+def _speed_line(steps: tuple[StepRecord, ...]) -> str:
     """Medians of the logged steps' speed fields (pipeline/speed.py; runs from before it lack step_ms and mfu)."""
     def median(key: str) -> float | None:
-        values = sorted(s[key] for s in steps if s.get(key) is not None)
+        values = sorted(v for s in steps if (v := getattr(s, key)) is not None)
         return values[len(values) // 2] if values else None
 
     line = (f"Training throughput: median {median('images_per_s'):.0f} images/s; median share of time waiting on "
             f"data {median('data_wait'):.1%}")
     if median("step_ms") is not None:
         line += f"; median step {median('step_ms'):.1f} ms"
-    utilization, precision = median("mfu"), steps[-1].get("precision")
+    utilization, precision = median("mfu"), steps[-1].precision
     if precision is not None:
         line += f"; MFU {utilization:.1%} ({precision})" if utilization is not None else \
             f"; MFU not known ({precision}: no peak for this device)"
     return line + "."
 
 
-def kernel_mosaic(figure3: dict, columns: int = 16) -> np.ndarray:
+def kernel_mosaic(figure3: Figure3, columns: int = 16) -> np.ndarray:
     """Figure 3 as one RGB image: each tower's conv1 kernels in rows (tower A's above tower B's), each kernel
     scaled to [0, 1] on its own for display, one grey pixel between kernels and a grey row between towers."""
     blocks = []
-    for tower in figure3["towers"]:
-        kernels = np.asarray(tower["kernels"], dtype=np.float64).transpose(0, 2, 3, 1)  # K, h, w, RGB
+    for tower in figure3.towers:
+        kernels = np.asarray(tower.kernels, dtype=np.float64).transpose(0, 2, 3, 1)  # K, h, w, RGB
         low = kernels.min(axis=(1, 2, 3), keepdims=True)
         span = kernels.max(axis=(1, 2, 3), keepdims=True) - low
         kernels = (kernels - low) / np.where(span > 0, span, 1.0)
@@ -255,65 +257,64 @@ def kernel_mosaic(figure3: dict, columns: int = 16) -> np.ndarray:
     return np.concatenate(padded, axis=0)
 
 
-def neighbour_grid(figure4: dict, val_dir: Path, out_png: Path) -> None:
+def neighbour_grid(figure4: Figure4, val_dir: Path, out_png: Path) -> None:
     """Figure 4 (right): each val image, then its six nearest training images by fc7 distance."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    queries = figure4["queries"]
-    val = shard_images(val_dir, {q["key"] for q in queries})
-    train = shard_images(Path(figure4["train_dir"]), {n["key"] for q in queries for n in q["neighbours"]})
-    cols = 1 + max(len(q["neighbours"]) for q in queries)
+    queries = figure4.queries
+    val = shard_samples_by_key(val_dir, {q.key for q in queries})
+    train = shard_samples_by_key(Path(figure4.train_dir), {n.key for q in queries for n in q.neighbours})
+    cols = 1 + max(len(q.neighbours) for q in queries)
     fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 1.9 * len(queries)), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for row, query in zip(axes, queries):
-        row[0].imshow(val[query["key"]])
-        row[0].set_title(f"val {query['label']}", fontsize=7, color="blue")
-        for ax, n in zip(row[1:], query["neighbours"]):
-            ax.imshow(train[n["key"]])
-            ax.set_title(f"{n['label']} d={n['distance']:.3g}", fontsize=7,
-                         color="green" if n["label"] == query["label"] else "black")
+        row[0].imshow(val[query.key])
+        row[0].set_title(f"val {query.label}", fontsize=7, color="blue")
+        for ax, n in zip(row[1:], query.neighbours):
+            ax.imshow(train[n.key])
+            ax.set_title(f"{n.label} d={n.distance:.3g}", fontsize=7,
+                         color="green" if n.label == query.label else "black")
     fig.tight_layout()
     fig.savefig(out_png, dpi=80)
     plt.close(fig)
 
 
-def paper_figures(result: dict, out: Path) -> list[str]:
+def figure_sections(result: EvalResult, out: Path) -> list[str]:
     """Figure 3 and Figure 4 (right) from eval.json, when eval computed them: the PNGs and their report lines."""
     md = []
-    if "figure3" in result:
+    if result.figure3 is not None:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        figure = result["figure3"]
+        figure = result.figure3
         plt.imsave(out / "figure3.png", np.kron(kernel_mosaic(figure), np.ones((8, 8, 1))).clip(0, 1))
-        numbers = ", ".join(f"tower {'AB'[i]} {t['mean_chroma']:.3f}" for i, t in enumerate(figure["towers"]))
-        verdict = ("" if "differ" not in figure else " The two towers' numbers differ (by more than two standard "
-                   "errors over their kernels)." if figure["differ"] else " The two towers' numbers do not differ "
+        numbers = ", ".join(f"tower {'AB'[i]} {t.mean_chroma:.3f}" for i, t in enumerate(figure.towers))
+        verdict = ("" if figure.differ is None else " The two towers' numbers differ (by more than two standard "
+                   "errors over their kernels)." if figure.differ else " The two towers' numbers do not differ "
                    "beyond two standard errors over their kernels.")
         md += ["## Figure 3: conv1's kernels", "",
                f"Tower A's kernels above tower B's, each scaled for display. Colour-specific vs colour-agnostic, "
-               f"measured as the {figure['measure']} (0: grey, colour-agnostic): {numbers}.{verdict} The paper "
+               f"measured as the {figure.measure} (0: grey, colour-agnostic): {numbers}.{verdict} The paper "
                "(§6.1) saw one tower largely colour-agnostic and the other colour-specific in every run; which is "
                "which is arbitrary.", "", "![figure 3](figure3.png)", ""]
-    if "figure4" in result:
-        figure = result["figure4"]
-        neighbour_grid(figure, Path(result["val"]["dir"]), out / "figure4.png")
+    if result.figure4 is not None:
+        neighbours = result.figure4
+        neighbour_grid(neighbours, Path(result.val.dir), out / "figure4.png")
         md += ["## Figure 4 (right): nearest training images", "",
-               f"For the first {len(figure['queries'])} val images (first column), the six training images whose "
-               f"{figure['layer']} vectors are nearest in Euclidean distance, searched over "
-               f"{figure['train_images']} training images of {figure['train_dir']} (label and distance above each; "
+               f"For the first {len(neighbours.queries)} val images (first column), the six training images whose "
+               f"{neighbours.layer} vectors are nearest in Euclidean distance, searched over "
+               f"{neighbours.train_images} training images of {neighbours.train_dir} (label and distance above each; "
                "green: the query's class).", "", "![figure 4](figure4.png)", ""]
     return md
 
 
-def model_switches(model: dict) -> str:
-    """The ablation switches of a checkpoint's model config (keys an older checkpoint lacks read as defaults)."""
-    config = AlexNetConfig.from_dict(model)
+def model_switches(config: AlexNetConfig) -> str:
+    """The ablation switches of a checkpoint's model config."""
     return (f"activation {config.activation}, norm {config.norm}, pool {config.pool}, towers {config.towers}, "
             f"width {config.width:g}, dropout {config.dropout:g}")

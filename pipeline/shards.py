@@ -16,6 +16,17 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.artifacts import (
+    MANIFEST,
+    TIMM_INFO,
+    ClassCount,
+    IgnoredEntry,
+    Manifest,
+    RepairedImage,
+    ShardEntry,
+    ShardParams,
+    SkippedImage,
+)
 from pipeline.cache import atomic_write, canonical_json, read_json, sha256_file, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import ClassTable, Member
@@ -136,73 +147,70 @@ def dali_index(tar_path: Path) -> str:
 
 
 def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict,
-                   source_skipped: list[dict] = ()) -> dict:
-    """The single source of truth about a shard set; no times, hosts or absolute paths (its hash keys stages
-    downstream). `source_skipped`: images the index lost to a damaged class tar, listed before the shards' own."""
+                   source_skipped: Iterable[dict] = ()) -> Manifest:
+    """The shard set's manifest from its shards' unit records. `source_skipped`: images the index lost to a
+    damaged class tar, listed before the shards' own."""
     counts: dict[str, int] = {}
     for r in records:
         for wnid, n in r["classes"].items():
             counts[wnid] = counts.get(wnid, 0) + n
     present = sorted(counts, key=classes.label_of)
-    return {
-        "split": split,
-        "params": params,
-        "samples": sum(r["samples"] for r in records),
-        "bytes": sum(r["bytes"] for r in records),
-        "shards": [{k: r[k] for k in ("name", "samples", "bytes", "sha256")} for r in records if r["samples"]],
-        "classes": [{"index": classes.label_of(w), "wnid": w, "name": classes.names[classes.label_of(w)],
-                     "samples": counts[w]} for w in present],
-        "num_classes_total": len(classes.wnids),
-        "skipped": [*source_skipped, *(s for r in records for s in r["skipped"])],
-        "repaired": [s for r in records for s in r["repaired"]],
-        "ignored_members": ignored,
-    }
+    return Manifest(
+        split=split,
+        params=ShardParams(**params),
+        samples=sum(r["samples"] for r in records),
+        bytes=sum(r["bytes"] for r in records),
+        shards=tuple(ShardEntry(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in records if r["samples"]),
+        classes=tuple(ClassCount(classes.label_of(w), w, classes.names[classes.label_of(w)], counts[w])
+                      for w in present),
+        num_classes_total=len(classes.wnids),
+        skipped=tuple(SkippedImage(**s) for s in [*source_skipped, *(s for r in records for s in r["skipped"])]),
+        repaired=tuple(RepairedImage(s["key"], tuple(s["repaired"])) for r in records for s in r["repaired"]),
+        ignored_members=tuple(IgnoredEntry(**i) for i in ignored),
+    )
 
 
-def load_manifest(shard_dir: Path) -> dict:
-    path = shard_dir / "manifest.json"
-    if not path.is_file():
-        raise PipeError(f"{shard_dir}: no manifest.json (expected a finished `alexnet-pipe shard` output folder)")
-    return read_json(path)
+def load_manifest(shard_dir: Path) -> Manifest:
+    return Manifest.read(shard_dir)
 
 
-def shard_paths(shard_dir: Path) -> list[tuple[Path, Path]]:
+def shard_paths(shard_dir: Path, manifest: Manifest | None = None) -> list[tuple[Path, Path]]:
     """(tar, idx) of every shard in the manifest, in manifest order (we expand names ourselves; DALI does not)."""
-    return [(shard_dir / s["name"], (shard_dir / s["name"]).with_suffix(".idx"))
-            for s in load_manifest(shard_dir)["shards"]]
+    manifest = manifest or load_manifest(shard_dir)
+    return [(shard_dir / s.name, (shard_dir / s.name).with_suffix(".idx")) for s in manifest.shards]
 
 
-def damaged_shards(shard_dir: Path, manifest: dict) -> list[str]:
+def damaged_shards(shard_dir: Path, manifest: Manifest) -> list[str]:
     """Shards of the manifest whose tar is missing or not the recorded size, or whose DALI index is missing: the
     cheap check (stat only, no hashing) behind `status`, the up-to-date check and the loaders."""
     damaged = []
-    for entry in manifest["shards"]:
-        tar = shard_dir / entry["name"]
+    for entry in manifest.shards:
+        tar = shard_dir / entry.name
         try:
-            intact = tar.stat().st_size == entry["bytes"] and tar.with_suffix(".idx").stat().st_size > 0
+            intact = tar.stat().st_size == entry.bytes and tar.with_suffix(".idx").stat().st_size > 0
         except FileNotFoundError:
             intact = False
         if not intact:
-            damaged.append(entry["name"])
+            damaged.append(entry.name)
     return damaged
 
 
-def check_shard_files(shard_dir: Path, manifest: dict) -> None:
+def check_shard_files(shard_dir: Path, manifest: Manifest) -> None:
     """Before DALI opens a shard set: a missing or resized shard is one line naming it (DALI's own error is a
     multi-line "Malformed index file")."""
     damaged = damaged_shards(shard_dir, manifest)
     if not damaged:
         return
-    entry = next(e for e in manifest["shards"] if e["name"] == damaged[0])
-    tar = shard_dir / entry["name"]
+    entry = next(e for e in manifest.shards if e.name == damaged[0])
+    tar = shard_dir / entry.name
     if not tar.is_file():
         found = "no such file"
-    elif tar.stat().st_size != entry["bytes"]:
+    elif tar.stat().st_size != entry.bytes:
         found = f"{tar.stat().st_size:,} bytes"
     else:
         found = f"no index {tar.stem}.idx beside it"
     more = f" ({len(damaged) - 1} more shard(s) damaged)" if len(damaged) > 1 else ""
-    raise PipeError(f"{tar}: expected a shard of {entry['bytes']:,} bytes (manifest.json), found {found}{more}; "
+    raise PipeError(f"{tar}: expected a shard of {entry.bytes:,} bytes ({MANIFEST}), found {found}{more}; "
                     f"run `alexnet-pipe verify {shard_dir}`, then rerun `alexnet-pipe shard` to rewrite it")
 
 
@@ -213,49 +221,46 @@ def verify_shards(shard_dir: Path, *, decode: bool = False,
     from PIL import Image
 
     problems = []
-    for entry in load_manifest(shard_dir)["shards"]:
-        path = shard_dir / entry["name"]
+    for entry in load_manifest(shard_dir).shards:
+        path = shard_dir / entry.name
         idx = path.with_suffix(".idx")
         if not path.is_file():
-            problems.append(f"{entry['name']}: missing")
-        elif (digest := sha256_file(path)) != entry["sha256"]:
-            problems.append(f"{entry['name']}: sha256 {digest[:12]}… != manifest {entry['sha256'][:12]}…")
+            problems.append(f"{entry.name}: missing")
+        elif (digest := sha256_file(path)) != entry.sha256:
+            problems.append(f"{entry.name}: sha256 {digest[:12]}… != manifest {entry.sha256[:12]}…")
         else:
             if not idx.is_file():
                 problems.append(f"{idx.name}: missing")
             elif idx.read_text() != dali_index(path):
-                problems.append(f"{idx.name}: does not match {entry['name']} (rewrite it with wds2idx)")
+                problems.append(f"{idx.name}: does not match {entry.name} (rewrite it with wds2idx)")
             with tarfile.open(path) as tar:
                 names = tar.getnames()
                 samples = len({_split_name(n)[0] for n in names})
-                if samples != entry["samples"]:
-                    problems.append(f"{entry['name']}: {samples} samples != manifest {entry['samples']}")
+                if samples != entry.samples:
+                    problems.append(f"{entry.name}: {samples} samples != manifest {entry.samples}")
                 if decode:
                     for n in names:
                         if n.endswith(".jpg"):
                             try:
                                 Image.open(io.BytesIO(tar.extractfile(n).read())).load()
                             except Exception as e:
-                                problems.append(f"{entry['name']}/{n}: does not decode ({e})")
+                                problems.append(f"{entry.name}/{n}: does not decode ({e})")
         if on_shard:
-            on_shard(entry["name"])
+            on_shard(entry.name)
     return problems
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # metadata other libraries read
 
-TIMM_INFO = "_info.json"
-
-
-def timm_info(manifest: dict) -> dict:
+def timm_info(manifest: Manifest) -> dict:
     """The split's entry in timm's `_info.json` (`timm/data/readers/reader_wds.py` parses exactly these fields), so
     that `timm.data.create_dataset("wds/…", root=DIR, split=SPLIT)` needs no shard list or size."""
-    split, shards = manifest["split"], manifest["shards"]
-    return {"name": manifest["params"].get("classes", "ilsvrc2012"),
-            "splits": {split: {"name": split, "num_samples": manifest["samples"],
-                               "filenames": [s["name"] for s in shards],
-                               "shard_lengths": [s["samples"] for s in shards]}}}
+    split, shards = manifest.split, manifest.shards
+    return {"name": manifest.params.classes,
+            "splits": {split: {"name": split, "num_samples": manifest.samples,
+                               "filenames": [s.name for s in shards],
+                               "shard_lengths": [s.samples for s in shards]}}}
 
 
 def write_timm_info(shard_dir: Path) -> Path:

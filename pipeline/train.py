@@ -16,16 +16,16 @@ import random
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.cache import atomic_write, disk_full_is_user_error
+from pipeline.artifacts import CHECKPOINTS_DIR, METRICS, EpochRecord, RunSpec, StepRecord, Topology
+from pipeline.cache import append_line, atomic_write
 from pipeline.checkpoints import (
-    CHECKPOINTS_DIR,
     latest_checkpoint,
     load_checkpoint,
     newest_good_checkpoint,
@@ -34,11 +34,12 @@ from pipeline.checkpoints import (
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.errors import PipeError
-from pipeline.model import forward_flops
+from pipeline.model import build_model, count_parameters, forward_flops
 from pipeline.record import append_event
+from pipeline.runs import RunData
+from pipeline.session import Session
 from pipeline.speed import TrainingSpeed
 
-METRICS = "metrics.jsonl"  # inside a run folder: one line per logged step and per epoch
 # Slurm's preemption and time-limit warnings, and Ctrl-C: checkpoint at the next step boundary, then exit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CHANCE_MARGIN = 1.5  # val top-1 error above 1 - CHANCE_MARGIN/K (K val classes) is chance level: nothing learnt yet
@@ -154,8 +155,8 @@ def set_rng_state(state: dict) -> None:
 class Progress:
     """What `fit` reports: called after every step with (step, total_steps, fields)."""
 
-    on_step: Callable[[int, int, dict], None] = lambda step, total, fields: None
-    on_epoch: Callable[[dict], None] = lambda record: None
+    on_step: Callable[[int, int, StepRecord], None] = lambda step, total, record: None
+    on_epoch: Callable[[EpochRecord], None] = lambda record: None
     info: Callable[[str], None] = lambda message: None
     warn: Callable[[str], None] = lambda message: None
 
@@ -167,13 +168,16 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: object
-    cfg: TrainConfig
+    spec: RunSpec  # stored in each checkpoint
     place: Placement
     out: Path
-    config: dict  # stored in each checkpoint: {"model": …, "train": …, **extra}
     progress: Progress
     speed: TrainingSpeed  # data_wait, step_ms, mfu of the logged steps
     stop: StopFlag | None = None
+
+    @property
+    def cfg(self) -> TrainConfig:
+        return self.spec.train
 
     @property
     def main_rank(self) -> bool:
@@ -239,15 +243,25 @@ class StopFlag:
             signal.signal(s, handler)
 
 
-def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_loader, val_loader, out: Path,
-        place: Placement, progress: Progress | None = None, extra_config: dict | None = None) -> dict:
-    """Train until `cfg.epochs`, `cfg.max_steps` or a stop signal, resuming from the newest good checkpoint in
+@dataclass(frozen=True)
+class Outcome:
+    """Where `fit` left the run: the epoch and step reached, the newest checkpoint, and the signal that stopped it
+    (None: it reached its last epoch or max_steps)."""
+
+    epoch: int
+    step: int
+    checkpoint: str
+    stopped: str | None = None
+
+
+def fit(model: torch.nn.Module, spec: RunSpec, train_loader, val_loader, out: Path, place: Placement,
+        progress: Progress | None = None) -> Outcome:
+    """Train until the spec's epochs, max_steps or a stop signal, resuming from the newest good checkpoint in
     out/checkpoints."""
+    cfg = spec.train
     optimizer = make_optimizer(model, cfg)
-    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(AlexNetConfig.from_dict(model_config)),
-                          cfg.amp, cfg.peak_tflops)
-    run = Run(model, optimizer, make_scheduler(optimizer, cfg), cfg, place, out,
-              {"model": model_config, "train": asdict(cfg), **(extra_config or {})}, progress or Progress(), speed)
+    speed = TrainingSpeed(next(model.parameters()).device, forward_flops(spec.model), cfg.amp, cfg.peak_tflops)
+    run = Run(model, optimizer, make_scheduler(optimizer, cfg), spec, place, out, progress or Progress(), speed)
     step_fn = wrap_model(model, cfg, place)
     # from here a signal is noted, not fatal: the run stops at its next step boundary
     run.stop = StopFlag(announce=run.main_rank)
@@ -265,8 +279,7 @@ def fit(model: torch.nn.Module, model_config: dict, cfg: TrainConfig, train_load
             at.stopped = run.stop.agreed(place)  # a signal during validation: the epoch's checkpoint is written
     finally:
         run.stop.restore()
-    return {"epoch": at.epoch, "step": at.step, "checkpoint": str(latest_checkpoint(run.checkpoints)),
-            "stopped": at.stopped}
+    return Outcome(at.epoch, at.step, str(latest_checkpoint(run.checkpoints)), at.stopped)
 
 
 def wrap_model(model: torch.nn.Module, cfg: TrainConfig, place: Placement):
@@ -293,7 +306,7 @@ def resume(run: Run) -> Position:
             _truncate_metrics(run.metrics, -1)
         return Position()
     state = load_checkpoint(chosen)
-    check_topology(state, run.cfg, run.place, chosen)
+    check_topology(RunSpec.of_checkpoint(state).topology, topology(run.cfg, run.place), chosen)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -308,22 +321,18 @@ def resume(run: Run) -> Position:
                     resumed_from=str(chosen))
 
 
-def topology(cfg: TrainConfig, place: Placement) -> dict:
+def topology(cfg: TrainConfig, place: Placement) -> Topology:
     """What the rank split of an epoch and the saved RNG states depend on."""
-    return {"world_size": place.world_size, "per_rank_batch": cfg.batch_size // place.world_size}
+    return Topology(place.world_size, cfg.batch_size // place.world_size)
 
 
-def check_topology(state: dict, cfg: TrainConfig, place: Placement, path: Path) -> None:
+def check_topology(saved: Topology, now: Topology, path: Path) -> None:
     """A resume with another rank count would reuse some samples, skip others and hand ranks foreign RNG states:
-    refused (checkpoints from before the record read their world size from `config`)."""
-    saved = state.get("topology") or {"world_size": state["config"].get("world_size", 1),
-                                      "per_rank_batch": cfg.batch_size // state["config"].get("world_size", 1)}
-    now = topology(cfg, place)
+    refused."""
     if saved != now:
-        raise PipeError(f"{path} was written by {saved['world_size']} process(es) of batch "
-                        f"{saved['per_rank_batch']}; this run has {now['world_size']} of batch "
-                        f"{now['per_rank_batch']}; resume with {saved['world_size']} process(es) "
-                        "(torchrun --nproc_per_node), or --force to start over")
+        raise PipeError(f"{path} was written by {saved.world_size} process(es) of batch {saved.per_rank_batch}; "
+                        f"this run has {now.world_size} of batch {now.per_rank_batch}; resume with "
+                        f"{saved.world_size} process(es) (torchrun --nproc_per_node), or --force to start over")
 
 
 def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> bool:
@@ -352,9 +361,10 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
             loss_value = loss.item()
             at.epoch_losses.append(loss_value)
             elapsed = time.perf_counter() - t_last
-            record = {"step": at.step, "epoch": at.epoch, "loss": round(loss_value, 6),
-                      "lr": run.optimizer.param_groups[0]["lr"],
-                      "images_per_s": round(seen * place.world_size / elapsed, 1), **run.speed.fields(seen / elapsed)}
+            record = StepRecord(step=at.step, epoch=at.epoch, loss=round(loss_value, 6),
+                                lr=run.optimizer.param_groups[0]["lr"],
+                                images_per_s=round(seen * place.world_size / elapsed, 1),
+                                **run.speed.fields(seen / elapsed), time=round(time.time(), 3))
             if run.main_rank:
                 _append_metrics(run.metrics, record)
             run.progress.on_step(at.step, total, record)
@@ -372,24 +382,24 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
 def end_of_epoch(run: Run, val_loader, at: Position) -> None:
     """Validate, let the plateau rule see the val error, log the epoch and checkpoint the start of the next one."""
     val = validate(run.model, val_loader, run.cfg.amp, run.place)
-    schedule = schedule_epoch(run.scheduler, run.optimizer, val["top1_error"], run.config.get("val_classes", 0))
+    schedule = schedule_epoch(run.scheduler, run.optimizer, val["top1_error"], run.spec.val_classes)
     losses = at.epoch_losses
-    record = {"epoch": at.epoch, "step": at.step, "val_top1_error": val["top1_error"],
-              "val_top5_error": val["top5_error"], "val_samples": val["samples"],
-              "train_loss": round(float(np.mean(losses)), 6) if losses else None,
-              "train_top1_error": train_top1_error(at, run.place),
-              "lr": run.optimizer.param_groups[0]["lr"], **schedule}
-    if at.epoch >= 1 and flat_loss(losses, run.config["model"]["num_classes"]):
-        record["not_learning"] = True
+    record = EpochRecord(epoch=at.epoch, step=at.step, val_top1_error=val["top1_error"],
+                         val_top5_error=val["top5_error"], val_samples=val["samples"],
+                         lr=run.optimizer.param_groups[0]["lr"],
+                         train_loss=round(float(np.mean(losses)), 6) if losses else None,
+                         train_top1_error=train_top1_error(at, run.place), **schedule,
+                         not_learning=True if at.epoch >= 1 and flat_loss(losses, run.spec.model.num_classes)
+                         else None, time=round(time.time(), 3))
     if run.main_rank:
         _append_metrics(run.metrics, record)
     run.progress.on_epoch(record)
-    for key in ("lr_drop", "lr_held"):
-        if key in record:
-            run.progress.info(f"epoch {at.epoch}: {record[key]}")
-    if record.get("not_learning"):
+    for note in (record.lr_drop, record.lr_held):
+        if note:
+            run.progress.info(f"epoch {at.epoch}: {note}")
+    if record.not_learning:
         run.progress.warn(f"epoch {at.epoch}: the training loss has stayed within {FLAT_LOSS:.0%} of "
-                          f"ln({run.config['model']['num_classes']}) for the whole epoch: the net has not started "
+                          f"ln({run.spec.model.num_classes}) for the whole epoch: the net has not started "
                           "learning (try --init default, a higher --lr, or check the labels)")
     at.epoch += 1
     at.epoch_losses, at.epoch_mistakes = [], [0, 0]
@@ -405,7 +415,7 @@ def save(run: Run, at: Position, loader_state: dict) -> None:
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
             "loader": loader_state, "epoch_losses": list(at.epoch_losses), "epoch_mistakes": mistakes,
-            "config": run.config, "topology": topology(run.cfg, run.place)},
+            "config": run.spec.to_json()},
             run.cfg.keep_checkpoints)
 
 
@@ -462,16 +472,68 @@ def _gather(state: dict, place: Placement) -> list[dict]:
     return gathered
 
 
-def _append_metrics(path: Path, record: dict) -> None:
-    with disk_full_is_user_error(path), open(path, "a") as f:
-        f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")  # wall clock, to follow it live
+def _append_metrics(path: Path, record: StepRecord | EpochRecord) -> None:
+    append_line(path, json.dumps(record.to_json()))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again); a fresh
-    start (step -1) keeps none."""
+    """On resume, drop lines logged after the checkpoint we resume from (they will be logged again) and a line cut
+    short by a crash; a fresh start (step -1) keeps none."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
     with atomic_write(path, "w") as f:
         f.write("".join(line + "\n" for line in keep))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# setting a run up
+
+
+@dataclass
+class Job:
+    """A run ready to fit on this rank: the placed net, this rank's loaders and the spec its checkpoints carry."""
+
+    net: torch.nn.Module
+    train_loader: object
+    val_loader: object
+    spec: RunSpec
+    session: Session
+
+    def describe(self) -> str:
+        place, cfg = self.session.place, self.spec.train
+        return (f"train: {count_parameters(self.net):,} parameters on {','.join(self.session.devices)}, rank "
+                f"{place.rank}/{place.world_size}, {len(self.train_loader)} steps/epoch, loader {cfg.loader}")
+
+    @property
+    def total_steps(self) -> int:
+        cfg = self.spec.train
+        return min(cfg.epochs * len(self.train_loader), cfg.max_steps or 1 << 62)
+
+
+def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Session) -> Job:
+    """The net from the seeded initial weights (the same on every rank), placed on this rank's devices; the loaders
+    of this rank's part of each epoch with pca.json's pixel statistics; the run's spec."""
+    from pipeline.augment import make_eval_loader, make_train_loader
+    from pipeline.pca import load_pca
+
+    torch.manual_seed(cfg.seed)
+    net = build_model(model, session.devices)
+    if cfg.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    pixels = load_pca(data.pca_path).stats
+    place = session.place
+    common = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size, "device": session.devices[0],
+              "num_threads": cfg.loader_threads, "loader": cfg.loader}
+    train_loader = make_train_loader(data.train_dir, pixels, cfg.batch_size // place.world_size, seed=cfg.seed,
+                                     channels_last=cfg.channels_last, **cfg.augment, **common)
+    val_loader = make_eval_loader(data.val_dir, pixels, cfg.eval_batch_size, ten_crop=False, **common)
+    spec = RunSpec(model=model, train=cfg, pixels=pixels, classes=data.classes, inputs=data.digests,
+                   val_classes=len(data.val.classes), topology=topology(cfg, place), devices=session.devices)
+    return Job(net, train_loader, val_loader, spec, session)

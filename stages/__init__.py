@@ -1,14 +1,30 @@
-"""One module per DAG stage: each declares its name, `VERSION`, params and inputs, and calls `pipeline/`.
+"""One module per DAG stage: each declares its name, `VERSION`, params and inputs, and calls `pipeline/`. Stages
+never import each other: the CLI composes them (a sweep is handed the train and eval stages it runs).
 
 Stages report through a `Reporter` (the CLI's rich progress, or `QuietReporter` in tests and batch jobs) and never
-print themselves.
+print themselves; each returns a `StageResult`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What every stage returns: where its output is, whether it was found up to date (nothing done), whether this
+    call finished it (wrote its done marker: an array task that leaves units to others did not), and its product
+    when this call made or read one (the Manifest's counts, the Pca, the training Outcome, the EvalResult, …)."""
+
+    stage: str
+    out: Path
+    up_to_date: bool = False
+    finished: bool = False
+    product: Any = None
 
 
 class Reporter(Protocol):
@@ -50,3 +66,12 @@ def task_slice(n_units: int, task_index: int | None, num_tasks: int | None) -> r
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise PipeError(f"--task-index must be in 0..{num_tasks - 1} for --num-tasks {num_tasks}, got {task_index}")
     return range(task_index * n_units // num_tasks, (task_index + 1) * n_units // num_tasks)
+
+
+def versions() -> dict[str, int]:
+    """Each stage's current VERSION by the name its done marker records (for `status`: a folder finished by an
+    earlier version is stale)."""
+    from stages import ablate, evaluate, pca, report, shard, synth, train
+
+    return {"synth": synth.VERSION, "shard-train": shard.VERSION, "shard-val": shard.VERSION, "pca-stats": pca.VERSION,
+            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION}

@@ -3,59 +3,65 @@ comparison table ablations.md / ablations.json and its plots.
 
 Each (variant, seed) is a unit: an ordinary cached train run in runs/<variant>-seed<k>/ and its cached eval in
 eval/<variant>-seed<k>/, so a rerun does nothing and a killed sweep resumes inside the run it was training. Array
-tasks (--task-index/--num-tasks) share the folder; whichever finishes the last unit writes the table.
+tasks (--task-index/--num-tasks) share the folder; whichever finishes the last unit writes the table. The train and
+eval stages it runs are handed in by the caller (stages never import each other).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.ablation import VARIANT_NAMES, plot, run_record, summarize, sweep_units, table_markdown, unit_name
+from pipeline.ablation import VARIANT_NAMES, plot, summarize, sweep_record, sweep_units, table_markdown, unit_name
 from pipeline.ablation import variant_settings as settings_of
+from pipeline.artifacts import ABLATIONS, EVAL, MANIFEST, Manifest
 from pipeline.cache import Input, Stage, atomic_write, write_json
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.errors import PipeError
-from pipeline.shards import load_manifest
-from stages import QuietReporter, Reporter, task_slice
+from stages import QuietReporter, Reporter, StageResult, task_slice
 
 VERSION = 1
 DEFAULT_SEEDS = 3
 
 
 def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: AlexNetConfig, cfg: TrainConfig,
-        recipe: str = "paper", seeds: int = DEFAULT_SEEDS, variants: tuple[str, ...] = VARIANT_NAMES,
-        threshold: float = 0.5, ten_crop: bool = True, devices: str = "auto", task_index: int | None = None,
-        num_tasks: int | None = None, force: bool = False, reporter: Reporter | None = None) -> dict | None:
-    """Train and evaluate every (variant, seed) of this task's slice; write the table once all units are done."""
+        train_stage: Callable[..., StageResult], eval_stage: Callable[..., StageResult], recipe: str = "paper",
+        seeds: int = DEFAULT_SEEDS, variants: tuple[str, ...] = VARIANT_NAMES, threshold: float = 0.5,
+        ten_crop: bool = True, devices: str = "auto", task_index: int | None = None, num_tasks: int | None = None,
+        force: bool = False, reporter: Reporter | None = None) -> StageResult:
+    """Train (`train_stage`) and evaluate (`eval_stage`) every (variant, seed) of this task's slice; write the table
+    once all units are done. The product is the table's summary."""
     reporter = reporter or QuietReporter()
     unknown = [v for v in variants if v not in VARIANT_NAMES]
     if unknown or "baseline" not in variants:
-        raise PipeError(f"--variants: expected names from {', '.join(VARIANT_NAMES)} including baseline; got "
-                        f"{','.join(variants)}")
-    if seeds < 1 or not 0 < threshold < 1:
-        raise PipeError(f"--seeds must be >= 1 and --threshold in (0, 1); got {seeds} and {threshold}")
+        raise PipeError(f"expected names from {', '.join(VARIANT_NAMES)} including baseline; got "
+                        f"{','.join(variants)}", option="variants")
+    if seeds < 1:
+        raise PipeError(f"expected at least 1 seed, got {seeds}", option="seeds")
+    if not 0 < threshold < 1:
+        raise PipeError(f"expected a training error in (0, 1), got {threshold}", option="threshold")
     ordered = tuple(v for v in VARIANT_NAMES if v in variants)
     units = sweep_units(ordered, tuple(range(seeds)))
     names = [unit_name(v, s) for v, s in units]
-    inputs = {"train": Input.of_stage(train_dir, "manifest.json"), "val": Input.of_stage(val_dir, "manifest.json"),
+    inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST),
               "pca": Input.of_stage(pca_path.parent, pca_path.name)}
     params = {"recipe": recipe, "model": model.to_dict(), "train": {**cfg.trajectory(), "epochs": cfg.epochs,
               "max_steps": cfg.max_steps}, "variants": list(ordered),
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
-    stage = Stage("ablate", VERSION, out, params, inputs, product="ablations.json",
-                  outputs=("ablations.json", "ablations.md", "*.png"))
+    stage = Stage("ablate", VERSION, out, params, inputs, product=ABLATIONS,
+                  outputs=(ABLATIONS, "ablations.md", "*.png"))
     if stage.up_to_date() and not force:
         reporter.info(f"ablate: up to date ({out / 'ablations.md'})")
-        return None
+        return StageResult(stage.name, out, up_to_date=True)
     started = time.time()
     with stage.run_lock(exclusive=task_index is None):
         stage.plan(names, force=force)
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
         job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
-                        dict(units_by_name(units)), ten_crop, devices, force, reporter)
+                        dict(units_by_name(units)), ten_crop, devices, force, reporter, train_stage, eval_stage)
         todo = [n for n in mine if not stage.unit_done(n)]
         if len(todo) < len(mine):
             reporter.info(f"ablate: {len(mine) - len(todo)} of {len(mine)} runs already trained and evaluated")
@@ -65,21 +71,21 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
         done = sum(stage.unit_done(n) for n in names)
         if done < len(names):
             reporter.info(f"ablate: task done; {done} of {len(names)} runs finished, the table is written when all are")
-            return None
+            return StageResult(stage.name, out)
         records = list(stage.records(names).values())
         summary = summarize(records, threshold)
         summary["runs"] = records
         summary["sweep"] = _sweep_description(train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
 
         def write_products() -> None:
-            write_json(out / "ablations.json", summary)
+            write_json(out / ABLATIONS, summary)
             plot(summary, out)
             with atomic_write(out / "ablations.md", "w") as f:
                 f.write(table_markdown(summary, summary["sweep"]))
 
-        stage.finalize(write_products, started=started, extra={"runs": len(names)})
+        finished = stage.finalize(write_products, started=started, extra={"runs": len(names)})
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
-    return summary
+    return StageResult(stage.name, out, finished=finished, product=summary)
 
 
 def units_by_name(units: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
@@ -88,10 +94,10 @@ def units_by_name(units: list[tuple[str, int]]) -> list[tuple[str, tuple[str, in
 
 def _sweep_description(train_dir: Path, val_dir: Path, recipe: str, model: AlexNetConfig, cfg: TrainConfig,
                        seeds: int, ten_crop: bool) -> str:
-    train, val = load_manifest(train_dir), load_manifest(val_dir)
+    train, val = Manifest.read(train_dir), Manifest.read(val_dir)
     return (f"Recipe `{recipe}` (width {model.width:g}, {cfg.epochs} epochs, batch {cfg.batch_size}, lr {cfg.lr:g}), "
-            f"seeds 0..{seeds - 1}; {train['samples']} training images in {len(train['classes'])} classes, "
-            f"{val['samples']} val images, {'10-crop' if ten_crop else 'centre-crop'} test.")
+            f"seeds 0..{seeds - 1}; {train.samples} training images in {len(train.classes)} classes, "
+            f"{val.samples} val images, {'10-crop' if ten_crop else 'centre-crop'} test.")
 
 
 @dataclass(frozen=True)
@@ -109,20 +115,20 @@ class _UnitWork:
     devices: str
     force: bool
     reporter: Reporter
+    train_stage: Callable[..., StageResult]
+    eval_stage: Callable[..., StageResult]
 
     def __call__(self, unit: str) -> dict:
-        from stages import evaluate, train
-
         name, seed = self.units[unit]
         model, cfg = settings_of(name, AlexNetConfig.from_dict(self.model), TrainConfig(**self.cfg), seed)
         run_dir, eval_dir = Path(self.out) / "runs" / unit, Path(self.out) / "eval" / unit
-        train.run(Path(self.train_dir), Path(self.val_dir), Path(self.pca_path), run_dir, cfg=cfg, model=model,
-                  devices=one_device(self.devices) if model.towers == 1 else self.devices, force=self.force,
-                  reporter=self.reporter)
-        evaluate.run(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop, devices=one_device(self.devices),
-                     loader=cfg.loader, force=self.force, reporter=self.reporter)
-        record = run_record(name, seed, eval_dir / "eval.json", run_dir / "metrics.jsonl")
-        record["eval_sha256"] = Input.of_stage(eval_dir, "eval.json").digest
+        self.train_stage(Path(self.train_dir), Path(self.val_dir), Path(self.pca_path), run_dir, cfg=cfg,
+                         model=model, devices=one_device(self.devices) if model.towers == 1 else self.devices,
+                         force=self.force, reporter=self.reporter)
+        self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
+                        devices=one_device(self.devices), loader=cfg.loader, force=self.force, reporter=self.reporter)
+        record = sweep_record(name, seed, run_dir, eval_dir)
+        record["eval_sha256"] = Input.of_stage(eval_dir, EVAL).digest
         return json.loads(json.dumps(record))
 
 

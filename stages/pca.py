@@ -7,11 +7,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import MANIFEST, PCA
 from pipeline.cache import Input, Stage, write_json
 from pipeline.errors import PipeError
 from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
 from pipeline.shards import load_manifest
-from stages import QuietReporter, Reporter, task_slice
+from stages import QuietReporter, Reporter, StageResult, task_slice
 
 # 2: eigen-pairs by a fixed-order Jacobi on Python floats (the same bytes on every CPU; 1 used LAPACK's eigh). The
 # per-shard partials are unchanged, so a folder finished at version 1 keeps them and only the reduce runs again.
@@ -21,13 +22,6 @@ UNIT_VERSIONS = (1,)
 GOLDEN = {"version": 2,
           "demo": "8e2947844407c92da8b97000ca93b1f718212ddc8d714a136ac1d7cd195db158",
           "samples": "76aab226af39ef3a4a5152ff295f56bdace89eb755b76c1a32a887ad609dd8c9"}
-
-
-@dataclass
-class PcaResult:
-    up_to_date: bool
-    finalized: bool = False
-    pca: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -42,24 +36,25 @@ class _PartialJob:
 
 def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int = 0, workers: int | None = None,
         task_index: int | None = None, num_tasks: int | None = None, force: bool = False,
-        reporter: Reporter | None = None) -> PcaResult:
+        reporter: Reporter | None = None) -> StageResult:
+    """The product is the Pca (None when up to date, or when this array task left partials to others)."""
     reporter = reporter or QuietReporter()
     manifest = load_manifest(shard_dir)
-    if manifest.get("split") != "train":
-        reporter.warn(f"{shard_dir} holds the {manifest.get('split')!r} split; the paper's PCA is over train")
+    if manifest.split != "train":
+        reporter.warn(f"{shard_dir} holds the {manifest.split!r} split; the paper's PCA is over train")
     if max_images is not None and max_images < 1:
         raise PipeError(f"--max-images must be at least 1, got {max_images}")
-    shards_input = Input.of_stage(shard_dir, "manifest.json")
+    shards_input = Input.of_stage(shard_dir, MANIFEST)
     params = {"max_images": max_images, "seed": seed if max_images is not None else None}
-    stage = Stage("pca-stats", VERSION, out, params, {"shards": shards_input}, product="pca.json",
-                  outputs=("pca.json",), unit_versions=UNIT_VERSIONS)
+    stage = Stage("pca-stats", VERSION, out, params, {"shards": shards_input}, product=PCA,
+                  outputs=(PCA,), unit_versions=UNIT_VERSIONS)
     if stage.up_to_date() and not force:
-        reporter.info(f"pca-stats: up to date ({out / 'pca.json'})")
-        return PcaResult(up_to_date=True)
+        reporter.info(f"pca-stats: up to date ({out / PCA})")
+        return StageResult(stage.name, out, up_to_date=True)
 
     started = time.time()
-    names = [s["name"].removesuffix(".tar") for s in manifest["shards"]]
-    sizes = [s["samples"] for s in manifest["shards"]]
+    names = [s.name.removesuffix(".tar") for s in manifest.shards]
+    sizes = [s.samples for s in manifest.shards]
     keep = subsample(sizes, max_images, seed)
     job = _PartialJob(str(shard_dir), tuple((n, None if k is None else tuple(sorted(k))) for n, k in zip(names, keep)))
     with stage.run_lock(exclusive=task_index is None):
@@ -74,11 +69,11 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
         if done < len(names):
             reporter.info(f"pca-stats: task done; {done} of {len(names)} partials exist, pca.json is written "
                           "when all do")
-            return PcaResult(up_to_date=False)
+            return StageResult(stage.name, out)
         total = merge(Moments.from_dict(r) for r in stage.records(names).values())
-        pca = {**pca_from_moments(total), "source_manifest_sha256": shards_input.digest.removeprefix("sha256:")}
-        finalized = stage.finalize(lambda: write_json(out / "pca.json", pca), started=started,
-                                   extra={"images": pca["images"]})
-    ev = ", ".join(f"{v:.4f}" for v in pca["eigvals"])
-    reporter.info(f"pca-stats: {pca['images']} images, {pca['pixels']} pixels; eigenvalues [{ev}] → {out}")
-    return PcaResult(up_to_date=False, finalized=finalized, pca=pca)
+        pca = pca_from_moments(total, shards_input.digest.removeprefix("sha256:"))
+        finalized = stage.finalize(lambda: write_json(out / PCA, pca.to_json()), started=started,
+                                   extra={"images": pca.images})
+    ev = ", ".join(f"{v:.4f}" for v in pca.eigvals)
+    reporter.info(f"pca-stats: {pca.images} images, {pca.pixels} pixels; eigenvalues [{ev}] → {out}")
+    return StageResult(stage.name, out, finished=finalized, product=pca)

@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.artifacts import MANIFEST, TIMM_INFO
 from pipeline.cache import Input, Stage, read_json, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import find_layout, list_source, load_classes
 from pipeline.shards import (
-    TIMM_INFO,
     ShardJob,
     assign_shards,
     build_manifest,
@@ -25,7 +25,7 @@ from pipeline.shards import (
     write_member_list,
     write_timm_info,
 )
-from stages import QuietReporter, Reporter, task_slice
+from stages import QuietReporter, Reporter, StageResult, task_slice
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -38,9 +38,9 @@ LISTS = "_lists"
 
 
 @dataclass
-class ShardResult:
-    up_to_date: bool
-    finalized: bool
+class ShardCounts:
+    """The product of a shard run: what it wrote (the whole split once finished), and what it found damaged."""
+
     written: int = 0
     repaired: int = 0
     skipped: int = 0
@@ -52,7 +52,7 @@ class ShardResult:
 def run(source: Path, out: Path, *, split: str, labels: Path | None = None, classes_file: Path | None = None,
         shard_size: int = 1000, workers: int | None = None, task_index: int | None = None,
         num_tasks: int | None = None, short_side: int = 256, quality: int = 95, seed: int = 0,
-        force: bool = False, reporter: Reporter | None = None) -> ShardResult:
+        force: bool = False, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or QuietReporter()
     if split not in ("train", "val"):
         raise PipeError(f"--split must be train or val, got {split!r}")
@@ -74,16 +74,16 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         inputs["labels"] = Input.of_source(layout.labels)
     if classes_file is not None:
         inputs["classes"] = Input.of_source(classes_file)
-    stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product="manifest.json",
-                  outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", "manifest.json", TIMM_INFO))
+    stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product=MANIFEST,
+                  outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", MANIFEST, TIMM_INFO))
     damaged = []
     if stage.up_to_date() and not force:
-        manifest_lost = not (out / "manifest.json").is_file()
-        damaged = ["manifest.json"] if manifest_lost else damaged_shards(out, load_manifest(out))
+        manifest_lost = not (out / MANIFEST).is_file()
+        damaged = [MANIFEST] if manifest_lost else damaged_shards(out, load_manifest(out))
         if not damaged:
             write_timm_info(out)  # a folder sharded before timm's _info.json existed gets it without re-sharding
             reporter.info(f"shard {split}: up to date ({out})")
-            return ShardResult(up_to_date=True, finalized=False)
+            return StageResult(stage.name, out, up_to_date=True)
 
     started = time.time()
     with stage.run_lock(exclusive=task_index is None):
@@ -110,7 +110,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         todo = [n for n in mine if not stage.unit_done(n)]
         if len(todo) < len(mine):
             reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
-        result = ShardResult(up_to_date=False, finalized=False, shards_total=len(names), rewritten=tuple(damaged))
+        result = ShardCounts(shards_total=len(names), rewritten=tuple(damaged))
         with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
             def on_done(unit: str, record: dict) -> None:
                 result.written += record["samples"]
@@ -125,21 +125,21 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         if result.shards_done < len(names):
             reporter.info(f"shard {split}: task wrote its shards; {result.shards_done} of {len(names)} exist, "
                           "the manifest is written when all do")
-            return result
+            return StageResult(stage.name, out, product=result)
         records = list(stage.records(names).values())
         manifest = build_manifest(split, records, classes, index["ignored"], params, index.get("skipped", []))
 
         def write_products() -> None:
-            write_json(out / "manifest.json", manifest)
+            write_json(out / MANIFEST, manifest.to_json())
             write_timm_info(out)
 
-        result.finalized = stage.finalize(write_products, started=started,
-                                          extra={"samples": manifest["samples"], "shards": len(names)})
-        result.written, result.skipped, result.repaired = (manifest["samples"], len(manifest["skipped"]),
-                                                           len(manifest["repaired"]))
+        finished = stage.finalize(write_products, started=started,
+                                  extra={"samples": manifest.samples, "shards": len(names)})
+        result.written, result.skipped, result.repaired = (manifest.samples, len(manifest.skipped),
+                                                           len(manifest.repaired))
     reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped, "
-                  f"{len(manifest['ignored_members'])} ignored in {len(manifest['shards'])} shards → {out}")
-    return result
+                  f"{len(manifest.ignored_members)} ignored in {len(manifest.shards)} shards → {out}")
+    return StageResult(stage.name, out, finished=finished, product=result)
 
 
 @dataclass(frozen=True)

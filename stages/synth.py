@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Stage, disk_full_is_user_error
-from stages import QuietReporter, Reporter
+from stages import QuietReporter, Reporter, StageResult
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -20,8 +20,8 @@ PRODUCTS = ("train", "val", "LOC_val_solution.csv", "LOC_synset_mapping.txt", "I
 
 
 def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20, fmt: str = "tree",
-        seed: int = 0, force: bool = False, reporter: Reporter | None = None) -> bool:
-    """Returns False when the data set was already there (up to date)."""
+        seed: int = 0, force: bool = False, reporter: Reporter | None = None) -> StageResult:
+    """The product is the generator's summary (image counts, the quirk files)."""
     from pipeline import synth
 
     reporter = reporter or QuietReporter()
@@ -30,7 +30,7 @@ def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_cla
     stage = Stage("synth", VERSION, out, params)
     if stage.up_to_date() and not force:
         reporter.info(f"synth: up to date ({out})")
-        return False
+        return StageResult(stage.name, out, up_to_date=True)
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["generate"], force=True)
@@ -52,10 +52,10 @@ def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_cla
                 entry.rename(out / entry.name)
             tmp.rmdir()
 
-        stage.finalize(move_into_place, started=started, extra={"images": total})
+        finished = stage.finalize(move_into_place, started=started, extra={"images": total})
     reporter.info(f"synth: {total} images, {classes} classes ({fmt}) → {out}"
                   + (f"; quirk files: {', '.join(summary.get('quirks', []))}" if summary.get("quirks") else ""))
-    return True
+    return StageResult(stage.name, out, finished=finished, product=summary)
 
 
 def _remove(path: Path) -> None:

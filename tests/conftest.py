@@ -116,12 +116,13 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
     10-crop errors differ from the centre crop's. Everything else is the run's checkpoint as written."""
     import torch
 
+    from pipeline.artifacts import RunSpec
     from pipeline.augment import load_pca, reference_eval_samples
-    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.model import build_model
 
     original = sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1]
     state = torch.load(original, map_location="cpu", weights_only=True)
-    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net = build_model(RunSpec.of_checkpoint(state).model, ["cpu"])
     net.load_state_dict(state["model"])
     samples = list(reference_eval_samples(tiny_data["val"], load_pca(tiny_data["pca"]), crop=224))
     classes = sorted({label for _, _, label in samples})

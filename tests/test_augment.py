@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from scipy import stats
 
+from pipeline.artifacts import Pca
 from pipeline.augment import (
     TEN_CROP_VIEWS,
     EvalLoader,
@@ -53,8 +54,8 @@ def pca_dict() -> dict:
 
 
 @pytest.fixture(scope="module")
-def pca() -> dict:
-    return pca_dict()
+def pca() -> Pca:
+    return Pca.from_json(pca_dict())
 
 
 def write_shard_set(out: Path, images: list[tuple[int, Image.Image]], shard_size: int, split: str = "train",
@@ -75,7 +76,7 @@ def write_shard_set(out: Path, images: list[tuple[int, Image.Image]], shard_size
                for k, start in enumerate(range(0, len(members), shard_size))]
     params = {"split": split, "shard_size": shard_size, "short_side": 256, "quality": 95, "seed": 0,
               "classes": "ilsvrc2012"}
-    write_json(out / "manifest.json", build_manifest(split, records, classes, [], params))
+    write_json(out / "manifest.json", build_manifest(split, records, classes, [], params).to_json())
     return out
 
 
@@ -142,7 +143,7 @@ def tar_labels(shard_dir: Path) -> list[int]:
 def test_load_pca_reads_exactly_the_fields_and_rejects_missing_or_malformed_ones(tmp_path):
     path = tmp_path / "pca.json"
     path.write_text(json.dumps({**pca_dict(), "extra": 1}))
-    assert load_pca(path) == pca_dict()
+    assert load_pca(path) == Pca.from_json(pca_dict())
     with pytest.raises(PipeError, match="no such file"):
         load_pca(tmp_path / "absent.json")
     path.write_text("{not json")
@@ -152,7 +153,7 @@ def test_load_pca_reads_exactly_the_fields_and_rejects_missing_or_malformed_ones
     with pytest.raises(PipeError, match="missing field.*eigvecs"):
         load_pca(path)
     path.write_text(json.dumps({**pca_dict(), "eigvals": [0.1, 0.2]}))
-    with pytest.raises(PipeError, match="eigvals must be 3"):
+    with pytest.raises(PipeError, match="eigvals as 3 finite numbers"):
         load_pca(path)
     path.write_text(json.dumps({**pca_dict(), "eigvals": [0.0045, 0.0188, 0.2175]}))
     with pytest.raises(PipeError, match="descending"):
@@ -405,7 +406,7 @@ def test_preview_reports_the_crop_flip_and_offset_that_made_each_augmented_image
         pixel_mean = torch.tensor(255 * np.array(MEAN) - s["offset"], dtype=torch.float32)
         assert torch.allclose(s["augmented"], patch - pixel_mean[:, None, None], atol=1e-3)
     path = tmp_path / "pca.json"
-    path.write_text(json.dumps(pca))
+    path.write_text(json.dumps(pca.to_json()))
     out = preview_grid(sample_shards["train"], path, tmp_path / "grid.png", n=6)
     with Image.open(out) as grid:
         assert grid.format == "PNG" and grid.width > 1000 and grid.height > 2 * 224
@@ -417,7 +418,7 @@ def test_preview_command_writes_the_grid_and_refuses_a_folder_without_shards(sam
 
     cli = str(Path(sys.executable).with_name("alexnet-pipe"))
     path = tmp_path / "pca.json"
-    path.write_text(json.dumps(pca))
+    path.write_text(json.dumps(pca.to_json()))
     done = subprocess.run([cli, "preview", str(sample_shards["train"]), "--pca", str(path), "--out",
                            str(tmp_path / "cli.png"), "--n", "3", "--seed", "5"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -20,12 +20,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.artifacts import Pca
 from pipeline.errors import PipeError
 from pipeline.images import BadImage, prepare_image
 from pipeline.pca import check_pca
 from pipeline.shards import check_shard_files, damaged_shards, load_manifest
+from pipeline.status import stage_rows
 from stages import shard as shard_stage
-from stages.status import stage_rows
+from stages import versions
 
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
 TENCH = "n01440764"
@@ -191,11 +193,11 @@ def test_a_damaged_class_tar_keeps_what_precedes_the_damage_and_the_split_goes_o
     result = cli("shard", root, tmp_path / "out", "--split", "train", "--workers", 1)
     assert result.returncode == 0, result.stderr
     m = load_manifest(tmp_path / "out")
-    assert m["samples"] == 3 and {c["wnid"]: c["samples"] for c in m["classes"]} == {TENCH: 1, "n01443537": 2}
-    [lost] = m["skipped"]
-    assert lost["path"] == f"ILSVRC2012_img_train.tar/{TENCH}.tar" and lost["wnid"] == TENCH
-    assert lost["reason"].startswith(f"damaged class tar {TENCH}.tar (")
-    assert "1 complete images before the damage kept" in lost["reason"]
+    assert m.samples == 3 and {c.wnid: c.samples for c in m.classes} == {TENCH: 1, "n01443537": 2}
+    [lost] = m.skipped
+    assert lost.path == f"ILSVRC2012_img_train.tar/{TENCH}.tar" and lost.wnid == TENCH
+    assert lost.reason.startswith(f"damaged class tar {TENCH}.tar (")
+    assert "1 complete images before the damage kept" in lost.reason
     assert f"skipped ILSVRC2012_img_train.tar/{TENCH}.tar: damaged class tar" in result.stderr
 
 
@@ -220,7 +222,7 @@ def test_a_truncated_or_deleted_shard_is_damaged_and_shard_rewrites_exactly_thos
     with pytest.raises(PipeError, match=f"{names[1]}: expected a shard of .* bytes \\(manifest.json\\), found "
                                         "5,000 bytes \\(1 more shard\\(s\\) damaged\\); run `alexnet-pipe verify"):
         check_shard_files(shard_copy, manifest)
-    [row] = [r for r in stage_rows(shard_copy.parents[1]) if r[0] == "shard val"]
+    [row] = [r for r in stage_rows(shard_copy.parents[1], versions()) if r[0] == "shard val"]
     assert row[2].state == "damaged" and f"alexnet-pipe verify {shard_copy}" in row[2].detail
 
     untouched = {n: (shard_copy / n).stat().st_mtime_ns for n in names if n not in names[1:3]}
@@ -239,17 +241,17 @@ def test_a_missing_index_or_member_list_is_repaired_too(sample_tree, shard_copy)
     with pytest.raises(PipeError, match="found no index val-000000.idx beside it"):
         check_shard_files(shard_copy, load_manifest(shard_copy))
     result = shard_stage.run(sample_tree, shard_copy, split="val", shard_size=16, workers=1)
-    assert result.rewritten == ("val-000000.tar",) and result.finalized
+    assert result.product.rewritten == ("val-000000.tar",) and result.finished
     assert cli("verify", shard_copy).returncode == 0
 
 
 def test_a_deleted_manifest_is_damaged_and_written_again(sample_tree, shard_copy):
     manifest = (shard_copy / "manifest.json").read_bytes()
     (shard_copy / "manifest.json").unlink()
-    [row] = [r for r in stage_rows(shard_copy.parents[1]) if r[0] == "shard val"]
+    [row] = [r for r in stage_rows(shard_copy.parents[1], versions()) if r[0] == "shard val"]
     assert row[2].state == "damaged" and "manifest.json" in row[2].detail
     result = shard_stage.run(sample_tree, shard_copy, split="val", shard_size=16, workers=1)
-    assert result.rewritten == ("manifest.json",) and result.finalized
+    assert result.product.rewritten == ("manifest.json",) and result.finished
     assert (shard_copy / "manifest.json").read_bytes() == manifest
 
 
@@ -258,7 +260,7 @@ def test_a_deleted_manifest_is_damaged_and_written_again(sample_tree, shard_copy
 
 
 def test_check_pca_accepts_what_pca_stats_writes(tiny_data):
-    check_pca(json.loads(tiny_data["pca"].read_text()), tiny_data["pca"])
+    check_pca(Pca.from_json(json.loads(tiny_data["pca"].read_text())), tiny_data["pca"])
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -268,14 +270,14 @@ def test_check_pca_accepts_what_pca_stats_writes(tiny_data):
     ({"cov": [[0.1, 0.01, 0], [0.02, 0.1, 0], [0, 0, 0.1]]}, "symmetric covariance"),
     ({"eigvecs": [[1, 1, 0], [0, 1, 0], [0, 0, 1]]}, "orthonormal eigenvectors"),
     ({"eigvals": [0.3, 0.0141, 0.0034]}, "eigvecs·diag\\(eigvals\\)·eigvecsᵀ = cov"),
-    ({"eigvals": [0.1, "x", 0]}, "of numbers"),
+    ({"eigvals": [0.1, "x", 0]}, "finite numbers"),
 ])
 def test_check_pca_refuses_inconsistent_statistics_in_one_line(change, expected, tiny_data):
     good = json.loads(tiny_data["pca"].read_text())
     if "cov" in change and "eigvals" not in change:  # keep the eigen-pairs consistent with a valid cov
         good["eigvals"], good["eigvecs"] = [0.6, 0.1, -0.4], np.eye(3).tolist()
     with pytest.raises(PipeError, match=expected) as e:
-        check_pca({**good, **change}, Path("pca.json"))
+        check_pca(Pca.from_json({**good, **change}), Path("pca.json"))
     assert "\n" not in str(e.value) and str(e.value).startswith("pca.json: expected")
 
 

@@ -83,6 +83,7 @@ def test_two_tower_placement_on_two_devices_trains_identically(tmp_path):
 def test_alexnet_pipe_torchrun_ends_a_stop_signal_with_one_line_and_the_signals_status(tmp_path):
     """What the Slurm train job runs: torchrun's arguments, and on SIGTERM (after the ranks got it) one line and exit
     143 where torchrun prints a SignalException traceback."""
+    import contextlib
     import signal
     import time
 
@@ -91,7 +92,14 @@ def test_alexnet_pipe_torchrun_ends_a_stop_signal_with_one_line_and_the_signals_
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while not Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():  # the rank has started
+        def rank_started() -> bool:  # the rank itself (`sleep`), not a helper process torchrun starts before it
+            for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+                with contextlib.suppress(OSError):
+                    if Path(f"/proc/{child}/cmdline").read_bytes().startswith(b"sleep\0"):
+                        return True
+            return False
+
+        while not rank_started():
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGTERM)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.artifacts import RunSpec
 from pipeline.augment import ReferenceEvalLoader, load_pca, make_eval_loader, reference_eval_samples
 from pipeline.evaluate import predict
-from pipeline.model import AlexNetConfig, build_model
+from pipeline.model import build_model
 
 THROUGHPUT = "images_per_s"
 
@@ -44,7 +45,7 @@ def checkpoint(levelled_checkpoint) -> Path:
 @pytest.fixture(scope="module")
 def model(checkpoint) -> torch.nn.Module:
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net = build_model(RunSpec.of_checkpoint(state).model, ["cpu"])
     net.load_state_dict(state["model"])
     return net.eval()
 
@@ -137,10 +138,10 @@ def test_an_up_to_date_eval_returns_without_importing_torch(evaluated, tiny_data
     """The Makefile calls eval on every `make eval`: finding it up to date must not cost torch's import."""
     code = ("import sys; from pathlib import Path; from stages import evaluate; "
             f"result = evaluate.run(Path({str(checkpoint)!r}), Path({str(tiny_data['val'])!r}), "
-            f"Path({str(evaluated)!r}), devices='cpu'); print(result, 'torch' in sys.modules)")
+            f"Path({str(evaluated)!r}), devices='cpu'); print(result.up_to_date, 'torch' in sys.modules)")
     probe = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert probe.returncode == 0, probe.stderr
-    assert probe.stdout.split() == ["None", "False"]
+    assert probe.stdout.split() == ["True", "False"]
 
 
 def test_centre_only_eval_has_no_ten_crop_entry(evaluated, tiny_data, checkpoint, cli, tmp_path):

@@ -37,8 +37,8 @@ def trained(request, tiny_run) -> tuple[Path, Classifier]:
     run = tiny_run if request.param == "narrow" else request.getfixturevalue("paper_width_run")
     checkpoint = sorted((run / "checkpoints").glob("step-*.pt"))[-1]
     classifier = load_classifier(checkpoint, "cpu")
-    assert classifier.config.init == "default" and classifier.config.width == (0.125 if request.param == "narrow"
-                                                                               else 1.0)
+    model = classifier.spec.model
+    assert model.init == "default" and model.width == (0.125 if request.param == "narrow" else 1.0)
     return checkpoint, classifier
 
 
@@ -66,8 +66,8 @@ def logits(trained, images) -> torch.Tensor:
 
 def test_negative_control_the_other_lrn_convention_misses_the_tolerance(trained, images, logits):
     _, classifier = trained
-    other = {"paper": "caffe", "caffe": "paper"}[classifier.config.lrn_convention]
-    twin = build_model(AlexNetConfig.from_dict({**classifier.config.to_dict(), "lrn_convention": other}))
+    other = {"paper": "caffe", "caffe": "paper"}[classifier.spec.model.lrn_convention]
+    twin = build_model(AlexNetConfig.from_dict({**classifier.spec.model.to_dict(), "lrn_convention": other}))
     twin.load_state_dict(classifier.model.state_dict())
     with torch.no_grad():
         assert not within_tolerance(twin.eval()(images), logits)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.artifacts import RunSpec
 from pipeline.figures import chroma_energy, nearest
 
 NEIGHBOUR_LIMIT = 20
@@ -63,11 +64,11 @@ def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_ru
 
 def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figured, tiny_run, tiny_data):
     from pipeline.augment import load_pca, reference_eval_samples
-    from pipeline.model import AlexNetConfig, build_model
+    from pipeline.model import build_model
 
     result = json.loads((figured / "eval" / "eval.json").read_text())["figure4"]
     state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
-    net = build_model(AlexNetConfig.from_dict(state["config"]["model"]), ["cpu"])
+    net = build_model(RunSpec.of_checkpoint(state).model, ["cpu"])
     net.load_state_dict(state["model"])
     net.eval()
     pca = load_pca(tiny_data["pca"])

@@ -32,14 +32,13 @@ def small_shards(tmp_path_factory, sample_tree) -> Path:
 
 
 def all_pixels(shard_dir: Path) -> np.ndarray:
-    return np.concatenate([px.T for s in load_manifest(shard_dir)["shards"]
-                           for px in shard_images(shard_dir / s["name"])])
+    return np.concatenate([px.T for s in load_manifest(shard_dir).shards for px in shard_images(shard_dir / s.name)])
 
 
 def test_pca_json_matches_numpy_on_all_decoded_pixels(sample_shards, tmp_path):
     result = pca_stage.run(sample_shards["train"], tmp_path / "pca", workers=2)
     pca = json.loads((tmp_path / "pca" / "pca.json").read_text())
-    assert pca == result.pca
+    assert pca == result.product.to_json()
     x = all_pixels(sample_shards["train"]).astype(np.float64) / 255.0
     cov = np.cov(x, rowvar=False, bias=True)
     assert pca["pixels"] == len(x) and pca["images"] == 210
@@ -62,14 +61,14 @@ def test_pca_math_recovers_a_known_gaussian():
     x = rng.multivariate_normal([128, 128, 128], cov, size=4_000_000)
     pixels = np.clip(np.rint(x), 0, 255).astype(np.uint8)
     m = merge(pixel_moments(chunk) for chunk in np.array_split(pixels, 7))
-    pca = pca_from_moments(m)
-    assert np.allclose(pca["eigvals"], true_vals / 255**2, rtol=0.01)
+    pca = pca_from_moments(m, "")
+    assert np.allclose(pca.eigvals, true_vals / 255**2, rtol=0.01)
     for i in range(3):
-        assert abs(abs(np.dot(np.array(pca["eigvecs"])[:, i], q[:, i])) - 1) < 0.01
+        assert abs(abs(np.dot(np.array(pca.eigvecs)[:, i], q[:, i])) - 1) < 0.01
 
 
 def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
-    partials = [shard_moments(small_shards / s["name"]) for s in load_manifest(small_shards)["shards"]]
+    partials = [shard_moments(small_shards / s.name) for s in load_manifest(small_shards).shards]
     one_pass = pixel_moments(all_pixels(small_shards))
     assert merge(partials).sumsq == one_pass.sumsq and merge(partials).sum == one_pass.sum
     rnd = random.Random(1)
@@ -79,7 +78,7 @@ def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
         cut = rnd.randrange(1, len(shuffled))
         grouped = merge([merge(shuffled[:cut]), merge(shuffled[cut:])])
         assert grouped == merge(partials)
-        assert pca_from_moments(grouped) == pca_from_moments(merge(partials))
+        assert pca_from_moments(grouped, "") == pca_from_moments(merge(partials), "")
     assert Moments.from_dict(json.loads(json.dumps(merge(partials).to_dict()))) == merge(partials)
 
 
@@ -112,23 +111,23 @@ def test_array_tasks_then_reduce_equal_a_single_pass(small_shards, tmp_path):
     out = tmp_path / "tasks"
     for i in range(3):
         result = pca_stage.run(small_shards, out, task_index=i, num_tasks=3, workers=1)
-        assert result.finalized == (i == 2)  # the last task finds every partial and reduces
+        assert result.finished == (i == 2)  # the last task finds every partial and reduces
     assert (out / "pca.json").read_bytes() == (reference / "pca.json").read_bytes()
     assert pca_stage.run(small_shards, out).up_to_date
 
 
 def test_max_images_takes_a_seeded_subsample(small_shards, tmp_path):
-    a = pca_stage.run(small_shards, tmp_path / "a", max_images=50, seed=3).pca
-    b = pca_stage.run(small_shards, tmp_path / "b", max_images=50, seed=3).pca
-    c = pca_stage.run(small_shards, tmp_path / "c", max_images=50, seed=4).pca
-    assert a == b and a["images"] == 50 and c["images"] == 50 and a["cov"] != c["cov"]
+    a = pca_stage.run(small_shards, tmp_path / "a", max_images=50, seed=3).product
+    b = pca_stage.run(small_shards, tmp_path / "b", max_images=50, seed=3).product
+    c = pca_stage.run(small_shards, tmp_path / "c", max_images=50, seed=4).product
+    assert a == b and a.images == 50 and c.images == 50 and a.cov != c.cov
 
 
 def test_real_imagenet_samples_land_near_the_published_imagenet_pca(sample_shards, tmp_path):
-    pca = pca_stage.run(sample_shards["train"], tmp_path / "pca").pca
-    vals = np.array(pca["eigvals"])
+    pca = pca_stage.run(sample_shards["train"], tmp_path / "pca").product
+    vals = np.array(pca.eigvals)
     assert np.all(np.abs(vals / IMAGENET_EIGVALS - 1) < 0.35), vals
-    v0 = np.array(pca["eigvecs"])[:, 0]
+    v0 = np.array(pca.eigvecs)[:, 0]
     angle = np.degrees(np.arccos(abs(v0 @ IMAGENET_EIGVEC0) / np.linalg.norm(IMAGENET_EIGVEC0)))
     assert angle < 2.0, angle
 
@@ -141,7 +140,7 @@ def test_rerun_is_up_to_date_and_new_shards_make_it_stale(sample_shards, small_s
     assert stage_json["inputs"]["shards"]["digest"] == "sha256:" + json.loads(
         (out / "pca.json").read_text())["source_manifest_sha256"]
     result = pca_stage.run(sample_shards["train"], out)  # other shards → other manifest digest → recomputed
-    assert not result.up_to_date and result.pca["images"] == 210
+    assert not result.up_to_date and result.product.images == 210
 
 
 PROBE = """
@@ -155,7 +154,7 @@ for _ in range(200):  # random colour images: every covariance shape, correlated
     mix = rng.normal(size=(3, 3)) * rng.uniform(0, 1, size=3)
     pixels = np.clip(rng.normal(size=(500, 3)) @ mix * 60 + rng.uniform(40, 200, size=3), 0, 255)
     moments.append(pixel_moments(pixels.astype(np.uint8)))
-print(canonical_json([pca_from_moments(m) for m in moments]))
+print(canonical_json([pca_from_moments(m, "").to_json() for m in moments]))
 """
 
 
@@ -172,8 +171,7 @@ def test_pca_json_is_the_same_bytes_under_each_openblas_kernel(kernel, small_sha
     """pca.json keys every training run: its bytes must not depend on the CPU family a cluster node has. The
     sample shards' real partials and 200 random images' moments, reduced under a forced OpenBLAS kernel, give the
     same bytes as under this machine's own choice."""
-    partials = json.dumps([shard_moments(small_shards / s["name"]).to_dict()
-                           for s in load_manifest(small_shards)["shards"]])
+    partials = json.dumps([shard_moments(small_shards / s.name).to_dict() for s in load_manifest(small_shards).shards])
 
     def reduce(env: dict) -> str:
         out = subprocess.run([sys.executable, "-c", PROBE, partials], capture_output=True, text=True, timeout=120,
@@ -207,10 +205,11 @@ def test_a_folder_finished_by_pca_stats_version_1_keeps_its_partials_and_only_re
     """After the upgrade that changed how the eigen-pairs are computed, the per-shard partials (a pass over every
     training image) are reused: the rerun only reduces; status says the folder is stale until then."""
     from pipeline.cache import MARKER, PLAN, Input, Stage
-    from stages.status import state_of
+    from pipeline.status import state_of
+    from stages import versions
 
     out = tmp_path / "pca"
-    fresh = pca_stage.run(small_shards, out, workers=2).pca
+    fresh = pca_stage.run(small_shards, out, workers=2).product
     old = Stage("pca-stats", 1, out, {"max_images": None, "seed": None},
                 {"shards": Input.of_stage(small_shards, "manifest.json")})._key(1)
     for name in (MARKER, PLAN):
@@ -218,9 +217,9 @@ def test_a_folder_finished_by_pca_stats_version_1_keeps_its_partials_and_only_re
         (out / name).write_text(json.dumps({**record, "key": old, **({"version": 1} if name == MARKER else {})}))
     (out / "pca.json").write_text("{}")  # version 1's bytes: whatever they were, they are rewritten
     units = {p.name: p.stat().st_mtime_ns for p in (out / "_units").glob("*.json")}
-    assert state_of(out).state == "stale" and "stage version 1, now 2" in state_of(out).detail
+    assert state_of(out, versions()).state == "stale" and "stage version 1, now 2" in state_of(out, versions()).detail
 
     result = pca_stage.run(small_shards, out, workers=2)
-    assert result.finalized and result.pca == fresh
+    assert result.finished and result.product == fresh
     assert {p.name: p.stat().st_mtime_ns for p in (out / "_units").glob("*.json")} == units  # none recomputed
-    assert state_of(out).state == "done" and pca_stage.run(small_shards, out).up_to_date
+    assert state_of(out, versions()).state == "done" and pca_stage.run(small_shards, out).up_to_date

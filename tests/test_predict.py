@@ -51,7 +51,7 @@ def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the
     """train holds the PNG named .JPEG and the grayscale files; val's 10 views include the centre crop."""
     shards = ShardSet.open(sample_shards[split])
     files = {p.stem: p for p in (sample_dir / split).rglob("*.JPEG")}
-    loader = ReferenceEvalLoader(sample_shards[split], {"mean": classifier.mean}, 16, ten_crop=ten_crop,
+    loader = ReferenceEvalLoader(sample_shards[split], classifier.spec.pixels, 16, ten_crop=ten_crop,
                                  num_threads=0)
     theirs = torch.cat([images for images, _ in loader])
     keys = [ref.key for ref in shard_samples(shards)]

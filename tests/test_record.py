@@ -7,12 +7,13 @@ import os
 import platform
 import shutil
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from pipeline.record import append_event, read_events, run_record
-from stages.status import run_progress
+from pipeline.status import run_progress
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,10 +36,10 @@ def test_run_record_names_this_machines_software_hardware_and_checkout():
 
 
 def test_a_torn_last_event_line_is_skipped(tmp_path):
-    append_event(tmp_path, event="start", step=0)
+    append_event(tmp_path, event="start", step=0, epoch=0)
     with open(tmp_path / "events.jsonl", "a") as f:
         f.write('{"time": 1, "ev')  # a crash mid-write
-    assert [(e["event"], e["step"]) for e in read_events(tmp_path)] == [("start", 0)]
+    assert [(e.event, e.step) for e in read_events(tmp_path)] == [("start", 0)]
 
 
 def copy_run(run: Path, to: Path) -> None:
@@ -60,13 +61,13 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     (work / "runs").mkdir(parents=True)
     copy_run(tiny_run, work / "runs" / "finished")
     # resumed at step 10 at t=1000 s, then 2 steps a second (64 images/s) for 20 steps, of 100
-    steps = [{"step": s, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 900.0 + s} for s in range(1, 11)]
-    steps += [{"step": 10 + i, "epoch": 0, "loss": 1.0, "images_per_s": 64.0, "time": 1000.0 + i / 2}
-              for i in range(1, 21)]
-    events = [{"time": 900.0, "event": "start", "step": 0, "epoch": 0, "total_steps": 100},
-              {"time": 1000.0, "event": "resume", "step": 10, "epoch": 0, "total_steps": 100}]
+    step = {"epoch": 0, "loss": 1.0, "lr": 0.01, "images_per_s": 64.0}
+    steps = [{"step": s, **step, "time": 900.0 + s} for s in range(1, 11)]
+    steps += [{"step": 10 + i, **step, "time": 1000.0 + i / 2} for i in range(1, 21)]
+    events = [{"time": 900.0, "event": "start", "step": 0, "epoch": 0, "total_steps": 100, "record": {}},
+              {"time": 1000.0, "event": "resume", "step": 10, "epoch": 0, "total_steps": 100, "record": {}}]
     write_run(work / "runs" / "live", events, steps)
-    rows = {r["run"]: r for r in run_progress(work, now=1012.0)}
+    rows = {r.run: asdict(r) for r in run_progress(work, now=1012.0)}
     assert list(rows) == ["runs/finished", "runs/live"]
     finished = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
     assert rows["runs/finished"] == {"run": "runs/finished", "step": 18, "total_steps": 18, "epoch": 1,
@@ -74,7 +75,7 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
                                      "steps_per_s": None, "images_per_s": None, "eta_s": None}
     assert rows["runs/live"] == {"run": "runs/live", "step": 30, "total_steps": 100, "epoch": 0, "state": "running",
                                  "val_top1_error": None, "steps_per_s": 2.0, "images_per_s": 64.0, "eta_s": 35}
-    assert run_progress(work, now=1100.0)[1]["state"] == "stopped"  # no line for 90 s: killed or hung
+    assert run_progress(work, now=1100.0)[1].state == "stopped"  # no line for 90 s: killed or hung
 
 
 def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):

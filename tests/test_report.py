@@ -141,6 +141,7 @@ def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_pat
 
 
 def test_the_report_names_its_data_from_the_manifests_not_from_a_sample_count(tiny_data, sample_shards, tmp_path):
+    from pipeline.artifacts import ClassCount, Manifest, ShardParams
     from pipeline.report import val_data_origin
 
     assert val_data_origin(tiny_data["val"]) == ("the generated demo data set (6 of 1,000 classes)", False)
@@ -148,22 +149,23 @@ def test_the_report_names_its_data_from_the_manifests_not_from_a_sample_count(ti
     assert val_data_origin(sample_shards["val"]) == (f"a subset of ILSVRC-2012 val ({k} of 1,000 classes)", False)
     full = tmp_path / "full-val"  # the manifest of the whole val split (its shards are not needed to name it)
     full.mkdir()
-    (full / "manifest.json").write_text(json.dumps({
-        "split": "val", "samples": 50_000, "num_classes_total": 1000,
-        "classes": [{"index": i, "samples": 50} for i in range(1000)]}))
+    manifest = Manifest(split="val", params=ShardParams(split="val"), samples=50_000, bytes=0, shards=(),
+                        classes=tuple(ClassCount(i, f"n{i:08d}", "", 50) for i in range(1000)))
+    (full / "manifest.json").write_text(json.dumps(manifest.to_json()))
     assert val_data_origin(full) == ("the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True)
 
 
 def test_plots_of_a_run_shorter_than_one_epoch_raise_no_library_warning(tiny_run, tmp_path):
     import warnings
 
-    from pipeline.report import plot_curves, read_metrics
+    from pipeline.artifacts import read_metrics
+    from pipeline.report import plot_curves
 
-    steps, _ = read_metrics(tiny_run)
+    steps = read_metrics(tiny_run).steps
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert plot_curves(steps[:3], [], tmp_path) == ["loss.png", "lr.png", "val_error.png", "images_per_s.png"]
-        plot_curves([], [], tmp_path)
+        assert plot_curves(steps[:3], (), tmp_path) == ["loss.png", "lr.png", "val_error.png", "images_per_s.png"]
+        plot_curves((), (), tmp_path)
     assert Image.open(tmp_path / "val_error.png").size[0] > 0
 
 

@@ -531,8 +531,8 @@ def test_the_last_array_task_writes_the_manifest(quirk_tree, tree_train, tmp_pat
     for i in range(3):
         result = shard_stage.run(quirk_tree, out, split="train", shard_size=8, workers=1, task_index=i,
                                  num_tasks=3)
-        assert result.finalized == (i == 2) and (out / "manifest.json").exists() == (i == 2)
-        assert result.shards_done == [9, 18, 27][i]
+        assert result.finished == (i == 2) and (out / "manifest.json").exists() == (i == 2)
+        assert result.product.shards_done == [9, 18, 27][i]
     assert shard_set(out) == shard_set(tree_train)
 
 
@@ -568,11 +568,11 @@ def test_the_key_covers_the_split_and_its_labels_but_not_the_other_split(quirk_t
     shard_stage.run(source, train, split="train", shard_size=64, workers=2)
     (source / "val" / f"{VAL_1}.JPEG").unlink()
     assert shard_stage.run(source, train, split="train", shard_size=64).up_to_date
-    assert shard_stage.run(source, val, split="val", shard_size=16, workers=1).written == VAL_IMAGES - 1
+    assert shard_stage.run(source, val, split="val", shard_size=16, workers=1).product.written == VAL_IMAGES - 1
     csv = source / "LOC_val_solution.csv"
     csv.write_text(csv.read_text().replace("ILSVRC2012_val_00000007,", "ILSVRC2012_val_00000007x,"))
     result = shard_stage.run(source, val, split="val", shard_size=16, workers=1)
-    assert not result.up_to_date and result.written == VAL_IMAGES - 2  # val 7 lost its label
+    assert not result.up_to_date and result.product.written == VAL_IMAGES - 2  # val 7 lost its label
 
 
 def test_rerun_with_the_same_params_is_up_to_date_and_changes_nothing(quirk_tree, tmp_path):
@@ -589,7 +589,7 @@ def test_force_redoes_every_shard_with_the_same_bytes(tree_val, quirk_tree, tmp_
     shutil.copytree(tree_val, out)
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
     result = shard_stage.run(quirk_tree, out, split="val", shard_size=16, workers=1, force=True)
-    assert not result.up_to_date and result.finalized and result.written == VAL_IMAGES
+    assert not result.up_to_date and result.finished and result.product.written == VAL_IMAGES
     assert all((p.stat().st_ino, p.stat().st_mtime_ns) != before[p.name] for p in out.glob("*.tar"))
     assert shard_set(out) == shard_set(tree_val)
 
@@ -598,13 +598,13 @@ def test_changing_the_quality_makes_the_stage_stale_and_rewrites_every_shard(tre
     out = tmp_path / "val"
     shutil.copytree(tree_val, out)
     result = shard_stage.run(quirk_tree, out, split="val", shard_size=16, quality=80, workers=1)
-    assert not result.up_to_date and result.written == VAL_IMAGES
+    assert not result.up_to_date and result.product.written == VAL_IMAGES
     assert manifest(out)["params"]["quality"] == 80
     assert manifest(out)["bytes"] < 0.8 * manifest(tree_val)["bytes"]
     assert not set(shards_only(out).values()) & set(shards_only(tree_val).values())
     assert shard_stage.run(quirk_tree, out, split="val", shard_size=16, quality=80).up_to_date
     fewer = shard_stage.run(quirk_tree, out, split="val", shard_size=32, quality=80, workers=1)  # 2 shards now
-    assert fewer.shards_total == 2 and sorted(p.name for p in out.glob("val-*")) == [
+    assert fewer.product.shards_total == 2 and sorted(p.name for p in out.glob("val-*")) == [
         "val-000000.idx", "val-000000.tar", "val-000001.idx", "val-000001.tar"]
 
 

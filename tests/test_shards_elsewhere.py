@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.artifacts import PixelStats
 from pipeline.augment import ReferenceEvalLoader, centre_crop_box
 from pipeline.augment.loading import ShardSet
 from pipeline.augment.reference import decode_rgb, shard_samples
@@ -66,7 +67,8 @@ def test_timm_create_dataset_reads_the_folder_alone_as_the_reference_loader_does
     for (image, _), (key, jpg, _) in zip(read, ours, strict=True):
         assert np.array_equal(np.asarray(image), decode_rgb(jpg).permute(1, 2, 0).numpy()), key
     # the reference loader (the DALI path's parity oracle), mean 0: timm's image's centre crop, label for label
-    reference = ReferenceEvalLoader(folder, {"mean": [0.0, 0.0, 0.0]}, 16, num_threads=0)
+    reference = ReferenceEvalLoader(folder, PixelStats((0.0,) * 3, (0.0,) * 3, ((1.0, 0.0, 0.0),) * 3), 16,
+                                    num_threads=0)
     patches, labels = (torch.cat(t) for t in zip(*reference, strict=True))
     assert labels.tolist() == [int(label) for _, label in read]
     for patch, (image, _) in zip(patches, read, strict=True):

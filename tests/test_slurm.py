@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.artifacts import RunSpec
+
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(shutil.which("slurmctld") is None,
@@ -213,7 +215,7 @@ def test_two_rank_training_through_srun_and_torchrun_then_eval(slurm, prepared):
     import torch
 
     checkpoint = torch.load(checkpoints[0], weights_only=True)
-    assert checkpoint["step"] == 2 and checkpoint["config"]["world_size"] == 2  # one torchrun, two DDP ranks
+    assert checkpoint["step"] == 2 and RunSpec.of_checkpoint(checkpoint).topology.world_size == 2  # 2 DDP ranks
     assert (work / "eval" / "slurm" / "eval.json").is_file()
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import shutil
 
-from stages.status import stage_rows
+from pipeline.status import stage_rows
+from stages import versions
 
 
 def rows(work) -> dict[str, tuple[str, str]]:
     return {f"{name} @ {folder.relative_to(work)}": (state.state, state.detail) for name, folder, state in
-            stage_rows(work)}
+            stage_rows(work, versions())}
 
 
 def test_stages_in_another_layout_are_found_and_bookkeeping_is_never_listed(tiny_data, tmp_path):

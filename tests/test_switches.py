@@ -11,6 +11,7 @@ import torch
 from conftest import SAMPLE
 from torch import nn
 
+from pipeline.artifacts import RunSpec
 from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters
 from pipeline.train import TrainConfig, make_optimizer, train_step
 
@@ -113,7 +114,8 @@ def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_da
     switches = {"activation": "tanh", "norm": "batch", "pool": "plain", "towers": "1"}
     cli(*train_cmd(tiny_data, out, epochs=1, **switches))
     state = torch.load(sorted((out / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
-    assert {k: state["config"]["model"][k] for k in switches} == {**switches, "towers": 1}
+    model = RunSpec.of_checkpoint(state).model
+    assert {k: getattr(model, k) for k in switches} == {**switches, "towers": 1}
     records = map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
     epochs = [r for r in records if "val_top1_error" in r]
     assert len(epochs) == 1
@@ -133,7 +135,7 @@ def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_da
     kinds = {type(m).__name__ for m in classifier.model.modules()}
     assert "BatchNorm2d" in kinds and "LocalResponseNorm" not in kinds
     assert {m.act for m in classifier.model.modules() if hasattr(m, "act")} == {torch.tanh}
-    assert classifier.config.pool == "plain" and classifier.config.towers == 1
+    assert classifier.spec.model.pool == "plain" and classifier.spec.model.towers == 1
     images = sorted((SAMPLE / "val").glob("*.JPEG"))[:2]
     predicted = cli("predict", out, *images, "--json", "--devices", "cpu", "--top", "3")
     records = [json.loads(line) for line in predicted.stdout.splitlines()]

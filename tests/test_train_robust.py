@@ -19,9 +19,10 @@ import pytest
 import torch
 from test_train_stage import checkpoints, last_checkpoint, metrics, said
 
+from pipeline.artifacts import Manifest, RunSpec, Topology
+from pipeline.classes import run_classes, val_class_problems
 from pipeline.config import TrainConfig
 from pipeline.train import at_chance, flat_loss, make_scheduler, schedule_epoch
-from stages.train import val_class_problems
 
 TORCHRUN = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--no-python"]
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
@@ -125,7 +126,7 @@ def test_wrong_inputs_are_refused_before_the_run_folder_is_claimed_and_a_fresh_s
     (run / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "loss": 9.0}\n')  # killed before step 3
     one_line_error(cli(*train_cmd(tiny_data, run, batch_size=100000), check=False), "fewer than one global batch")
     one_line_error(cli(*train_cmd({**tiny_data, "val": tiny_data["train"]}, run), check=False),
-                   f"--val {tiny_data['train']}", "expected val shards", "'train'")
+                   f"--val: {tiny_data['train']}", "expected val shards", "'train'")
     one_line_error(cli(*train_cmd({**tiny_data, "train": tiny_data["val"]}, run), check=False), "expected train")
     one_line_error(cli(*train_cmd(tiny_data, run, devices="cuda:7"), check=False), "cuda:7")
     assert not (run / "_run.json").exists()  # nothing claimed: the corrected command is not "other settings"
@@ -153,7 +154,8 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step_and_another_rank_cou
             os.killpg(proc.pid, signal.SIGKILL)
     state = last_checkpoint(run)
     assert f"train: stopped at step {state['step']} (SIGTERM)" in log.read_text(), log.read_text()
-    assert state["topology"] == {"world_size": 2, "per_rank_batch": 2} and len(state["rng"]) == 2
+    assert RunSpec.of_checkpoint(state).topology == Topology(world_size=2, per_rank_batch=2)
+    assert len(state["rng"]) == 2
     assert checkpoints(run)[-1] == f"step-{state['step']:09d}.pt"
 
     refused = cli(*train_cmd(tiny_data, run, epochs=20), check=False)
@@ -176,14 +178,13 @@ def test_val_shards_made_with_another_class_list_are_refused_naming_the_first_di
 
 
 def test_a_val_class_never_trained_on_is_a_warning_not_an_error(tiny_data):
-    val = json.loads((tiny_data["val"] / "manifest.json").read_text())
-    from stages.train import class_table
+    from dataclasses import replace
 
-    train = json.loads((tiny_data["train"] / "manifest.json").read_text())
-    table = class_table({**train, "classes": train["classes"][1:]}, val)  # train lacks the first val class
+    val, train = Manifest.read(tiny_data["val"]), Manifest.read(tiny_data["train"])
+    table = run_classes(replace(train, classes=train.classes[1:]), val)  # train lacks the first val class
     problems = val_class_problems(table, val, tiny_data["val"])
-    assert len(problems) == 1 and val["classes"][0]["wnid"] in problems[0] and "never trained on" in problems[0]
-    assert val_class_problems(class_table(train, val), val, tiny_data["val"]) == []
+    assert len(problems) == 1 and val.classes[0].wnid in problems[0] and "never trained on" in problems[0]
+    assert val_class_problems(run_classes(train, val), val, tiny_data["val"]) == []
 
 
 def _optimizer() -> torch.optim.Optimizer:
@@ -280,9 +281,9 @@ def test_a_full_disk_in_train_is_one_line_naming_the_path_and_a_rerun_with_space
 def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_completes_naming_the_models_classes(
         small_disk, tiny_data, levelled_checkpoint, cli, tmp_path):
     state = torch.load(levelled_checkpoint, map_location="cpu", weights_only=True)
-    table = state["config"]["classes"]
-    assert len(table["wnids"]) == len(table["names"]) == state["config"]["model"]["num_classes"]
-    table["names"] = [f"renamed {i}" for i in range(len(table["names"]))]  # eval must name classes from here
+    spec = RunSpec.of_checkpoint(state)
+    assert len(spec.classes.wnids) == len(spec.classes.names) == spec.model.num_classes
+    state["config"]["classes"]["names"] = [f"renamed {i}" for i in range(len(spec.classes.names))]  # eval: from here
     checkpoint = tmp_path / levelled_checkpoint.name
     torch.save(state, checkpoint)
     disk = small_disk("1m")

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.artifacts import RunSpec
+
 TIMING = ("images_per_s", "data_wait", "step_ms", "time")  # the only fields of metrics.jsonl that may differ
 STEPS_PER_EPOCH, EPOCHS = 9, 2  # 36 images, batch 4 (conftest TINY_TRAIN)
 
@@ -186,7 +188,7 @@ def test_torchrun_with_two_ranks_trains_one_run_and_a_rerun_is_up_to_date(tiny_d
     assert "rank 0/2" in said(out) and "rank 1/2" in said(out)
     assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]  # rank 0 logs, once per step
     state = last_checkpoint(run)
-    assert (state["step"], state["config"]["world_size"]) == (2, 2)
+    assert (state["step"], RunSpec.of_checkpoint(state).topology.world_size) == (2, 2)
     rerun = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0 and "up to date" in said(rerun), rerun.stderr
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.artifacts import PixelStats
 from pipeline.augment.dali import EvalLoader, TrainLoader
 from pipeline.augment.geometry import (
     LIGHTING_ALPHA_STD,
@@ -52,18 +53,18 @@ def _loaders(name: str) -> tuple[type, type]:
     return _LOADERS[name]
 
 
-def make_train_loader(shard_dir: Path, pca: dict, batch_size: int, *, loader: str = LOADERS[0],
+def make_train_loader(shard_dir: Path, pixels: PixelStats, batch_size: int, *, loader: str = LOADERS[0],
                       **options) -> TrainLoader | ReferenceTrainLoader:
     """`loader="dali"` (TrainLoader) or `"torch"` (ReferenceTrainLoader); options are theirs (crop, seed, rank,
     world_size, device, num_threads, lighting, mirror, random_crop, channels_last, lighting_alpha_std)."""
-    return _loaders(loader)[0](shard_dir, pca, batch_size, **options)
+    return _loaders(loader)[0](shard_dir, pixels, batch_size, **options)
 
 
-def make_eval_loader(shard_dir: Path, pca: dict, batch_size: int, *, loader: str = LOADERS[0],
+def make_eval_loader(shard_dir: Path, pixels: PixelStats, batch_size: int, *, loader: str = LOADERS[0],
                      **options) -> EvalLoader | ReferenceEvalLoader:
     """`loader="dali"` (EvalLoader) or `"torch"` (ReferenceEvalLoader); options: crop, ten_crop, rank, world_size,
     device, num_threads."""
-    return _loaders(loader)[1](shard_dir, pca, batch_size, **options)
+    return _loaders(loader)[1](shard_dir, pixels, batch_size, **options)
 
 
 __all__ = [

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.artifacts import PixelStats
 from pipeline.augment.geometry import (
     CROP,
     LIGHTING_ALPHA_STD,
@@ -204,7 +205,7 @@ class TrainLoader(TrainEpochs):
     uninterrupted run would have yielded next (the consumed ones are replayed through the pipeline, not returned).
     """
 
-    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, seed: int = 0,
+    def __init__(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int = CROP, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
                  lighting: bool = True, mirror: bool = True, random_crop: bool = True, channels_last: bool = False,
                  lighting_alpha_std: float = LIGHTING_ALPHA_STD, initial_fill: int = 1024, prefetch: int = 2):
@@ -215,8 +216,8 @@ class TrainLoader(TrainEpochs):
         self.device = torch_device(device)
         self.num_threads, self.prefetch = num_threads, prefetch
         self.channels_last = channels_last
-        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pca["mean"]),
-                        "eigvals": list(pca["eigvals"]), "eigvecs": [list(r) for r in pca["eigvecs"]],
+        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pixels.mean),
+                        "eigvals": list(pixels.eigvals), "eigvecs": [list(r) for r in pixels.eigvecs],
                         "lighting_alpha_std": lighting_alpha_std, "random_crop": random_crop, "mirror": mirror,
                         "lighting": lighting, "channels_last": channels_last}
         self.rank_samples = len(rank_range(self.shards.samples, rank, world_size))
@@ -257,15 +258,16 @@ class EvalLoader:
     """Every sample of this rank's part of the shards exactly once, in shard order: (images float32 [B, 3, crop,
     crop], or [B, 10, 3, crop, crop] with `ten_crop`, labels int64 [B]); the last batch may be smaller."""
 
-    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, ten_crop: bool = False,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
+    def __init__(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int = CROP,
+                 ten_crop: bool = False, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 num_threads: int = 2,
                  prefetch: int = 2):
         _require_dali()
         self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size)
         self.batch_size, self.rank, self.world_size, self.ten_crop = batch_size, rank, world_size, ten_crop
         self.device = torch_device(device)
         self.num_threads, self.prefetch = num_threads, prefetch
-        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pca["mean"])}
+        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pixels.mean)}
         self.samples = len(rank_range(self.shards.samples, rank, world_size))
 
     def __len__(self) -> int:

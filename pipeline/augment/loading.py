@@ -38,17 +38,17 @@ class ShardSet:
     def open(cls, shard_dir: Path) -> ShardSet:
         shard_dir = Path(shard_dir)
         manifest = load_manifest(shard_dir)
-        pairs = shard_paths(shard_dir)
+        pairs = shard_paths(shard_dir, manifest)
         missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
         if missing:
             raise PipeError(f"{shard_dir}: shard files listed in manifest.json are missing: {', '.join(missing[:5])}"
                             + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
         check_shard_files(shard_dir, manifest)  # a cut or resized tar: one line, not DALI's "Malformed index file"
-        if not pairs or manifest["samples"] == 0:
+        if not pairs or manifest.samples == 0:
             raise PipeError(f"{shard_dir}: the manifest lists no samples")
         return cls(shard_dir, tuple(str(t) for t, _ in pairs), tuple(str(i) for _, i in pairs),
-                   tuple(s["samples"] for s in manifest["shards"]), int(manifest.get("num_classes_total", 1000)),
-                   int(manifest.get("params", {}).get("short_side", 256)))
+                   tuple(s.samples for s in manifest.shards), manifest.num_classes_total,
+                   manifest.params.short_side)
 
 
 def open_shards(shard_dir: Path, *, crop: int, batch_size: int = 1, rank: int = 0, world_size: int = 1,

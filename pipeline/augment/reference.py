@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pipeline.artifacts import PixelStats
 from pipeline.augment.geometry import (
     CROP,
     LIGHTING_ALPHA_STD,
@@ -110,11 +111,11 @@ class _ReferenceTrainSet(torch.utils.data.Dataset):
     """Item (sample index, position in this rank's epoch) → (augmented image, label). The augmentation draw is
     seeded by (seed, epoch, rank, position), so it does not depend on which worker makes the item."""
 
-    def __init__(self, refs: list[SampleRef], pca: dict, crop: int, seed: int, epoch: int, rank: int,
+    def __init__(self, refs: list[SampleRef], pixels: PixelStats, crop: int, seed: int, epoch: int, rank: int,
                  options: dict):
         self.refs, self.crop, self.seed, self.epoch, self.rank, self.options = refs, crop, seed, epoch, rank, options
-        self.mean = 255.0 * torch.tensor(pca["mean"], dtype=torch.float64)
-        self.light = torch.from_numpy(lighting_matrix(pca["eigvals"], pca["eigvecs"]))
+        self.mean = 255.0 * torch.tensor(pixels.mean, dtype=torch.float64)
+        self.light = torch.from_numpy(lighting_matrix(pixels.eigvals, pixels.eigvecs))
         self.bytes = _ByteReader()
 
     def __len__(self) -> int:
@@ -137,9 +138,9 @@ class _ReferenceTrainSet(torch.utils.data.Dataset):
 
 
 class _ReferenceEvalSet(torch.utils.data.Dataset):
-    def __init__(self, refs: list[SampleRef], pca: dict, crop: int, ten_crop: bool):
+    def __init__(self, refs: list[SampleRef], pixels: PixelStats, crop: int, ten_crop: bool):
         self.refs, self.crop, self.ten_crop = refs, crop, ten_crop
-        self.mean = 255.0 * torch.tensor(pca["mean"], dtype=torch.float64)
+        self.mean = 255.0 * torch.tensor(pixels.mean, dtype=torch.float64)
         self.bytes = _ByteReader()
 
     def __len__(self) -> int:
@@ -179,14 +180,14 @@ class ReferenceTrainLoader(TrainEpochs):
     """`TrainLoader`'s contract in plain torch: the same rank split, exact epochs, batch count and resume; within a
     rank's part the order is a full permutation seeded by (seed, epoch, rank). `num_threads` DataLoader workers."""
 
-    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, seed: int = 0,
+    def __init__(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int = CROP, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
                  lighting: bool = True, mirror: bool = True, random_crop: bool = True, channels_last: bool = False,
                  lighting_alpha_std: float = LIGHTING_ALPHA_STD):
         self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
                                   seed=seed, whole_batch=True)
         self.refs = shard_samples(self.shards)
-        self.pca, self.crop, self.batch_size, self.seed = pca, crop, batch_size, seed
+        self.pixels, self.crop, self.batch_size, self.seed = pixels, crop, batch_size, seed
         self.rank, self.world_size, self.num_threads = rank, world_size, num_threads
         self.device, self.channels_last = torch_device(device), channels_last
         self.options = {"random_crop": random_crop, "mirror": mirror, "lighting": lighting,
@@ -204,7 +205,7 @@ class ReferenceTrainLoader(TrainEpochs):
 
     def dataset(self, epoch: int) -> _ReferenceTrainSet:
         """Item (sample index, position in `epoch`) → (augmented image, label)."""
-        return _ReferenceTrainSet(self.refs, self.pca, self.crop, self.seed, epoch, self.rank, self.options)
+        return _ReferenceTrainSet(self.refs, self.pixels, self.crop, self.seed, epoch, self.rank, self.options)
 
     def __iter__(self) -> Iterator[Batch]:
         start, self._resume_at = self._resume_at, 0
@@ -222,11 +223,12 @@ class ReferenceTrainLoader(TrainEpochs):
 class ReferenceEvalLoader:
     """`EvalLoader`'s contract in plain torch: this rank's part of the shards in order, each sample once."""
 
-    def __init__(self, shard_dir: Path, pca: dict, batch_size: int, *, crop: int = CROP, ten_crop: bool = False,
-                 rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2):
+    def __init__(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int = CROP,
+                 ten_crop: bool = False, rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu",
+                 num_threads: int = 2):
         self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size)
         self.refs = shard_samples(self.shards)
-        self.pca, self.crop, self.ten_crop, self.batch_size = pca, crop, ten_crop, batch_size
+        self.pixels, self.crop, self.ten_crop, self.batch_size = pixels, crop, ten_crop, batch_size
         self.device, self.num_threads = torch_device(device), num_threads
         self.indices = list(rank_range(self.shards.samples, rank, world_size))
         self.samples = len(self.indices)
@@ -237,16 +239,16 @@ class ReferenceEvalLoader:
     def __iter__(self) -> Iterator[Batch]:
         b = self.batch_size
         batches = [self.indices[i:i + b] for i in range(0, self.samples, b)]
-        dataset = _ReferenceEvalSet(self.refs, self.pca, self.crop, self.ten_crop)
+        dataset = _ReferenceEvalSet(self.refs, self.pixels, self.crop, self.ten_crop)
         for images, labels in _data_loader(dataset, batches, self.num_threads, self.device):
             yield to_device(images, self.device), to_device(checked_labels(labels, self.shards), self.device)
 
 
-def reference_eval_samples(shard_dir: Path, pca: dict, *, crop: int = CROP,
+def reference_eval_samples(shard_dir: Path, pixels: PixelStats, *, crop: int = CROP,
                            limit: int | None = None) -> Iterator[tuple[str, torch.Tensor, int]]:
     """(key, centre-crop image float32 [3, crop, crop], label) of the first `limit` samples, in shard order."""
     refs = shard_samples(open_shards(shard_dir, crop=crop))[:limit]
-    dataset = _ReferenceEvalSet(refs, pca, crop, ten_crop=False)
+    dataset = _ReferenceEvalSet(refs, pixels, crop, ten_crop=False)
     for i, ref in enumerate(refs):
         image, label = dataset[i]
         yield ref.key, image, label

@@ -8,18 +8,21 @@ are never listed. A finished shard set whose files no longer match its manifest 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
 from pipeline.cache import MARKER, PLAN, StageState, inspect, read_json
-from pipeline.shards import damaged_shards, load_manifest
-from stages.train import RUN_SETTINGS
+from pipeline.shards import damaged_shards
 
 STAGE_FILES = (MARKER, PLAN, RUN_SETTINGS)
 DEFAULT_LAYOUT = (("synth", "demo-data"), ("shard train", "shards/train"), ("shard val", "shards/val"),
                   ("pca-stats", "pca"))
 
 
-def stage_rows(work: Path) -> list[tuple[str, Path, StageState]]:
+def stage_rows(work: Path, versions: dict[str, int]) -> list[tuple[str, Path, StageState]]:
+    """(name, folder, state) of every stage folder under `work`; `versions`: each stage's current VERSION by the
+    name its done marker records (a folder finished by an earlier version is stale)."""
     found = find_stage_folders(work)
     rows = [(name, work / rel) for name, rel in DEFAULT_LAYOUT]
     for kind, missing_name in (("runs", "train"), ("eval", "eval")):
@@ -27,7 +30,7 @@ def stage_rows(work: Path) -> list[tuple[str, Path, StageState]]:
             rows.append((missing_name, work / kind))
     listed = {folder for _, folder in rows}
     rows += [(_row_name(folder, work), folder) for folder in found if folder not in listed]
-    return [(name, folder, state_of(folder)) for name, folder in rows]
+    return [(name, folder, state_of(folder, versions)) for name, folder in rows]
 
 
 def find_stage_folders(work: Path) -> list[Path]:
@@ -40,27 +43,19 @@ def find_stage_folders(work: Path) -> list[Path]:
     return sorted(found)
 
 
-def stage_versions() -> dict[str, int]:
-    """Each stage's current VERSION by the name its done marker records."""
-    from stages import ablate, evaluate, pca, report, shard, synth, train
-
-    return {"synth": synth.VERSION, "shard-train": shard.VERSION, "shard-val": shard.VERSION, "pca-stats": pca.VERSION,
-            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION}
-
-
-def state_of(folder: Path) -> StageState:
+def state_of(folder: Path, versions: dict[str, int]) -> StageState:
     """`inspect`, plus the cheap integrity check of a finished shard set (sizes against the manifest) and the
     stage's VERSION (a folder finished by an earlier version is redone by the next run of its stage)."""
     state = inspect(folder)
     marker = read_json(folder / MARKER) if state.state == "done" else {}
-    current = stage_versions().get(marker.get("stage", ""))
+    current = versions.get(marker.get("stage", ""))
     if current is not None and marker.get("version") != current:
         command = "shard" if marker["stage"].startswith("shard-") else marker["stage"]
         return StageState("stale", f"written by stage version {marker.get('version')}, now {current}: the next "
                                    f"`{command}` run redoes it")
     if state.state == "done" and _stage_name(folder).startswith("shard"):
-        manifest = folder / "manifest.json"
-        damaged = damaged_shards(folder, load_manifest(folder)) if manifest.is_file() else ["manifest.json"]
+        manifest = folder / MANIFEST
+        damaged = damaged_shards(folder, Manifest.read(folder)) if manifest.is_file() else [MANIFEST]
         if damaged:
             shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
             return StageState("damaged", f"{len(damaged)} shard(s) missing or changed in size: {shown}; "
@@ -89,38 +84,51 @@ def _row_name(folder: Path, work: Path) -> str:
     return _stage_name(folder).replace("shard-", "shard ") or str(folder.relative_to(work))
 
 
-def run_progress(work: Path, now: float | None = None) -> list[dict]:
-    """Per training run found under WORK: the step and epoch reached, the last val error and, while the run
-    advances, its rate and an estimate of the time left (from metrics.jsonl's wall-clock `time` and events.jsonl's
-    totals)."""
+@dataclass(frozen=True)
+class RunProgress:
+    """Where a training run stands: step and epoch reached, the last val error and, while it advances, its rate
+    and an estimate of the time left."""
+
+    run: str
+    state: str  # done | stopped | running
+    step: int
+    total_steps: int | None
+    epoch: int
+    val_top1_error: float | None
+    steps_per_s: float | None = None
+    images_per_s: float | None = None
+    eta_s: int | None = None
+
+
+def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
+    """Per training run found under WORK (from metrics.jsonl's wall-clock `time` and events.jsonl's totals)."""
     import time
 
     from pipeline.record import read_events
-    from pipeline.report import read_metrics
 
     now = time.time() if now is None else now
     rows = []
     for run in (f for f in find_stage_folders(work) if (f / RUN_SETTINGS).is_file()):
-        steps, epochs = read_metrics(run)
+        metrics = read_metrics(run)
+        steps, epochs = metrics.steps, metrics.epochs
         events = read_events(run)
         if not steps and not events:
             continue
-        total = events[-1].get("total_steps") if events else None
-        last = steps[-1] if steps else {"step": events[-1].get("step", 0), "epoch": events[-1].get("epoch", 0)}
-        row = {"run": str(run.relative_to(work)), "step": last["step"], "total_steps": total, "epoch": last["epoch"],
-               "val_top1_error": epochs[-1]["val_top1_error"] if epochs else None, "state": "done",
-               "steps_per_s": None, "images_per_s": None, "eta_s": None}
-        if last["step"] < total if total is not None else not (run / MARKER).is_file():
+        total = int(events[-1].total_steps) if events and events[-1].total_steps is not None else None
+        step, epoch = (steps[-1].step, steps[-1].epoch) if steps else (events[-1].step, events[-1].epoch)
+        row = RunProgress(str(run.relative_to(work)), "done", step, total, epoch,
+                          epochs[-1].val_top1_error if epochs else None)
+        if step < total if total is not None else not (run / MARKER).is_file():
             # the step records of the latest start or resume, with their wall-clock times
-            since = events[-1]["time"] if events else 0
-            recent = [s for s in steps if s.get("time", 0) >= since][-20:]
-            row["state"] = "stopped"
-            if len(recent) >= 2 and recent[-1]["time"] > recent[0]["time"]:
-                rate = (recent[-1]["step"] - recent[0]["step"]) / (recent[-1]["time"] - recent[0]["time"])
-                interval = (recent[-1]["time"] - recent[0]["time"]) / (len(recent) - 1)
-                if now - recent[-1]["time"] < max(60.0, 10 * interval):  # still logging: in progress
-                    row.update(state="running", steps_per_s=round(rate, 3),
-                               images_per_s=recent[-1].get("images_per_s"),
-                               eta_s=round((total - last["step"]) / rate) if total and rate > 0 else None)
+            since = events[-1].time if events else 0
+            recent = [s for s in steps if (s.time or 0) >= since][-20:]
+            row = replace(row, state="stopped")
+            first, last = (recent[0], recent[-1]) if recent else (None, None)
+            if len(recent) >= 2 and first.time is not None and last.time is not None and last.time > first.time:
+                rate = (last.step - first.step) / (last.time - first.time)
+                interval = (last.time - first.time) / (len(recent) - 1)
+                if now - last.time < max(60.0, 10 * interval):  # still logging: in progress
+                    row = replace(row, state="running", steps_per_s=round(rate, 3), images_per_s=last.images_per_s,
+                                  eta_s=round((total - step) / rate) if total and rate > 0 else None)
         rows.append(row)
     return rows

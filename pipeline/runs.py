@@ -1,0 +1,113 @@
+"""A training run's folder and inputs: what it trains on (checked before anything is claimed), the settings its
+checkpoints belong to (`_run.json`), and the rule that only those settings resume them."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import CHECKPOINTS_DIR, MANIFEST, METRICS, RUN_SETTINGS, Manifest, RunClasses, RunInputs
+from pipeline.cache import MARKER, Input, canonical_json, read_json, write_json
+from pipeline.classes import run_classes, val_class_problems
+from pipeline.cluster import Placement, placement
+from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
+from pipeline.errors import PipeError
+
+
+@dataclass(frozen=True)
+class RunData:
+    """The shards and pca.json a run trains on, with their digests and the run's class table."""
+
+    train_dir: Path
+    val_dir: Path
+    pca_path: Path
+    train: Manifest
+    val: Manifest
+    classes: RunClasses
+    inputs: dict[str, Input]  # train, val, pca: what the stage's key hashes
+    place: Placement
+    warnings: tuple[str, ...]  # val classes never trained on
+
+    @property
+    def digests(self) -> RunInputs:
+        return RunInputs(**{name: i.digest for name, i in self.inputs.items()})
+
+    @classmethod
+    def open(cls, train_dir: Path, val_dir: Path, pca_path: Path, cfg: TrainConfig) -> RunData:
+        """What can be refused before the run folder is claimed (so that the corrected command is not refused as
+        "other settings"): each shard folder holds its split, the data holds a global batch that the ranks can
+        share, the val shards use the training shards' class list."""
+        place = placement()
+        if cfg.batch_size % place.world_size:
+            raise PipeError(f"{cfg.batch_size} (global) must divide evenly over {place.world_size} ranks",
+                            option="batch_size")
+        train = Manifest.read(train_dir).require_split("train", train_dir, option="train")
+        val = Manifest.read(val_dir).require_split("val", val_dir, option="val")
+        if train.samples < cfg.batch_size:
+            raise PipeError(f"{train_dir} holds {train.samples} samples, fewer than one global batch "
+                            f"({cfg.batch_size})", option="batch_size")
+        classes = run_classes(train, val)
+        warnings = tuple(val_class_problems(classes, val, val_dir))
+        inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST),
+                  "pca": Input.of_stage(pca_path.parent, pca_path.name)}
+        return cls(train_dir, val_dir, pca_path, train, val, classes, inputs, place, warnings)
+
+
+def run_trajectory(model: AlexNetConfig, cfg: TrainConfig, inputs: dict[str, Input]) -> dict:
+    """The settings a run's checkpoints belong to: the model, the result-changing training settings, the inputs."""
+    return {"model": model.to_dict(), "train": cfg.trajectory(), "inputs": {k: v.digest for k, v in inputs.items()}}
+
+
+def claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool, pca_path: Path,
+                     info: Callable[[str], None]) -> None:
+    """Checkpoints are resumed only by the settings that made them. One exception: a pca.json whose digest changed
+    while its numbers did not (pca-stats' VERSION 2 recomputed the eigen-pairs without BLAS: the same PCA to
+    ~1e-16, new bytes) is adopted, so a run in progress continues instead of starting over."""
+    path = out / RUN_SETTINGS
+    digest = hashlib.sha256(canonical_json(trajectory).encode()).hexdigest()[:16]
+    old = upgrade_trajectory(read_json(path)["settings"]) if path.is_file() else trajectory
+    if old != trajectory and not force:
+        changed = sorted(_diff(old, trajectory))
+        adopted = _recomputed_pca(out, pca_path) if changed == ["inputs.pca"] else None
+        if adopted is None:
+            raise PipeError(f"{out} holds a run with other settings (changed: {', '.join(changed)}); "
+                            "use another --out, or --force to start this run over")
+        info(adopted)
+    if not main_rank:
+        return
+    if force:
+        shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
+        (out / METRICS).unlink(missing_ok=True)
+        (out / MARKER).unlink(missing_ok=True)
+    (out / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
+    write_json(path, {"key": digest, "settings": trajectory})
+
+
+def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
+    """Why this run may go on with `pca_path` although its digest is not the run's: its mean and eigen-pairs equal
+    those in the run's newest checkpoint to PCA_SAME_TOL (or no checkpoint exists yet). None: they differ."""
+    from pipeline.artifacts import RunSpec
+    from pipeline.checkpoints import latest_checkpoint, load_checkpoint
+    from pipeline.pca import PCA_SAME_TOL, load_pca, pca_difference
+
+    checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
+    new = load_pca(pca_path).stats
+    if checkpoint is not None:
+        difference = pca_difference(RunSpec.of_checkpoint(load_checkpoint(checkpoint)).pixels, new)
+        if difference > PCA_SAME_TOL:
+            return None
+        said = (f"its mean and eigen-pairs equal those {checkpoint.name} trained with (largest difference "
+                f"{difference:.1g})")
+    else:
+        said = "no checkpoint was written with the old one"
+    return (f"train: {pca_path} is not the file this run started with, but {said}: the run goes on with it "
+            "(pca-stats recomputes the same PCA in bits that no longer depend on the CPU)")
+
+
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if a != b else []
