@@ -11,6 +11,7 @@ WHEELS   := $(VENV)/wheels
 
 WORK     ?= ./work
 RUN      ?= demo
+include pipeline/layout.mk
 DEVICES  ?= auto
 IMAGENET ?=
 SEED     ?= 0
@@ -19,7 +20,11 @@ SEED     ?= 0
 DEMO_CLASSES   ?= 10
 DEMO_TRAIN     ?= 60
 DEMO_VAL       ?= 10
-DEMO_DATA      := $(WORK)/demo-data
+DEMO_DATA      := $(WORK)/$(DEMO_DATA_DIR)
+TRAIN_SHARDS   := $(WORK)/$(TRAIN_SHARDS_DIR)
+VAL_SHARDS     := $(WORK)/$(VAL_SHARDS_DIR)
+PCA_OUT        := $(WORK)/$(PCA_DIR)
+PCA_JSON       := $(PCA_OUT)/pca.json
 DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
 
 SHARD_SIZE     ?= $(if $(IMAGENET),1000,100)
@@ -32,15 +37,15 @@ BATCH_SIZE     ?=
 TRAIN_ARGS     ?=
 EVAL_ARGS      ?=
 RECIPE_ARGS     = --recipe $(RECIPE) $(if $(filter command line environment,$(origin SEED)),--seed $(SEED)) $(if $(EPOCHS),--epochs $(EPOCHS)) $(if $(BATCH_SIZE),--batch-size $(BATCH_SIZE))
-RUN_DIR        := $(WORK)/runs/$(RUN)
-EVAL_DIR       := $(WORK)/eval/$(RUN)
+RUN_DIR        := $(WORK)/$(RUNS_DIR)/$(RUN)
+EVAL_DIR       := $(WORK)/$(EVALS_DIR)/$(RUN)
 REPORT          = $(CLI) report $(RUN_DIR) --eval $(EVAL_DIR) --out $(EVAL_DIR)/report
 
 # The paper's claims (README "The paper's claims"): the baseline and one variant per claim, ABLATION_SEEDS seeds each,
 # on the same shards. Without IMAGENET the demo recipe, ABLATION_EPOCHS epochs a run (the whole sweep: 12.7 min measured
 # on an idle 2-core CPU, README); with IMAGENET the paper's recipe. The threshold: the training top-1 error
 # counted in epochs (Figure 1; the paper's 25% is for CIFAR-10, which the short demo runs do not reach).
-ABLATION_DIR       := $(WORK)/ablations
+ABLATION_DIR       := $(WORK)/$(ABLATIONS_DIR)
 ABLATION_SEEDS     ?= 3
 ABLATION_VARIANTS  ?= all
 ABLATION_EPOCHS    ?= $(if $(IMAGENET),,8)
@@ -77,33 +82,33 @@ synth: $(STAMP)
 prepare: shard-train shard-val pca
 
 shard-train: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(WORK)/shards/train --split train --shard-size $(SHARD_SIZE) --seed $(SEED)
+	$(CLI) shard $(DATA) $(TRAIN_SHARDS) --split train --shard-size $(SHARD_SIZE) --seed $(SEED)
 
 shard-val: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(WORK)/shards/val --split val --shard-size $(SHARD_SIZE) --seed $(SEED)
+	$(CLI) shard $(DATA) $(VAL_SHARDS) --split val --shard-size $(SHARD_SIZE) --seed $(SEED)
 
 pca: shard-train
-	$(CLI) pca-stats $(WORK)/shards/train $(WORK)/pca
+	$(CLI) pca-stats $(TRAIN_SHARDS) $(PCA_OUT)
 
 train: prepare
-	$(CLI) train --train $(WORK)/shards/train --val $(WORK)/shards/val --pca $(WORK)/pca/pca.json --out $(RUN_DIR) \
+	$(CLI) train --train $(TRAIN_SHARDS) --val $(VAL_SHARDS) --pca $(PCA_JSON) --out $(RUN_DIR) \
 		--devices $(DEVICES) $(RECIPE_ARGS) $(TRAIN_ARGS)
 
 eval: train
-	$(CLI) eval $(RUN_DIR) --val $(WORK)/shards/val --out $(EVAL_DIR) --devices $(DEVICES) $(EVAL_ARGS)
+	$(CLI) eval $(RUN_DIR) --val $(VAL_SHARDS) --out $(EVAL_DIR) --devices $(DEVICES) $(EVAL_ARGS)
 	$(REPORT)
 
 report: $(STAMP)
 	$(REPORT)
 
 ablations: prepare
-	$(CLI) ablate --train $(WORK)/shards/train --val $(WORK)/shards/val --pca $(WORK)/pca/pca.json \
+	$(CLI) ablate --train $(TRAIN_SHARDS) --val $(VAL_SHARDS) --pca $(PCA_JSON) \
 		--out $(ABLATION_DIR) --devices $(DEVICES) --recipe $(RECIPE) --seeds $(ABLATION_SEEDS) \
 		--variants $(ABLATION_VARIANTS) --threshold $(ABLATION_THRESHOLD) \
 		$(if $(ABLATION_EPOCHS),--epochs $(ABLATION_EPOCHS)) $(ABLATION_ARGS)
 
 preview: pca
-	$(CLI) preview $(WORK)/shards/train --pca $(WORK)/pca/pca.json --out $(WORK)/preview.png --seed $(SEED)
+	$(CLI) preview $(TRAIN_SHARDS) --pca $(PCA_JSON) --out $(WORK)/preview.png --seed $(SEED)
 
 cluster-prepare: $(STAMP)
 	$(CLUSTER_ENV) DATA=$(abspath $(DATA)) cluster/submit.sh prepare

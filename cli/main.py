@@ -1,5 +1,6 @@
-"""The `alexnet-pipe` command line: one thin function per DAG stage. Heavy imports (torch, DALI) happen inside the
-commands, so `--help` and up-to-date stages return in well under a second.
+"""The `alexnet-pipe` command line: one thin function per command, each its arguments, one stage call and what it
+shows. Heavy imports (torch, DALI) happen inside the commands, so `--help` and up-to-date stages return in well
+under a second.
 
 Exit codes: 0 success, 1 unexpected error (a bug: rerun with --debug for the traceback), 2 bad usage or input,
 3 the stage is already running in that folder, 4 verification found mismatches.
@@ -13,8 +14,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
+from typer.core import TyperArgument, TyperOption
 
-from pipeline.config import CROPS, LOADERS
+from pipeline.ablation import VARIANT_NAMES
+from pipeline.config import CROPS, LOADERS, recipe_names
 
 app = typer.Typer(
     name="alexnet-pipe",
@@ -23,10 +26,27 @@ app = typer.Typer(
     "resumes where it stopped).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     add_completion=False,
 )
 
 _debug = False
+
+
+def _usage_name(self: TyperArgument) -> str:
+    """An argument in a usage line as a user types it: OUT, [WORK] when optional (typer writes {out})."""
+    name = (self.metavar or self.name or "").upper()
+    return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+def _flag_type(self: TyperOption, ctx) -> str | None:
+    """No type shown for an on/off flag (typer shows <bool>); the metavar or typer's type for the others."""
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+_option_type = TyperOption.display_type_rich
+TyperArgument._usage_display_name = _usage_name
+TyperOption.display_type_rich = _flag_type
 
 
 @app.callback()
@@ -41,6 +61,24 @@ def _reporter():
     return CliReporter()
 
 
+RECIPES = "|".join(["paper", *(name for name in recipe_names() if name != "paper"), "FILE"])
+
+
+def _out(positional: Path | None, option: Path | None, what: str) -> Path:
+    """The output folder, given as `--out` or (as before) positionally: one of the two."""
+    from pipeline.errors import PipeError
+
+    if (positional is None) == (option is None):
+        found = "both" if positional is not None else "neither"
+        raise PipeError(f"expected the output folder ({what}) once, as --out DIR or as the last argument; found "
+                        f"{found}", option="out")
+    return positional or option
+
+
+RunOrCheckpoint = Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its newest "
+                                                 "checkpoint that verifies) or a checkpoint file.")]
+Out = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="The output folder (also accepted as the "
+                                          "last argument).")]
 Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores). "
                                             "Not part of the cache key.", min=1)]
 TaskIndex = Annotated[int | None, typer.Option(help="Array task index (default: $SLURM_ARRAY_TASK_ID). This task "
@@ -55,19 +93,27 @@ def _task_flags(task_index: int | None, num_tasks: int | None) -> tuple[int | No
     from stages import task_slice
 
     if task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        task_index = int(os.environ["SLURM_ARRAY_TASK_ID"])
+        found = os.environ["SLURM_ARRAY_TASK_ID"]
+        if not found.isdigit():
+            from pipeline.errors import PipeError
+
+            raise PipeError(f"expected SLURM_ARRAY_TASK_ID to be a task index (0, 1, …), found {found!r}",
+                            option="task_index")
+        task_index = int(found)
     task_slice(0, task_index, num_tasks)
     return task_index, num_tasks
 
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Argument(help="Folder to create the data set in.")],
+    out_arg: Annotated[Path | None, typer.Argument(metavar="OUT", help="Folder to create the data set in (or --out).",
+                                                   show_default=False)] = None,
+    out: Out = None,
     classes: Annotated[int, typer.Option(help="Number of classes: the first N ILSVRC-2012 wnids.", min=1,
                                          max=1000)] = 10,
     train_per_class: Annotated[int, typer.Option(help="Training images per class.", min=1)] = 100,
     val_per_class: Annotated[int, typer.Option(help="Validation images per class.", min=1)] = 20,
-    format: Annotated[str, typer.Option("--format", help="tree: train/<wnid>/*.JPEG + flat val/ + "
+    format: Annotated[str, typer.Option("--format", metavar="tree|tars", help="tree: train/<wnid>/*.JPEG + flat val/ + "
                                         "LOC_val_solution.csv; tars: the three official ILSVRC-2012 archives.")
                       ] = "tree",
     seed: Seed = 0,
@@ -77,16 +123,20 @@ def synth(
     names, val labels, one grayscale, one CMYK and one PNG-named-.JPEG file per split)."""
     from stages import synth as stage
 
-    stage.run(out, classes=classes, train_per_class=train_per_class, val_per_class=val_per_class, fmt=format,
+    stage.run(_out(out_arg, out, "the data set"), classes=classes, train_per_class=train_per_class,
+              val_per_class=val_per_class, fmt=format,
               seed=seed, force=force, reporter=_reporter())
 
 
 @app.command()
 def shard(
-    source: Annotated[Path, typer.Argument(help="ImageNet: a folder with the official tars, an extracted tree "
-                                           "(train/<wnid>/, val/), or a single split folder or archive.")],
-    out: Annotated[Path, typer.Argument(help="Folder for this split's shards, .idx files and manifest.json.")],
-    split: Annotated[str, typer.Option(help="train or val.")] = ...,
+    source: Annotated[Path, typer.Argument(metavar="SOURCE", help="ImageNet: a folder with the official tars, an "
+                                           "extracted tree (train/<wnid>/, val/), or a single split folder or "
+                                           "archive.")],
+    out_arg: Annotated[Path | None, typer.Argument(metavar="OUT", help="Folder for this split's shards, .idx files "
+                                                   "and manifest.json (or --out).", show_default=False)] = None,
+    out: Out = None,
+    split: Annotated[str, typer.Option(metavar="train|val", help="The split to shard.")] = ...,
     labels: Annotated[Path | None, typer.Option(help="Val ground truth: LOC_val_solution.csv, the devkit "
                                                 "tar.gz or ILSVRC2012_validation_ground_truth.txt (devkit IDs). "
                                                 "Found automatically beside the source.")] = None,
@@ -106,15 +156,18 @@ def shard(
     from stages import shard as stage
 
     task_index, num_tasks = _task_flags(task_index, num_tasks)
-    stage.run(source, out, split=split, labels=labels, classes_file=classes, shard_size=shard_size,
-              workers=workers, task_index=task_index, num_tasks=num_tasks, short_side=short_side,
+    stage.run(source, _out(out_arg, out, "the shards"), split=split, labels=labels, classes_file=classes,
+              shard_size=shard_size, workers=workers, task_index=task_index, num_tasks=num_tasks, short_side=short_side,
               quality=quality, seed=seed, force=force, reporter=_reporter())
 
 
 @app.command("pca-stats")
 def pca_stats(
-    shard_dir: Annotated[Path, typer.Argument(help="The training shard folder (holding manifest.json).")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder for pca.json and its per-shard partials.")],
+    shard_dir: Annotated[Path, typer.Argument(metavar="SHARD_DIR", help="The training shard folder (holding "
+                                              "manifest.json).")],
+    out_arg: Annotated[Path | None, typer.Argument(metavar="OUT", help="Folder for pca.json and its per-shard "
+                                                   "partials (or --out).", show_default=False)] = None,
+    out: Out = None,
     max_images: Annotated[int | None, typer.Option(help="Use a seeded subsample of this many images (a quick "
                                                    "estimate); default: every pixel of every image.", min=1)] = None,
     seed: Seed = 0,
@@ -128,7 +181,7 @@ def pca_stats(
     from stages import pca as stage
 
     task_index, num_tasks = _task_flags(task_index, num_tasks)
-    stage.run(shard_dir, out_dir, max_images=max_images, seed=seed, workers=workers,
+    stage.run(shard_dir, _out(out_arg, out, "pca.json"), max_images=max_images, seed=seed, workers=workers,
               task_index=task_index, num_tasks=num_tasks, force=force, reporter=_reporter())
 
 
@@ -171,9 +224,10 @@ def train(
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")] = ...,
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
-    recipe: Annotated[str, typer.Option(help="The settings to start from: paper (§5, the default), demo (the "
-                                        "embedded demo's), or a TOML file with model and train tables. Every "
-                                        "option below overrides the recipe.")] = "paper",
+    recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The settings to start from: paper (§5: the "
+                                        "settings' defaults), demo (the embedded demo's), a shipped recipe by name, "
+                                        "or a TOML file with model and train tables. Every option below overrides "
+                                        "the recipe.")] = "paper",
     devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
                                          "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")
                        ] = "auto",
@@ -192,8 +246,7 @@ def train(
 
 @app.command("eval")
 def eval_(
-    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
-                                                      "checkpoint file.")],
+    run_or_checkpoint: RunOrCheckpoint,
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Folder for eval.json.")] = ...,
     ten_crop: Annotated[bool, typer.Option(help="Also the paper's 10-crop test (4 corners + centre of the 256 "
@@ -219,7 +272,7 @@ def eval_(
 
 @app.command()
 def report(
-    run_dir: Annotated[Path, typer.Argument(help="The run folder (metrics.jsonl).")],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run folder (metrics.jsonl).")],
     eval_dir: Annotated[Path, typer.Option("--eval", help="The eval folder (eval.json).")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md and its PNGs.")] = ...,
     force: Annotated[bool, typer.Option("--force", help="Write it again even when up to date.")] = False,
@@ -233,7 +286,7 @@ def report(
 
 @app.command()
 def preview(
-    shard_dir: Annotated[Path, typer.Argument(help="Training shard folder.")],
+    shard_dir: Annotated[Path, typer.Argument(metavar="SHARD_DIR", help="Training shard folder.")],
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
@@ -243,37 +296,24 @@ def preview(
 ):
     """A PNG grid of the first training samples as the network sees them (random crop, mirror, PCA lighting) beside
     their originals with the crop box drawn: check the augmentation by eye."""
-    from pipeline.errors import PipeError
-    from pipeline.preview import preview_grid
+    from stages import preview as stage
 
-    for path, what in ((shard_dir / "manifest.json", "a shard folder (manifest.json)"), (pca, "pca.json")):
-        if not path.is_file():
-            raise PipeError(f"{path}: not found; expected {what} from `make prepare`")
-    _reporter().info(f"preview: {preview_grid(shard_dir, pca, out, n, seed, crop=crop, loader=loader)}")
+    stage.run(shard_dir, pca, out, n=n, seed=seed, crop=crop, loader=loader, reporter=_reporter())
 
 
 @app.command()
 def verify(
-    shard_dir: Annotated[Path, typer.Argument(help="A shard folder (holding manifest.json).")],
+    shard_dir: Annotated[Path, typer.Argument(metavar="SHARD_DIR", help="A shard folder (holding manifest.json).")],
     decode: Annotated[bool, typer.Option(help="Also decode every image.")] = False,
 ):
     """Re-read every shard and check its sha256 and sample count against the manifest (exit 4 on a mismatch)."""
-    from pipeline.errors import VerifyFailed
-    from pipeline.shards import load_manifest, verify_shards
+    from stages import verify as stage
 
-    reporter = _reporter()
-    total = len(load_manifest(shard_dir).shards)
-    with reporter.progress("verify", total=total) as advance:
-        problems = verify_shards(shard_dir, decode=decode, on_shard=lambda _: advance(1))
-    for p in problems:
-        reporter.warn(p)
-    if problems:
-        raise VerifyFailed(f"{shard_dir}: {len(problems)} problem(s) in {total} shards")
-    reporter.info(f"verify: {total} shards match the manifest{' and decode' if decode else ''}")
+    stage.run(shard_dir, decode=decode, reporter=_reporter())
 
 
 @app.command()
-def status(work: Annotated[Path, typer.Argument(help="The work folder (default ./work).")] = Path("work")):
+def status(work: Annotated[Path, typer.Argument(metavar="WORK", help="The work folder.")] = Path("work")):
     """One row per stage folder under WORK: done, stale (and why), partial (k of n units), damaged (shards missing
     or resized: run verify) or missing."""
     from rich.console import Console
@@ -322,10 +362,10 @@ def _print_runs(console, work: Path) -> None:
 
 @app.command()
 def predict(
-    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
-                                                      "checkpoint file.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files (any format the shard stage reads: JPEG, PNG, "
-                                                 "CMYK, grayscale, a PNG named .JPEG) or folders of them.")],
+    run_or_checkpoint: RunOrCheckpoint,
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGES", help="Image files (any format the shard stage "
+                                                 "reads: JPEG, PNG, CMYK, grayscale, a PNG named .JPEG) or folders of "
+                                                 "them.")],
     top: Annotated[int, typer.Option(help="How many classes to show per image.", min=1)] = 5,
     ten_crop: Annotated[bool, typer.Option(help="Average the softmax over the paper's 10 crops (4 corners + "
                                            "centre of the 256 square and their mirrors) instead of the centre "
@@ -340,54 +380,34 @@ def predict(
     and the others go on; exit 0 when at least one image was classified, 2 when none."""
     import json
 
-    from pipeline.checkpoints import resolve_checkpoint
-    from pipeline.errors import PipeError
-    from pipeline.predict import classify, load_classifier
+    from stages import predict as stage
 
-    reporter = _reporter()
-    classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter.warn), devices)
-    classified = failed = 0
-    for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
-        if "error" in record:
-            failed += 1
-            reporter.warn(f"{record['path']}: not classified: {record['error']}")
-        else:
-            classified += 1
+    def show(record: dict) -> None:
         if json_lines:
             print(json.dumps(record), flush=True)
         elif "top" in record:
             print(record["path"])
             for rank, c in enumerate(record["top"], 1):
                 print(f"  {rank}. {c['probability']:.4f}  {c['wnid']}  {c['name']}")
-    if not classified:
-        raise PipeError(f"predict: expected at least one readable image, found none among {failed} path(s)")
-    reporter.info(f"predict: {classified} image(s) classified{f', {failed} not' if failed else ''} "
-                  f"({'10-crop' if ten_crop else 'centre crop'}, step {classifier.step})")
+
+    stage.run(run_or_checkpoint, images, top=top, ten_crop=ten_crop, devices=devices, batch_size=batch_size,
+              on_record=show, reporter=_reporter())
 
 
 @app.command()
 def export(
-    run_or_checkpoint: Annotated[Path, typer.Argument(help="A run folder (its highest-step checkpoint) or a "
-                                                      "checkpoint file.")],
+    run_or_checkpoint: RunOrCheckpoint,
     out: Annotated[Path, typer.Option("--out", help="The file to write (.pt2 or .onnx).")] = ...,
-    format: Annotated[str | None, typer.Option("--format", help="pt2 (torch.export, always available) or onnx "
-                                               "(needs the export extra). Default: from --out's suffix.")
+    format: Annotated[str | None, typer.Option("--format", metavar="pt2|onnx", help="pt2 (torch.export, always "
+                                               "available) or onnx (needs the export extra). Default: the one "
+                                               "--out's suffix names.")
                       ] = None,
 ):
     """Export a checkpoint's network for other runtimes, with a dynamic batch dimension: torch.export (.pt2) or ONNX.
     The preprocessing it expects (short side, crop, mean, class list) is stored in the file as preprocessing.json."""
-    from pipeline.cache import sha256_file
-    from pipeline.checkpoints import resolve_checkpoint
-    from pipeline.export import export as export_file
-    from pipeline.export import export_format
-    from pipeline.predict import load_classifier
+    from stages import export as stage
 
-    reporter = _reporter()
-    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
-    fmt = export_format(out, format)
-    classifier = load_classifier(checkpoint, "cpu")
-    export_file(classifier, out, fmt, sha256_file(checkpoint))
-    reporter.info(f"export: {checkpoint} (step {classifier.step}) → {out} ({fmt}, dynamic batch)")
+    stage.run(run_or_checkpoint, out, fmt=format, reporter=_reporter())
 
 
 @app.command()
@@ -397,10 +417,12 @@ def ablate(
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Sweep folder: runs/, eval/, ablations.md/.json, plots.")] = ...,
-    recipe: Annotated[str, typer.Option(help="The baseline's settings: paper, demo, or a TOML file; the options "
-                                        "below override it for every variant.")] = "paper",
+    recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The baseline's settings: paper, demo, a shipped "
+                                        "recipe by name or a TOML file; the options below override it for every "
+                                        "variant.")] = "paper",
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).", min=1)] = 3,
-    variants: Annotated[str, typer.Option(help="Comma list of variants (baseline included), or all.")] = "all",
+    variants: Annotated[str, typer.Option(help="Comma list of variants (baseline included), or all: "
+                                          f"{', '.join(VARIANT_NAMES)}.")] = "all",
     threshold: Annotated[float, typer.Option(help="Training top-1 error whose first crossing is counted in "
                                              "epochs (Figure 1; the paper's 25% is for CIFAR-10).")] = 0.5,
     ten_crop: Annotated[bool, typer.Option(help="Evaluate with the paper's 10-crop test (else centre crop).")
@@ -415,7 +437,6 @@ def ablate(
     """The paper's claims (ReLU, two towers, LRN, overlapping pools, crops+mirrors, lighting, dropout): train the
     baseline and one variant per claim for N seeds on the same shards, evaluate each, and write ablations.md,
     ablations.json and plots. Each run is cached; a rerun does nothing, a killed sweep resumes."""
-    from pipeline.ablation import VARIANT_NAMES
     from pipeline.config import resolve_settings
     from stages import ablate as stage
     from stages import evaluate as eval_stage

@@ -38,6 +38,8 @@ set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 SCRIPTS=$HERE/slurm
+# The WORK layout, from its one definition (NAME = path lines, as the Makefile includes it)
+eval "$(sed -n 's/^\([A-Z_]*\) *= *\(.*\)$/\1="\2"/p' "$HERE/../pipeline/layout.mk")"
 
 die() {
     echo "cluster/submit.sh: $*" >&2
@@ -150,14 +152,14 @@ array_stage() {
 for split in train val; do
     [ -n "${WANT[shard-$split]:-}" ] || continue
     [ -n "$DATA" ] || die "shard-$split: set DATA (or IMAGENET) to the ImageNet source"
-    tasks_var=SHARD_${split^^}_TASKS
+    tasks_var=SHARD_${split^^}_TASKS dir_var=${split^^}_SHARDS_DIR
     array_stage "shard-$split" "${!tasks_var:-$NUM_TASKS}" shard.sbatch "" \
-        "$DATA" "$WORK/shards/$split" --split "$split" --shard-size "$SHARD_SIZE" --seed "$SEED" "${SHARD_EXTRA[@]}"
+        "$DATA" "$WORK/${!dir_var}" --split "$split" --shard-size "$SHARD_SIZE" --seed "$SEED" "${SHARD_EXTRA[@]}"
 done
 
 if [ -n "${WANT[pca-stats]:-}" ]; then
     array_stage pca-stats "${PCA_TASKS:-$NUM_TASKS}" pca-stats.sbatch shard-train \
-        "$WORK/shards/train" "$WORK/pca" "${PCA_EXTRA[@]}"
+        "$WORK/$TRAIN_SHARDS_DIR" "$WORK/$PCA_DIR" "${PCA_EXTRA[@]}"
 fi
 
 gpu_options() { # gpu_options COUNT: sets GPU to the sbatch options for COUNT GPUs a node (none for 0)
@@ -170,8 +172,8 @@ if [ -n "${WANT[train]:-}" ]; then
     gpu_options "$GPUS_PER_NODE"
     submit train --nodes="$NODES" --ntasks-per-node=1 --cpus-per-task="$TRAIN_CPUS" "${GPU[@]}" \
         --output="$LOGS/%x-%j.out" "${DEP[@]}" "${TRAIN_SBATCH[@]}" "$SCRIPTS/train.sbatch" \
-        --train "$WORK/shards/train" --val "$WORK/shards/val" --pca "$WORK/pca/pca.json" --out "$WORK/runs/$RUN" \
-        --devices "$DEVICES" "${TRAIN_EXTRA[@]}"
+        --train "$WORK/$TRAIN_SHARDS_DIR" --val "$WORK/$VAL_SHARDS_DIR" --pca "$WORK/$PCA_DIR/pca.json" \
+        --out "$WORK/$RUNS_DIR/$RUN" --devices "$DEVICES" "${TRAIN_EXTRA[@]}"
     done_by train "$LAST"
 fi
 
@@ -180,7 +182,8 @@ if [ -n "${WANT[eval]:-}" ]; then
     gpu_options "$((GPUS_PER_NODE < 2 ? GPUS_PER_NODE : 2))"
     submit eval --nodes=1 --ntasks=1 --cpus-per-task="$TRAIN_CPUS" "${GPU[@]}" --output="$LOGS/%x-%j.out" \
         "${DEP[@]}" "${TRAIN_SBATCH[@]}" "$SCRIPTS/eval.sbatch" \
-        "$WORK/runs/$RUN" --val "$WORK/shards/val" --out "$WORK/eval/$RUN" --devices "$DEVICES" "${EVAL_EXTRA[@]}"
+        "$WORK/$RUNS_DIR/$RUN" --val "$WORK/$VAL_SHARDS_DIR" --out "$WORK/$EVALS_DIR/$RUN" --devices "$DEVICES" \
+        "${EVAL_EXTRA[@]}"
     done_by eval "$LAST"
 fi
 
@@ -191,7 +194,7 @@ if [ -n "${WANT[ablations]:-}" ]; then
     gpu_options "$((GPUS_PER_NODE < 2 ? GPUS_PER_NODE : 2))"
     submit ablations --array="${ARRAY:-0-$((tasks - 1))}" --cpus-per-task="$TRAIN_CPUS" "${GPU[@]}" \
         --output="$LOGS/%x-%A_%a.out" "${DEP[@]}" "${TRAIN_SBATCH[@]}" "$SCRIPTS/ablate.sbatch" \
-        --train "$WORK/shards/train" --val "$WORK/shards/val" --pca "$WORK/pca/pca.json" --out "$WORK/ablations" \
-        --devices "$DEVICES" --num-tasks "$tasks" "${ABLATION_EXTRA[@]}"
+        --train "$WORK/$TRAIN_SHARDS_DIR" --val "$WORK/$VAL_SHARDS_DIR" --pca "$WORK/$PCA_DIR/pca.json" \
+        --out "$WORK/$ABLATIONS_DIR" --devices "$DEVICES" --num-tasks "$tasks" "${ABLATION_EXTRA[@]}"
     done_by ablations "$LAST"
 fi

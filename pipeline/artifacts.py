@@ -491,6 +491,7 @@ class Event(Record):
     total_steps: float | None = None
     resumed_from: str | None = None
     world_size: int = 1
+    code_diff: dict | None = absent_when_none()  # {file, sha256}: what uncommitted code differed from the commit
 
 
 @dataclass(frozen=True)

@@ -45,22 +45,24 @@ def resolve_devices(spec: str, local_rank: int = 0, local_world_size: int = 1,
             return [f"cuda:{local_rank}"]
         if n == 0:
             return ["cpu"]
-        raise PipeError(f"--devices auto: {local_world_size} ranks on this node but only {n} GPU(s); start at most "
-                        f"{n} ranks per node (torchrun --nproc_per_node), or {n // 2 or 1} for two GPUs per rank")
+        raise PipeError(f"auto: {local_world_size} ranks on this node but only {n} GPU(s); start at most {n} ranks "
+                        f"per node (torchrun --nproc_per_node), or {n // 2 or 1} for two GPUs per rank",
+                        option="devices")
     devices = [d.strip() for d in spec.split(",") if d.strip()]
     if not 1 <= len(devices) <= 2:
-        raise PipeError(f"--devices takes one or two devices (the two towers), got {spec!r}")
+        raise PipeError(f"expected one or two devices (the two towers), got {spec!r}", option="devices")
     try:
         parsed = [torch.device(d) for d in devices]
     except RuntimeError:
-        raise PipeError(f"--devices: {spec!r} is not a list of devices (expected e.g. cpu, cuda:0)") from None
+        raise PipeError(f"expected a list of devices such as cpu, cuda:0 or cuda:0,cuda:1, got {spec!r}",
+                        option="devices") from None
     if len({dev.type for dev in parsed}) > 1:  # the towers' non-blocking copies need devices of one kind
-        raise PipeError(f"--devices {spec}: both towers must be on devices of one type (e.g. cuda:0,cuda:1 or "
-                        "cpu,cpu), got a mix")
+        raise PipeError(f"{spec}: both towers must be on devices of one type (e.g. cuda:0,cuda:1 or "
+                        "cpu,cpu), got a mix", option="devices")
     for d, dev in zip(devices, parsed, strict=True):
         if dev.type == "cuda" and (dev.index or 0) >= n:
-            raise PipeError(f"--devices: {d} requested but this machine has {n} CUDA device(s)")
+            raise PipeError(f"{d} requested but this machine has {n} CUDA device(s)", option="devices")
         if dev.type == "cuda" and local_world_size > 1:
-            raise PipeError(f"--devices {spec}: {local_world_size} ranks on this node would all use {d}; with "
-                            "several ranks per node use --devices auto (each rank takes its own GPUs)")
+            raise PipeError(f"{spec}: {local_world_size} ranks on this node would all use {d}; with "
+                            "several ranks per node use auto (each rank takes its own GPUs)", option="devices")
     return devices

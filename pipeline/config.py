@@ -194,27 +194,31 @@ def default_of(f):
 # recipes: a small TOML file of [model] and [train] settings; the command line overrides it
 
 RECIPES_DIR = Path(__file__).with_name("recipes")
-DEFAULT_RECIPE = "paper"
+DEFAULT_RECIPE = "paper"  # the settings' defaults themselves: no file restates them
 
 
 def recipe_names() -> list[str]:
-    return sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    return sorted({DEFAULT_RECIPE, *(p.stem for p in RECIPES_DIR.glob("*.toml"))})
 
 
-def recipe_path(recipe: str | Path) -> Path:
-    """A shipped recipe by name (paper, demo) or a TOML file."""
+def recipe_path(recipe: str | Path) -> Path | None:
+    """A shipped recipe by name (demo, …) or a TOML file; None for the paper's (the defaults)."""
+    if str(recipe) == DEFAULT_RECIPE:
+        return None
     if str(recipe) in recipe_names():
         return RECIPES_DIR / f"{recipe}.toml"
     path = Path(recipe)
     if not path.is_file():
-        raise PipeError(f"--recipe {recipe}: expected one of {', '.join(recipe_names())} or a TOML file; "
-                        f"{path} not found")
+        raise PipeError(f"{recipe}: expected one of {', '.join(recipe_names())} or a TOML file; {path} not found",
+                        option="recipe")
     return path
 
 
 def load_recipe(recipe: str | Path) -> dict[str, dict]:
     """{"model": {...}, "train": {...}} from a recipe, each key checked against the settings' fields and types."""
     path = recipe_path(recipe)
+    if path is None:
+        return {section: {} for section in SETTINGS}
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:

@@ -63,8 +63,8 @@ def onnx_model_bytes(classifier: Classifier, metadata: dict):
         import onnx
         import onnxscript  # noqa: F401 - torch's exporter needs it; fail here with the install line, not deep inside
     except ImportError as e:
-        raise PipeError(f"--format onnx needs the optional export extra ({e.name} is not installed): "
-                        f"{ONNX_EXTRA}") from None
+        raise PipeError(f"onnx needs the optional export extra ({e.name} is not installed): {ONNX_EXTRA}",
+                        option="format") from None
     args, dynamic = _example(classifier)
     program = torch.onnx.export(classifier.model.eval(), args, dynamic_shapes=dynamic, dynamo=True,
                                 input_names=["image"], output_names=["logits"], verbose=False)
@@ -74,10 +74,15 @@ def onnx_model_bytes(classifier: Classifier, metadata: dict):
 
 
 def export_format(out: Path, fmt: str | None) -> str:
-    """`--format`, checked; by default from the suffix of `--out` (.onnx → onnx, else pt2)."""
-    fmt = fmt or ("onnx" if out.suffix == ".onnx" else "pt2")
+    """The format asked for, checked; by default the one `out`'s suffix names (.pt2, .onnx): a file named for
+    neither is refused rather than written in a format its name does not say."""
+    if fmt is None:
+        fmt = out.suffix.removeprefix(".")
+        if fmt not in FORMATS:
+            raise PipeError(f"{out}: expected a file name ending in {' or '.join('.' + f for f in FORMATS)} (or a "
+                            f"format given), found {out.suffix or 'no suffix'!r}", option="out")
     if fmt not in FORMATS:
-        raise PipeError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise PipeError(f"expected one of {', '.join(FORMATS)}, got {fmt!r}", option="format")
     return fmt
 
 

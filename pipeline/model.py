@@ -7,7 +7,9 @@ Section numbers in comments are the paper's. `AlexNetGrouped` is the same functi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -219,18 +221,24 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def forward_flops(config: AlexNetConfig) -> int:
-    """Forward FLOPs per image (2 per multiply-add of the conv and fc layers; ReLU, LRN, pooling and biases are
-    noise beside them), from the layer shapes of both towers: what MFU divides by. 1,448,813,632 for the paper's
-    net at 224 (torch's FlopCounterMode counts the same)."""
-    c = config.channels
-    def pool(side: int) -> int:  # §3.4: overlapping 3/2 pooling
-        return (side - 3) // 2 + 1
+    """Forward FLOPs per image of the net `config` builds (2 per multiply-add of its conv and fc layers; ReLU, LRN,
+    pooling and biases are noise beside them): what MFU divides by. Counted from the layers' output shapes in one
+    pass on the meta device (no memory, no weights), so every switch is counted as built: 1,448,813,632 for the
+    paper's net at 224, 783,028,768 for §3.2's one-tower net (torch's FlopCounterMode counts the same)."""
+    with torch.device("meta"):
+        model = AlexNet(replace(config, init="default")).eval()  # meta tensors: no init to run
+    total = 0
 
-    s1 = (config.crop + 2 * config.conv1_padding - 11) // 4 + 1  # 55
-    s2, s3 = pool(s1), pool(pool(s1))  # 27, 13
-    # (input channels x kernel area, output channels, output positions) per tower (§3.5)
-    layers = [(3 * 11 * 11, c(48), s1 ** 2), (c(48) * 5 * 5, c(128), s2 ** 2), (2 * c(128) * 3 * 3, c(192), s3 ** 2),
-              (c(192) * 3 * 3, c(192), s3 ** 2), (c(192) * 3 * 3, c(128), s3 ** 2),
-              (2 * c(128) * pool(s3) ** 2, c(2048), 1), (2 * c(2048), c(2048), 1)]
-    tower = sum(fan_in * out * positions for fan_in, out, positions in layers)
-    return 2 * (2 * tower + 2 * c(2048) * config.num_classes)
+    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            total += 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)
+        else:
+            total += 2 * output.numel() * module.in_features
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model(torch.empty(1, 3, config.crop, config.crop, device="meta"))
+    for hook in hooks:
+        hook.remove()
+    return total

@@ -49,8 +49,6 @@ def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, cr
 def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,
                  loader: str = "dali") -> Path:
     """Write a grid of n augmented training samples beside their originals to `out_png`; return its path."""
-    if n < 1:
-        raise PipeError(f"--n must be at least 1, got {n}")
     pixels = load_pca(pca_path).stats
     mean = 255.0 * np.asarray(pixels.mean, dtype=np.float32)
     samples = augmented_samples(Path(shard_dir), pixels, n, seed, crop, loader)

@@ -9,6 +9,7 @@ prints the record (the GPU check script calls it).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -32,8 +33,9 @@ def _dali_version() -> str | None:
         return None
 
 
-def _git_commit(root: Path = PROJECT_ROOT) -> dict | None:
+def _git_commit(root: Path | None = None) -> dict | None:
     """The checkout's commit and whether files differ from it; None when not run from a git checkout."""
+    root = root or PROJECT_ROOT
     if not (root / ".git").exists():
         return None
     try:
@@ -44,6 +46,33 @@ def _git_commit(root: Path = PROJECT_ROOT) -> dict | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return {"commit": head, "modified": bool(dirty)}
+
+
+CODE_DIRS = ("pipeline", "stages", "cli", "bench", "cluster", "tools")  # where an untracked file is code that ran
+
+
+def code_diff(root: Path | None = None) -> bytes:
+    """What the checkout's code differs from its commit by, as `git diff --binary` writes it: the tracked files'
+    changes and the untracked files under CODE_DIRS as additions (empty when the code is its commit, or not a git
+    checkout). Applied to the commit with `git apply`, it rebuilds the code that ran."""
+    root = root or PROJECT_ROOT
+    if not (root / ".git").exists():
+        return b""
+
+    def git(*args: str, ok: tuple[int, ...] = (0,)) -> bytes:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=30)
+        if out.returncode not in ok:
+            raise subprocess.SubprocessError(out.stderr.decode(errors="replace"))
+        return out.stdout
+
+    try:
+        diff = git("diff", "--binary", "HEAD")
+        untracked = git("ls-files", "--others", "--exclude-standard", "-z", "--", *CODE_DIRS).split(b"\0")
+        for name in filter(None, untracked):  # `git diff --no-index` exits 1 when the files differ
+            diff += git("diff", "--binary", "--no-index", "--", "/dev/null", name.decode(), ok=(0, 1))
+    except (OSError, subprocess.SubprocessError):
+        return b""
+    return diff
 
 
 def run_record() -> dict:
@@ -75,9 +104,18 @@ def run_record() -> dict:
 def append_event(run_dir: Path, event: str, **fields) -> Event:
     """One line in `run_dir/events.jsonl`: the time, what happened (`event`: start, resume), `fields` (step,
     resumed_from, …) and the run record, written whole or not at all (a full disk is one line naming the file)."""
-    from pipeline.cache import append_line
+    from pipeline.cache import append_line, atomic_write
 
-    line = Event(time=round(time.time(), 3), event=event, record=run_record(), **fields)
+    record = run_record()
+    diff = code_diff() if record["git"] else b""
+    if diff:  # uncommitted code: keep what it differed by, so that the run can be rebuilt
+        digest = hashlib.sha256(diff).hexdigest()
+        path = run_dir / f"code-{digest[:16]}.diff"
+        if not path.is_file():
+            with atomic_write(path) as f:
+                f.write(diff)
+        fields["code_diff"] = {"file": path.name, "sha256": digest}
+    line = Event(time=round(time.time(), 3), event=event, record=record, **fields)
     append_line(run_dir / EVENTS, json.dumps(line.to_json()))
     return line
 

@@ -44,7 +44,7 @@ def assign_shards(members: list[Member], shard_size: int, seed: int) -> list[lis
     """A seeded shuffle of the whole split cut into `shard_size` pieces, fixed before any work starts: every
     shard mixes classes (DALI's reader only shuffles within a buffer) and any shard can be written alone."""
     if shard_size < 1:
-        raise PipeError(f"--shard-size must be at least 1, got {shard_size}")
+        raise PipeError(f"expected at least 1 sample per shard, got {shard_size}", option="shard_size")
     order = sorted(members, key=lambda m: m.key)
     random.Random(seed).shuffle(order)
     return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from functools import cache
+from importlib import resources
 from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
@@ -16,18 +18,27 @@ from pipeline.cache import MARKER, PLAN, StageState, inspect, read_json
 from pipeline.shards import damaged_shards
 
 STAGE_FILES = (MARKER, PLAN, RUN_SETTINGS)
-DEFAULT_LAYOUT = (("synth", "demo-data"), ("shard train", "shards/train"), ("shard val", "shards/val"),
-                  ("pca-stats", "pca"))
+
+
+@cache
+def default_layout() -> dict[str, str]:
+    """The Makefile's WORK layout (pipeline/layout.mk: `NAME = relative/path` lines), e.g. PCA_DIR → pca."""
+    text = resources.files("pipeline").joinpath("layout.mk").read_text()
+    return {name.strip(): value.strip() for name, _, value in (line.partition("=") for line in text.splitlines())
+            if value and not name.lstrip().startswith("#")}
 
 
 def stage_rows(work: Path, versions: dict[str, int]) -> list[tuple[str, Path, StageState]]:
     """(name, folder, state) of every stage folder under `work`; `versions`: each stage's current VERSION by the
     name its done marker records (a folder finished by an earlier version is stale)."""
     found = find_stage_folders(work)
-    rows = [(name, work / rel) for name, rel in DEFAULT_LAYOUT]
-    for kind, missing_name in (("runs", "train"), ("eval", "eval")):
-        if not any(f.parent == work / kind for f in found):
-            rows.append((missing_name, work / kind))
+    layout = default_layout()
+    named = (("synth", "DEMO_DATA_DIR"), ("shard train", "TRAIN_SHARDS_DIR"), ("shard val", "VAL_SHARDS_DIR"),
+             ("pca-stats", "PCA_DIR"))
+    rows = [(name, work / layout[key]) for name, key in named]
+    for key, missing_name in (("RUNS_DIR", "train"), ("EVALS_DIR", "eval")):
+        if not any(f.parent == work / layout[key] for f in found):
+            rows.append((missing_name, work / layout[key]))
     listed = {folder for _, folder in rows}
     rows += [(_row_name(folder, work), folder) for folder in found if folder not in listed]
     return [(name, folder, state_of(folder, versions)) for name, folder in rows]
@@ -74,13 +85,14 @@ def _stage_name(folder: Path) -> str:
 
 def _row_name(folder: Path, work: Path) -> str:
     """The default layout's names (`train demo`, `eval demo`, `report demo`); elsewhere the stage's own name."""
-    rel = folder.relative_to(work).parts
-    if len(rel) == 2 and rel[0] == "runs":
-        return f"train {rel[1]}"
-    if len(rel) == 2 and rel[0] == "eval":
-        return f"eval {rel[1]}"
-    if len(rel) == 3 and rel[0] == "eval" and rel[2] == "report":
-        return f"report {rel[1]}"
+    rel, layout = folder.relative_to(work), default_layout()
+    runs, evals = Path(layout["RUNS_DIR"]), Path(layout["EVALS_DIR"])
+    if rel.parent == runs:
+        return f"train {rel.name}"
+    if rel.parent == evals:
+        return f"eval {rel.name}"
+    if rel.parent.parent == evals and rel.name == "report":
+        return f"report {rel.parent.name}"
     return _stage_name(folder).replace("shard-", "shard ") or str(folder.relative_to(work))
 
 

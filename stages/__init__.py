@@ -61,10 +61,12 @@ def task_slice(n_units: int, task_index: int | None, num_tasks: int | None) -> r
     from pipeline.errors import PipeError
 
     if task_index is None or num_tasks is None:
-        raise PipeError("--task-index needs --num-tasks (and vice versa); SLURM_ARRAY_TASK_COUNT is not trusted "
-                        "because it is 1 when a single failed index is resubmitted")
+        raise PipeError("expected both a task index and the number of tasks, found only one "
+                        "(SLURM_ARRAY_TASK_COUNT is not trusted: it is 1 when a single failed index is resubmitted)",
+                        option="num_tasks" if num_tasks is None else "task_index")
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
-        raise PipeError(f"--task-index must be in 0..{num_tasks - 1} for --num-tasks {num_tasks}, got {task_index}")
+        raise PipeError(f"expected a task index in 0..{num_tasks - 1} for {num_tasks} tasks, got {task_index}",
+                        option="task_index")
     return range(task_index * n_units // num_tasks, (task_index + 1) * n_units // num_tasks)
 
 

@@ -43,7 +43,7 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
     if manifest.split != "train":
         reporter.warn(f"{shard_dir} holds the {manifest.split!r} split; the paper's PCA is over train")
     if max_images is not None and max_images < 1:
-        raise PipeError(f"--max-images must be at least 1, got {max_images}")
+        raise PipeError(f"expected at least 1 image, got {max_images}", option="max_images")
     shards_input = Input.of_stage(shard_dir, MANIFEST)
     params = {"max_images": max_images, "seed": seed if max_images is not None else None}
     stage = Stage("pca-stats", VERSION, out, params, {"shards": shards_input}, product=PCA,

@@ -55,9 +55,11 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         force: bool = False, reporter: Reporter | None = None) -> StageResult:
     reporter = reporter or QuietReporter()
     if split not in ("train", "val"):
-        raise PipeError(f"--split must be train or val, got {split!r}")
+        raise PipeError(f"expected train or val, got {split!r}", option="split")
     if not 1 <= quality <= 100 or short_side < 1:
-        raise PipeError(f"--quality must be 1..100 and --short-side positive, got {quality} and {short_side}")
+        raise PipeError(f"expected a JPEG quality in 1..100, got {quality}", option="quality")
+    if short_side < 1:
+        raise PipeError(f"expected a positive short side, got {short_side}", option="short_side")
     if not source.exists():
         raise PipeError(f"source not found: {source}")
     workers = workers or os.cpu_count() or 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,10 +46,14 @@ def test_help_is_fast_because_heavy_libraries_load_lazily():
 @pytest.mark.parametrize("args,expected", [
     (["shard", "/nonexistent/imagenet", "OUT", "--split", "train"], "source not found: /nonexistent/imagenet"),
     (["shard", "{tmp}", "{tmp}/out", "--split", "train"], "no ImageNet train split found"),
-    (["shard", "{tmp}", "{tmp}/out", "--split", "test"], "--split must be train or val"),
+    (["shard", "{tmp}", "{tmp}/out", "--split", "test"], "--split: expected train or val, got 'test'"),
     (["pca-stats", "{tmp}", "{tmp}/pca"], "no manifest.json"),
     (["verify", "{tmp}"], "no manifest.json"),
-    (["shard", "{tmp}", "{tmp}/out", "--split", "train", "--task-index", "1"], "--task-index needs --num-tasks"),
+    (["shard", "{tmp}", "{tmp}/out", "--split", "train", "--task-index", "1"],
+     "--num-tasks: expected both a task index and the number of tasks"),
+    (["shard", "{tmp}", "--split", "train"], "--out: expected the output folder (the shards) once"),
+    (["pca-stats", "{tmp}", "{tmp}/a", "--out", "{tmp}/b"], "--out: expected the output folder (pca.json) once"),
+    (["export", "{tmp}", "--out", "{tmp}/model.xyz"], "model.xyz: expected a file name ending in .pt2 or .onnx"),
 ])
 def test_bad_input_gives_one_clear_line_and_exit_code_2(tmp_path, args, expected):
     out = cli(*[a.format(tmp=tmp_path) for a in args])
@@ -103,3 +108,35 @@ def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, tmp_
     out = cli(args[0], *args[1:2], str(blocker / "out"), *args[2:])
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert f"expected a writable folder at {blocker}, found a file" in out.stderr
+
+
+@pytest.mark.parametrize("width", [60, 100, 200])
+def test_help_names_arguments_as_typed_shows_choices_and_wraps_at_any_width(width):
+    """Usage lines show OUT (not {out}), flags show no <bool>, the choices of --split, --format and --recipe are
+    listed, ablate lists its variants, and no line is wider than the terminal."""
+    from pipeline.ablation import VARIANT_NAMES
+
+    env = {**os.environ, "COLUMNS": str(width), "TERM": "dumb"}
+    pages = {c: cli(c, "--help", env=env).stdout for c in ("shard", "synth", "export", "train", "ablate", "status")}
+    assert "Usage: alexnet-pipe shard [OPTIONS] SOURCE [OUT]" in " ".join(pages["shard"].split())
+    assert "{" not in "".join(line for page in pages.values() for line in page.splitlines() if "Usage:" in line)
+    assert all("<bool>" not in page for page in pages.values())
+    assert "train|val" in pages["shard"] and "tree|tars" in pages["synth"] and "pt2|onnx" in pages["export"]
+    assert "paper|demo" in pages["train"] and "paper|demo" in pages["ablate"]
+    assert all(name in "".join(pages["ablate"].replace("│", "").split()) for name in VARIANT_NAMES)  # wrapped
+    assert all(len(line) <= width for page in pages.values() for line in page.splitlines())
+
+
+def test_output_folders_are_given_as_out_or_as_the_last_argument(tmp_path):
+    """synth, shard and pca-stats take --out like every command; the positional OUT of old still works."""
+    by_option, by_position = tmp_path / "a", tmp_path / "b"
+    for out in (["--out", str(by_option)], [str(by_position)]):
+        assert cli("synth", *out, "--classes", "1", "--train-per-class", "3", "--val-per-class", "3").returncode == 0
+    assert sorted(p.name for p in by_option.iterdir()) == sorted(p.name for p in by_position.iterdir())
+
+
+def test_a_slurm_array_task_id_that_is_no_number_is_one_line(tmp_path):
+    out = cli("shard", str(tmp_path), "--out", str(tmp_path / "out"), "--split", "train",
+              env={**os.environ, "SLURM_ARRAY_TASK_ID": "abc"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "--task-index: expected SLURM_ARRAY_TASK_ID to be a task index (0, 1, …), found 'abc'" in out.stderr

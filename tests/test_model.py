@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.ablation import VARIANTS
 from pipeline.model import (
     AlexNet,
     AlexNetConfig,
@@ -280,11 +282,18 @@ def test_dropout_zeroes_the_outputs_of_fc6_and_fc7_in_training_not_the_conv_feat
         assert (evaluated == 0).float().mean() < 0.05
 
 
-@pytest.mark.parametrize(("width", "crop", "num_classes"), [(1.0, 224, 1000), (1.0, 227, 1000), (0.25, 224, 10)])
-def test_forward_flops_from_layer_shapes_agree_with_torchs_flop_counter(width, crop, num_classes):
-    config = AlexNetConfig(width=width, crop=crop, num_classes=num_classes)
-    if (width, crop, num_classes) == (1.0, 224, 1000):
+MODEL_SWITCHES = [v.changes for v in VARIANTS if set(v.changes) <= {f.name for f in fields(AlexNetConfig)}]
+
+
+@pytest.mark.parametrize("changes", [{}, {"crop": 227}, {"width": 0.25, "num_classes": 10}, *MODEL_SWITCHES],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "paper")
+def test_forward_flops_of_every_switch_agree_with_torchs_flop_counter(changes):
+    """MFU divides by these: counted from the built module, so the one-tower net (§3.2) gets its own 783 MFLOPs."""
+    config = AlexNetConfig(**{"width": 0.5, **changes} if changes.keys() - {"crop"} else changes)
+    if not changes:
         assert forward_flops(config) == 1_448_813_632  # the hand count of the paper's net (2 per multiply-add)
+    if changes == {"towers": 1}:
+        assert forward_flops(replace(config, width=1.0)) == 783_028_768
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        AlexNet(config).eval()(torch.zeros(2, 3, crop, crop))
+        AlexNet(config).eval()(torch.zeros(2, 3, config.crop, config.crop))
     assert counter.get_total_flops() == 2 * forward_flops(config)

@@ -86,3 +86,41 @@ def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
     lines = out.splitlines()
     runs = "\n".join(lines[next(i for i, line in enumerate(lines) if line.strip() == "runs"):])  # the 2nd table
     assert "runs/tiny" in runs and "done" in runs and "18/18" in runs
+
+
+def test_a_run_from_uncommitted_code_keeps_the_diff_that_rebuilds_it(tmp_path, monkeypatch):
+    """A train start records the commit; when the code differs from it (a changed file, a new module), the run
+    folder keeps `git diff` of it beside events.jsonl, named by its sha256, and applying it to the commit gives back
+    the files that ran."""
+    import hashlib
+
+    from pipeline import record
+
+    repo, run = tmp_path / "repo", tmp_path / "run"
+    (repo / "pipeline").mkdir(parents=True)
+    run.mkdir()
+
+    def git(*args: str, cwd: Path = repo) -> str:
+        return subprocess.run(["git", "-C", str(cwd), *args], capture_output=True, text=True, check=True).stdout
+
+    git("init", "-q")
+    (repo / "pipeline" / "model.py").write_text("WIDTH = 1.0\n")
+    git("add", ".")
+    git("-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "one")
+    monkeypatch.setattr(record, "PROJECT_ROOT", repo)
+    assert "code_diff" not in record.append_event(run, "start", step=0, epoch=0).to_json()  # the commit: no diff
+
+    (repo / "pipeline" / "model.py").write_text("WIDTH = 0.5\n")
+    (repo / "pipeline" / "new.py").write_text("NEW = True\n")
+    (repo / "notes.txt").write_text("not code\n")
+    event = record.append_event(run, "resume", step=3, epoch=0)
+    diff = (run / event.code_diff["file"]).read_bytes()
+    assert event.code_diff["sha256"] == hashlib.sha256(diff).hexdigest() and event.record["git"]["modified"]
+    assert read_events(run)[-1].code_diff == event.code_diff
+
+    rebuilt = tmp_path / "rebuilt"
+    git("clone", "-q", str(repo), str(rebuilt), cwd=tmp_path)
+    subprocess.run(["git", "-C", str(rebuilt), "apply", str(run / event.code_diff["file"])], check=True)
+    assert (rebuilt / "pipeline" / "model.py").read_text() == "WIDTH = 0.5\n"
+    assert (rebuilt / "pipeline" / "new.py").read_text() == "NEW = True\n"
+    assert not (rebuilt / "notes.txt").exists()  # not under a code folder

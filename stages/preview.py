@@ -1,0 +1,28 @@
+"""`preview`: a PNG grid of the first training samples as the network sees them, beside their originals (not
+cached: a picture to look at, written atomically)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.artifacts import MANIFEST
+from pipeline.errors import PipeError
+from stages import QuietReporter, Reporter, StageResult
+
+
+def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 0, crop: int = 224,
+        loader: str = "dali", reporter: Reporter | None = None) -> StageResult:
+    """The product is the PNG's path."""
+    reporter = reporter or QuietReporter()
+    for path, what in ((shard_dir / MANIFEST, f"a shard folder ({MANIFEST})"), (pca_path, "pca.json")):
+        if not path.is_file():
+            raise PipeError(f"{path}: not found; expected {what} from `make prepare`")
+    if n < 1:
+        raise PipeError(f"expected at least 1 sample, got {n}", option="n")
+    if out.is_dir():
+        raise PipeError(f"{out}: expected a PNG file to write, found a folder", option="out")
+    from pipeline.preview import preview_grid
+
+    written = preview_grid(shard_dir, pca_path, out, n, seed, crop=crop, loader=loader)
+    reporter.info(f"preview: {written}")
+    return StageResult("preview", out, finished=True, product=written)
