@@ -41,9 +41,9 @@ RUN_DIR        := $(WORK)/$(RUNS_DIR)/$(RUN)
 EVAL_DIR       := $(WORK)/$(EVALS_DIR)/$(RUN)
 REPORT          = $(CLI) report $(RUN_DIR) --eval $(EVAL_DIR) --out $(EVAL_DIR)/report
 
-# The paper's claims (README "The paper's claims"): the baseline and one variant per claim, ABLATION_SEEDS seeds each,
+# The paper's claims (docs/paper.md, "The claims sweep"): the baseline and one variant per claim, ABLATION_SEEDS seeds each,
 # on the same shards. Without IMAGENET the demo recipe, ABLATION_EPOCHS epochs a run (the whole sweep: 12.7 min measured
-# on an idle 2-core CPU, README); with IMAGENET the paper's recipe. The threshold: the training top-1 error
+# on an idle 2-core CPU, docs/results.md); with IMAGENET the paper's recipe. The threshold: the training top-1 error
 # counted in epochs (Figure 1; the paper's 25% is for CIFAR-10, which the short demo runs do not reach).
 ABLATION_DIR       := $(WORK)/$(ABLATIONS_DIR)
 ABLATION_SEEDS     ?= 3
@@ -57,7 +57,7 @@ NUM_TASKS      ?= 8
 CLUSTER_ENV     = WORK=$(abspath $(WORK)) RUN=$(RUN) DEVICES=$(DEVICES) SEED=$(SEED) SHARD_SIZE=$(SHARD_SIZE) \
                   NUM_TASKS=$(NUM_TASKS) ALEXNET_PIPE=$(abspath $(CLI))
 
-.PHONY: setup test lint synth prepare shard-train shard-val pca train eval report preview status clean bench \
+.PHONY: setup test test-fast lint synth prepare shard-train shard-val pca train eval report preview status clean bench \
         cluster-prepare cluster-train ablations cluster-ablations
 
 setup: $(STAMP)
@@ -73,8 +73,13 @@ $(STAMP): pyproject.toml tools/build-pillow-simd.sh
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
+# The fast tier: every test not marked slow (no training run, no Slurm, no long sweep), under 90 s on 2 cores.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -q -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline stages cli tests bench
+	$(VENV)/bin/mypy pipeline stages cli
 
 synth: $(STAMP)
 	$(CLI) synth $(DEMO_DATA) --classes $(DEMO_CLASSES) --train-per-class $(DEMO_TRAIN) --val-per-class $(DEMO_VAL) --seed $(SEED)

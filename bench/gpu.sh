@@ -76,7 +76,7 @@ dali_error=$("$PY" -c "import nvidia.dali" 2>&1 | tail -n 1)
 if [ -n "$dali_error" ]; then
     LOADER=torch
     echo "== DALI is not importable ($dali_error): skipping the DALI loader steps; the CLI runs with --loader torch" \
-         "(install DALI with tools/gpu-bundle.sh, see README)" | tee "$W/logs/dali.log"
+         "(install DALI with tools/gpu-bundle.sh, see docs/gpu-check.md)" | tee "$W/logs/dali.log"
 fi
 
 # data: the CLI's own stages on generated 256-pixel sets, the two synth runs side by side

@@ -38,6 +38,7 @@ def without_digests(table: dict) -> dict:
     return {**table, "runs": [{k: v for k, v in r.items() if k != "eval_sha256"} for r in table["runs"]]}
 
 
+@pytest.mark.slow
 def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
     table = json.loads((sweep / "ablations.json").read_text())
     evals = {u: json.loads((sweep / "eval" / u / "eval.json").read_text()) for u in UNITS}
@@ -70,6 +71,7 @@ def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
         == "relu"
 
 
+@pytest.mark.slow
 def test_a_rerun_of_a_finished_sweep_is_up_to_date_and_writes_nothing(sweep, tiny_data, cli):
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()}
     out = cli(*sweep_args(tiny_data, sweep))
@@ -77,6 +79,7 @@ def test_a_rerun_of_a_finished_sweep_is_up_to_date_and_writes_nothing(sweep, tin
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_sweep_stopped_by_sigterm_mid_run_records_nothing_of_it_and_resumes_as_two_array_tasks(
         sweep, tiny_data, cli, cli_popen, tmp_path):
     """SIGTERM, as Slurm sends on preemption: the run being trained stops at a checkpoint and is neither evaluated

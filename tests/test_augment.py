@@ -189,6 +189,7 @@ def test_rank_ranges_split_the_samples_into_disjoint_complete_parts():
 # labels
 
 
+@pytest.mark.slow
 def test_labels_parsed_in_the_pipeline_equal_the_cls_text_of_1_2_and_3_digits(sample_shards, pca):
     expected = tar_labels(sample_shards["train"])
     assert {len(str(label)) for label in expected} == {1, 2, 3}
@@ -210,6 +211,7 @@ def test_a_cls_longer_than_the_class_list_allows_stops_with_an_error(tmp_path, p
 # determinism, epochs, ranks, resume
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_batches_whatever_the_thread_count_and_epochs_and_seeds_differ(pattern_shards,
                                                                                                  pca):
     first = epoch(TrainLoader(pattern_shards, pca, 25, seed=3, num_threads=2), 0)
@@ -231,6 +233,7 @@ def test_same_seed_gives_identical_batches_whatever_the_thread_count_and_epochs_
     assert order != next_epoch and order != other_seed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_two_ranks_read_disjoint_parts_of_the_epoch_order_cover_all_but_the_tail_with_equal_batch_counts(
         pattern_shards, pca, kind):
@@ -250,6 +253,7 @@ def test_two_ranks_read_disjoint_parts_of_the_epoch_order_cover_all_but_the_tail
         assert len(set(seen[0] + seen[1])) == 144  # disjoint, no repeats; 150 − 144 = the dropped tail
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_resuming_mid_epoch_from_a_saved_state_yields_exactly_the_remaining_batches(pattern_shards, pca, kind,
                                                                                     tmp_path):
@@ -272,6 +276,7 @@ def test_resuming_mid_epoch_from_a_saved_state_yields_exactly_the_remaining_batc
     assert resumed.state_dict() == {"epoch": 2, "batches": 15}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_size,batch_size", [(1, 10), (1, 7), (2, 10), (2, 7), (3, 10), (3, 7)])
 def test_eval_reads_every_sample_exactly_once_for_any_batch_size_and_rank_count(pattern_shards, pca, world_size,
                                                                                 batch_size):
@@ -291,6 +296,7 @@ def test_eval_reads_every_sample_exactly_once_for_any_batch_size_and_rank_count(
 # what the pixels show: crops, mirror, lighting
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_crops_lie_in_the_central_square_at_uniform_offsets_and_half_are_mirrored(pattern_shards, pca, kind):
     loader = train_loader(kind, pattern_shards, pca, 50, lighting=False)
@@ -310,6 +316,7 @@ def test_crops_lie_in_the_central_square_at_uniform_offsets_and_half_are_mirrore
     assert stats.binomtest(mirrored, n, 0.5).pvalue > 1e-3  # the mirror rate is consistent with 0.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_random_crop_and_mirror_off_give_the_unflipped_centre_patch_every_time(pattern_shards, pca, kind):
     loader = train_loader(kind, pattern_shards, pca, 50, lighting=False, random_crop=False, mirror=False)
@@ -319,6 +326,7 @@ def test_random_crop_and_mirror_off_give_the_unflipped_centre_patch_every_time(p
     assert max(error for *_, error in draws) <= 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
 def test_lighting_offsets_have_the_papers_covariance_and_are_exactly_zero_when_off(grey_shards, pca, kind):
     base = GREY - torch.tensor([255 * m for m in MEAN], dtype=torch.float64).float()[:, None, None]
@@ -347,6 +355,7 @@ def test_lighting_offsets_have_the_papers_covariance_and_are_exactly_zero_when_o
 # parity with the torch reference; shapes and layouts
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("crop", [224, 227])
 def test_val_centre_crop_and_all_ten_crop_views_equal_the_torch_reference_pixel_for_pixel(sample_shards, pca, crop):
     """Measured tolerance: 0. DALI's CPU decode (libjpeg-turbo in nvImageCodec, fancy upsampling) gives the same
@@ -367,6 +376,7 @@ def test_val_centre_crop_and_all_ten_crop_views_equal_the_torch_reference_pixel_
     assert torch.equal(views[:, 5:], views[:, :5].flip(-1))  # … and views 5..9 mirror views 0..4
 
 
+@pytest.mark.slow
 def test_reference_train_loader_gives_the_same_label_multiset_shapes_and_layouts_as_dali(sample_shards, pca):
     shapes, labels = {}, {}
     for kind in LOADERS:
@@ -412,6 +422,7 @@ def test_preview_reports_the_crop_flip_and_offset_that_made_each_augmented_image
         assert grid.format == "PNG" and grid.width > 1000 and grid.height > 2 * 224
 
 
+@pytest.mark.slow
 def test_preview_command_writes_the_grid_and_refuses_a_folder_without_shards(sample_shards, pca, tmp_path):
     import subprocess
     import sys

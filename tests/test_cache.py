@@ -107,6 +107,7 @@ def test_upstream_change_makes_downstream_stale(toy, tmp_path):
     assert inspect(down).state == "done"
 
 
+@pytest.mark.slow
 def test_sigkill_mid_units_then_rerun_keeps_finished_units_and_is_byte_identical(toy, tmp_path):
     start, run = toy
     reference = tmp_path / "reference"
@@ -137,6 +138,7 @@ def test_sigkill_mid_units_then_rerun_keeps_finished_units_and_is_byte_identical
     assert got == ref  # every unit, record, plan and product identical; no temp file left behind
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_refuses_and_nothing_is_corrupt(toy, tmp_path):
     start, run = toy
     out = tmp_path / "a"

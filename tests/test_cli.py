@@ -99,12 +99,10 @@ def test_status_reports_missing_partial_and_done_stages(tmp_path, sample_shards)
 
 
 @pytest.mark.parametrize("command", [["synth"], ["shard", "SAMPLE", "--split", "train"]], ids=lambda c: c[0])
-def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, tmp_path):
-    from conftest import SAMPLE
-
+def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, sample_dir, tmp_path):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    args = [str(SAMPLE) if a == "SAMPLE" else a for a in command]
+    args = [str(sample_dir) if a == "SAMPLE" else a for a in command]
     out = cli(args[0], *args[1:2], str(blocker / "out"), *args[2:])
     assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
     assert f"expected a writable folder at {blocker}, found a file" in out.stderr

@@ -154,6 +154,7 @@ def test_the_makefile_follows_the_recipe_and_passes_only_what_the_user_set():
     assert all(s in given for s in ("--recipe my.toml", "--epochs 3", "--batch-size 16", "--seed 5"))
 
 
+@pytest.mark.slow
 def test_a_run_folder_written_before_settings_were_declared_once_resumes(tiny_run, tiny_data, tmp_path, cli,
                                                                           train_cmd):
     """The previous version recorded `train.augment` as a dict and no per-flag keys; its run must not be refused."""

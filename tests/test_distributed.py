@@ -80,6 +80,7 @@ def test_two_tower_placement_on_two_devices_trains_identically(tmp_path):
     assert run_ranks(tmp_path, 1, "cpu,cpu") == pytest.approx(run_ranks(tmp_path, 1, "cpu"), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_alexnet_pipe_torchrun_ends_a_stop_signal_with_one_line_and_the_signals_status(tmp_path):
     """What the Slurm train job runs: torchrun's arguments, and on SIGTERM (after the ranks got it) one line and exit
     143 where torchrun prints a SignalException traceback."""

@@ -64,6 +64,7 @@ def logits(trained, images) -> torch.Tensor:
     return out
 
 
+@pytest.mark.slow
 def test_negative_control_the_other_lrn_convention_misses_the_tolerance(trained, images, logits):
     _, classifier = trained
     other = {"paper": "caffe", "caffe": "paper"}[classifier.spec.model.lrn_convention]
@@ -85,6 +86,7 @@ def export_cli(*args) -> str:
     return run.stderr
 
 
+@pytest.mark.slow
 def test_pt2_program_gives_the_models_logits_at_any_batch_with_its_preprocessing(trained, images, logits,
                                                                                    tmp_path):
     checkpoint, classifier = trained
@@ -102,6 +104,7 @@ def test_pt2_program_gives_the_models_logits_at_any_batch_with_its_preprocessing
     assert [c["wnid"] for c in stored["classes"]] == list(classifier.classes.wnids) and stored["short_side"] == 256
 
 
+@pytest.mark.slow
 def test_onnx_model_in_onnxruntime_gives_the_models_logits_at_any_batch(trained, images, logits, tmp_path):
     import onnxruntime
 
@@ -116,6 +119,7 @@ def test_onnx_model_in_onnxruntime_gives_the_models_logits_at_any_batch(trained,
     assert PREPROCESSING in session.get_modelmeta().custom_metadata_map
 
 
+@pytest.mark.slow
 def test_export_refuses_an_unknown_format_and_writes_nothing(tiny_run, tmp_path):
     with pytest.raises(PipeError, match=r"^expected one of pt2, onnx, got 'tflite'$") as refused:
         export_cli(tiny_run, "--out", tmp_path / "model.bin", "--format", "tflite")
@@ -123,6 +127,7 @@ def test_export_refuses_an_unknown_format_and_writes_nothing(tiny_run, tmp_path)
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_onnx_without_the_export_extra_says_how_to_install_it(tiny_run, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # as in an install without the extra: `import onnx` fails
     classifier = load_classifier(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], "cpu")

@@ -49,6 +49,7 @@ def figured(tiny_run, tiny_data, cli, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_run):
     result = json.loads((figured / "eval" / "eval.json").read_text())
     state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
@@ -62,6 +63,7 @@ def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_ru
     assert isinstance(result["figure3"]["differ"], bool)
 
 
+@pytest.mark.slow
 def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figured, tiny_run, tiny_data):
     from pipeline.augment import load_pca, reference_eval_samples
     from pipeline.model import build_model
@@ -90,6 +92,7 @@ def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figu
         assert [n["distance"] for n in query["neighbours"]] == pytest.approx(distances[q, order].tolist(), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_report_lays_out_figure3_and_figure4_from_eval_json(figured):
     result = json.loads((figured / "eval" / "eval.json").read_text())
     md = (figured / "report" / "report.md").read_text()

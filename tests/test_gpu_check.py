@@ -69,6 +69,7 @@ def test_the_placement_check_finds_two_devices_equal_to_one_on_the_cpu_twin(gpu_
 
 
 def test_the_clock_check_sees_a_slower_loader_as_more_waiting_on_the_cpu_twin(gpu_check):
-    found = gpu_check.clock(argparse.Namespace(device="cpu", size=256, matmuls=4, steps=3))
+    # steps of ~10 ms, so that sleep's jitter on a busy machine stays far below a quarter of one
+    found = gpu_check.clock(argparse.Namespace(device="cpu", size=512, matmuls=8, steps=5))
     # on the CPU the host's share: 1/5 and 3/4 on a quiet machine (exact bounds: tests/test_speed.py)
     assert 0 < found["quarter_step_loader"] < found["three_step_loader"] < 1 and found["step_ms"] > 0

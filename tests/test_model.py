@@ -43,6 +43,7 @@ def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     return model
 
 
+@pytest.mark.slow
 def test_parameter_count_is_the_papers_60_965_224_and_torchvision_differs():
     model = AlexNet(AlexNetConfig())
     assert count_parameters(model) == 60_965_224
@@ -73,6 +74,7 @@ def test_a_crop_other_than_224_or_227_is_refused(crop):
         AlexNetConfig(crop=crop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("width", "batch"), [(1.0, 2), (SMALL, 3)])
 def test_two_towers_equal_the_grouped_single_column_given_the_same_weights(width, batch):
     """In float64, so that a tolerance far below any mapping error is not eaten by float32 summation order."""
@@ -212,6 +214,7 @@ def test_default_init_is_pytorchs_kaiming_uniform_not_the_papers_gaussian():
         AlexNetConfig(init="xavier")
 
 
+@pytest.mark.slow
 def test_a_few_sgd_steps_on_cpu_reduce_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     model = build_model(AlexNetConfig(width=SMALL, num_classes=10), ["cpu", "cpu"])
@@ -250,6 +253,7 @@ def test_width_scales_every_channel_count_with_a_minimum_of_one():
             tower.conv5.out_channels, tower.fc6.out_features] == [1, 1, 2, 1, 20]
 
 
+@pytest.mark.slow
 def test_channels_last_and_torch_compile_give_the_eager_output():
     model = randomize_(AlexNet(AlexNetConfig(width=SMALL, num_classes=10))).eval()
     x = torch.randn(2, 3, 224, 224)
@@ -282,7 +286,8 @@ def test_dropout_zeroes_the_outputs_of_fc6_and_fc7_in_training_not_the_conv_feat
         assert (evaluated == 0).float().mean() < 0.05
 
 
-MODEL_SWITCHES = [v.changes for v in VARIANTS if set(v.changes) <= {f.name for f in fields(AlexNetConfig)}]
+MODEL_FIELDS = {f.name for f in fields(AlexNetConfig)}
+MODEL_SWITCHES = [v.changes for v in VARIANTS if v.changes and set(v.changes) <= MODEL_FIELDS]
 
 
 @pytest.mark.parametrize("changes", [{}, {"crop": 227}, {"width": 0.25, "num_classes": 10}, *MODEL_SWITCHES],

@@ -35,6 +35,7 @@ def all_pixels(shard_dir: Path) -> np.ndarray:
     return np.concatenate([px.T for s in load_manifest(shard_dir).shards for px in shard_images(shard_dir / s.name)])
 
 
+@pytest.mark.slow
 def test_pca_json_matches_numpy_on_all_decoded_pixels(sample_shards, tmp_path):
     result = pca_stage.run(sample_shards["train"], tmp_path / "pca", workers=2)
     pca = json.loads((tmp_path / "pca" / "pca.json").read_text())
@@ -53,6 +54,7 @@ def test_pca_json_matches_numpy_on_all_decoded_pixels(sample_shards, tmp_path):
                         "source_manifest_sha256"} and pca["pixel_scale"] == "0-1"
 
 
+@pytest.mark.slow
 def test_pca_math_recovers_a_known_gaussian():
     rng = np.random.default_rng(0)
     q, _ = np.linalg.qr(rng.normal(size=(3, 3)))
@@ -67,6 +69,7 @@ def test_pca_math_recovers_a_known_gaussian():
         assert abs(abs(np.dot(np.array(pca.eigvecs)[:, i], q[:, i])) - 1) < 0.01
 
 
+@pytest.mark.slow
 def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
     partials = [shard_moments(small_shards / s.name) for s in load_manifest(small_shards).shards]
     one_pass = pixel_moments(all_pixels(small_shards))
@@ -82,6 +85,7 @@ def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
     assert Moments.from_dict(json.loads(json.dumps(merge(partials).to_dict()))) == merge(partials)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_equals_an_uninterrupted_run(small_shards, tmp_path):
     reference = tmp_path / "reference"
     pca_stage.run(small_shards, reference, workers=1)
@@ -105,6 +109,7 @@ def test_sigkill_then_rerun_equals_an_uninterrupted_run(small_shards, tmp_path):
         assert (out / "_units" / p.name).read_bytes() == p.read_bytes()
 
 
+@pytest.mark.slow
 def test_array_tasks_then_reduce_equal_a_single_pass(small_shards, tmp_path):
     reference = tmp_path / "reference"
     pca_stage.run(small_shards, reference, workers=2)
@@ -116,6 +121,7 @@ def test_array_tasks_then_reduce_equal_a_single_pass(small_shards, tmp_path):
     assert pca_stage.run(small_shards, out).up_to_date
 
 
+@pytest.mark.slow
 def test_max_images_takes_a_seeded_subsample(small_shards, tmp_path):
     a = pca_stage.run(small_shards, tmp_path / "a", max_images=50, seed=3).product
     b = pca_stage.run(small_shards, tmp_path / "b", max_images=50, seed=3).product
@@ -123,6 +129,7 @@ def test_max_images_takes_a_seeded_subsample(small_shards, tmp_path):
     assert a == b and a.images == 50 and c.images == 50 and a.cov != c.cov
 
 
+@pytest.mark.slow
 def test_real_imagenet_samples_land_near_the_published_imagenet_pca(sample_shards, tmp_path):
     pca = pca_stage.run(sample_shards["train"], tmp_path / "pca").product
     vals = np.array(pca.eigvals)
@@ -132,6 +139,7 @@ def test_real_imagenet_samples_land_near_the_published_imagenet_pca(sample_shard
     assert angle < 2.0, angle
 
 
+@pytest.mark.slow
 def test_rerun_is_up_to_date_and_new_shards_make_it_stale(sample_shards, small_shards, tmp_path):
     out = tmp_path / "pca"
     pca_stage.run(small_shards, out)
@@ -165,6 +173,7 @@ def _has_avx512() -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["Haswell", pytest.param("SkylakeX", marks=pytest.mark.skipif(
     not _has_avx512(), reason="this CPU has no avx512f: OpenBLAS cannot use its SkylakeX kernels here"))])
 def test_pca_json_is_the_same_bytes_under_each_openblas_kernel(kernel, small_shards):
@@ -201,6 +210,7 @@ def test_the_eigen_pairs_are_exact_for_every_kind_of_symmetric_matrix():
         assert np.all(got_vectors[np.abs(got_vectors).argmax(axis=0), range(3)] > 0)
 
 
+@pytest.mark.slow
 def test_a_folder_finished_by_pca_stats_version_1_keeps_its_partials_and_only_reduces_again(small_shards, tmp_path):
     """After the upgrade that changed how the eigen-pairs are computed, the per-shard partials (a pass over every
     training image) are reused: the rerun only reduces; status says the folder is stale until then."""

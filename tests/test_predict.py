@@ -45,6 +45,7 @@ def photos(sample_dir, tmp_path_factory) -> dict[str, Path]:
     return files
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("split", "ten_crop"), [("train", False), ("val", True)])
 def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the_same_files(
         sample_dir, sample_shards, classifier, one_thread, split, ten_crop):
@@ -61,6 +62,7 @@ def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the
         assert torch.equal(ours, expected), key
 
 
+@pytest.mark.slow
 def test_unreadable_bytes_raise_bad_image(photos, classifier):
     for name in ("truncated", "text"):
         with pytest.raises(BadImage):
@@ -88,6 +90,7 @@ def check_probabilities(classifier: Classifier, records: list[dict], ten_crop: b
                                                     classifier.classes.names[best["index"]])
 
 
+@pytest.mark.slow
 def test_predict_cli_classifies_every_readable_format_and_reports_each_unreadable_file(cli, tiny_run, classifier,
                                                                                        photos, one_thread):
     folder = photos["text"].parent
@@ -104,6 +107,7 @@ def test_predict_cli_classifies_every_readable_format_and_reports_each_unreadabl
     check_probabilities(classifier, records, ten_crop=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_centre_crop_probabilities_are_the_models_whatever_the_batch(classifier, photos, one_thread, batch_size):
     records = list(classify(classifier, [photos["text"].parent], top=1000, batch_size=batch_size))
@@ -111,6 +115,7 @@ def test_centre_crop_probabilities_are_the_models_whatever_the_batch(classifier,
     check_probabilities(classifier, records, ten_crop=False)
 
 
+@pytest.mark.slow
 def test_predict_prints_top_k_lines(tiny_run, photos):
     from typer.testing import CliRunner
 
@@ -127,6 +132,7 @@ def test_predict_prints_top_k_lines(tiny_run, photos):
         "complete zip archive (cut short, or not a checkpoint)")
 
 
+@pytest.mark.slow
 def test_predict_exits_2_with_one_line_when_no_image_is_readable(cli, tiny_run, photos):
     bad = cli("predict", tiny_run, photos["truncated"], photos["text"], "--devices", "cpu", check=False)
     assert bad.returncode == 2 and bad.stdout == "" and "Traceback" not in bad.stderr

@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import asdict
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipeline.record import append_event, read_events, run_record
@@ -56,6 +57,7 @@ def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
 
 
+@pytest.mark.slow
 def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
@@ -78,6 +80,7 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     assert run_progress(work, now=1100.0)[1].state == "stopped"  # no line for 90 s: killed or hung
 
 
+@pytest.mark.slow
 def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)

@@ -51,6 +51,7 @@ def shows(text: str, value: float) -> bool:
     return text == f"{value:.{decimals}%}"
 
 
+@pytest.mark.slow
 def test_report_writes_report_md_and_every_png_it_links(report):
     assert str(report["dir"] / "report.md") in report["said"]
     linked = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report["md"])
@@ -61,6 +62,7 @@ def test_report_writes_report_md_and_every_png_it_links(report):
             assert len(np.unique(np.asarray(image.convert("L")))) > 2, f"{name} is blank"
 
 
+@pytest.mark.slow
 def test_error_table_quotes_eval_json(report):
     result, rows = report["eval"], table(report["md"], "| model | top-1 error")
     mine = {row[3].split(",")[0]: row for row in rows if row[0].startswith("this run")}
@@ -81,6 +83,7 @@ def test_error_table_quotes_eval_json(report):
                                                  round(result["ten_crop"]["images_per_s"])]
 
 
+@pytest.mark.slow
 def test_training_summary_quotes_metrics_jsonl(report):
     epochs = [r for r in report["metrics"] if "val_top1_error" in r]
     steps = [r for r in report["metrics"] if "loss" in r]
@@ -101,6 +104,7 @@ def test_training_summary_quotes_metrics_jsonl(report):
     assert all(r["mfu"] is None and r["precision"] == "fp32" for r in steps)  # a CPU has no peak in the table
 
 
+@pytest.mark.slow
 def test_per_class_and_confused_tables_quote_eval_json(report):
     result = report["eval"]
     rows = table(report["md"], "| label | wnid")
@@ -115,6 +119,7 @@ def test_per_class_and_confused_tables_quote_eval_json(report):
     assert "Different data" in report["md"]  # 18 images are not ILSVRC-2012's 50,000
 
 
+@pytest.mark.slow
 def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
     out = cli("report", tiny_run, "--eval", tmp_path / "nothing", "--out", tmp_path / "report", check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -122,6 +127,7 @@ def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
     assert len(lines) == 1 and "expected a finished stage holding eval.json" in lines[0]
 
 
+@pytest.mark.slow
 def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_path):
     """Same eval.json and metrics.jsonl → up to date, no file touched; a run that logged more → written again."""
     run, eval_dir = tmp_path / "run", report["dir"].parent
@@ -155,6 +161,7 @@ def test_the_report_names_its_data_from_the_manifests_not_from_a_sample_count(ti
     assert val_data_origin(full) == ("the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True)
 
 
+@pytest.mark.slow
 def test_plots_of_a_run_shorter_than_one_epoch_raise_no_library_warning(tiny_run, tmp_path):
     import warnings
 
@@ -169,6 +176,7 @@ def test_plots_of_a_run_shorter_than_one_epoch_raise_no_library_warning(tiny_run
     assert Image.open(tmp_path / "val_error.png").size[0] > 0
 
 
+@pytest.mark.slow
 def test_report_ends_with_what_the_run_and_the_eval_ran_on(report, tiny_run):
     import torch
 

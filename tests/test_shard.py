@@ -1,5 +1,7 @@
-"""Stage `shard` on real ImageNet files: every layout and label format, ImageNet's broken files, DALI and
-webdataset read-back, byte-identical results whatever the workers / array tasks / kills, and hostile archives."""
+"""Stage `shard` on real ImageNet files: every layout and label format, ImageNet's broken files, byte-identical
+results whatever the workers / array tasks / kills, hostile archives; and the shards read back as other libraries
+read them, with nothing but the folder: DALI's reader with our index, webdataset, and timm's `wds` reader through
+the `_info.json` the stage writes."""
 
 from __future__ import annotations
 
@@ -16,18 +18,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from pipeline.artifacts import PixelStats
+from pipeline.augment import ReferenceEvalLoader, centre_crop_box
+from pipeline.augment.loading import ShardSet
+from pipeline.augment.reference import decode_rgb, shard_samples
 from pipeline.cache import fingerprint_source, inspect
-from pipeline.imagenet import Member
+from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.images import BadImage, prepare_image, resized_size
 from pipeline.shards import assign_shards
+from stages import QuietReporter
 from stages import shard as shard_stage
 
-SHARED = Path(os.environ.get("ALEXNET_PIPE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
-META = SHARED / "data" / "imagenet-meta"
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
-SORTED_WNIDS = [line.split()[0] for line in (META / "LOC_synset_mapping.txt").read_text().splitlines() if line]
+
+
+SORTED_WNIDS = ilsvrc2012_classes().wnids  # the package's own LOC_synset_mapping.txt: the global label order
 
 # The fixture files added to the real samples, and what the stage must do with them.
 PNG_AS_JPEG = "n02105855_2933"  # real ILSVRC train file: PNG data (RGBA) under a .JPEG name
@@ -101,13 +109,13 @@ def temp_files(out: Path) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def quirk_tree(tmp_path_factory, sample_dir) -> Path:
+def quirk_tree(tmp_path_factory, sample_dir, meta_dir) -> Path:
     """train/<wnid>/ and flat val/ + LOC_val_solution.csv: the 260 real samples, a CMYK JPEG in each split, a
     truncated JPEG, a zero-byte file, and ILSVRC2012_val_00000001 (a real sea snake, as its label says)."""
     root = tmp_path_factory.mktemp("quirk-tree")
     shutil.copytree(sample_dir / "train", root / "train")
     shutil.copytree(sample_dir / "val", root / "val")
-    shutil.copy(META / "LOC_val_solution.csv", root)
+    shutil.copy(meta_dir / "LOC_val_solution.csv", root)
     tench = (sample_dir / "train" / "n01440764" / "n01440764_tench.JPEG").read_bytes()
     Image.open(io.BytesIO(tench)).convert("CMYK").save(root / "train" / "n01440764" / f"{CMYK_TRAIN}.JPEG", "JPEG")
     (root / "train" / "n01440764" / f"{TRUNCATED}.JPEG").write_bytes(tench[: len(tench) * 2 // 3])
@@ -120,7 +128,7 @@ def quirk_tree(tmp_path_factory, sample_dir) -> Path:
     return root
 
 
-def make_official_archives(tree: Path, root: Path) -> Path:
+def make_official_archives(tree: Path, root: Path, meta: Path) -> Path:
     """ILSVRC2012_img_train.tar (a tar of per-class tars), the flat ILSVRC2012_img_val.tar and the devkit tar.gz
     (val labels as devkit IDs, meta.mat) from an extracted tree."""
     root.mkdir(parents=True)
@@ -137,15 +145,15 @@ def make_official_archives(tree: Path, root: Path) -> Path:
         for f in sorted((tree / "val").iterdir()):
             val.add(f, arcname=f.name)
     with tarfile.open(root / "ILSVRC2012_devkit_t12.tar.gz", "w:gz") as devkit:
-        devkit.add(META / "meta.mat", arcname="ILSVRC2012_devkit_t12/data/meta.mat")
-        devkit.add(META / "ILSVRC2012_validation_ground_truth.txt",
+        devkit.add(meta / "meta.mat", arcname="ILSVRC2012_devkit_t12/data/meta.mat")
+        devkit.add(meta / "ILSVRC2012_validation_ground_truth.txt",
                    arcname="ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
     return root
 
 
 @pytest.fixture(scope="module")
-def official(tmp_path_factory, quirk_tree) -> Path:
-    return make_official_archives(quirk_tree, tmp_path_factory.mktemp("official") / "ilsvrc2012")
+def official(tmp_path_factory, quirk_tree, meta_dir) -> Path:
+    return make_official_archives(quirk_tree, tmp_path_factory.mktemp("official") / "ilsvrc2012", meta_dir)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +175,7 @@ def tree_val(tmp_path_factory, quirk_tree) -> Path:
 # labels and coverage
 
 
+@pytest.mark.slow
 def test_every_good_train_image_is_in_exactly_one_shard_with_its_sorted_wnid_label(quirk_tree, tree_train):
     found = samples(tree_train)
     expected = {f.stem: f.parent.name for f in (quirk_tree / "train").glob("*/*.JPEG")}
@@ -197,7 +206,8 @@ def test_shards_mix_classes_in_a_seeded_order_and_another_seed_reshuffles(tree_v
 
 @pytest.mark.parametrize("layout", ["kaggle-csv-beside-tree", "devkit-tar-in-official-root",
                                     "devkit-txt-as-labels", "devkit-tar-as-labels"])
-def test_val_labels_are_the_same_from_kaggle_csv_and_devkit_ids(layout, quirk_tree, official, tree_val, tmp_path):
+def test_val_labels_are_the_same_from_kaggle_csv_and_devkit_ids(layout, quirk_tree, official, tree_val, meta_dir,
+                                                                 tmp_path):
     out = tmp_path / "val"
     if layout == "kaggle-csv-beside-tree":
         out = tree_val
@@ -206,7 +216,7 @@ def test_val_labels_are_the_same_from_kaggle_csv_and_devkit_ids(layout, quirk_tr
     else:
         folder = tmp_path / "only-images" / "val"  # no labels beside it: they come from --labels
         shutil.copytree(quirk_tree / "val", folder)
-        labels = (META / "ILSVRC2012_validation_ground_truth.txt" if layout == "devkit-txt-as-labels"
+        labels = (meta_dir / "ILSVRC2012_validation_ground_truth.txt" if layout == "devkit-txt-as-labels"
                   else official / "ILSVRC2012_devkit_t12.tar.gz")
         shard_stage.run(folder, out, split="val", labels=labels, shard_size=16, workers=1)
     found = samples(out)
@@ -217,6 +227,7 @@ def test_val_labels_are_the_same_from_kaggle_csv_and_devkit_ids(layout, quirk_tr
     assert shards_only(out) == shards_only(tree_val)
 
 
+@pytest.mark.slow
 def test_extracted_tree_and_official_archives_give_byte_identical_shards(official, tree_train, tree_val, tmp_path):
     for split, size, reference in (("train", 8, tree_train), ("val", 16, tree_val)):
         out = tmp_path / split
@@ -231,14 +242,14 @@ def test_extracted_tree_and_official_archives_give_byte_identical_shards(officia
     assert inputs["labels"]["path"] == str(official / "ILSVRC2012_devkit_t12.tar.gz")
 
 
-def val_truth() -> dict[str, str]:
+def val_truth(meta: Path) -> dict[str, str]:
     return {row.split(",")[0]: row.split(",")[1].split()[0]
-            for row in (META / "LOC_val_solution.csv").read_text().splitlines()[1:]}
+            for row in (meta / "LOC_val_solution.csv").read_text().splitlines()[1:]}
 
 
-def test_val_in_class_folders_gives_the_same_shards_as_flat_val_with_labels(quirk_tree, tree_val, tmp_path):
+def test_val_in_class_folders_gives_the_same_shards_as_flat_val_with_labels(quirk_tree, tree_val, meta_dir, tmp_path):
     """valprep.sh's layout (val/<wnid>/*.JPEG) needs no ground-truth file."""
-    truth = val_truth()
+    truth = val_truth(meta_dir)
     for f in (quirk_tree / "val").iterdir():
         (tmp_path / "tree" / "val" / truth[f.stem]).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, tmp_path / "tree" / "val" / truth[f.stem] / f.name)
@@ -247,13 +258,13 @@ def test_val_in_class_folders_gives_the_same_shards_as_flat_val_with_labels(quir
 
 
 @pytest.mark.parametrize("layout", ["flat", "class-folders"])
-def test_symlinked_images_in_a_tree_are_read_through_their_links(layout, quirk_tree, tree_val, tmp_path):
-    truth = val_truth()
+def test_symlinked_images_in_a_tree_are_read_through_their_links(layout, quirk_tree, tree_val, meta_dir, tmp_path):
+    truth = val_truth(meta_dir)
     for f in (quirk_tree / "val").iterdir():
         link = tmp_path / "links" / "val" / (truth[f.stem] if layout == "class-folders" else "") / f.name
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(f)
-    shutil.copy(META / "LOC_val_solution.csv", tmp_path / "links")
+    shutil.copy(meta_dir / "LOC_val_solution.csv", tmp_path / "links")
     shard_stage.run(tmp_path / "links", tmp_path / "val", split="val", shard_size=16, workers=1)
     assert shards_only(tmp_path / "val") == shards_only(tree_val)
 
@@ -426,6 +437,7 @@ def test_our_idx_equals_what_dalis_index_creator_writes(tree_train, tmp_path):
 # determinism, kills, array tasks, caching
 
 
+@pytest.mark.slow
 def test_one_or_two_workers_give_byte_identical_shards_and_manifest(quirk_tree, tree_train, tmp_path):
     out = tmp_path / "train"
     run = cli("shard", quirk_tree, out, "--split", "train", "--shard-size", "8", "--workers", "1")
@@ -435,6 +447,7 @@ def test_one_or_two_workers_give_byte_identical_shards_and_manifest(quirk_tree, 
     assert shard_set(out) == shard_set(tree_train)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_rerun_writes_only_missing_shards_and_is_byte_identical(quirk_tree, tree_train,
                                                                                      tmp_path):
     out = tmp_path / "train"
@@ -473,6 +486,7 @@ def processes_with_env(marker: str) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_run_with_workers_leaves_no_worker_behind(quirk_tree, tmp_path):
     out, marker = tmp_path / "train", f"ALEXNET_PIPE_TEST_RUN={tmp_path.name}"
     proc = subprocess.Popen([CLI, "shard", str(quirk_tree), str(out), "--split", "train", "--shard-size", "8",
@@ -514,6 +528,7 @@ def test_a_dangling_symlink_in_the_source_is_fingerprinted_not_fatal(tmp_path):
     assert fingerprint_source(tmp_path) != before
 
 
+@pytest.mark.slow
 def test_array_tasks_run_concurrently_give_the_bytes_of_one_process(quirk_tree, tree_train, tmp_path):
     out = tmp_path / "train"
     procs = [subprocess.Popen([CLI, "shard", str(quirk_tree), str(out), "--split", "train", "--shard-size", "8",
@@ -536,6 +551,7 @@ def test_the_last_array_task_writes_the_manifest(quirk_tree, tree_train, tmp_pat
     assert shard_set(out) == shard_set(tree_train)
 
 
+@pytest.mark.slow
 def test_a_run_without_task_flags_completes_a_partial_array_run(quirk_tree, tree_train, tmp_path):
     out = tmp_path / "train"
     for i in (0, 2):  # task 1 "failed"
@@ -560,6 +576,7 @@ def test_slurm_array_task_id_is_the_default_task_index(quirk_tree, tmp_path):
     assert sorted(p.name for p in out.glob("*.tar")) == ["val-000002.tar", "val-000003.tar"]
 
 
+@pytest.mark.slow
 def test_the_key_covers_the_split_and_its_labels_but_not_the_other_split(quirk_tree, tmp_path):
     source = tmp_path / "imagenet"
     shutil.copytree(quirk_tree, source, symlinks=True)
@@ -575,6 +592,7 @@ def test_the_key_covers_the_split_and_its_labels_but_not_the_other_split(quirk_t
     assert not result.up_to_date and result.product.written == VAL_IMAGES - 2  # val 7 lost its label
 
 
+@pytest.mark.slow
 def test_rerun_with_the_same_params_is_up_to_date_and_changes_nothing(quirk_tree, tmp_path):
     out = tmp_path / "val"
     assert cli("shard", quirk_tree, out, "--split", "val", "--shard-size", "16").returncode == 0
@@ -646,6 +664,7 @@ def test_verify_catches_an_index_that_does_not_match_its_shard(tree_val, tmp_pat
 # the file system: nothing outside OUT, hostile archives, clear errors
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tree", "official"])
 def test_nothing_is_written_outside_out(layout, quirk_tree, official, tmp_path):
     source = quirk_tree if layout == "tree" else official
@@ -664,7 +683,7 @@ def test_nothing_is_written_outside_out(layout, quirk_tree, official, tmp_path):
     assert {p: after[p] for p in before_here} == before_here  # home, tmp and cwd untouched
 
 
-def make_hostile_archives(root: Path, sample_dir: Path) -> Path:
+def make_hostile_archives(root: Path, sample_dir: Path, meta: Path) -> Path:
     """Official-looking archives whose members try to escape: `..`, absolute paths, links, devices."""
     root.mkdir(parents=True)
     good = (sample_dir / "val" / "ILSVRC2012_val_00000007.JPEG").read_bytes()
@@ -692,12 +711,12 @@ def make_hostile_archives(root: Path, sample_dir: Path) -> Path:
             add(t, "n01440764_3.JPEG", kind=tarfile.SYMTYPE, link="../../../etc/passwd")
         add(outer, "n01440764.tar", inner.getvalue())
         add(outer, "../n01443537.tar", inner.getvalue())
-    shutil.copy(META / "LOC_val_solution.csv", root)
+    shutil.copy(meta / "LOC_val_solution.csv", root)
     return root
 
 
-def test_unsafe_archive_members_are_ignored_with_a_warning_and_nothing_escapes(sample_dir, tmp_path):
-    root = make_hostile_archives(tmp_path / "data" / "ilsvrc", sample_dir)
+def test_unsafe_archive_members_are_ignored_with_a_warning_and_nothing_escapes(sample_dir, meta_dir, tmp_path):
+    root = make_hostile_archives(tmp_path / "data" / "ilsvrc", sample_dir, meta_dir)
     before = snapshot(tmp_path)
     assert not Path("/tmp/ILSVRC2012_val_00000003.JPEG").exists()
     expected = {  # name → how its reason starts
@@ -743,6 +762,7 @@ def test_a_source_that_matches_no_layout_is_one_clear_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_a_val_folder_without_labels_is_one_clear_line(quirk_tree, tmp_path):
     folder = tmp_path / "images" / "val"
     shutil.copytree(quirk_tree / "val", folder)
@@ -755,10 +775,84 @@ def test_a_val_folder_without_labels_is_one_clear_line(quirk_tree, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_compressed_archive_is_one_clear_line(quirk_tree, tmp_path):
+def test_a_compressed_archive_is_one_clear_line(quirk_tree, meta_dir, tmp_path):
     archive = tmp_path / "val.tar.gz"
     with tarfile.open(archive, "w:gz") as t:
         t.add(quirk_tree / "val" / "ILSVRC2012_val_00000001.JPEG", arcname="ILSVRC2012_val_00000001.JPEG")
     line = one_line_error(cli("shard", archive, tmp_path / "out", "--split", "val",
-                              "--labels", META / "LOC_val_solution.csv"))
+                              "--labels", meta_dir / "LOC_val_solution.csv"))
     assert str(archive) in line and "compressed" in line
+
+
+SPLITS = ("train", "val")
+
+
+def indexed_samples(shard_dir: Path) -> list[tuple[str, bytes, int]]:
+    """(key, jpg bytes, label) of every sample, in reading order, from the byte ranges of the DALI index files."""
+    out = []
+    for ref in shard_samples(ShardSet.open(shard_dir)):
+        with open(ref.tar, "rb") as f:
+            f.seek(ref.jpg[0])
+            jpg = f.read(ref.jpg[1])
+            f.seek(ref.cls[0])
+            out.append((ref.key, jpg, int(f.read(ref.cls[1]))))
+    return out
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_info_json_lists_every_shard_with_its_size_from_the_manifest(sample_shards, split):
+    manifest = json.loads((sample_shards[split] / "manifest.json").read_text())
+    info = json.loads((sample_shards[split] / "_info.json").read_text())
+    entry = info["splits"][split]
+    assert info["name"] == "ilsvrc2012" and list(info["splits"]) == [split] and entry["name"] == split
+    assert entry["filenames"] == [s["name"] for s in manifest["shards"]] and len(entry["filenames"]) > 1
+    assert entry["shard_lengths"] == [s["samples"] for s in manifest["shards"]]
+    assert entry["num_samples"] == manifest["samples"] == sum(entry["shard_lengths"])
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_webdataset_reads_the_keys_labels_and_bytes_of_the_dali_index(sample_shards, split):
+    import webdataset as wds
+
+    folder = sample_shards[split]
+    urls = [str(folder / s["name"]) for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+    theirs = [(s["__key__"], s["jpg"], int(s["cls"])) for s in wds.WebDataset(urls, shardshuffle=False)]
+    assert theirs == indexed_samples(folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", SPLITS)
+def test_timm_create_dataset_reads_the_folder_alone_as_the_reference_loader_does(sample_shards, one_thread, split):
+    from timm.data import create_dataset
+
+    folder = sample_shards[split]
+    dataset = create_dataset("wds/imagenet", root=str(folder), split=split)  # no shard list, no size
+    ours = indexed_samples(folder)
+    assert len(dataset) == len(ours) == json.loads((folder / "manifest.json").read_text())["samples"]
+    assert dataset.reader.filenames() == [key + ".JPEG" for key, _, _ in ours]
+    read = list(dataset)
+    assert [int(label) for _, label in read] == [label for _, _, label in ours]
+    for (image, _), (key, jpg, _) in zip(read, ours, strict=True):
+        assert np.array_equal(np.asarray(image), decode_rgb(jpg).permute(1, 2, 0).numpy()), key
+    # the reference loader (the DALI path's parity oracle), mean 0: timm's image's centre crop, label for label
+    reference = ReferenceEvalLoader(folder, PixelStats((0.0,) * 3, (0.0,) * 3, ((1.0, 0.0, 0.0),) * 3), 16,
+                                    num_threads=0)
+    patches, labels = (torch.cat(t) for t in zip(*reference, strict=True))
+    assert labels.tolist() == [int(label) for _, label in read]
+    for patch, (image, _) in zip(patches, read, strict=True):
+        box = centre_crop_box(*image.size, 224)
+        assert torch.equal(patch, torch.from_numpy(np.array(image.crop(box))).permute(2, 0, 1).float())
+
+
+def test_an_up_to_date_folder_gets_info_json_without_resharding(sample_tree, tmp_path):
+    out = tmp_path / "val"
+    shard_stage.run(sample_tree, out, split="val", shard_size=16, workers=1)
+    written = (out / "_info.json").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "_info.json"}
+    (out / "_info.json").unlink()  # as in a folder sharded before the file existed
+    reporter = QuietReporter()
+    result = shard_stage.run(sample_tree, out, split="val", shard_size=16, workers=1, reporter=reporter)
+    assert result.up_to_date and reporter.messages == [f"shard val: up to date ({out})"]
+    assert (out / "_info.json").read_text() == written
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name != "_info.json"} == before
+

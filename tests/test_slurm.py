@@ -135,6 +135,7 @@ def prepared(slurm, sample_tree, tmp_path_factory) -> tuple[Path, dict[str, str]
     return work, jobs, wait(slurm, *jobs.values())
 
 
+@pytest.mark.slow
 def test_prepare_submits_arrays_then_finalize_jobs_chained_afterok(prepared):
     work, jobs, states = prepared
     assert list(jobs) == ["shard-train", "shard-train-finalize", "shard-val", "shard-val-finalize", "pca-stats",
@@ -147,6 +148,7 @@ def test_prepare_submits_arrays_then_finalize_jobs_chained_afterok(prepared):
     assert (work / "logs" / "jobs" / "pca-stats").read_text().strip() == jobs["pca-stats-reduce"]
 
 
+@pytest.mark.slow
 def test_shard_and_pca_arrays_give_the_single_process_bytes(prepared, single_process):
     work, _, _ = prepared
     for folder in ("shards/train", "shards/val", "pca"):
@@ -155,6 +157,7 @@ def test_shard_and_pca_arrays_give_the_single_process_bytes(prepared, single_pro
         assert digests(work / folder) == expected, f"{folder} differs from the single-process run\n{logs(work)}"
 
 
+@pytest.mark.slow
 def test_cancelled_array_task_resubmitted_alone_completes_the_set(slurm, sample_tree, single_process, tmp_path):
     out = tmp_path / "shards" / "train"
     options = [str(sample_tree), str(out), "--split", "train", "--shard-size", str(SHARD_SIZE)]
@@ -182,6 +185,7 @@ def test_cancelled_array_task_resubmitted_alone_completes_the_set(slurm, sample_
     assert digests(out) == digests(single_process / "shards" / "train")
 
 
+@pytest.mark.slow
 def test_requeued_running_task_resumes_and_keeps_what_it_wrote(slurm, sample_tree, single_process, tmp_path):
     out = tmp_path / "shards" / "train"
     array = sbatch(slurm, "--array=0", "--cpus-per-task=1", "--output", str(tmp_path / "%x-%A_%a.out"),
@@ -200,6 +204,7 @@ def test_requeued_running_task_resumes_and_keeps_what_it_wrote(slurm, sample_tre
     assert digests(out) == digests(single_process / "shards" / "train")
 
 
+@pytest.mark.slow
 def test_two_rank_training_through_srun_and_torchrun_then_eval(slurm, prepared):
     work, _, _ = prepared
     jobs = submit(slurm, "train", "eval", WORK=str(work), RUN="slurm", NODES="1", GPUS_PER_NODE="0",
@@ -219,6 +224,7 @@ def test_two_rank_training_through_srun_and_torchrun_then_eval(slurm, prepared):
     assert (work / "eval" / "slurm" / "eval.json").is_file()
 
 
+@pytest.mark.slow
 def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_with_no_step_lost(slurm, prepared):
     """What a time limit's warning (--signal=B:USR1@…) or a preemption does, sent at once with scancel."""
     work, _, _ = prepared
@@ -249,6 +255,7 @@ def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_wi
     assert sorted(p.name for p in (metrics.parent / "checkpoints").glob("*.pt"))[-1] == "step-000000030.pt"
 
 
+@pytest.mark.slow
 def test_ablations_run_as_an_array_a_task_signalled_usr1_requeues_and_the_last_task_writes_the_table(slurm,
                                                                                                     prepared):
     """`cluster/submit.sh ablations`: two array tasks share the sweep's runs (one each) on the prepared shards; task 0

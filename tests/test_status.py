@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 from pipeline.status import stage_rows
 from stages import versions
 
@@ -31,6 +33,7 @@ def test_stages_in_another_layout_are_found_and_bookkeeping_is_never_listed(tiny
     assert found["pca-stats @ stats/rgb-pca"][0] == "done"  # its input (the original shards) is unchanged
 
 
+@pytest.mark.slow
 def test_the_cli_shows_a_damaged_shard_set_and_names_verify(tiny_data, cli, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(tiny_data["train"], work / "shards" / "train")

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 import torch
-from conftest import SAMPLE
 from torch import nn
 
 from pipeline.artifacts import RunSpec
@@ -53,6 +52,7 @@ def shapes_seen(model: AlexNet, crop: int = 224) -> dict[str, list]:
     return seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("settings", "norm", "pool_size", "act"), VARIANTS, ids=lambda v: str(v))
 def test_each_switch_builds_its_layers_with_the_55_27_13_6_maps_and_trains(settings, norm, pool_size, act):
     model = AlexNet(AlexNetConfig(num_classes=10, **settings))
@@ -80,6 +80,7 @@ def test_each_switch_builds_its_layers_with_the_55_27_13_6_maps_and_trains(setti
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_parameter_counts_two_towers_one_tower_by_hand_and_batch_norm():
     assert count_parameters(AlexNet(AlexNetConfig())) == 60_965_224
     assert count_parameters(AlexNet(AlexNetConfig(towers=1))) == ONE_TOWER_PARAMETERS
@@ -99,6 +100,7 @@ def test_one_tower_on_a_two_device_map_is_refused():
         build_model(AlexNetConfig(width=SMALL, towers=1), ["cpu", "cpu"])
 
 
+@pytest.mark.slow
 def test_train_step_counts_the_top1_mistakes_of_the_logits_it_trains_on():
     torch.manual_seed(0)
     model = build_model(AlexNetConfig(width=SMALL, num_classes=10, dropout=0.0), ["cpu"]).train()
@@ -109,7 +111,9 @@ def test_train_step_counts_the_top1_mistakes_of_the_logits_it_trains_on():
     assert int(mistakes) == expected
 
 
-def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_data, train_cmd, cli, tmp_path):
+@pytest.mark.slow
+def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_data, train_cmd, cli, sample_dir,
+                                                                       tmp_path):
     out = tmp_path / "run"
     switches = {"activation": "tanh", "norm": "batch", "pool": "plain", "towers": "1"}
     cli(*train_cmd(tiny_data, out, epochs=1, **switches))
@@ -136,7 +140,7 @@ def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_da
     assert "BatchNorm2d" in kinds and "LocalResponseNorm" not in kinds
     assert {m.act for m in classifier.model.modules() if hasattr(m, "act")} == {torch.tanh}
     assert classifier.spec.model.pool == "plain" and classifier.spec.model.towers == 1
-    images = sorted((SAMPLE / "val").glob("*.JPEG"))[:2]
+    images = sorted((sample_dir / "val").glob("*.JPEG"))[:2]
     predicted = cli("predict", out, *images, "--json", "--devices", "cpu", "--top", "3")
     records = [json.loads(line) for line in predicted.stdout.splitlines()]
     assert [r["path"] for r in records] == [str(p) for p in images] and all(len(r["top"]) == 3 for r in records)
@@ -145,6 +149,7 @@ def test_a_cli_run_with_every_switch_records_them_and_its_training_error(tiny_da
     assert refused.stderr.count("\n") == 1 and "towers=1" in refused.stderr and "Traceback" not in refused.stderr
 
 
+@pytest.mark.slow
 def test_training_error_survives_a_resume_mid_epoch(tiny_data, tiny_run, train_cmd, cli, tmp_path):
     """The tiny run checkpoints at steps 3, 6, 9 …: resumed from step 12 (inside epoch 1) it logs epoch 1's
     training error as the uninterrupted run did."""

@@ -88,11 +88,13 @@ def _devkit_files(devkit: Path) -> dict[str, bytes]:
 # determinism
 
 
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_tree_and_tars(tmp_path_factory, tree, tars):
     assert _digests(_make(tmp_path_factory, "tree-again")) == _digests(tree)
     assert _digests(_make(tmp_path_factory, "tars-again", fmt="tars")) == _digests(tars)
 
 
+@pytest.mark.slow
 def test_different_seed_changes_the_bytes_of_every_image(tmp_path_factory, tree):
     other = _digests(_make(tmp_path_factory, "tree-seed1", seed=1))
     mine = _digests(tree)
@@ -141,6 +143,7 @@ def test_val_csv_is_kaggle_format_with_each_class_val_per_class_times(tree):
         assert 0 <= xmin < xmax < width and 0 <= ymin < ymax < height
 
 
+@pytest.mark.slow
 def test_val_csv_label_is_the_class_whose_family_was_drawn(tree):
     """Regenerating the file from the CSV's class (and no other) gives its bytes and its box."""
     wnids = ilsvrc2012_classes().wnids[:3]
@@ -242,6 +245,7 @@ def test_each_split_holds_one_png_one_cmyk_and_one_grayscale_file_named_jpeg(tre
     assert sorted(kinds) == sorted(["png", "cmyk", "grayscale"] + ["rgb"] * (len(files) - 3))
 
 
+@pytest.mark.slow
 def test_summary_names_the_quirk_files_and_counts(tmp_path, tree):
     summary = synth.generate(tmp_path, **TINY)
     assert _digests(tmp_path) == _digests(tree)
@@ -258,6 +262,7 @@ def test_summary_names_the_quirk_files_and_counts(tmp_path, tree):
 # images
 
 
+@pytest.mark.slow
 def test_default_image_sizes_spread_like_imagenet(tmp_path):
     synth.generate(tmp_path, classes=5, train_per_class=40, val_per_class=4)
     sizes = [Image.open(p).size for p in tmp_path.rglob("*.JPEG")]
@@ -270,6 +275,7 @@ def test_default_image_sizes_spread_like_imagenet(tmp_path):
     assert 1.3 <= statistics.median(w / h for w, h in sizes) <= 1.51
 
 
+@pytest.mark.slow
 def test_class_signal_survives_the_central_crop(tmp_path):
     """A nearest-centroid classifier on tiny thumbnails of the central 224/256 square beats chance by far: the
     object is near the centre and its palette dominates, so a CNN has something to learn."""
@@ -324,6 +330,7 @@ def test_generate_refuses_a_missing_or_non_empty_folder(tmp_path):
         synth.generate(tmp_path, **TINY)
 
 
+@pytest.mark.slow
 def test_progress_reports_every_image_once(tmp_path):
     seen = []
     synth.generate(tmp_path, **TINY, fmt="tars", progress=seen.append)

@@ -54,6 +54,7 @@ def test_mixed_device_types_are_refused_before_any_gpu_count_check():
             resolve_devices(spec, cuda_devices=0)
 
 
+@pytest.mark.slow
 def test_train_with_mixed_devices_is_one_line_and_exit_2(tiny_data, train_cmd, cli, tmp_path):
     out = cli(*train_cmd(tiny_data, tmp_path / "run", devices="cpu,cuda:0"), check=False)
     lines = [line for line in out.stderr.splitlines() if line.strip()]

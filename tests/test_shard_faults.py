@@ -1,4 +1,4 @@
-"""The data stages against an adversarial user (issue 17): odd files give stable, relative skip reasons and the same
+"""The data stages against an adversarial user: odd files give stable, relative skip reasons and the same
 manifest twice; nothing is dropped without a word; a damaged class tar costs only its tail; sizes are checked from
 the header; 16-bit images are scaled; damaged shards are found cheaply and rewritten; pca.json is checked; a full
 disk is one line."""
@@ -66,7 +66,7 @@ def sixteen_bit_png(values: np.ndarray) -> bytes:
 
 
 def quirky_tree(root: Path, sample_dir: Path) -> Path:
-    """A train tree with a good image per class and every odd thing issue 17 found."""
+    """A train tree with a good image per class and every odd file a hostile source can hold."""
     tench, goldfish = root / "train" / TENCH, root / "train" / "n01443537"
     tench.mkdir(parents=True)
     goldfish.mkdir()
@@ -212,6 +212,7 @@ def shard_copy(sample_shards, tmp_path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_truncated_or_deleted_shard_is_damaged_and_shard_rewrites_exactly_those(sample_tree, shard_copy):
     original = {p.name: p.read_bytes() for p in shard_copy.glob("val-*")}
     names = sorted(p.name for p in shard_copy.glob("*.tar"))
@@ -281,6 +282,7 @@ def test_check_pca_refuses_inconsistent_statistics_in_one_line(change, expected,
     assert "\n" not in str(e.value) and str(e.value).startswith("pca.json: expected")
 
 
+@pytest.mark.slow
 def test_train_on_a_cut_shard_or_a_wrong_pca_json_is_one_line_not_a_dali_error(tiny_data, tmp_path, train_cmd):
     data = {**tiny_data, "train": tmp_path / "train", "pca": tmp_path / "pca" / "pca.json"}
     shutil.copytree(tiny_data["train"], data["train"])
@@ -324,6 +326,7 @@ def small_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_shard_is_one_line_and_a_rerun_completes_identically(small_disk, sample_tree,
                                                                                sample_shards):
     disk, grow = small_disk
@@ -339,6 +342,7 @@ def test_a_full_disk_during_shard_is_one_line_and_a_rerun_completes_identically(
     assert {name: (out / "_units" / name).stat().st_mtime_ns for name in kept} == kept
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_pca_stats_is_one_line_and_a_rerun_completes_identically(small_disk, tiny_data):
     disk, grow = small_disk
     (disk / "filler").write_bytes(b"\0" * (1024 * 1024 - 6 * 4096))  # room for a handful of pages
