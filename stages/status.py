@@ -42,10 +42,11 @@ def find_stage_folders(work: Path) -> list[Path]:
 
 def stage_versions() -> dict[str, int]:
     """Each stage's current VERSION by the name its done marker records."""
-    from stages import ablate, evaluate, pca, report, shard, synth, train
+    from stages import ablate, evaluate, figure1, pca, report, shard, synth, train
 
     return {"synth": synth.VERSION, "shard-train": shard.VERSION, "shard-val": shard.VERSION, "pca-stats": pca.VERSION,
-            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION}
+            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION,
+            "figure1": figure1.VERSION}
 
 
 def state_of(folder: Path) -> StageState:
