@@ -44,9 +44,12 @@ def run(cifar: Path, out: Path, *, train_images: int | None = DEFAULT_TRAIN_IMAG
         raise PipeError(f"--train-images {train_images} is less than one batch (--batch-size {batch_size})")
     if init not in INITS:
         raise PipeError(f"--init: expected one of {', '.join(INITS)}, got {init!r}")
-    if fetch:
-        download(cifar)
-    source = find_source(cifar)
+    try:
+        source = find_source(cifar)
+    except PipeError:
+        if not fetch:
+            raise
+        source = find_source(download(cifar))  # only when CIFAR does not hold the data yet
     setup = Setup(lrs=tuple(sorted(set(lrs))), epochs=epochs, seeds=seeds, threshold=threshold, init=init,
                   batch_size=batch_size)
     stage = Stage("figure1", VERSION, out, {"setup": setup.to_dict(), "train_images": train_images},
