@@ -52,13 +52,19 @@ ABLATION_EPOCHS    ?= $(if $(IMAGENET),,8)
 ABLATION_THRESHOLD ?= $(if $(IMAGENET),0.25,0.8)
 ABLATION_ARGS      ?=
 
+# Figure 1 (§3.1) on CIFAR-10: ReLU against tanh, each at its own best learning rate (docs/figure1.md). CIFAR: the
+# official cifar-10-python.tar.gz, its extracted cifar-10-batches-py/, or image folders train/<class>/.
+CIFAR          ?= ../shared/data/cifar10-jpeg
+FIGURE1_DIR    := $(WORK)/figure1
+FIGURE1_ARGS   ?=
+
 # Slurm (cluster/submit.sh --help): the same stages as array jobs and a multi-node torchrun job.
 NUM_TASKS      ?= 8
 CLUSTER_ENV     = WORK=$(abspath $(WORK)) RUN=$(RUN) DEVICES=$(DEVICES) SEED=$(SEED) SHARD_SIZE=$(SHARD_SIZE) \
                   NUM_TASKS=$(NUM_TASKS) ALEXNET_PIPE=$(abspath $(CLI))
 
 .PHONY: setup test test-fast lint synth prepare shard-train shard-val pca train eval report preview status clean bench \
-        cluster-prepare cluster-train ablations cluster-ablations
+        cluster-prepare cluster-train ablations cluster-ablations figure1
 
 setup: $(STAMP)
 
@@ -111,6 +117,9 @@ ablations: prepare
 		--out $(ABLATION_DIR) --devices $(DEVICES) --recipe $(RECIPE) --seeds $(ABLATION_SEEDS) \
 		--variants $(ABLATION_VARIANTS) --threshold $(ABLATION_THRESHOLD) \
 		$(if $(ABLATION_EPOCHS),--epochs $(ABLATION_EPOCHS)) $(ABLATION_ARGS)
+
+figure1: $(STAMP)
+	$(CLI) figure1 $(CIFAR) --out $(FIGURE1_DIR) --devices $(DEVICES) $(FIGURE1_ARGS)
 
 preview: pca
 	$(CLI) preview $(TRAIN_SHARDS) --pca $(PCA_JSON) --out $(WORK)/preview.png --seed $(SEED)

@@ -451,6 +451,52 @@ def ablate(
               force=force, reporter=_reporter())
 
 
+@app.command()
+def figure1(
+    cifar: Annotated[Path, typer.Argument(metavar="CIFAR", help="CIFAR-10: cifar-10-python.tar.gz (read without "
+                                          "extracting), its extracted cifar-10-batches-py/, image folders "
+                                          "train/<class>/, or a "
+                                          "folder holding one of these. With --download: the folder to fetch "
+                                          "the archive into.")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for figure1.png, figure1.json, figure1.md "
+                                      "and the runs' checkpoints.")] = ...,
+    train_images: Annotated[int, typer.Option(help="A seeded class-balanced subset of this many training images "
+                                              "(50000: all of them).", min=10)] = 10_000,
+    epochs: Annotated[int, typer.Option(help="The cap: at most this many epochs a run; a run that has not "
+                                        "reached the threshold by then makes the factor a bound.", min=1)] = 50,
+    seeds: Annotated[int, typer.Option(help="Seeds (0..N-1) at each activation's chosen learning rate.", min=1)
+                     ] = 2,
+    lrs: Annotated[str, typer.Option(help="The learning-rate grid, comma separated; widened when an "
+                                     "activation's best rate is at its edge.")] = "0.01,0.03,0.1",
+    threshold: Annotated[float, typer.Option(help="The training error whose first crossing is timed (the "
+                                             "paper's 25%).")] = 0.25,
+    init: Annotated[str, typer.Option(metavar="cuda-convnet|imagenet|torch", help="cuda-convnet (its CIFAR-10 "
+                                      "example's N(0, σ) per layer, pixels "
+                                      "0..255 minus the mean), imagenet (§5's N(0, 0.01), the same pixels) or torch "
+                                      "(PyTorch's own init, pixels 0..1). docs/figure1.md: what each gives.")
+                    ] = "cuda-convnet",
+    batch_size: Annotated[int, typer.Option(help="Images per SGD step.", min=1)] = 128,
+    devices: Annotated[str, typer.Option(help="auto (one sweep per GPU, or both on one GPU, or cpu,cpu with "
+                                         "half the cores each), or one or two devices: cpu, cpu,cpu, cuda:0, "
+                                         "cuda:0,cuda:1. Not part of the cache key.")] = "auto",
+    download: Annotated[bool, typer.Option("--download", help="Fetch the official archive into CIFAR through "
+                                           "torchvision first (needs a network).")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Start every run over.")] = False,
+):
+    """§3.1's Figure 1 as the paper ran it: a four-layer CNN on CIFAR-10 with ReLUs against tanh, each at its own
+    fastest learning rate (a sweep), timed in training images to 25% training error → figure1.png, figure1.json,
+    figure1.md. Cached: a rerun does nothing, a killed run resumes at its last finished epoch."""
+    from pipeline.errors import PipeError
+    from stages import figure1 as stage
+
+    try:
+        grid = tuple(float(x) for x in lrs.split(",") if x.strip())
+    except ValueError:
+        raise PipeError(f"expected numbers separated by commas, got {lrs!r}", option="lrs") from None
+    stage.run(cifar, out, train_images=train_images, epochs=epochs, seeds=seeds, lrs=grid, threshold=threshold,
+              init=init, batch_size=batch_size, devices=devices, fetch=download, force=force, reporter=_reporter())
+
+
 def main() -> None:
     """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
     from pipeline.cluster import placement

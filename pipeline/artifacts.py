@@ -31,6 +31,7 @@ CHECKPOINTS_DIR = "checkpoints"  # a run folder: step-%09d.pt
 EVAL = "eval.json"  # eval's product
 REPORT = "report.md"  # report's product
 ABLATIONS = "ablations.json"  # ablate's product
+FIGURE1 = "figure1.json"  # figure1's product (Figure 1 on CIFAR-10)
 
 R = TypeVar("R", bound="Record")
 

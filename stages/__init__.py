@@ -73,7 +73,8 @@ def task_slice(n_units: int, task_index: int | None, num_tasks: int | None) -> r
 def versions() -> dict[str, int]:
     """Each stage's current VERSION by the name its done marker records (for `status`: a folder finished by an
     earlier version is stale)."""
-    from stages import ablate, evaluate, pca, report, shard, synth, train
+    from stages import ablate, evaluate, figure1, pca, report, shard, synth, train
 
     return {"synth": synth.VERSION, "shard-train": shard.VERSION, "shard-val": shard.VERSION, "pca-stats": pca.VERSION,
-            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION}
+            "train": train.VERSION, "eval": evaluate.VERSION, "report": report.VERSION, "ablate": ablate.VERSION,
+            "figure1": figure1.VERSION}

@@ -23,7 +23,10 @@ from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.errors import PipeError
 from stages import QuietReporter, Reporter, StageResult, task_slice
 
-VERSION = 1
+# 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s). The runs are unchanged,
+# so a sweep finished at version 1 keeps them and only the table and plots are written again.
+VERSION = 2
+UNIT_VERSIONS = (1,)
 DEFAULT_SEEDS = 3
 
 
@@ -52,7 +55,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
               "max_steps": cfg.max_steps}, "variants": list(ordered),
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
     stage = Stage("ablate", VERSION, out, params, inputs, product=ABLATIONS,
-                  outputs=(ABLATIONS, "ablations.md", "*.png"))
+                  outputs=(ABLATIONS, "ablations.md", "*.png"), unit_versions=UNIT_VERSIONS)
     if stage.up_to_date() and not force:
         reporter.info(f"ablate: up to date ({out / 'ablations.md'})")
         return StageResult(stage.name, out, up_to_date=True)
@@ -78,6 +81,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
         summary["sweep"] = _sweep_description(train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
 
         def write_products() -> None:
+            (out / "figure1.png").unlink(missing_ok=True)  # version 1's name for training-error.png
             write_json(out / ABLATIONS, summary)
             plot(summary, out)
             with atomic_write(out / "ablations.md", "w") as f:

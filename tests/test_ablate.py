@@ -65,7 +65,7 @@ def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
     assert diff["se"] == pytest.approx(math.hypot(rows["tanh"]["top1_error"]["sd"],
                                                   rows["baseline"]["top1_error"]["sd"]) / math.sqrt(2))
     assert "smallest top-1 difference this sweep can detect" in md
-    assert {"figure1.png", "ablations.png"} <= {p.name for p in sweep.iterdir()}
+    assert {"training-error.png", "ablations.png"} <= {p.name for p in sweep.iterdir()}
     # the switch is in the run's checkpoint config, so eval (and the report) know it
     assert evals["tanh-seed0"]["model"]["activation"] == "tanh" and evals["baseline-seed0"]["model"]["activation"] \
         == "relu"
