@@ -84,7 +84,8 @@ def synth(
 @app.command()
 def shard(
     source: Annotated[Path, typer.Argument(help="ImageNet: a folder with the official tars, an extracted tree "
-                                           "(train/<wnid>/, val/), or a single split folder or archive.")],
+                                           "(train/<wnid>/, val/), or a single split folder or archive; or Tiny "
+                                           "ImageNet: tiny-imagenet-200/ or tiny-imagenet-200.zip as downloaded.")],
     out: Annotated[Path, typer.Argument(help="Folder for this split's shards, .idx files and manifest.json.")],
     split: Annotated[str, typer.Option(help="train or val.")] = ...,
     labels: Annotated[Path | None, typer.Option(help="Val ground truth: LOC_val_solution.csv, the devkit "
