@@ -155,8 +155,7 @@ class Member:
 class SourceListing:
     root: Path  # member paths are relative to it
     members: list[Member]
-    ignored: list[dict]  # unsafe or non-file archive members, unlabelled or misplaced files, unlabelled splits:
-    #                      {name, reason}
+    ignored: list[dict]  # {name, reason}: unsafe or non-file members, unlabelled or misplaced files, unread splits
     skipped: list[dict] = field(default_factory=list)  # images lost to a damaged class tar: {key, wnid, path, reason}
 
 
