@@ -173,8 +173,8 @@ def train(
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
     recipe: Annotated[str, typer.Option(help="The settings to start from: paper (§5, the default), demo (the "
-                                        "embedded demo's), or a TOML file with model and train tables. Every "
-                                        "option below overrides the recipe.")] = "paper",
+                                        "embedded demo's), tiny (Tiny ImageNet on a CPU), or a TOML file with model "
+                                        "and train tables. Every option below overrides the recipe.")] = "paper",
     devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
                                          "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")
                        ] = "auto",
@@ -398,7 +398,7 @@ def ablate(
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Sweep folder: runs/, eval/, ablations.md/.json, plots.")] = ...,
-    recipe: Annotated[str, typer.Option(help="The baseline's settings: paper, demo, or a TOML file; the options "
+    recipe: Annotated[str, typer.Option(help="The baseline's settings: paper, demo, tiny, or a TOML file; the options "
                                         "below override it for every variant.")] = "paper",
     seeds: Annotated[int, typer.Option(help="Seeds per variant (0..N-1).", min=1)] = 3,
     variants: Annotated[str, typer.Option(help="Comma list of variants (baseline included), or all.")] = "all",

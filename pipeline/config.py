@@ -202,7 +202,7 @@ def recipe_names() -> list[str]:
 
 
 def recipe_path(recipe: str | Path) -> Path:
-    """A shipped recipe by name (paper, demo) or a TOML file."""
+    """A shipped recipe by name (paper, demo, tiny) or a TOML file."""
     if str(recipe) in recipe_names():
         return RECIPES_DIR / f"{recipe}.toml"
     path = Path(recipe)
