@@ -1,21 +1,25 @@
 """Tiny ImageNet-200 read as downloaded, the extracted folder and the official zip, on a cut of the real photos in
 ../shared/data/tiny-imagenet-200-sub20: global ILSVRC-2012 labels, val labels from val_annotations.txt, grayscale
-photos repaired, byte-identical shards from either form, one-line layout errors, and a short CPU run that learns."""
+photos repaired, byte-identical shards from either form, one-line layout errors, a short CPU run that learns, and
+the docs' table of the `tiny` recipe against the file."""
 
 from __future__ import annotations
 
 import io
 import json
 import math
+import re
 import shutil
 import tarfile
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import SHARED
+from conftest import REPO, SHARED
 from PIL import Image
 
+from pipeline.config import SETTINGS, default_of, load_recipe
 from pipeline.imagenet import TINY_TEST_IGNORED, find_layout, ilsvrc2012_classes, list_source
 from stages import pca as pca_stage
 from stages import shard as shard_stage
@@ -35,6 +39,8 @@ def cut_of_tiny_imagenet(root: Path, classes: tuple[str, ...] = CLASSES, train_p
     """`classes` in the official layout: `train_per_class` photos each with the boxes file, `val_per_class` val
     photos each with their val_annotations.txt lines (the photos named in `keep` among them), and two unlabelled
     test photos."""
+    if not TINY.is_dir():
+        pytest.fail(f"test data not found at {TINY} (set ALEXNET_PIPE_SHARED to the shared/ folder)")
     root.mkdir(parents=True)
     words = dict(line.split("\t", 1) for line in (TINY / "words.txt").read_text().splitlines())
     (root / "wnids.txt").write_text("".join(f"{w}\n" for w in classes))
@@ -241,3 +247,15 @@ def test_a_short_cpu_training_on_two_classes_learns(two_classes, tmp_path, train
     epochs = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if "val_top1_error" in r]
     assert len(epochs) == 10 and epochs[-1]["train_loss"] < 0.6 * math.log(len(LEARN_CLASSES)), epochs
+
+
+def test_the_docs_table_states_the_tiny_recipe():
+    docs = (REPO / "docs" / "tiny-imagenet.md").read_text()
+    table = docs[docs.index("| setting (recipe key) | tiny | paper |"):]
+    table = table[: table.index("\n\n")]
+    rows = {m[1]: (m[2].strip(), m[3].strip()) for m in re.finditer(r"^\| `(\w+)` \| ([^|]+)\|([^|]+)\|", table, re.M)}
+    recipe = {k: v for section in load_recipe("tiny").values() for k, v in section.items()}
+    defaults = {f.name: default_of(f) for cls in SETTINGS.values() for f in fields(cls)}
+    assert set(rows) == set(recipe)
+    for key, (tiny_cell, paper_cell) in rows.items():
+        assert (tiny_cell, paper_cell) == (str(recipe[key]), str(defaults[key])), key
