@@ -132,7 +132,8 @@ def synth(
 def shard(
     source: Annotated[Path, typer.Argument(metavar="SOURCE", help="ImageNet: a folder with the official tars, an "
                                            "extracted tree (train/<wnid>/, val/), or a single split folder or "
-                                           "archive.")],
+                                           "archive; or Tiny ImageNet: tiny-imagenet-200/ or tiny-imagenet-200.zip "
+                                           "as downloaded.")],
     out_arg: Annotated[Path | None, typer.Argument(metavar="OUT", help="Folder for this split's shards, .idx files "
                                                    "and manifest.json (or --out).", show_default=False)] = None,
     out: Out = None,
@@ -225,9 +226,9 @@ def train(
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
     recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The settings to start from: paper (§5: the "
-                                        "settings' defaults), demo (the embedded demo's), a shipped recipe by name, "
-                                        "or a TOML file with model and train tables. Every option below overrides "
-                                        "the recipe.")] = "paper",
+                                        "settings' defaults), demo (the embedded demo's), tiny (Tiny ImageNet on a "
+                                        "CPU), or a TOML file with model and train tables. Every option below "
+                                        "overrides the recipe.")] = "paper",
     devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
                                          "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")
                        ] = "auto",

@@ -202,7 +202,7 @@ def recipe_names() -> list[str]:
 
 
 def recipe_path(recipe: str | Path) -> Path | None:
-    """A shipped recipe by name (demo, …) or a TOML file; None for the paper's (the defaults)."""
+    """A shipped recipe by name (demo, tiny) or a TOML file; None for the paper's (the defaults)."""
     if str(recipe) == DEFAULT_RECIPE:
         return None
     if str(recipe) in recipe_names():

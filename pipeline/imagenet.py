@@ -1,4 +1,6 @@
-"""ImageNet label tables: the 1,000 ILSVRC-2012 wnids in sorted order (the global label order) and the devkit IDs.
+"""ImageNet label tables (the 1,000 ILSVRC-2012 wnids in sorted order, the global label order, and the devkit IDs)
+and ImageNet sources: ILSVRC-2012 (official tars or an extracted tree) and Tiny ImageNet-200 (the extracted folder or
+the official zip), each read as downloaded.
 
 Labels are always the index of the wnid in `LOC_synset_mapping.txt` order (= sorted wnids = torchvision's
 ImageFolder on full ImageNet = Keras), also for a subset of classes. The devkit's
@@ -10,8 +12,12 @@ from __future__ import annotations
 
 import csv
 import io
+import stat
+import struct
 import tarfile
-from dataclasses import dataclass, field
+import zipfile
+import zlib
+from dataclasses import dataclass, field, replace
 from functools import cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -91,6 +97,12 @@ DEVKIT_TAR = "ILSVRC2012_devkit_t12.tar.gz"
 KAGGLE_VAL_CSV = "LOC_val_solution.csv"
 DEVKIT_GROUND_TRUTH = "ILSVRC2012_validation_ground_truth.txt"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+# Tiny ImageNet-200 (CS231n): 64x64 photos of 200 ILSVRC-2012 classes, as the extracted tiny-imagenet-200/ or its zip
+TINY_WNIDS = "wnids.txt"
+TINY_ZIP = "tiny-imagenet-200.zip"
+TINY_VAL_ANNOTATIONS = "val_annotations.txt"
+ZIP_MAGIC = b"PK\x03\x04"
+ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature … name length, extra length: 30 bytes before the name
 COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
@@ -99,13 +111,17 @@ class Member:
     """One image of the source: its key (file stem), wnid and where its bytes are.
 
     `path` is relative to the source root; for an archive member, `offset`/`size` give the byte range of its
-    data inside that (outer) archive file, so a worker seeks and reads only its own images."""
+    data inside that (outer) archive file, so a worker seeks and reads only its own images. A zip member may be
+    deflated: then those bytes inflate to `inflated_size` bytes, in the worker that reads them (the listing never
+    decompresses an image); a zip member's CRC-32 is checked after reading."""
 
     key: str
     wnid: str
     path: str
     offset: int = -1
     size: int = -1
+    inflated_size: int = -1  # ≥ 0: a deflated zip member (raw deflate), this many bytes once inflated
+    crc32: int = -1  # ≥ 0: a zip member's CRC-32 of the image bytes
 
     def read(self, root: Path) -> bytes:
         full = root / self.path
@@ -116,21 +132,39 @@ class Member:
             data = f.read(self.size)
         if len(data) != self.size:
             raise OSError(f"{self.path} ended inside this member")
+        if self.inflated_size >= 0:
+            data = self._inflate(data)
+        if self.crc32 >= 0 and zlib.crc32(data) != self.crc32:
+            raise OSError(f"{self.path}: member {self.key} fails its CRC-32 check")
         return data
+
+    def _inflate(self, data: bytes) -> bytes:
+        """At most `inflated_size` + 1 bytes are ever produced, so a hostile member cannot fill the memory."""
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        try:
+            out = inflater.decompress(data, self.inflated_size + 1)
+        except zlib.error as e:
+            raise OSError(f"{self.path}: member {self.key} does not inflate ({e})") from None
+        if len(out) != self.inflated_size or not inflater.eof:
+            raise OSError(f"{self.path}: member {self.key} does not inflate to its recorded "
+                          f"{self.inflated_size} bytes")
+        return out
 
 
 @dataclass
 class SourceListing:
     root: Path  # member paths are relative to it
     members: list[Member]
-    ignored: list[dict]  # unsafe or non-file archive members, unlabelled or misplaced files: {name, reason}
+    ignored: list[dict]  # {name, reason}: unsafe or non-file members, unlabelled or misplaced files, unread splits
     skipped: list[dict] = field(default_factory=list)  # images lost to a damaged class tar: {key, wnid, path, reason}
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where a split lives in SOURCE: an `archive` (tar) or a `tree` (folder), the val labels it needs (None when
-    class folders or nested class tars name the wnids), and the folder member paths are relative to."""
+    """Where a split lives in SOURCE: an `archive` (tar) or a `tree` (folder) of ILSVRC-2012, or Tiny ImageNet as
+    the extracted folder (`tiny`: `path` is its split folder) or the official zip (`tiny-zip`); the val labels it
+    needs (None when class folders or nested class tars name the wnids, or when they are inside the zip), and the
+    folder member paths are relative to."""
 
     kind: str
     path: Path
@@ -140,13 +174,22 @@ class Layout:
 
 def find_layout(source: Path, split: str, labels: Path | None = None) -> Layout:
     """Which of the supported layouts SOURCE is, without reading any image; raises a PipeError that says what was
-    expected when it is none of them or when val labels are needed and not found."""
+    expected when it is none of them or when val labels are needed and not found. A Tiny ImageNet zip is
+    recognised by its first bytes only: its listing (the index unit) reads the central directory and says so if
+    it is no Tiny ImageNet."""
     source = source.resolve()
     official_tar = source / (TRAIN_TAR if split == "train" else VAL_TAR)
     if source.is_dir() and official_tar.is_file():
         return _archive_layout(official_tar, split, labels or _find_val_labels(source, split))
+    tiny_root = _tiny_root(source, split)
+    if tiny_root is not None:
+        return _tiny_tree_layout(tiny_root, split, labels)
+    if source.is_dir() and (source / TINY_ZIP).is_file():
+        return Layout("tiny-zip", source / TINY_ZIP, source, labels)
     if source.is_dir() and (source / split).is_dir():
         return _tree_layout(source / split, split, labels or _find_val_labels(source, split), source)
+    if source.is_file() and _is_zip(source):
+        return Layout("tiny-zip", source, source.parent, labels)
     if source.is_file() and tarfile.is_tarfile(source):
         return _archive_layout(source, split, labels or _find_val_labels(source.parent, split))
     if source.is_dir() and any(_is_wnid(p.name) and p.is_dir() for p in source.iterdir()):
@@ -157,7 +200,8 @@ def find_layout(source: Path, split: str, labels: Path | None = None) -> Layout:
     raise PipeError(
         f"{source}: no ImageNet {split} split found. Expected one of: a folder holding {official_tar.name} "
         f"(official archives), a folder holding {split}/ (extracted tree), a {split} .tar archive, a folder "
-        f"of <wnid>/ class folders{', or a flat folder of ILSVRC2012_val_*.JPEG' if split == 'val' else ''}")
+        f"of <wnid>/ class folders{', a flat folder of ILSVRC2012_val_*.JPEG' if split == 'val' else ''}, "
+        f"or Tiny ImageNet: a folder holding {TINY_WNIDS} (extracted) or {TINY_ZIP}")
 
 
 def list_source(source: Path, split: str, labels: Path | None = None) -> SourceListing:
@@ -165,6 +209,10 @@ def list_source(source: Path, split: str, labels: Path | None = None) -> SourceL
     layout = find_layout(source, split, labels)
     if layout.kind == "archive":
         return _list_archive(layout.path, split, layout.labels)
+    if layout.kind == "tiny":
+        return _list_tiny_tree(layout.root, split, layout.labels)
+    if layout.kind == "tiny-zip":
+        return _list_tiny_zip(layout.path, split, layout.labels)
     return _list_tree(layout.path, split, layout.labels, layout.root)
 
 
@@ -360,6 +408,222 @@ class _ByteRange(io.RawIOBase):
         buf[: len(data)] = data
         self.pos += len(data)
         return len(data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny ImageNet-200: train/<wnid>/images/*.JPEG beside <wnid>_boxes.txt, val/images/*.JPEG + val/val_annotations.txt,
+# an unlabelled test/; as the extracted folder or the official zip, never extracted
+
+TINY_TEST_IGNORED = {"name": "test/", "reason": "Tiny ImageNet's test split: unlabelled, so neither split reads it"}
+TINY_LAYOUT = (f"expected Tiny ImageNet's train/<wnid>/images/*.JPEG and val/images/*.JPEG with "
+               f"val/{TINY_VAL_ANNOTATIONS}")
+
+
+def _tiny_root(source: Path, split: str) -> Path | None:
+    """The extracted tiny-imagenet-200/ (it holds wnids.txt), also when SOURCE is its split folder."""
+    if source.is_dir() and (source / TINY_WNIDS).is_file():
+        return source
+    if source.is_dir() and source.name == split and (source.parent / TINY_WNIDS).is_file():
+        return source.parent
+    return None
+
+
+def _tiny_tree_layout(root: Path, split: str, labels: Path | None) -> Layout:
+    folder = root / split
+    if not folder.is_dir():
+        raise PipeError(f"{root}: Tiny ImageNet ({TINY_WNIDS}) without {split}/; {TINY_LAYOUT}")
+    if split == "val":
+        labels = labels or folder / TINY_VAL_ANNOTATIONS
+        if not labels.is_file():
+            raise PipeError(f"{folder}: no {TINY_VAL_ANNOTATIONS} (Tiny ImageNet's val labels); pass --labels with "
+                            "one, lines 'val_<i>.JPEG<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1'")
+    return Layout("tiny", folder, root, labels)
+
+
+def _is_zip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(ZIP_MAGIC)) == ZIP_MAGIC
+
+
+def _tiny_place(parts: tuple[str, ...], is_dir: bool) -> str:
+    """Where a path inside a split folder of Tiny ImageNet (`parts` from its root, `train`/`val` first) stands in
+    the layout: "folder" (look inside), "image", "annotation" (bounding boxes and val labels: not images, and not
+    noise either) or, for anything else, why it is ignored. The folder and the zip both ask this, so they list
+    the same images and ignore the same things."""
+    split, depth, name = parts[0], len(parts), parts[-1]
+    if depth == 1:
+        return "folder"
+    if (split, depth) in (("train", 4), ("val", 3)):
+        if is_dir:
+            return "a folder where only images belong"
+        if PurePosixPath(name).suffix.lower() not in IMAGE_SUFFIXES:
+            return f"not an image file name (expected {', '.join(IMAGE_SUFFIXES)})"
+        return "image" if split == "val" or parts[2] == "images" else TINY_LAYOUT
+    if split == "train" and depth == 2:
+        if is_dir and _is_wnid(name):
+            return "folder"
+        return "not a wnid class folder (expected train/<wnid>/images/)" if is_dir else \
+            "a file beside the class folders"
+    if split == "train" and depth == 3:
+        if is_dir and name == "images":
+            return "folder"
+        if not is_dir and name == f"{parts[1]}_boxes.txt":
+            return "annotation"
+        return f"expected only images/ and {parts[1]}_boxes.txt in a Tiny ImageNet class folder"
+    if split == "val" and depth == 2:
+        if is_dir and name == "images":
+            return "folder"
+        if not is_dir and name == TINY_VAL_ANNOTATIONS:
+            return "annotation"
+        return f"expected only images/ and {TINY_VAL_ANNOTATIONS} in Tiny ImageNet's val/"
+    return TINY_LAYOUT
+
+
+def _tiny_wnid(parts: tuple[str, ...], truth: dict[str, str]) -> str | None:
+    """train: the class folder names the wnid; val: val_annotations.txt does (None: no line for this image)."""
+    return parts[1] if parts[0] == "train" else truth.get(PurePosixPath(parts[-1]).stem)
+
+
+def _list_tiny_tree(root: Path, split: str, labels: Path | None) -> SourceListing:
+    """Walk the split folder as the layout says (so at most three folders deep); symlinks are read through."""
+    listing = SourceListing(root, [], [])
+    truth = _tiny_val_annotations(labels.read_text(), str(labels)) if split == "val" else {}
+
+    def visit(folder: Path, parts: tuple[str, ...]) -> None:
+        for p in sorted(folder.iterdir()):
+            here = (*parts, p.name)
+            place = _tiny_place(here, p.is_dir())
+            if place == "folder":
+                visit(p, here)
+            elif place == "image" and not p.is_file():
+                listing.ignored.append({"name": "/".join(here), "reason": "not a regular file"})
+            elif place == "image":
+                _add_tiny_image(listing, here, truth, Member(p.stem, "", str(p.relative_to(root))))
+            elif place != "annotation":
+                listing.ignored.append({"name": "/".join(here) + "/" * p.is_dir(), "reason": place})
+
+    visit(root / split, (split,))
+    if (root / "test").is_dir():
+        listing.ignored.append(TINY_TEST_IGNORED)
+    listing.ignored.sort(key=lambda item: item["name"])
+    return listing
+
+
+def _list_tiny_zip(archive: Path, split: str, labels: Path | None) -> SourceListing:
+    """Index the official zip from its central directory, then each image's local header (30 bytes and its name)
+    for where its data starts: a worker reads only its own members' bytes and inflates them itself."""
+    listing = SourceListing(archive.parent, [], [])
+    try:
+        with zipfile.ZipFile(archive) as z, open(archive, "rb") as f:
+            infos = z.infolist()
+            top = _tiny_zip_top(infos, archive)
+            names = {info.filename for info in infos}
+            if not any(name.startswith(f"{top}{split}/") for name in names):
+                raise PipeError(f"{archive}: Tiny ImageNet without {top}{split}/; {TINY_LAYOUT}")
+            truth = {}
+            if split == "val" and labels is not None:
+                truth = _tiny_val_annotations(labels.read_text(), str(labels))
+            elif split == "val":
+                inside = f"{top}val/{TINY_VAL_ANNOTATIONS}"
+                if inside not in names:
+                    raise PipeError(f"{archive}: no {inside} (Tiny ImageNet's val labels); pass --labels with one")
+                truth = _tiny_val_annotations(z.read(inside).decode(), f"{archive}/{inside}")
+            reported: set[str] = set()
+            for info in infos:
+                if not info.filename.startswith(top):
+                    continue
+                parts = tuple(p for p in info.filename[len(top):].split("/") if p)
+                if parts[:1] == ("test",) and TINY_TEST_IGNORED["name"] not in reported:
+                    reported.add(TINY_TEST_IGNORED["name"])
+                    listing.ignored.append(TINY_TEST_IGNORED)
+                if parts[:1] != (split,):
+                    continue
+                name, place = _tiny_zip_place(info, parts)
+                if place == "image":
+                    _add_tiny_zip_image(f, info, parts, archive, truth, listing)
+                elif place not in ("folder", "annotation") and name not in reported:
+                    reported.add(name)
+                    listing.ignored.append({"name": name, "reason": place})
+    except zipfile.BadZipFile as e:
+        raise PipeError(f"{archive}: not a readable zip archive ({e}); a download cut short?") from None
+    listing.ignored.sort(key=lambda item: item["name"])
+    return listing
+
+
+def _tiny_zip_place(info: zipfile.ZipInfo, parts: tuple[str, ...]) -> tuple[str, str]:
+    """(name, place) of one zip entry, as `_tiny_place` says; a misplaced folder on its way is named instead, once
+    for all its entries, as the folder walk names it. An image the zip cannot give as bytes is ignored."""
+    for depth in range(1, len(parts)):
+        place = _tiny_place(parts[:depth], True)
+        if place != "folder":
+            return "/".join(parts[:depth]) + "/", place
+    name = "/".join(parts) + "/" * info.is_dir()
+    place = _tiny_place(parts, info.is_dir())
+    if place != "image":
+        return name, place
+    if stat.S_ISLNK(info.external_attr >> 16):
+        return name, "symbolic link (not followed)"
+    if info.flag_bits & 0x1:
+        return name, "encrypted zip member"
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        return name, f"zip compression method {info.compress_type} (only stored and deflated members are read)"
+    return name, place
+
+
+def _zip_data_offset(f: IO[bytes], info: zipfile.ZipInfo) -> int | None:
+    """Where a member's data starts: after its local header, whose name and extra field may differ in length
+    from the central directory's (None: no local header there)."""
+    f.seek(info.header_offset)
+    header = f.read(ZIP_LOCAL_HEADER.size)
+    if len(header) < ZIP_LOCAL_HEADER.size or header[:4] != ZIP_MAGIC:
+        return None
+    *_, name_length, extra_length = ZIP_LOCAL_HEADER.unpack(header)
+    return info.header_offset + ZIP_LOCAL_HEADER.size + name_length + extra_length
+
+
+def _add_tiny_zip_image(f: IO[bytes], info: zipfile.ZipInfo, parts: tuple[str, ...], archive: Path,
+                        truth: dict[str, str], listing: SourceListing) -> None:
+    key = PurePosixPath(parts[-1]).stem
+    offset = _zip_data_offset(f, info)
+    if offset is None:
+        listing.skipped.append({"key": key, "wnid": _tiny_wnid(parts, truth), "path": f"{archive.name}/{info.filename}",
+                                "reason": f"no zip local header at byte {info.header_offset}"})
+        return
+    deflated = info.compress_type == zipfile.ZIP_DEFLATED
+    _add_tiny_image(listing, parts, truth, Member(key, "", archive.name, offset, info.compress_size,
+                                                  info.file_size if deflated else -1, info.CRC))
+
+
+def _add_tiny_image(listing: SourceListing, parts: tuple[str, ...], truth: dict[str, str], member: Member) -> None:
+    wnid = _tiny_wnid(parts, truth)
+    if wnid is None:
+        listing.ignored.append({"name": "/".join(parts), "reason": f"no label in {TINY_VAL_ANNOTATIONS}"})
+    else:
+        listing.members.append(replace(member, wnid=wnid))
+
+
+def _tiny_zip_top(infos: list[zipfile.ZipInfo], archive: Path) -> str:
+    """The folder of the zip that holds wnids.txt: "tiny-imagenet-200/" in the official zip ("" if at the top)."""
+    tops = sorted(info.filename[: -len(TINY_WNIDS)] for info in infos
+                  if info.filename.rsplit("/", 1)[-1] == TINY_WNIDS and info.filename.count("/") <= 1)
+    if not tops:
+        raise PipeError(f"{archive}: a zip without {TINY_WNIDS} at its top or in its top folder; expected Tiny "
+                        f"ImageNet's {TINY_ZIP} (tiny-imagenet-200/{TINY_WNIDS}, train/, val/)")
+    return min(tops, key=len)
+
+
+def _tiny_val_annotations(text: str, source: str) -> dict[str, str]:
+    """`val_annotations.txt`: `val_<i>.JPEG<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1` → {file stem: wnid}."""
+    truth = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
+        fields = line.split("\t")
+        if not line.strip():
+            continue
+        if len(fields) < 2 or not _is_wnid(fields[1]):
+            raise PipeError(f"{source}:{lineno}: expected 'val_<i>.JPEG<TAB>wnid<TAB>x0<TAB>y0<TAB>x1<TAB>y1', "
+                            f"found {line!r}")
+        truth[PurePosixPath(fields[0]).stem] = fields[1]
+    return truth
 
 
 # ---------------------------------------------------------------------------------------------------------------

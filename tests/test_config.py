@@ -120,7 +120,7 @@ def test_a_value_the_settings_refuse_names_the_setting_and_where_it_came_from(tm
         resolve_settings(recipe)
     with pytest.raises(PipeError, match=r"^train: dropout must be in \[0, 1\), got 1\.5"):
         resolve_settings("paper", {"dropout": 1.5})
-    with pytest.raises(PipeError, match="expected one of demo, paper or a TOML file"):
+    with pytest.raises(PipeError, match="expected one of demo, paper, tiny or a TOML file"):
         resolve_settings("nonesuch")
 
 
