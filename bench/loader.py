@@ -1,10 +1,13 @@
 """Benchmark `loader`: training images/s of the DALI pipeline vs the torch reference DataLoader (Pillow decode, same
-augmentation: random crop of the central square, mirror, PCA lighting, mean subtraction), side by side, same cores.
+augmentation: random crop of the central square, mirror, PCA lighting, mean subtraction), side by side, same cores;
+and the DALI pipeline decoding whole images then cutting the crop (what the window decode buys).
 
     python bench/loader.py [--shards DIR] [--seconds S] [--device cpu|cuda] [--threads N] [--batch-size B]
-                           [--ten-crop]
+                           [--ten-crop] [--resume]
 
 --ten-crop measures the paper's 10-crop test loaders instead (every image once, ten views each; an image counts once).
+--resume measures the time from a loader's start to its first batch when it resumes at the start of an epoch and
+near its end (the epoch's order is computed, so a resume reads nothing it consumed: the two should be alike).
 
 Without --shards, the real ImageNet samples (../shared/data/imagenet-sample) are sharded into a temp folder first.
 The shard set is listed --repeat times over (symlinks) so that an epoch is long enough for the steady state; each
@@ -81,7 +84,11 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=30, help="list the shard set this many times over")
     ap.add_argument("--rounds", type=int, default=10, help="interleaved measuring rounds per loader")
     ap.add_argument("--ten-crop", action="store_true", help="the 10-crop test loaders instead of training's")
+    ap.add_argument("--resume", action="store_true",
+                    help="time to the first batch, resumed at an epoch's start and near its end")
     args = ap.parse_args()
+    if args.resume:
+        return resume_times(args)
     with tempfile.TemporaryDirectory() as tmp:
         shards = args.shards
         if shards is None:
@@ -93,30 +100,69 @@ def main() -> None:
         make = partial(make_eval_loader, ten_crop=True) if args.ten_crop else make_train_loader
         loaders = {name: make(shards, PCA, args.batch_size, loader=name, device=args.device,
                               num_threads=args.threads) for name in ("dali", "torch")}
+        if not args.ten_crop:  # the same DALI graph decoding whole images, then cutting the crop
+            loaders["dali-full-decode"] = make(shards, PCA, args.batch_size, loader="dali", device=args.device,
+                                               num_threads=args.threads, window_decode=False)
         rates: dict[str, list[float]] = {name: [] for name in loaders}
         images = dict.fromkeys(loaders, 0)
-        for r in range(args.rounds):  # interleaved, so that a noisy neighbour hits both alike
-            for name in (("dali", "torch") if r % 2 == 0 else ("torch", "dali")):
+        for r in range(args.rounds):  # interleaved, so that a noisy neighbour hits each alike
+            for name in (list(loaders) if r % 2 == 0 else list(reversed(loaders))):
                 per_s, n = rate(loaders[name], args.seconds / args.rounds, args.device, first_epoch=1000 * r)
                 rates[name].append(per_s)
                 images[name] += n
         del loaders
     median = {name: statistics.median(v) for name, v in rates.items()}
-    paired = statistics.median(d / t for d, t in zip(rates["dali"], rates["torch"], strict=True))
+    paired = {name: statistics.median(d / t for d, t in zip(v, rates["torch"], strict=True))
+              for name, v in rates.items()}
     kind = "10-crop" if args.ten_crop else "train"
     title = f"loader {kind}, {args.device}, {args.threads} threads/workers, batch {args.batch_size}"
     print(f"{title:<48} {'images/s':>10} {'vs torch':>9}   (median of {args.rounds} interleaved rounds)")
-    labels = {"dali": "DALI pipeline (ours)", "torch": "torch DataLoader + Pillow (reference)"}
+    labels = {"dali": "DALI pipeline (ours)", "torch": "torch DataLoader + Pillow (reference)",
+              "dali-full-decode": "DALI, whole image decoded, then cut"}
     for name, per_s in median.items():
-        ratio = paired if name == "dali" else 1.0
+        ratio = paired[name]
         rounds = ", ".join(f"{v:.0f}" for v in rates[name])
         print(f"{labels[name]:<48} {per_s:>10.0f} {ratio:>8.2f}x   rounds: {rounds}")
     for name, per_s in median.items():
         print(json.dumps({"bench": "loader", "kind": kind, "loader": name, "device": args.device,
                           "threads": args.threads,
                           "batch_size": args.batch_size, "images": images[name], "images_per_s": round(per_s, 1),
-                          "vs_torch": round(paired if name == "dali" else 1.0, 3),
+                          "vs_torch": round(paired[name], 3),
                           "rounds": [round(v, 1) for v in rates[name]]}))
+
+
+def resume_times(args: argparse.Namespace) -> None:
+    """Seconds from building a training loader to its first batch, resumed at global batch 0 and at the epoch's
+    last batch but one (median of --rounds, alternating)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = args.shards
+        if shards is None:
+            from stages import shard
+
+            shards = Path(tmp) / "train"
+            shard.run(SAMPLE, shards, split="train", shard_size=64)
+        shards = repeated(shards, Path(tmp) / "bench", args.repeat)
+        times: dict[str, dict[int, list[float]]] = {}
+        for name in ("dali", "torch"):
+            loader = make_train_loader(shards, PCA, args.batch_size, loader=name, device=args.device,
+                                       num_threads=args.threads)
+            at = {0: [], len(loader) - 2: []}
+            for r in range(args.rounds):
+                for batch in (sorted(at) if r % 2 == 0 else sorted(at, reverse=True)):
+                    loader.set_epoch(r)
+                    loader.load_state_dict({"epoch": r, "batches": batch})
+                    started = time.perf_counter()
+                    next(iter(loader))
+                    at[batch].append(time.perf_counter() - started)
+            times[name] = at
+    for name, at in times.items():
+        near_end = max(at)
+        first, last = statistics.median(at[0]), statistics.median(at[near_end])
+        print(f"resume {name}: first batch after {first:.3f} s at batch 0, {last:.3f} s at batch {near_end} "
+              f"of {near_end + 2}: ratio {last / first:.2f}")
+        print(json.dumps({"bench": "loader-resume", "loader": name, "batches_per_epoch": max(at) + 2,
+                          "first_batch_s_at_start": round(first, 4), "first_batch_s_near_end": round(last, 4),
+                          "ratio": round(last / first, 3)}))
 
 
 if __name__ == "__main__":

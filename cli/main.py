@@ -3,7 +3,7 @@ shows. Heavy imports (torch, DALI) happen inside the commands, so `--help` and u
 under a second.
 
 Exit codes: 0 success, 1 unexpected error (a bug: rerun with --debug for the traceback), 2 bad usage or input,
-3 the stage is already running in that folder, 4 verification found mismatches.
+3 the stage is already running in that folder, 4 verification found mismatches, 5 training diverged.
 """
 
 from __future__ import annotations
@@ -331,7 +331,8 @@ def status(work: Annotated[Path, typer.Argument(metavar="WORK", help="The work f
     table = Table(title=f"alexnet-pipe status: {work}")
     for col in ("stage", "folder", "state", "detail"):
         table.add_column(col)
-    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta"}
+    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta",
+               "diverged": "red"}
     for name, folder, state in stage_rows(work, versions()):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -501,11 +502,11 @@ def figure1(
 def main() -> None:
     """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
     from pipeline.cluster import placement
-    from pipeline.errors import PipeError, Stopped
+    from pipeline.errors import Diverged, PipeError, Stopped
 
     try:
         app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
-    except Stopped as e:  # a signal stopped the work at a checkpoint (rank 0 says so; every rank exits alike)
+    except (Stopped, Diverged) as e:  # the run ended at a checkpoint (rank 0 says why; every rank exits alike)
         if placement().rank == 0:
             print(str(e), file=sys.stderr)
         sys.exit(e.exit_code)

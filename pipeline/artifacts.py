@@ -27,6 +27,7 @@ PCA = "pca.json"  # pca-stats' product
 RUN_SETTINGS = "_run.json"  # a run folder: the settings its checkpoints belong to
 METRICS = "metrics.jsonl"  # a run folder: one line per logged step and per epoch
 EVENTS = "events.jsonl"  # a run folder: one line per start or resume
+DIVERGED = "_diverged.json"  # a run folder: the step whose loss was not finite (the run is not done)
 CHECKPOINTS_DIR = "checkpoints"  # a run folder: step-%09d.pt
 EVAL = "eval.json"  # eval's product
 REPORT = "report.md"  # report's product
@@ -273,10 +274,12 @@ class RunInputs:
 
 @dataclass(frozen=True)
 class Topology:
-    """What the split of an epoch over ranks depends on."""
+    """What a run's epochs depend on: the version of the epoch order (`pipeline.augment.order.ORDER_VERSION`) and
+    the global batch; and the number of ranks that wrote the checkpoint (a resume may use another)."""
 
+    order: int
+    global_batch: int
     world_size: int
-    per_rank_batch: int
 
 
 @dataclass(frozen=True)
@@ -285,7 +288,7 @@ class RunSpec(Record):
     the class table, the data it came from and the topology that wrote it. Eval, predict and export need nothing
     else. Format 1 was one flat dict (`config`) beside a separate `topology`."""
 
-    FORMAT: ClassVar[int] = 2
+    FORMAT: ClassVar[int] = 3
     model: AlexNetConfig
     train: TrainConfig
     pixels: PixelStats
@@ -297,15 +300,27 @@ class RunSpec(Record):
 
     @classmethod
     def migrate(cls, data: dict, format: int) -> dict:
-        world_size = data.get("world_size", 1)
-        train = upgrade_train_settings(data["train"])
-        batch = train.get("batch_size", TrainConfig().batch_size)
-        return {"model": data["model"], "train": train,
-                "pixels": {k: data[k] for k in ("mean", "eigvals", "eigvecs")},
-                "classes": data.get("classes"), "inputs": data.get("manifests"),
-                "val_classes": data.get("val_classes", 0),
-                "topology": data.get("topology") or {"world_size": world_size, "per_rank_batch": batch // world_size},
-                "devices": data.get("devices", [])}
+        """Format 1: a flat dict (its topology beside it); 2: topology (world_size, per_rank_batch) of epoch order 1."""
+        if format == 1:
+            world_size = data.get("world_size", 1)
+            train = upgrade_train_settings(data["train"])
+            batch = train.get("batch_size", TrainConfig().batch_size)
+            data = {"model": data["model"], "train": train,
+                    "pixels": {k: data[k] for k in ("mean", "eigvals", "eigvecs")},
+                    "classes": data.get("classes"), "inputs": data.get("manifests"),
+                    "val_classes": data.get("val_classes", 0),
+                    "topology": data.get("topology") or {"world_size": world_size,
+                                                         "per_rank_batch": batch // world_size},
+                    "devices": data.get("devices", [])}
+        old = data["topology"]
+        return {**data, "topology": {"order": 1, "global_batch": old["world_size"] * old["per_rank_batch"],
+                                     "world_size": old["world_size"]}}
+
+    def trajectory(self) -> dict:
+        """What a run's checkpoints must agree with to be resumed: the model, the result-changing training settings
+        and the digests of what it trains on (the same dict `_run.json` holds)."""
+        return {"model": self.model.to_dict(), "train": self.train.trajectory(),
+                "inputs": to_plain(self.inputs) if self.inputs else None}
 
     @classmethod
     def of_checkpoint(cls, state: dict) -> RunSpec:

@@ -7,6 +7,7 @@ No torch here: the train stage decides it is up to date (its cache key is built 
 
 from __future__ import annotations
 
+import math
 import tomllib
 import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -60,6 +61,8 @@ class _Settings:
                 continue
             if hints[f.name] is float or hints[f.name] == float | None:
                 value = float(value)  # stable JSON: the checkpoint stores this dict and the stage hashes it (1 vs 1.0)
+                if not math.isfinite(value):
+                    raise SettingError(f.name, f"{f.name} must be a finite number, got {value!r}")
             elif hints[f.name] is int or hints[f.name] == int | None:
                 value = int(value)
             setattr(self, f.name, value)
@@ -168,6 +171,9 @@ class TrainConfig(_Settings):
     eval_batch_size: int = setting(128, "Images per validation batch (does not change the result).", minimum=1,
                                    role=RUNTIME)
     loader_threads: int = setting(2, "Loader threads/workers per rank.", minimum=1, role=RUNTIME)
+    loader_workers: int = setting(0, "DALI loader: Python worker processes that read the samples in the epoch's order "
+                                  "(0: the training process; a few on a GPU, so that reading never waits on a "
+                                  "step).", minimum=0, role=RUNTIME)
 
     def trajectory(self) -> dict:
         """The settings a checkpoint must agree with to be resumed (epochs/max_steps may grow)."""

@@ -24,6 +24,16 @@ class VerifyFailed(PipeError):
     exit_code = 4
 
 
+class Diverged(Exception):
+    """A training loss that was not finite ended the run at `step` (its last finite checkpoint kept): exit 5."""
+
+    exit_code = 5
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
 class Stopped(Exception):
     """A stop signal ended the work at a checkpoint: not an error, a rerun resumes. The CLI prints the message and
     exits 0 for SIGTERM/SIGUSR1 (Slurm's preemption and time-limit warnings: the job's own script decides what

@@ -54,7 +54,7 @@ def view_probabilities(model: torch.nn.Module, images: torch.Tensor, amp: bool =
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def class_probabilities(model: torch.nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
             amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(probabilities [N, C] on the CPU, labels [N]) over every batch, in order."""
     was_training = model.training
@@ -108,7 +108,7 @@ def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_d
                                    num_threads=loader_threads, loader=loader)
         with progress(f"eval {name.replace('_', '-')}", len(batches)) as advance:
             started = time.perf_counter()
-            probs, labels = predict(classifier.model, _counting(batches, advance))
+            probs, labels = class_probabilities(classifier.model, _counting(batches, advance))
             seconds = time.perf_counter() - started
         if len(labels) != manifest.samples:
             raise PipeError(f"eval saw {len(labels)} samples but {val_dir} holds {manifest.samples}")

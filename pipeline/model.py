@@ -11,6 +11,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import replace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -121,22 +122,25 @@ class AlexNet(nn.Module):
         self.fc8.to(devs[0])
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x on devices[0] → logits on devices[0]."""
-        return self.fc8(self.features(x))
+    def forward(self, x: torch.Tensor, dropout_masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """x on devices[0] → logits on devices[0]. In training, `dropout_masks` (from `dropout_masks`) are §4.2's
+        masks of this step; without them dropout draws from torch's global generator."""
+        return self.fc8(self.features(x, dropout_masks))
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, dropout_masks: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """The last hidden layer: every tower's fc7 after its ReLU (and dropout in training), on fc8's device."""
         a, *rest = self.towers
         on = [t.conv1.weight.device for t in self.towers]
+        masks = list(dropout_masks) if dropout_masks and self.training else [None] * 2 * len(on)
         ys = [a.conv1_2(x), *(t.conv1_2(x.to(d, non_blocking=True)) for t, d in zip(rest, on[1:]))]
         ys = [t.conv3_5(joined(ys, d)) for t, d in zip(self.towers, on)]
-        ys = [self.hidden(t.fc6, joined(ys, d)) for t, d in zip(self.towers, on)]
-        ys = [self.hidden(t.fc7, joined(ys, d)) for t, d in zip(self.towers, on)]
+        ys = [self.hidden(t.fc6, joined(ys, d), m) for t, d, m in zip(self.towers, on, masks[:len(on)])]
+        ys = [self.hidden(t.fc7, joined(ys, d), m) for t, d, m in zip(self.towers, on, masks[len(on):])]
         return joined(ys, self.fc8.weight.device)
 
-    def hidden(self, fc: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.towers[0].act(fc(x)))
+    def hidden(self, fc: nn.Linear, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.towers[0].act(fc(x))
+        return y * mask if mask is not None else self.dropout(y)
 
 
 class AlexNetGrouped(nn.Module):
@@ -193,6 +197,29 @@ class AlexNetGrouped(nn.Module):
             mine.bias.copy_(torch.cat([h.bias.to(mine.bias.device) for h in halves]))
         self.fc8.load_state_dict(model.fc8.state_dict())
         return self
+
+
+DROPOUT_MASKS = 21  # seed-stream tag: (seed, step, layer, tower) never coincides with the loader's draws
+
+
+@torch.no_grad()
+def dropout_masks(model: AlexNet, seed: int, step: int, rows: slice, global_batch: int) -> tuple[torch.Tensor, ...]:
+    """§4.2's dropout for one step, drawn for the whole global batch from a (seed, step, layer, tower) generator on
+    each tower's device and sliced to this rank's `rows`: the same masks whatever the number of ranks (the
+    model's forward takes them in fc6 then fc7 order, towers within). Each mask is 0 or 1/(1 − p), as dropout's
+    scaling; none when p = 0."""
+    p = model.config.dropout
+    if p == 0:
+        return ()
+    masks = []
+    for layer, name in enumerate(("fc6", "fc7")):
+        for index, tower in enumerate(model.towers):
+            fc = getattr(tower, name)
+            key = np.random.SeedSequence([seed, step, layer, index, DROPOUT_MASKS]).generate_state(1)[0]
+            generator = torch.Generator(device=fc.weight.device).manual_seed(int(key))
+            draw = torch.rand(global_batch, fc.out_features, generator=generator, device=fc.weight.device)[rows]
+            masks.append((draw >= p).to(fc.weight.dtype) / (1 - p))
+    return tuple(masks)
 
 
 @torch.no_grad()

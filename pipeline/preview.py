@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.artifacts import PixelStats
@@ -24,26 +23,25 @@ GAP, CAPTION, COLUMNS = 8, 20, 4
 
 def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, crop: int = 224,
                       loader: str = "dali") -> list[dict]:
-    """The first n training samples of epoch 0 with their augmentation: augmented [3, crop, crop] float (mean
-    subtracted), label, original uint8 [H, W, 3], crop (left, top), mirrored, lighting offset [3]."""
-    if loader == "dali":
-        pipe = TrainLoader(shard_dir, pixels, 1, crop=crop, seed=seed, num_threads=2).pipeline(0, with_params=True,
-                                                                                           batch_size=n)
-        images, labels, originals, xs, ys, flips, offsets = pipe.run()
-        return [{"augmented": torch.from_numpy(np.array(images[i])), "label": int(np.array(labels[i])),
-                 "original": np.array(originals[i]), "crop_at": (int(np.array(xs[i])), int(np.array(ys[i]))),
-                 "mirrored": bool(np.array(flips[i])), "offset": np.array(offsets[i], dtype=np.float64)}
-                for i in range(n)]
-    if loader == "torch":
-        reference = ReferenceTrainLoader(shard_dir, pixels, 1, crop=crop, seed=seed, num_threads=0)
-        dataset = reference.dataset(0)
-        out = []
-        for position, index in enumerate(reference.epoch_samples(0)[:n]):
-            patch, label, original, crop_at, flip, offset = dataset.augment(index, position)
-            out.append({"augmented": patch, "label": label, "original": original.permute(1, 2, 0).numpy(),
-                        "crop_at": tuple(crop_at), "mirrored": flip, "offset": offset.numpy()})
-        return out
-    raise PipeError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    """The first n training samples of epoch 0 as the loader makes them, with their augmentation: augmented [3, crop,
+    crop] float (mean subtracted), label, original uint8 [H, W, 3], crop (left, top), mirrored, lighting offset [3]
+    (the draws are computed, so the loader's source says what each one was)."""
+    from pipeline.augment.reference import decode_rgb
+
+    make = {"dali": TrainLoader, "torch": ReferenceTrainLoader}.get(loader)
+    if make is None:
+        raise PipeError(f"expected one of {', '.join(LOADERS)}, got {loader!r}", option="loader")
+    train = make(shard_dir, pixels, n, crop=crop, seed=seed, num_threads=2 if loader == "dali" else 0)
+    train.set_epoch(0)
+    images, labels = next(iter(train))
+    source = train.source(0)
+    samples = []
+    for image, i, draw in zip(images, source.positions(0), source.draws(0), strict=True):
+        jpg, label, crop_at, flip, pixel_mean = source.sample(int(i), draw)
+        offset = 255.0 * np.asarray(pixels.mean, dtype=np.float64) - pixel_mean
+        samples.append({"augmented": image, "label": label, "original": decode_rgb(jpg).permute(1, 2, 0).numpy(),
+                        "crop_at": crop_at, "mirrored": flip, "offset": offset})
+    return samples
 
 
 def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,

@@ -9,7 +9,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import CHECKPOINTS_DIR, MANIFEST, METRICS, RUN_SETTINGS, Manifest, RunClasses, RunInputs
+from pipeline.artifacts import (
+    CHECKPOINTS_DIR,
+    DIVERGED,
+    MANIFEST,
+    METRICS,
+    RUN_SETTINGS,
+    Manifest,
+    RunClasses,
+    RunInputs,
+)
 from pipeline.cache import MARKER, Input, canonical_json, read_json, write_json
 from pipeline.classes import run_classes, val_class_problems
 from pipeline.cluster import Placement, placement
@@ -80,10 +89,32 @@ def claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool, 
         return
     if force:
         shutil.rmtree(out / CHECKPOINTS_DIR, ignore_errors=True)
-        (out / METRICS).unlink(missing_ok=True)
-        (out / MARKER).unlink(missing_ok=True)
+        for name in (METRICS, MARKER, DIVERGED):
+            (out / name).unlink(missing_ok=True)
     (out / CHECKPOINTS_DIR).mkdir(parents=True, exist_ok=True)
     write_json(path, {"key": digest, "settings": trajectory})
+
+
+def final_checkpoint_problem(out: Path, marker: dict) -> str | None:
+    """Why a finished run is not done after all: its final checkpoint (recorded in the done marker) is missing or
+    not the size it was written with (set aside as damaged, cut, replaced). A stat, no hashing: the up-to-date
+    check stays instant."""
+    final = marker.get("final", {})
+    path, size = final.get("checkpoint"), final.get("bytes")
+    if not path:
+        return None
+    checkpoint = out / CHECKPOINTS_DIR / Path(path).name
+    if not checkpoint.is_file():
+        return f"its final checkpoint {checkpoint.name} is missing"
+    if size is not None and checkpoint.stat().st_size != size:
+        return f"its final checkpoint {checkpoint.name} is {checkpoint.stat().st_size:,} bytes, not {size:,}"
+    return None
+
+
+def diverged_record(out: Path) -> dict | None:
+    """The run's _diverged.json (the step whose loss was not finite), when it diverged."""
+    path = out / DIVERGED
+    return read_json(path) if path.is_file() else None
 
 
 def _recomputed_pca(out: Path, pca_path: Path) -> str | None:

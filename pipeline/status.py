@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
 from pipeline.cache import MARKER, PLAN, StageState, inspect, read_json
+from pipeline.runs import diverged_record, final_checkpoint_problem
 from pipeline.shards import damaged_shards
 
 STAGE_FILES = (MARKER, PLAN, RUN_SETTINGS)
@@ -71,6 +72,14 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
             shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
             return StageState("damaged", f"{len(damaged)} shard(s) missing or changed in size: {shown}; "
                                          f"`alexnet-pipe verify {folder}` checks them, `shard` rewrites them")
+    if state.state == "done" and marker.get("stage") == "train":
+        problem = final_checkpoint_problem(folder, marker)
+        if problem:
+            return StageState("damaged", f"the run finished but {problem}; `train` resumes it from the newest good "
+                                         "checkpoint to the end")
+    if (folder / RUN_SETTINGS).is_file() and (diverged := diverged_record(folder)) is not None:
+        return StageState("diverged", f"the loss was not finite at step {diverged['step']}; rerun with a lower --lr "
+                                      "and --force")
     if state.state == "missing" and (folder / RUN_SETTINGS).is_file():
         return StageState("partial", "training started (no finished marker)")
     return state
@@ -130,7 +139,9 @@ def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
         step, epoch = (steps[-1].step, steps[-1].epoch) if steps else (events[-1].step, events[-1].epoch)
         row = RunProgress(str(run.relative_to(work)), "done", step, total, epoch,
                           epochs[-1].val_top1_error if epochs else None)
-        if step < total if total is not None else not (run / MARKER).is_file():
+        if diverged_record(run) is not None:
+            row = replace(row, state="diverged")
+        elif step < total if total is not None else not (run / MARKER).is_file():
             # the step records of the latest start or resume, with their wall-clock times
             since = events[-1].time if events else 0
             recent = [s for s in steps if (s.time or 0) >= since][-20:]

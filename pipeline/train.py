@@ -1,10 +1,15 @@
 """Training: plain functions (step, optimizer, checkpoints) and one loop, `fit`, that resumes exactly.
 
-A checkpoint is a plain dict (model, optimizer, scheduler, epoch, step, RNG states as tensors, loader position,
-the losses logged so far in the epoch, config) loadable with `torch.load(weights_only=True)`, written atomically as
-checkpoints/step-%09d.pt. Resuming restores the loader position and every RNG, so on the CPU a run killed mid-epoch
-and resumed ends with the same weights and metrics as an uninterrupted one. SIGTERM/SIGUSR1 stop the run at a step
-boundary with a checkpoint; a checkpoint belongs to the topology (world size, per-rank batch) that wrote it.
+A checkpoint is a plain dict (model, optimizer, scheduler, epoch, step, the loader's position, the epoch's logged
+losses and training mistakes so far, the run's spec) loadable with `torch.load(weights_only=True)`, written
+atomically as checkpoints/step-%09d.pt. Nothing random lives in a rank: the loader's draws are computed from (seed,
+epoch, batch, position) and the dropout masks from (seed, step) for the whole global batch, so a checkpoint needs no
+RNG state, a new rank receives only the run's position, and a run may resume on another number of ranks (the global
+batch kept: the world size changes only the order of float sums). On the CPU a run killed mid-epoch and resumed ends
+with the same weights and metrics as an uninterrupted one.
+
+SIGTERM/SIGUSR1/SIGINT stop the run at a step boundary with a checkpoint; a loss that is not finite ends it at the
+next log line or checkpoint (where the run syncs anyway) without a checkpoint of the diverged weights.
 """
 
 from __future__ import annotations
@@ -12,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import signal
 import time
 from collections.abc import Callable
@@ -23,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import CHECKPOINTS_DIR, METRICS, EpochRecord, RunSpec, StepRecord, Topology
-from pipeline.cache import append_line, atomic_write
+from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED, METRICS, EpochRecord, RunSpec, StepRecord, Topology
+from pipeline.augment.order import ORDER_VERSION, rank_slice
+from pipeline.cache import append_line, atomic_write, write_json
 from pipeline.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -33,8 +38,8 @@ from pipeline.checkpoints import (
 )
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
-from pipeline.errors import PipeError
-from pipeline.model import build_model, count_parameters, forward_flops
+from pipeline.errors import Diverged, PipeError
+from pipeline.model import build_model, count_parameters, dropout_masks, forward_flops
 from pipeline.record import append_event
 from pipeline.runs import RunData
 from pipeline.session import Session
@@ -44,12 +49,6 @@ from pipeline.speed import TrainingSpeed
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 CHANCE_MARGIN = 1.5  # val top-1 error above 1 - CHANCE_MARGIN/K (K val classes) is chance level: nothing learnt yet
 FLAT_LOSS = 0.01  # an epoch's mean train loss within 1% of ln(C): the net has not started learning
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -96,55 +95,18 @@ def flat_loss(losses: list[float], num_classes: int) -> bool:
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
-               labels: torch.Tensor, amp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """One SGD step on one batch; returns the (detached) mean cross-entropy loss and the number of top-1 mistakes
-    of the logits it trained on (the training error, with no extra pass)."""
+               labels: torch.Tensor, amp: bool = False,
+               masks: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One SGD step on one batch (with this step's dropout masks); returns the (detached) mean cross-entropy loss
+    and the number of top-1 mistakes of the logits it trained on (the training error, with no extra pass)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-        logits = model(images)
+        logits = model(images, masks) if masks else model(images)
     labels = labels.to(logits.device)
     loss = F.cross_entropy(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
     return loss.detach(), (logits.detach().argmax(dim=1) != labels).sum()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# RNG states (saved in every checkpoint)
-
-
-def rng_state() -> dict:
-    """Every RNG as tensors/plain types (so `weights_only=True` can load it)."""
-    state = {"torch": torch.get_rng_state(),
-             "numpy": torch.from_numpy(_numpy_state()),
-             "python": torch.tensor(list(_python_state()), dtype=torch.int64)}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
-    return state
-
-
-def _numpy_state() -> np.ndarray:
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return np.concatenate([keys.astype(np.int64), [pos, has_gauss], np.frombuffer(np.float64(cached).tobytes(),
-                                                                                   np.int64)])
-
-
-def _python_state() -> tuple[int, ...]:
-    version, internal, gauss = random.getstate()
-    return (version, *internal, 0 if gauss is None else 1, np.float64(gauss or 0).view(np.int64).item())
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"].numpy()
-    np.random.set_state(("MT19937", n[:624].astype(np.uint32), int(n[624]), int(n[625]),
-                         float(np.int64(n[626]).view(np.float64))))
-    p = state["python"].tolist()
-    version, internal, has_gauss, gauss = p[0], tuple(p[1:-2]), p[-2], np.int64(p[-1]).view(np.float64).item()
-    random.setstate((version, internal, gauss if has_gauss else None))
-    if "cuda" in state and torch.cuda.is_available():  # a resume may see fewer GPUs than the run that saved
-        for index, cuda_state in enumerate(state["cuda"][:torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state, index)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -191,12 +153,17 @@ class Run:
     def metrics(self) -> Path:
         return self.out / METRICS
 
+    @property
+    def rows(self) -> slice:
+        """This rank's rows of each global batch."""
+        return rank_slice(self.cfg.batch_size, self.place.rank, self.place.world_size)
+
 
 @dataclass
 class Position:
     """Where the loop is: the epoch, the global step, the loader position to resume inside the epoch (None: from
-    its start), the losses logged so far in the epoch (for its mean train loss) and [top-1 mistakes, images] of
-    the batches trained so far in it on this rank (for its train_top1_error)."""
+    its start), the (global) losses logged so far in the epoch, for its mean train loss, and [top-1 mistakes,
+    images] of the batches trained so far in it (this rank's since the last save, which holds the global sums)."""
 
     epoch: int = 0
     step: int = 0
@@ -205,16 +172,44 @@ class Position:
     stopped: str | None = None  # the signal that stopped the run (its checkpoint is written)
     resumed_from: str | None = None  # the checkpoint this start resumed from
     epoch_mistakes: list = field(default_factory=lambda: [0, 0])
+    health: Health | None = None
+
+
+class Health:
+    """Whether every loss so far was finite, kept on the device (no host sync per step): the first step whose loss
+    was not, or 0. Read only where the run syncs anyway (log lines, checkpoints)."""
+
+    def __init__(self, device: torch.device, step: int):
+        self.step = torch.full((), step, dtype=torch.int64, device=device)
+        self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
+
+    def note(self, loss: torch.Tensor) -> None:
+        self.step += 1
+        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), self.step, self.first_bad)
+
+    def first_bad_step(self, place: Placement) -> int:
+        """The first non-finite step on any rank (0: none), the same answer on every rank."""
+        found = self.first_bad.clone()
+        if place.distributed:
+            import torch.distributed as dist
+
+            found = torch.where(found == 0, torch.iinfo(torch.int64).max, found).cpu()
+            dist.all_reduce(found, op=dist.ReduceOp.MIN)
+            found = torch.where(found == torch.iinfo(torch.int64).max, 0, found)
+        return int(found)
 
 
 class StopFlag:
-    """SIGTERM/SIGUSR1/SIGINT only set a flag: the loop reads it at the next step boundary, where the ranks agree on
-    it (all-reduced), so a signal during a step, validation or a checkpoint write lets that finish first. A second
-    Ctrl-C quits at once, as Ctrl-C does elsewhere."""
+    """SIGTERM/SIGUSR1/SIGINT only set a flag: the loop reads it at a step boundary, where the ranks agree on it,
+    so a signal during a step, validation or a checkpoint write lets that finish first. The agreement is an
+    all-reduce started each step and read the next (no rank waits on it: it has finished by then), so every rank
+    stops at the same step, one after the signal reached any of them. A second Ctrl-C quits at once."""
 
-    def __init__(self, announce: bool = True) -> None:
+    def __init__(self, place: Placement, announce: bool = True) -> None:
         self.signal: str | None = None
+        self.place = place
         self._announce = announce  # rank 0 says what Ctrl-C does; the others keep quiet
+        self._pending: tuple | None = None  # (work, tensor) of the all-reduce in flight
         # a process started with SIGINT ignored (a background job of a script, nohup) keeps ignoring it
         self._previous = {s: signal.signal(s, self._set) for s in STOP_SIGNALS
                           if signal.getsignal(s) is not signal.SIG_IGN}
@@ -228,17 +223,46 @@ class StopFlag:
                             b"losing the steps since the last checkpoint)\n")
         self.signal = self.signal or signal.Signals(signum).name  # the first signal names the stop
 
-    def agreed(self, place: Placement) -> str | None:
-        """The signal's name when any rank has received one, the same answer on every rank."""
-        if not place.distributed:
+    def _code(self) -> torch.Tensor:
+        return torch.tensor([STOP_SIGNALS.index(signal.Signals[self.signal]) + 1 if self.signal else 0])
+
+    @staticmethod
+    def _name(code: torch.Tensor) -> str | None:
+        return STOP_SIGNALS[int(code) - 1].name if int(code) else None
+
+    def at_step(self) -> str | None:
+        """The agreed signal of the previous step's round (None: none yet); starts this step's round."""
+        if not self.place.distributed:
             return self.signal
         import torch.distributed as dist
 
-        received = torch.tensor([STOP_SIGNALS.index(signal.Signals[self.signal]) + 1 if self.signal else 0])
-        dist.all_reduce(received, op=dist.ReduceOp.MAX)
-        return STOP_SIGNALS[int(received) - 1].name if int(received) else None
+        agreed = self._finish()
+        code = self._code()
+        self._pending = (dist.all_reduce(code, op=dist.ReduceOp.MAX, async_op=True), code)
+        return agreed
+
+    def now(self) -> str | None:
+        """Agreement at once (after validation, before leaving): waits for the round in flight and takes one more."""
+        if not self.place.distributed:
+            return self.signal
+        import torch.distributed as dist
+
+        earlier = self._finish()
+        code = self._code()
+        dist.all_reduce(code, op=dist.ReduceOp.MAX)
+        return earlier or self._name(code)
+
+    def _finish(self) -> str | None:
+        if self._pending is None:
+            return None
+        work, code = self._pending
+        self._pending = None
+        work.wait()
+        return self._name(code)
 
     def restore(self) -> None:
+        if self._pending is not None:
+            self._pending[0].wait()
         for s, handler in self._previous.items():
             signal.signal(s, handler)
 
@@ -257,89 +281,103 @@ class Outcome:
 def fit(model: torch.nn.Module, spec: RunSpec, train_loader, val_loader, out: Path, place: Placement,
         progress: Progress | None = None) -> Outcome:
     """Train until the spec's epochs, max_steps or a stop signal, resuming from the newest good checkpoint in
-    out/checkpoints."""
+    out/checkpoints; a loss that is not finite raises Diverged."""
     cfg = spec.train
     optimizer = make_optimizer(model, cfg)
     speed = TrainingSpeed(next(model.parameters()).device, forward_flops(spec.model), cfg.amp, cfg.peak_tflops)
     run = Run(model, optimizer, make_scheduler(optimizer, cfg), spec, place, out, progress or Progress(), speed)
-    step_fn = wrap_model(model, cfg, place)
+    step_fn = wrap_model(model, spec, place)
     # from here a signal is noted, not fatal: the run stops at its next step boundary
-    run.stop = StopFlag(announce=run.main_rank)
+    run.stop = StopFlag(place, announce=run.main_rank)
     try:
         at = resume(run)
+        at.health = Health(next(model.parameters()).device, at.step)
         total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
         if run.main_rank:  # where this start or resume begins, and what it runs on
-            append_event(out, event="resume" if at.resumed_from else "start", step=at.step, epoch=at.epoch,
-                         total_steps=total, resumed_from=at.resumed_from,
-                         world_size=place.world_size)
+            append_event(out, "resume" if at.resumed_from else "start", step=at.step, epoch=at.epoch,
+                         total_steps=total, resumed_from=at.resumed_from, world_size=place.world_size)
         while at.epoch < cfg.epochs and at.step < total and not at.stopped:
             if not train_epoch(run, step_fn, train_loader, at, total):
                 break  # stopped inside the epoch (max_steps or a signal)
             end_of_epoch(run, val_loader, at)
-            at.stopped = run.stop.agreed(place)  # a signal during validation: the epoch's checkpoint is written
+            at.stopped = run.stop.now()  # a signal during validation: the epoch's checkpoint is written
     finally:
         run.stop.restore()
     return Outcome(at.epoch, at.step, str(latest_checkpoint(run.checkpoints)), at.stopped)
 
 
-def wrap_model(model: torch.nn.Module, cfg: TrainConfig, place: Placement):
-    """What a step calls: the model, in DDP across ranks, compiled when asked."""
+def wrap_model(model: torch.nn.Module, spec: RunSpec, place: Placement):
+    """What a step calls: the model, in DDP across ranks (BatchNorm synchronised over them on GPUs, so that its
+    statistics are the global batch's; gloo has no SyncBatchNorm, so on the CPU each rank normalises its own
+    part), compiled when asked."""
     net = model
     if place.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         first = next(model.parameters()).device
+        if spec.model.norm == "batch" and first.type == "cuda":
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         single = len({p.device for p in model.parameters()}) == 1 and first.type == "cuda"
-        net = DistributedDataParallel(model, device_ids=[first] if single else None)
-    return torch.compile(net) if cfg.compile else net
+        net = DistributedDataParallel(net, device_ids=[first] if single else None)
+    return torch.compile(net) if spec.train.compile else net
 
 
 def resume(run: Run) -> Position:
     """From the newest checkpoint that verifies (rank 0 chooses, damaged ones set aside): weights, optimizer,
-    schedule, position and this rank's RNGs; metrics logged after it are dropped (they will be logged again).
-    Without one: a fresh start, seeded, with an empty metrics.jsonl."""
+    schedule and position; metrics logged after it are dropped (they will be logged again). Without one: a fresh
+    start with an empty metrics.jsonl."""
     chosen = newest_good_checkpoint(run.checkpoints, run.progress.warn) if run.main_rank else None
     chosen = _broadcast(chosen, run.place)
     if chosen is None:
-        seed_everything(run.cfg.seed * 1000 + run.place.rank)
         if run.main_rank:
             _truncate_metrics(run.metrics, -1)
         return Position()
     state = load_checkpoint(chosen)
-    check_topology(RunSpec.of_checkpoint(state).topology, topology(run.cfg, run.place), chosen)
+    saved = RunSpec.of_checkpoint(state)
+    check_resumable(saved, run.spec, chosen, state)
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][run.place.rank])
     if run.main_rank:
         _truncate_metrics(run.metrics, state["step"])
-        run.progress.info(f"train: resuming from step {state['step']}, epoch {state['epoch']} ({chosen})")
-    mistakes = state.get("epoch_mistakes", [[0, 0]])
-    rank = run.place.rank
+        ranks = f" on {run.place.world_size} rank(s), written by {saved.topology.world_size}" \
+            if saved.topology.world_size != run.place.world_size else ""
+        run.progress.info(f"train: resuming from step {state['step']}, epoch {state['epoch']} ({chosen}){ranks}")
+    mistakes = state.get("epoch_mistakes", [0, 0])  # the epoch's global sums so far: counted once, by rank 0
     return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])),
-                    epoch_mistakes=list(mistakes[rank] if rank < len(mistakes) else mistakes[0]),
-                    resumed_from=str(chosen))
+                    epoch_mistakes=list(mistakes) if run.main_rank else [0, 0], resumed_from=str(chosen))
 
 
 def topology(cfg: TrainConfig, place: Placement) -> Topology:
-    """What the rank split of an epoch and the saved RNG states depend on."""
-    return Topology(place.world_size, cfg.batch_size // place.world_size)
+    """What the order of an epoch depends on (its version and the global batch), and the world size that wrote."""
+    return Topology(ORDER_VERSION, cfg.batch_size, place.world_size)
 
 
-def check_topology(saved: Topology, now: Topology, path: Path) -> None:
-    """A resume with another rank count would reuse some samples, skip others and hand ranks foreign RNG states:
-    refused."""
-    if saved != now:
-        raise PipeError(f"{path} was written by {saved.world_size} process(es) of batch {saved.per_rank_batch}; "
-                        f"this run has {now.world_size} of batch {now.per_rank_batch}; resume with "
-                        f"{saved.world_size} process(es) (torchrun --nproc_per_node), or --force to start over")
+def check_resumable(saved: RunSpec, now: RunSpec, path: Path, state: dict) -> None:
+    """A checkpoint resumes only this run: the same result-changing settings and shards (another width, lr or
+    dropout in the run folder is named, one line; pca.json's numbers were compared when the folder was claimed, its
+    digest may change with pca-stats' version), the same epoch order and global batch (any number of ranks),
+    finite weights."""
+    changed = sorted(d for d in _diff(saved.trajectory(), now.trajectory()) if d != "inputs.pca")
+    if changed:
+        raise PipeError(f"{path} was written with other settings than this run's (differing: {', '.join(changed)}); "
+                        "use another --out, or --force to start this run over")
+    if saved.topology.order != now.topology.order:
+        raise PipeError(f"{path} was written with epoch order version {saved.topology.order} (each rank read its own "
+                        f"part of DALI's reader); this version computes every epoch's order from (seed, epoch) and "
+                        "cannot continue a run halfway through another order: finish it with the version that started "
+                        "it, or rerun with --force to start over")
+    bad = [name for name, tensor in state["model"].items() if not torch.isfinite(tensor).all()]
+    if bad:
+        raise PipeError(f"{path}: expected finite weights, found {len(bad)} tensor(s) with nan or inf (first: "
+                        f"{bad[0]}); the run diverged: --force to start over (with a lower --lr)")
 
 
 def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> bool:
     """Train the rest of epoch `at.epoch` (from the loader position when resuming inside it), logging every
     `log_every` steps and checkpointing every `checkpoint_every`. True when the epoch ran to its end; False when it
-    stopped at `total` steps inside it."""
-    cfg, place = run.cfg, run.place
+    stopped at `total` steps or a signal inside it."""
+    cfg = run.cfg
     train_loader.set_epoch(at.epoch)
     resuming = at.loader is not None and at.loader.get("epoch") == at.epoch
     if resuming:
@@ -347,30 +385,23 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     if not resuming:
         at.epoch_losses, at.epoch_mistakes = [], [0, 0]
     at.loader = None
-    steps_per_epoch, per_rank_batch = len(train_loader), cfg.batch_size // place.world_size
+    steps_per_epoch = len(train_loader)
     run.model.train()
     t_last, seen = time.perf_counter(), 0
     run.speed.fetch_started()
     for images, labels in train_loader:
         run.speed.fetch_done()
-        loss, mistakes = train_step(step_fn, run.optimizer, images, labels, cfg.amp)
+        masks = dropout_masks(run.model, cfg.seed, at.step, run.rows, cfg.batch_size)
+        loss, mistakes = train_step(step_fn, run.optimizer, images, labels, cfg.amp, masks)
+        at.health.note(loss)
         count_mistakes(at, mistakes, len(labels))
         at.step += 1
-        seen += per_rank_batch
+        seen += cfg.batch_size
         if at.step % cfg.log_every == 0 or at.step == total:
-            loss_value = loss.item()
-            at.epoch_losses.append(loss_value)
-            elapsed = time.perf_counter() - t_last
-            record = StepRecord(step=at.step, epoch=at.epoch, loss=round(loss_value, 6),
-                                lr=run.optimizer.param_groups[0]["lr"],
-                                images_per_s=round(seen * place.world_size / elapsed, 1),
-                                **run.speed.fields(seen / elapsed), time=round(time.time(), 3))
-            if run.main_rank:
-                _append_metrics(run.metrics, record)
-            run.progress.on_step(at.step, total, record)
+            log_step(run, at, loss, seen, time.perf_counter() - t_last, total)
             t_last, seen = time.perf_counter(), 0
         end_of_epoch = at.step % steps_per_epoch == 0  # checkpointed by end_of_epoch, after validation
-        at.stopped = run.stop.agreed(place) if run.stop else None
+        at.stopped = run.stop.at_step() if run.stop else None
         if not end_of_epoch and (at.step % cfg.checkpoint_every == 0 or at.step >= total or at.stopped):
             save(run, at, train_loader.state_dict())
         if (at.step >= total or at.stopped) and not end_of_epoch:
@@ -379,8 +410,45 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     return True
 
 
+def log_step(run: Run, at: Position, loss: torch.Tensor, images: int, elapsed: float, total: float) -> None:
+    """A metrics line: the global batch's loss (the mean over ranks), images/s over every rank, the speed fields;
+    a loss that is not finite (here or at an earlier step) ends the run."""
+    check_health(run, at)
+    if run.place.distributed:
+        import torch.distributed as dist
+
+        loss = loss.clone()
+        dist.all_reduce(loss)
+        loss /= run.place.world_size
+    loss_value = loss.item()
+    at.epoch_losses.append(loss_value)
+    record = StepRecord(step=at.step, epoch=at.epoch, loss=round(loss_value, 6),
+                        lr=run.optimizer.param_groups[0]["lr"], images_per_s=round(images / elapsed, 1),
+                        **run.speed.fields(images / run.place.world_size / elapsed), time=round(time.time(), 3))
+    if run.main_rank:
+        _append_metrics(run.metrics, record)
+    run.progress.on_step(at.step, total, record)
+
+
+def check_health(run: Run, at: Position) -> None:
+    """Diverged (every rank alike) when some step's loss was not finite: no checkpoint of those weights, the last
+    finite one kept, the run recorded as diverged at that step in _diverged.json and events.jsonl."""
+    first_bad = at.health.first_bad_step(run.place) if at.health else 0
+    if not first_bad:
+        return
+    last = latest_checkpoint(run.checkpoints)
+    if run.main_rank:
+        write_json(run.out / DIVERGED, {"step": first_bad, "detected_at": at.step, "last_checkpoint":
+                                        last.name if last else None})
+        append_event(run.out, "diverged", step=first_bad, epoch=at.epoch)
+    kept = f"the last finite checkpoint, {last}, is kept" if last else "no checkpoint was written"
+    raise Diverged(f"train: diverged: the loss was not finite at step {first_bad} (seen at step {at.step}); {kept}; "
+                   "rerun with a lower --lr and --force", step=first_bad)
+
+
 def end_of_epoch(run: Run, val_loader, at: Position) -> None:
     """Validate, let the plateau rule see the val error, log the epoch and checkpoint the start of the next one."""
+    check_health(run, at)
     val = validate(run.model, val_loader, run.cfg.amp, run.place)
     schedule = schedule_epoch(run.scheduler, run.optimizer, val["top1_error"], run.spec.val_classes)
     losses = at.epoch_losses
@@ -407,16 +475,18 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
 
 
 def save(run: Run, at: Position, loader_state: dict) -> None:
-    """A checkpoint of the run at `at` (every rank's RNGs gathered; rank 0 writes)."""
-    rngs = _gather(rng_state(), run.place)
-    mistakes = _gather([int(n) for n in at.epoch_mistakes], run.place)  # every rank: a collective
+    """A checkpoint of the run at `at`, its weights finite (rank 0 writes; the epoch's mistakes so far are summed
+    over the ranks, so a resume on any number of ranks counts them once)."""
+    check_health(run, at)
+    mistakes = _summed([float(n) for n in at.epoch_mistakes], run.place)
     if run.main_rank:
         save_checkpoint(run.checkpoints, at.step, {
             "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "rng": rngs,
-            "loader": loader_state, "epoch_losses": list(at.epoch_losses), "epoch_mistakes": mistakes,
+            "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "loader": loader_state,
+            "epoch_losses": list(at.epoch_losses), "epoch_mistakes": [int(n) for n in mistakes],
             "config": run.spec.to_json()},
             run.cfg.keep_checkpoints)
+    at.epoch_mistakes = [int(n) for n in mistakes] if run.main_rank else [0, 0]
 
 
 def count_mistakes(at: Position, mistakes: torch.Tensor, images: int) -> None:
@@ -426,29 +496,29 @@ def count_mistakes(at: Position, mistakes: torch.Tensor, images: int) -> None:
 
 def train_top1_error(at: Position, place: Placement) -> float | None:
     """The epoch's top-1 error on its training batches as they were trained (augmented, dropout on), over ranks."""
-    counts = torch.tensor([float(at.epoch_mistakes[0]), float(at.epoch_mistakes[1])], dtype=torch.float64)
-    if place.distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(counts)
-    wrong, seen = counts.tolist()
+    wrong, seen = _summed([float(at.epoch_mistakes[0]), float(at.epoch_mistakes[1])], place)
     return round(wrong / seen, 6) if seen else None
 
 
 @torch.no_grad()
 def validate(model: torch.nn.Module, val_loader, amp: bool, place: Placement) -> dict:
     """Centre-crop top-1/top-5 error over this rank's part of val, summed over ranks."""
-    from pipeline.evaluate import predict, topk_correct
+    from pipeline.evaluate import class_probabilities, topk_correct
 
-    probs, labels = predict(model, val_loader, amp)
-    counts = torch.tensor([topk_correct(probs, labels, 1).sum().item(), topk_correct(probs, labels, 5).sum().item(),
-                           len(labels)], dtype=torch.float64)
+    probs, labels = class_probabilities(model, val_loader, amp)
+    top1, top5, n = _summed([topk_correct(probs, labels, 1).sum().item(), topk_correct(probs, labels, 5).sum().item(),
+                             len(labels)], place)
+    return {"top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n, "samples": int(n)}
+
+
+def _summed(values: list[float], place: Placement) -> list[float]:
+    """`values` summed over every rank (float64: exact for counts)."""
+    counts = torch.tensor(values, dtype=torch.float64)
     if place.distributed:
         import torch.distributed as dist
 
         dist.all_reduce(counts)
-    top1, top5, n = counts.tolist()
-    return {"top1_error": 1 - top1 / n, "top5_error": 1 - top5 / n, "samples": int(n)}
+    return counts.tolist()
 
 
 def _broadcast(value, place: Placement):
@@ -462,14 +532,10 @@ def _broadcast(value, place: Placement):
     return box[0]
 
 
-def _gather(state: dict, place: Placement) -> list[dict]:
-    if not place.distributed:
-        return [state]
-    import torch.distributed as dist
-
-    gathered: list = [None] * place.world_size
-    dist.all_gather_object(gathered, state)
-    return gathered
+def _diff(a, b, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [prefix.rstrip(".")] if a != b else []
 
 
 def _append_metrics(path: Path, record: StepRecord | EpochRecord) -> None:
@@ -531,8 +597,9 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
     place = session.place
     common = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size, "device": session.devices[0],
               "num_threads": cfg.loader_threads, "loader": cfg.loader}
+    workers = {"workers": cfg.loader_workers} if cfg.loader == "dali" else {}
     train_loader = make_train_loader(data.train_dir, pixels, cfg.batch_size // place.world_size, seed=cfg.seed,
-                                     channels_last=cfg.channels_last, **cfg.augment, **common)
+                                     channels_last=cfg.channels_last, **cfg.augment, **workers, **common)
     val_loader = make_eval_loader(data.val_dir, pixels, cfg.eval_batch_size, ten_crop=False, **common)
     spec = RunSpec(model=model, train=cfg, pixels=pixels, classes=data.classes, inputs=data.digests,
                    val_classes=len(data.val.classes), topology=topology(cfg, place), devices=session.devices)

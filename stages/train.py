@@ -11,10 +11,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from pipeline.artifacts import DIVERGED
 from pipeline.cache import Stage
 from pipeline.config import AlexNetConfig, TrainConfig
-from pipeline.errors import Stopped
-from pipeline.runs import RunData, claim_run_folder, run_trajectory
+from pipeline.errors import Diverged, Stopped
+from pipeline.runs import RunData, claim_run_folder, diverged_record, final_checkpoint_problem, run_trajectory
 from stages import QuietReporter, Reporter, StageResult
 
 VERSION = 1
@@ -35,8 +36,16 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps},
                   data.inputs)
     if stage.up_to_date() and not force:
-        reporter.info(f"train: up to date ({out})")
-        return StageResult("train", out, up_to_date=True)
+        problem = final_checkpoint_problem(out, stage.marker() or {})
+        if problem is None:
+            reporter.info(f"train: up to date ({out})")
+            return StageResult("train", out, up_to_date=True)
+        reporter.warn(f"train: {out} finished, but {problem}: resuming from the newest good checkpoint to the end")
+        stage.reopen([])  # not done: the done marker goes, the run's checkpoints stay
+    diverged = diverged_record(out)
+    if diverged is not None and not force:  # the same settings would diverge again
+        raise Diverged(f"train: {out} diverged at step {diverged['step']} (its {DIVERGED}); rerun with a lower --lr "
+                       "and --force", step=diverged["step"])
 
     from pipeline.session import open_session  # torch: not before, an up-to-date run answers at once
     from pipeline.train import prepare
@@ -49,7 +58,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
         reporter.info(job.describe())  # every rank: where it runs
         outcome = _fit(job, out, say)
         if session.main and outcome.stopped is None:
-            stage.finalize(lambda: None, started=started, extra={"final": asdict(outcome)})
+            final = {**asdict(outcome), "bytes": Path(outcome.checkpoint).stat().st_size}
+            stage.finalize(lambda: None, started=started, extra={"final": final})
     if outcome.stopped:  # on every rank: none goes on to what follows a finished run
         raise Stopped(f"train: stopped at step {outcome.step} ({outcome.stopped}), rerun to resume "
                       f"→ {outcome.checkpoint}", outcome.stopped)

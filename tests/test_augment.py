@@ -4,6 +4,7 @@ images whose pixels say where they came from (coordinate ramps, flat grey), writ
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from pipeline.augment import (
     TrainLoader,
     centre_crop_box,
     centre_square,
-    epoch_shard_order,
+    epoch_order,
     lighting_offset,
     load_pca,
     make_eval_loader,
@@ -233,30 +234,60 @@ def test_same_seed_gives_identical_batches_whatever_the_thread_count_and_epochs_
     assert order != next_epoch and order != other_seed
 
 
+def global_batches(kind: str, shard_dir: Path, pca, global_batch: int, world_size: int, number: int, **options):
+    """Epoch `number` read by `world_size` ranks, each rank's slices put back together per global batch."""
+    ranks = [epoch(train_loader(kind, shard_dir, pca, global_batch // world_size, rank=rank, world_size=world_size,
+                                **options), number) for rank in range(world_size)]
+    assert len({len(batches) for batches in ranks}) == 1  # every rank the same number of steps
+    return [(torch.cat([r[b][0] for r in ranks]), torch.cat([r[b][1] for r in ranks])) for b in range(len(ranks[0]))]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
-def test_two_ranks_read_disjoint_parts_of_the_epoch_order_cover_all_but_the_tail_with_equal_batch_counts(
-        pattern_shards, pca, kind):
-    counts = [40, 40, 40, 30]
+def test_the_global_batches_are_the_epochs_computed_order_whatever_the_number_of_ranks(pattern_shards, pca, kind):
+    """Epoch e is a seeded permutation of all 150 samples; global batch b is its samples [16b, 16b + 16); one, two
+    or four ranks read it as the same images, each its slice, with the same crops, flips and lighting."""
     for number in (0, 1):
-        files = epoch_shard_order(4, 0, number)
-        in_order = [PATTERN_LABELS[sum(counts[:f]) + j] for f in files for j in range(counts[f])]
-        seen = []
-        for rank in (0, 1):
-            loader = train_loader(kind, pattern_shards, pca, 8, rank=rank, world_size=2)
-            batches = epoch(loader, number)
-            assert len(batches) == len(loader) == 150 // 16
-            labels = torch.cat([lb for _, lb in batches]).tolist()
-            assert set(labels) <= {in_order[p] for p in rank_range(150, rank, 2)}
-            seen.append(labels)
-        assert len(seen[0]) == len(seen[1]) == 72
-        assert len(set(seen[0] + seen[1])) == 144  # disjoint, no repeats; 150 − 144 = the dropped tail
+        order = [PATTERN_LABELS[i] for i in epoch_order(150, 0, number)]
+        one = global_batches(kind, pattern_shards, pca, 16, 1, number)
+        assert len(one) == 150 // 16
+        assert torch.cat([labels for _, labels in one]).tolist() == order[:144]  # the tail of 6 dropped
+        for world_size in (2, 4):
+            for (a, la), (b, lb) in zip(one, global_batches(kind, pattern_shards, pca, 16, world_size, number),
+                                        strict=True):
+                assert torch.equal(a, b) and torch.equal(la, lb)
+
+
+@pytest.mark.slow
+def test_the_dali_loader_and_the_torch_reference_give_the_same_training_batches_pixel_for_pixel(sample_shards, pca):
+    """The draws are computed, not DALI's: its window decode, flip and lighting equal Pillow's crop, flip and
+    subtraction exactly, batch after batch (and in a channels-last layout)."""
+    dali = epoch(train_loader("dali", sample_shards["train"], pca, 10, seed=1), 0)
+    reference = epoch(train_loader("torch", sample_shards["train"], pca, 10, seed=1), 0)
+    assert len(dali) == len(reference) == 21
+    for (a, la), (b, lb) in zip(dali, reference, strict=True):
+        assert a.shape == (10, 3, 224, 224) and a.dtype == torch.float32 and la.dtype == torch.int64
+        assert torch.equal(la, lb) and torch.equal(a, b), f"max |Δ| {(a - b).abs().max().item()}"
+    for kind in LOADERS:
+        first = next(iter(train_loader(kind, sample_shards["train"], pca, 10, seed=1, channels_last=True)))[0]
+        assert first.is_contiguous(memory_format=torch.channels_last) and torch.equal(first, dali[0][0])
+    assert sorted(torch.cat([y for _, y in dali]).tolist()) == sorted(tar_labels(sample_shards["train"]))
+
+
+@pytest.mark.slow
+def test_dali_worker_processes_read_the_same_batches_as_the_training_process(pattern_shards, pca):
+    serial = epoch(TrainLoader(pattern_shards, pca, 25, seed=2, num_threads=2), 1)
+    parallel = epoch(TrainLoader(pattern_shards, pca, 25, seed=2, num_threads=2, workers=2), 1)
+    for (a, la), (b, lb) in zip(serial, parallel, strict=True):
+        assert torch.equal(a, b) and torch.equal(la, lb)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", LOADERS)
-def test_resuming_mid_epoch_from_a_saved_state_yields_exactly_the_remaining_batches(pattern_shards, pca, kind,
-                                                                                    tmp_path):
+def test_resuming_mid_epoch_reads_nothing_it_consumed_and_yields_exactly_the_remaining_batches(pattern_shards, pca,
+                                                                                               kind, tmp_path):
+    """The state is (epoch, global batches consumed): a resume starts reading at the next batch. Proved on shards
+    whose consumed samples are overwritten with zeros (the same sizes): reading one of them would fail."""
     uninterrupted = epoch(train_loader(kind, pattern_shards, pca, 10, seed=5), 2)
     first = train_loader(kind, pattern_shards, pca, 10, seed=5)
     first.set_epoch(2)
@@ -266,7 +297,16 @@ def test_resuming_mid_epoch_from_a_saved_state_yields_exactly_the_remaining_batc
     torch.save({"loader": first.state_dict()}, tmp_path / "ckpt.pt")
     state = torch.load(tmp_path / "ckpt.pt", weights_only=True)["loader"]
     assert state == {"epoch": 2, "batches": 4}
-    resumed = train_loader(kind, pattern_shards, pca, 10, seed=5)
+
+    shards = tmp_path / "shards"
+    shutil.copytree(pattern_shards, shards)
+    source = first.source(2)
+    for i in np.concatenate([source.positions(b) for b in range(4)]):  # the 40 samples consumed
+        tar = Path(source.index.tars[source.index.shard[i]])
+        with open(shards / tar.name, "r+b") as f:
+            f.seek(int(source.index.jpg_offset[i]))
+            f.write(bytes(int(source.index.jpg_size[i])))
+    resumed = train_loader(kind, shards, pca, 10, seed=5)
     resumed.set_epoch(2)
     resumed.load_state_dict(state)
     rest = list(resumed)
@@ -376,24 +416,10 @@ def test_val_centre_crop_and_all_ten_crop_views_equal_the_torch_reference_pixel_
     assert torch.equal(views[:, 5:], views[:, :5].flip(-1))  # … and views 5..9 mirror views 0..4
 
 
-@pytest.mark.slow
-def test_reference_train_loader_gives_the_same_label_multiset_shapes_and_layouts_as_dali(sample_shards, pca):
-    shapes, labels = {}, {}
-    for kind in LOADERS:
-        batches = epoch(train_loader(kind, sample_shards["train"], pca, 10, seed=1), 0)
-        shapes[kind] = {(tuple(x.shape), x.dtype, tuple(y.shape), y.dtype) for x, y in batches}
-        labels[kind] = sorted(torch.cat([y for _, y in batches]).tolist())
-        plain = batches[0][0]
-        first = next(iter(train_loader(kind, sample_shards["train"], pca, 10, seed=1, channels_last=True)))[0]
-        assert first.is_contiguous(memory_format=torch.channels_last) and torch.equal(first, plain)
-    assert shapes["dali"] == shapes["torch"] == {((10, 3, 224, 224), torch.float32, (10,), torch.int64)}
-    assert labels["dali"] == labels["torch"] == sorted(tar_labels(sample_shards["train"]))  # 210 = 21 × 10
-
-
 def test_loaders_are_chosen_by_name_and_refuse_impossible_settings(sample_shards, pca):
     assert isinstance(make_train_loader(sample_shards["train"], pca, 8), TrainLoader)
     assert isinstance(make_train_loader(sample_shards["train"], pca, 8, loader="torch"), ReferenceTrainLoader)
-    with pytest.raises(PipeError, match="loader must be one of"):
+    with pytest.raises(PipeError, match="expected one of dali, torch"):
         make_eval_loader(sample_shards["val"], pca, 8, loader="pillow")
     with pytest.raises(PipeError, match="fewer than one global batch"):
         TrainLoader(sample_shards["train"], pca, 128, world_size=2)

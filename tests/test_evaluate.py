@@ -14,7 +14,7 @@ import torch
 
 from pipeline.artifacts import RunSpec
 from pipeline.augment import ReferenceEvalLoader, load_pca, make_eval_loader, reference_eval_samples
-from pipeline.evaluate import confused_pairs, errors, per_class_accuracy, predict, view_probabilities
+from pipeline.evaluate import class_probabilities, confused_pairs, errors, per_class_accuracy, view_probabilities
 from pipeline.model import build_model
 
 
@@ -45,7 +45,7 @@ def test_hand_made_logits_give_the_hand_computed_top1_and_top5_error():
                           [6.0, 5, 0, 3, 4, 2],   # label 2: rank 6 (lowest)
                           [6.0, 5, 4, 2, 3, 1]])  # label 3: rank 5
     labels = [0, 1, 2, 3]
-    probs, got = predict(LookupModel(table), batches(4, labels, 3))
+    probs, got = class_probabilities(LookupModel(table), batches(4, labels, 3))
     result = errors(probs, got)
     assert result == {"top1_error": 0.75, "top5_error": 0.25, "samples": 4}
     assert per_class_accuracy(probs, got) == {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}
@@ -67,18 +67,18 @@ def test_batch_size_does_not_change_the_result():
     torch.manual_seed(0)
     table = torch.randn(37, 1000)
     labels = torch.randint(0, 1000, (37,)).tolist()
-    reference = predict(LookupModel(table), batches(37, labels, 37))
+    reference = class_probabilities(LookupModel(table), batches(37, labels, 37))
     for batch_size in (1, 5, 8, 36, 64):
-        probs, got = predict(LookupModel(table), batches(37, labels, batch_size))
+        probs, got = class_probabilities(LookupModel(table), batches(37, labels, batch_size))
         assert torch.equal(got, reference[1]) and torch.allclose(probs, reference[0], atol=1e-7)
         assert errors(probs, got) == errors(*reference)
-    ten = predict(LookupModel(table), batches(37, labels, 8, views=10))  # 10 identical views → same as one
+    ten = class_probabilities(LookupModel(table), batches(37, labels, 8, views=10))  # 10 identical views → same as one
     assert torch.allclose(ten[0], reference[0], atol=1e-6)
 
 
 def test_predict_restores_training_mode():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(48, 3)).train()
-    predict(model, batches(4, [0, 1, 2, 0], 2))
+    class_probabilities(model, batches(4, [0, 1, 2, 0], 2))
     assert model.training
 
 
@@ -183,7 +183,7 @@ def test_the_stages_loader_and_predict_give_each_images_probabilities_as_compute
     for view in ("centre", "ten_crop"):
         batches = make_eval_loader(tiny_data["val"], pca, 7, loader=loader, crop=224, ten_crop=view == "ten_crop",
                                    num_threads=2 if loader == "dali" else 0)
-        probs, labels = predict(model, batches)
+        probs, labels = class_probabilities(model, batches)
         assert torch.equal(labels, expected["labels"])
         assert torch.allclose(probs, expected[view], atol=1e-6, rtol=0), view
 

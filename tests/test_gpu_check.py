@@ -37,7 +37,8 @@ def test_the_dry_run_from_another_folder_leaves_three_files_and_every_step_ok(tm
     results = summary["results"]
     assert results["record"][0]["dali"] == "2.4.0" and results["record"][0]["gpus"] == []
     assert {(r["kind"], r["loader"]) for rows in results.values() for r in rows if r.get("bench") == "loader"} == {
-        ("train", "dali"), ("train", "torch"), ("10-crop", "dali"), ("10-crop", "torch")}
+        ("train", "dali"), ("train", "dali-full-decode"), ("train", "torch"), ("10-crop", "dali"),
+        ("10-crop", "torch")}
     assert [(r["model"], r["precision"]) for r in results["train-step-fp32"] if "model" in r] == [("two-tower", "fp32")]
     assert [r["init"] for r in results["learning"][0]["runs"]] == ["paper", "default"]
     run = summary["runs"]["one-gpu"]

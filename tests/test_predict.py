@@ -12,8 +12,7 @@ import torch
 from PIL import Image
 
 from pipeline.augment import ReferenceEvalLoader
-from pipeline.augment.loading import ShardSet
-from pipeline.augment.reference import shard_samples
+from pipeline.augment.loading import ShardSet, sample_index
 from pipeline.errors import PipeError
 from pipeline.images import BadImage
 from pipeline.predict import Classifier, classify, image_views, load_classifier
@@ -55,7 +54,7 @@ def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the
     loader = ReferenceEvalLoader(sample_shards[split], classifier.spec.pixels, 16, ten_crop=ten_crop,
                                  num_threads=0)
     theirs = torch.cat([images for images, _ in loader])
-    keys = [ref.key for ref in shard_samples(shards)]
+    keys = list(sample_index(shards).keys)
     assert len(keys) == len(files) == len(theirs)
     for key, expected in zip(keys, theirs, strict=True):
         ours = image_views(files[key].read_bytes(), classifier.mean, 224, ten_crop)

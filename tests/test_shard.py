@@ -23,8 +23,9 @@ from PIL import Image
 
 from pipeline.artifacts import PixelStats
 from pipeline.augment import ReferenceEvalLoader, centre_crop_box
-from pipeline.augment.loading import ShardSet
-from pipeline.augment.reference import decode_rgb, shard_samples
+from pipeline.augment.loading import ShardSet, sample_index
+from pipeline.augment.order import SampleReader
+from pipeline.augment.reference import decode_rgb
 from pipeline.cache import fingerprint_source, inspect
 from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.images import BadImage, prepare_image, resized_size
@@ -789,14 +790,8 @@ SPLITS = ("train", "val")
 
 def indexed_samples(shard_dir: Path) -> list[tuple[str, bytes, int]]:
     """(key, jpg bytes, label) of every sample, in reading order, from the byte ranges of the DALI index files."""
-    out = []
-    for ref in shard_samples(ShardSet.open(shard_dir)):
-        with open(ref.tar, "rb") as f:
-            f.seek(ref.jpg[0])
-            jpg = f.read(ref.jpg[1])
-            f.seek(ref.cls[0])
-            out.append((ref.key, jpg, int(f.read(ref.cls[1]))))
-    return out
+    reader = SampleReader(sample_index(ShardSet.open(shard_dir)))
+    return [(key, *reader.read(i)) for i, key in enumerate(reader.index.keys)]
 
 
 @pytest.mark.parametrize("split", SPLITS)

@@ -72,10 +72,12 @@ def kill_when_written(cli_popen, args: list[str], path: Path, log: Path, timeout
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_sigkill_mid_epoch_then_rerun_ends_with_the_weights_and_metrics_of_an_uninterrupted_run(
-        tiny_data, tiny_run, train_cmd, cli, cli_popen, tmp_path):
+        loader, tiny_data, tiny_run, train_cmd, cli, cli_popen, tmp_path):
+    """Either loader: its batches are the same, so the uninterrupted reference is the DALI run (tiny_run)."""
     out = tmp_path / "run"
-    args = train_cmd(tiny_data, out)
+    args = train_cmd(tiny_data, out, loader=loader)
     for step in (3, 12):  # killed in epoch 0, then the resumed run killed again in epoch 1
         kill_when_written(cli_popen, args, out / "checkpoints" / f"step-{step:09d}.pt", tmp_path / f"kill-{step}.log")
         assert not (out / "_stage.json").exists()
@@ -192,19 +194,29 @@ def test_impossible_settings_are_one_line_errors(tiny_data, train_cmd, cli, tmp_
 
 
 @pytest.mark.slow
-def test_torchrun_with_two_ranks_trains_one_run_and_a_rerun_is_up_to_date(tiny_data, train_cmd, tmp_path):
-    """The README's distributed command, without Slurm: two DDP ranks (gloo on the CPU) write one run."""
+def test_two_ranks_resume_a_one_rank_checkpoint_along_the_one_rank_losses_and_a_rerun_is_up_to_date(
+        tiny_data, tiny_run, train_cmd, tmp_path):
+    """The README's distributed command, without Slurm: two DDP ranks (gloo on the CPU) write one run; started
+    from the one-rank run's checkpoint at step 12, they train the same global batches to the same losses."""
     run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    for later in ("step-000000015.pt", "step-000000018.pt"):
+        (run / "checkpoints" / later).unlink()
+        (run / "checkpoints" / f"{later}.sha256").unlink()
+    (run / "_stage.json").unlink()
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node=2", "--no-python",
                 str(Path(sys.executable).with_name("alexnet-pipe"))]
-    args = train_cmd(tiny_data, run, max_steps=2, checkpoint_every=2)
+    args = train_cmd(tiny_data, run)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
-    assert "rank 0/2" in said(out) and "rank 1/2" in said(out)
-    assert [r["step"] for r in metrics(run) if "loss" in r] == [1, 2]  # rank 0 logs, once per step
+    assert "rank 0/2" in said(out) and "rank 1/2" in said(out) and "on 2 rank(s), written by 1" in said(out)
+    ours, theirs = losses_of(run), losses_of(tiny_run)
+    assert sorted(ours) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))  # rank 0 logs, once per step
+    worst = max(abs(ours[k] - theirs[k]) for k in range(13, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert worst < LOSS_TOLERANCE, f"largest loss difference {worst:.3g}"
     state = last_checkpoint(run)
-    assert (state["step"], RunSpec.of_checkpoint(state).topology.world_size) == (2, 2)
+    assert (state["step"], RunSpec.of_checkpoint(state).topology.world_size) == (18, 2)
     rerun = subprocess.run(torchrun + args, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0 and "up to date" in said(rerun), rerun.stderr
 
@@ -271,10 +283,11 @@ def wait_for_step(run: Path, proc: subprocess.Popen, log: Path, step: int, timeo
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("loader", ["dali", "torch"])
 def test_sigterm_mid_epoch_checkpoints_exits_0_and_a_rerun_ends_with_the_weights_of_an_uninterrupted_run(
-        tiny_data, tiny_run, train_cmd, cli, cli_popen, tmp_path):
+        loader, tiny_data, tiny_run, train_cmd, cli, cli_popen, tmp_path):
     out, log = tmp_path / "run", tmp_path / "term.log"
-    args = train_cmd(tiny_data, out)
+    args = train_cmd(tiny_data, out, loader=loader)
     proc = cli_popen(*args, log=log)
     wait_for_step(out, proc, log, 4)  # the checkpoint cadence is 3: step 4's boundary is not a checkpoint
     os.kill(proc.pid, signal.SIGTERM)
@@ -353,33 +366,54 @@ def test_wrong_inputs_are_refused_before_the_run_folder_is_claimed_and_a_fresh_s
     assert [r["step"] for r in metrics(run)] == [1, 2] and all(r["loss"] != 9.0 for r in metrics(run))
 
 
+LOSS_TOLERANCE = 1e-4  # the world size changes only the order of float sums (measured: below 1e-5 on this net)
+
+
+def losses_of(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
+
+
+def rank_pids(proc: subprocess.Popen) -> dict[int, int]:
+    """torchrun's rank processes by their RANK."""
+    ranks = {}
+    for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        ranks[next(int(e[5:]) for e in environ if e.startswith(b"RANK="))] = int(child)
+    return ranks
+
+
 @pytest.mark.slow
-def test_sigterm_to_one_of_two_ranks_stops_both_at_one_step_and_another_rank_count_is_refused(
-        tiny_data, train_cmd, cli, tmp_path):
+def test_two_ranks_signalled_at_different_moments_stop_at_one_step_and_one_rank_resumes_the_same_global_batches(
+        tiny_data, tiny_run, train_cmd, cli, tmp_path):
+    """Elastic: the two-rank run follows the one-rank run's losses (the same global batches, crops and dropout
+    masks; only float sums differ), both ranks stop at one step however apart their signals came, and a single
+    process resumes the run from there to the one-rank run's end."""
     run, log = tmp_path / "run", tmp_path / "ranks.log"
-    args = train_cmd(tiny_data, run, epochs=20)
+    args = train_cmd(tiny_data, run)
     with open(log, "w") as f:
         proc = subprocess.Popen(TORCHRUN + ["--nproc_per_node=2", CLI] + args, stdout=f, stderr=subprocess.STDOUT,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     try:
         wait_for_step(run, proc, log, 3)
-        ranks = {}
-        for child in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split():
-            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-            ranks[next(int(e[5:]) for e in environ if e.startswith(b"RANK="))] = int(child)
-        os.kill(ranks[1], signal.SIGTERM)  # one rank only, as a node's signal may reach one process first
+        ranks = rank_pids(proc)
+        os.kill(ranks[1], signal.SIGTERM)  # one rank first, as a node's signal may reach one process first …
+        wait_for_step(run, proc, log, 4)
+        os.kill(ranks[0], signal.SIGTERM)  # … and the other a step later
         assert proc.wait(timeout=120) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     state = last_checkpoint(run)
-    assert f"train: stopped at step {state['step']} (SIGTERM)" in log.read_text(), log.read_text()
-    assert RunSpec.of_checkpoint(state).topology == Topology(world_size=2, per_rank_batch=2)
-    assert len(state["rng"]) == 2
-    assert checkpoints(run)[-1] == f"step-{state['step']:09d}.pt"
+    assert log.read_text().count(f"train: stopped at step {state['step']} (SIGTERM)") == 1, log.read_text()
+    assert RunSpec.of_checkpoint(state).topology == Topology(order=2, global_batch=4, world_size=2)
+    assert checkpoints(run)[-1] == f"step-{state['step']:09d}.pt" and state["step"] < EPOCHS * STEPS_PER_EPOCH
 
-    refused = cli(*train_cmd(tiny_data, run, epochs=20), check=False)
-    one_line_error(refused, "2 process(es) of batch 2", "1 of batch 4", "--nproc_per_node", "--force")
+    resumed = cli(*train_cmd(tiny_data, run))  # one process now
+    assert f"resuming from step {state['step']}" in said(resumed) and "on 1 rank(s), written by 2" in said(resumed)
+    ours, theirs = losses_of(run), losses_of(tiny_run)
+    assert sorted(ours) == sorted(theirs) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    worst = max(abs(ours[k] - theirs[k]) for k in theirs)
+    assert worst < LOSS_TOLERANCE, f"largest loss difference {worst:.3g}"
 
 
 @pytest.mark.slow
@@ -523,3 +557,27 @@ def test_a_full_disk_in_eval_is_one_line_naming_the_path_and_a_rerun_with_space_
     result = json.loads((disk / "eval" / "eval.json").read_text())
     assert result["samples"] == 18 and {c["name"] for c in result["per_class"]} == \
         {f"renamed {c['index']}" for c in result["per_class"]}
+
+
+@pytest.mark.slow
+def test_a_worker_killed_under_torchrun_restarts_and_ends_with_the_weights_of_an_uninterrupted_run(
+        tiny_data, tiny_run, train_cmd, tmp_path):
+    """What the Slurm train job relies on when a node or a worker is lost: torchrun's elastic restart starts the
+    group again and the run resumes from its newest checkpoint, to the uninterrupted run's weights (DALI path)."""
+    run, log = tmp_path / "run", tmp_path / "torchrun.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(TORCHRUN + ["--nproc_per_node=1", "--max-restarts=1", CLI, *train_cmd(tiny_data, run)],
+                                stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "2"},
+                                start_new_session=True)
+    try:
+        wait_for_step(run, proc, log, 5)  # past the checkpoint at step 3
+        os.kill(rank_pids(proc)[0], signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "resuming from step" in log.read_text(), log.read_text()
+    events = [json.loads(line)["event"] for line in (run / "events.jsonl").read_text().splitlines()]
+    assert events[0] == "start" and "resume" in events[1:]
+    assert metrics(run) == metrics(tiny_run)
+    same_weights(run, tiny_run)

@@ -1,8 +1,11 @@
 """The DALI side of augmentation: one `@pipeline_def` per pipeline (train / val centre / val 10-crop), whose
 arguments are the only knobs, and the loaders that run them and hand the trainer plain torch tensors.
 
-In DALI the lighting is folded into `crop_mirror_normalize` as a per-image mean: `255·mean − offset`. The patches
-are placed with `pipeline.augment.geometry`'s functions, evaluated on DALI's per-sample nodes.
+Training is fed by an external source (`pipeline.augment.order.TrainSource`): each sample's encoded bytes in the
+epoch's computed order, with the crop corner, the flip and the pixel mean (the training mean minus the lighting
+offset) its draws give; DALI decodes only the crop window (ROI decode: nvJPEG with `mixed` on a GPU) and mirrors and
+subtracts. The centre crop of the val graph is decoded the same way, its window placed with
+`pipeline.augment.geometry`'s functions on DALI's per-sample nodes; the 10-crop graph decodes the whole image.
 
 On the CPU an image batch shares DALI's output buffer (no copy); on a GPU it is one device-to-device copy.
 """
@@ -16,18 +19,17 @@ import numpy as np
 import torch
 
 from pipeline.artifacts import PixelStats
-from pipeline.augment.geometry import (
-    CROP,
-    LIGHTING_ALPHA_STD,
-    PIPELINE,
-    centre_inset,
-    derive_seed,
-    epoch_shard_order,
-    lighting_matrix,
-    rank_range,
-    ten_crop_views,
+from pipeline.augment.geometry import CROP, LIGHTING_ALPHA_STD, centre_inset, rank_range, ten_crop_views
+from pipeline.augment.loading import (
+    Batch,
+    TrainEpochs,
+    checked_labels,
+    open_shards,
+    sample_index,
+    to_device,
+    torch_device,
 )
-from pipeline.augment.loading import Batch, TrainEpochs, checked_labels, open_shards, to_device, torch_device
+from pipeline.augment.order import TrainAugmentation, TrainSource
 from pipeline.errors import PipeError
 
 try:
@@ -88,6 +90,15 @@ def _decode(jpegs, device: str):
                              adjust_orientation=False, jpeg_fancy_upsampling=True)
 
 
+def _decode_window(jpegs, anchors, crop: int, device: str):
+    """Only the crop×crop window at `anchors` ([x, y] per image, int32) decoded: the same pixels as the whole
+    image decoded and cropped (libjpeg-turbo and nvJPEG decode the window's MCUs alone)."""
+    return fn.decoders.image_slice(jpegs, anchors, np.array([crop, crop], dtype=np.int32), axis_names="WH",
+                                   normalized_anchor=False, normalized_shape=False,
+                                   device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                                   adjust_orientation=False, jpeg_fancy_upsampling=True)
+
+
 def _patch(images, height, width, x, y, crop: int, device: str, mirror=0, mean=(0.0, 0.0, 0.0),
            layout: str = "CHW"):
     """The crop×crop patch whose top-left pixel is (x, y), mirrored if asked, minus `mean`, float32.
@@ -105,45 +116,32 @@ def _patch(images, height, width, x, y, crop: int, device: str, mirror=0, mean=(
 
 
 @pipeline_def
-def train_pipeline(paths, index_paths, *, mean, eigvals, eigvecs, shard_id=0, num_shards=1, initial_fill=1024,
-                   crop=CROP, label_digits=3, lighting_alpha_std=LIGHTING_ALPHA_STD, random_crop=True, mirror=True,
-                   lighting=True, device="cpu", channels_last=False, with_params=False):
-    """Training: random crop of the central square, mirror p=0.5, PCA lighting, minus the mean (§4.1).
-
-    Outputs (images [crop, crop] CHW or HWC, labels); with `with_params` also the decoded originals, the crop's
-    top-left corner x and y, the mirror flag and the lighting offset [3] (for the preview and tests)."""
-    jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=True,
-                          initial_fill=initial_fill)
-    height, width, side, left, top = _square(jpegs)
-    room = side - crop
-    if random_crop:  # floor(u · (room + 1)), u ∈ [0, 1): each integer offset 0..room equally likely
-        dx = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room + 1)), room)
-        dy = dmath.min(dmath.floor(fn.random.uniform(range=[0.0, 1.0]) * (room + 1)), room)
+def train_pipeline(source, *, crop=CROP, device="cpu", channels_last=False, parallel=False, window_decode=True):
+    """Training (§4.1): the crop×crop window of each image at the corner `source` gives, decoded alone (with
+    `window_decode`; else the whole image, then cut: the same pixels, for `bench/loader.py`), mirrored when it says
+    so, minus its pixel mean (float32). Outputs (images CHW, or HWC with `channels_last`, labels)."""
+    jpegs, labels, anchors, flips, pixel_means = fn.external_source(
+        source=source, num_outputs=5, batch=True, batch_info=True, parallel=parallel,
+        dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.FLOAT])
+    if window_decode:
+        window = _decode_window(jpegs, anchors, crop, device)
     else:
-        dx = dy = centre_inset(side, crop)
-    flip = fn.random.coin_flip(probability=0.5 if mirror else 0.0)
-    alpha = fn.random.normal(shape=[1, 3], stddev=lighting_alpha_std if lighting else 0.0)  # one 3-d point
-    light = lighting_matrix(eigvals, eigvecs)
-    pixel_mean = fn.reshape(fn.coord_transform(alpha, M=(-light).ravel().tolist(),
-                                               T=(255.0 * np.asarray(mean)).tolist()), shape=[3])
-    images = _decode(jpegs, device)
-    x, y = left + dx, top + dy
-    out = _patch(images, height, width, x, y, crop, device, mirror=flip, mean=pixel_mean,
-                 layout="HWC" if channels_last else "CHW")
-    if not with_params:
-        return out, labels
-    offset = fn.reshape(fn.coord_transform(alpha, M=light.ravel().tolist()), shape=[3])
-    return out, labels, images, fn.cast(x, dtype=types.INT64), fn.cast(y, dtype=types.INT64), flip, offset
+        window = fn.slice(_decode(jpegs, device), anchors, np.array([crop, crop], dtype=np.int32), axis_names="WH",
+                          normalized_anchor=False, normalized_shape=False)
+    return fn.crop_mirror_normalize(window, device=device, mirror=flips, mean=pixel_means, std=[1.0, 1.0, 1.0],
+                                    dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW"), labels
 
 
 @pipeline_def
 def val_pipeline(paths, index_paths, *, mean, shard_id=0, num_shards=1, crop=CROP, label_digits=3, device="cpu"):
     """Test: the centre crop×crop patch of the central square (as `centre_crop_box`), minus the mean."""
     jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=False, pad_last_batch=True)
-    height, width, side, left, top = _square(jpegs)
+    _, _, side, left, top = _square(jpegs)
     inset = centre_inset(side, crop)
-    return _patch(_decode(jpegs, device), height, width, left + inset, top + inset, crop, device,
-                  mean=(255.0 * np.asarray(mean)).tolist()), labels
+    anchors = fn.cast(fn.stack(left + inset, top + inset), dtype=types.INT32)
+    return fn.crop_mirror_normalize(_decode_window(jpegs, anchors, crop, device), device=device,
+                                    mean=(255.0 * np.asarray(mean)).tolist(), std=[1.0, 1.0, 1.0],
+                                    dtype=types.FLOAT, output_layout="CHW"), labels
 
 
 @pipeline_def
@@ -198,52 +196,55 @@ def _placement(device: torch.device) -> dict:
 
 
 class TrainLoader(TrainEpochs):
-    """The training batches of one rank: (images float32 [B, 3, crop, crop] on `device`, labels int64 [B]).
+    """The training batches of one rank: (images float32 [B, 3, crop, crop] on `device`, labels int64 [B]), B the
+    per-rank batch, in the computed order of `pipeline.augment.order` (global batch B × world_size).
 
-    `set_epoch(e)` before iterating; `len()` batches per epoch, the same on every rank. `state_dict()` after a batch
-    is {"epoch", "batches" consumed}; `load_state_dict` of it makes the next iteration yield exactly the batches an
-    uninterrupted run would have yielded next (the consumed ones are replayed through the pipeline, not returned).
+    `set_epoch(e)` before iterating; `len()` global batches per epoch, the same on every rank and for every rank
+    count. `state_dict()` after a batch is {"epoch", "batches" consumed}; after `load_state_dict` of it the next
+    iteration starts reading at the next batch: nothing consumed is read or decoded again. `workers` > 0 runs the
+    source in that many Python worker processes (DALI's parallel external source); 0 in the calling thread.
     """
 
     def __init__(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int = CROP, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
                  lighting: bool = True, mirror: bool = True, random_crop: bool = True, channels_last: bool = False,
-                 lighting_alpha_std: float = LIGHTING_ALPHA_STD, initial_fill: int = 1024, prefetch: int = 2):
+                 lighting_alpha_std: float = LIGHTING_ALPHA_STD, workers: int = 0, prefetch: int = 2,
+                 window_decode: bool = True):
         _require_dali()
         self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
                                   seed=seed, whole_batch=True)
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.device = torch_device(device)
-        self.num_threads, self.prefetch = num_threads, prefetch
-        self.channels_last = channels_last
-        self.options = {"crop": crop, "label_digits": self.shards.label_digits, "mean": list(pixels.mean),
-                        "eigvals": list(pixels.eigvals), "eigvecs": [list(r) for r in pixels.eigvecs],
-                        "lighting_alpha_std": lighting_alpha_std, "random_crop": random_crop, "mirror": mirror,
-                        "lighting": lighting, "channels_last": channels_last}
-        self.rank_samples = len(rank_range(self.shards.samples, rank, world_size))
-        self.initial_fill = max(1, min(initial_fill, self.rank_samples))
+        self.num_threads, self.workers, self.prefetch = num_threads, workers, prefetch
+        self.channels_last, self.crop, self.window_decode = channels_last, crop, window_decode
+        self.index = sample_index(self.shards)
+        self.augmentation = TrainAugmentation(crop, tuple(pixels.mean), tuple(pixels.eigvals),
+                                              tuple(map(tuple, pixels.eigvecs)), random_crop, mirror, lighting,
+                                              lighting_alpha_std)
 
-    def pipeline(self, epoch: int, *, with_params: bool = False, batch_size: int | None = None):
-        """The built DALI pipeline of `epoch` on this rank (shard files permuted by (seed, epoch), pipeline seed
-        from (seed, epoch, rank))."""
-        order = epoch_shard_order(len(self.shards.tars), self.seed, epoch)
-        pipe = train_pipeline([self.shards.tars[i] for i in order], [self.shards.indexes[i] for i in order],
-                              shard_id=self.rank, num_shards=self.world_size, initial_fill=self.initial_fill,
-                              with_params=with_params, **self.options,
-                              batch_size=batch_size or self.batch_size, num_threads=self.num_threads,
-                              **_placement(self.device), seed=derive_seed(self.seed, epoch, self.rank, PIPELINE),
-                              prefetch_queue_depth=self.prefetch, exec_dynamic=True)
+    def source(self, epoch: int, start: int = 0) -> TrainSource:
+        """What this rank reads of `epoch` from global batch `start` on."""
+        return TrainSource(self.index, self.augmentation, self.seed, epoch, self.batch_size * self.world_size,
+                           self.rank, self.world_size, start)
+
+    def pipeline(self, epoch: int, start: int = 0):
+        """The built DALI pipeline of `epoch` on this rank, from global batch `start` on."""
+        pipe = train_pipeline(self.source(epoch, start), crop=self.crop, channels_last=self.channels_last,
+                              parallel=self.workers > 0, window_decode=self.window_decode,
+                              batch_size=self.batch_size, num_threads=self.num_threads,
+                              **_placement(self.device), prefetch_queue_depth=self.prefetch, exec_dynamic=True,
+                              py_num_workers=max(self.workers, 1), py_start_method="spawn")
         pipe.build()
         return pipe
 
     def __iter__(self) -> Iterator[Batch]:
         start, self._resume_at = self._resume_at, 0
-        pipe = self.pipeline(self.epoch)
+        if start >= len(self):
+            return
+        pipe = self.pipeline(self.epoch, start)
         try:
-            for i in range(len(self)):
+            for i in range(start, len(self)):
                 images, labels = _run(pipe, self.device)
-                if i < start:
-                    continue
                 images = _dali_to_torch(images, self.device)
                 if self.channels_last:  # HWC from DALI: a [B, 3, H, W] view with channels-last strides
                     images = images.permute(0, 3, 1, 2)

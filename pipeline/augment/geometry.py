@@ -1,5 +1,5 @@
 """The augmentation's math, shared by the DALI graphs and the torch reference path (paper §4.1): where the crops lie,
-the lighting offset, and which samples a rank reads in an epoch. No DALI, no torch.
+the lighting offset, and which samples a rank evaluates (the training order is `order.py`'s). No DALI, no torch.
 
 The crop geometry is plain integer arithmetic (`-`, `//`), so `centre_inset` and `ten_crop_offsets` take Python ints
 and DALI data nodes alike: the DALI graphs place their patches with the very functions the reference path uses.
@@ -18,7 +18,6 @@ LIGHTING_ALPHA_STD = 0.1  # §4.1: "Gaussian with mean zero and standard deviati
 TEN_CROP_VIEWS = ("top-left", "top-right", "bottom-left", "bottom-right", "centre",
                   "top-left mirrored", "top-right mirrored", "bottom-left mirrored", "bottom-right mirrored",
                   "centre mirrored")
-SHARD_ORDER, PIPELINE, REFERENCE = 1, 2, 3  # seed-stream tags, so (seed, epoch[, rank]) streams never coincide
 
 
 def centre_inset(outer, inner):
@@ -71,21 +70,6 @@ def lighting_offset(alpha, eigvals, eigvecs):
     return m @ np.asarray(alpha, dtype=np.float64)
 
 
-def derive_seed(*parts: int) -> int:
-    """A 31-bit seed from a tuple of non-negative integers (seed, epoch, rank, …); never from global state."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0]) & 0x7FFFFFFF
-
-
-def epoch_shard_order(num_shards: int, seed: int, epoch: int) -> list[int]:
-    """The shard files' order in `epoch` (the same on every rank): DALI's reader only shuffles within a buffer."""
-    return np.random.default_rng(np.random.SeedSequence([seed, epoch, SHARD_ORDER])).permutation(num_shards).tolist()
-
-
 def rank_range(samples: int, rank: int, world_size: int) -> range:
-    """Positions of the samples rank `rank` reads: DALI's reader split (`start_index` = ⌊size·id/shards⌋)."""
+    """Positions of the samples rank `rank` evaluates: a contiguous part, so every sample counts exactly once."""
     return range(samples * rank // world_size, samples * (rank + 1) // world_size)
-
-
-def batches_per_epoch(samples: int, batch_size: int, world_size: int) -> int:
-    """Training: the last partial global batch is dropped on every rank."""
-    return samples // (batch_size * world_size)

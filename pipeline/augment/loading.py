@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment.geometry import batches_per_epoch
+from pipeline.augment.order import SampleIndex, batches_per_epoch
 from pipeline.errors import PipeError
 from pipeline.shards import check_shard_files, load_manifest, shard_paths
 
@@ -64,10 +64,15 @@ def open_shards(shard_dir: Path, *, crop: int, batch_size: int = 1, rank: int = 
     shards = ShardSet.open(shard_dir)
     if not 1 <= crop <= shards.short_side:
         raise PipeError(f"crop {crop} does not fit the {shards.short_side}-pixel short side of {shards.dir}")
-    if whole_batch and batches_per_epoch(shards.samples, batch_size, world_size) == 0:
+    if whole_batch and batches_per_epoch(shards.samples, batch_size * world_size) == 0:
         raise PipeError(f"{shards.dir} holds {shards.samples} samples, fewer than one global batch "
                         f"({batch_size} × {world_size} ranks)")
     return shards
+
+
+def sample_index(shards: ShardSet) -> SampleIndex:
+    """Where each sample's bytes lie, from the shards' DALI index files (read once per loader)."""
+    return SampleIndex.of(shards.tars, shards.indexes, shards.counts)
 
 
 def torch_device(device: str | torch.device) -> torch.device:
@@ -98,7 +103,8 @@ def checked_labels(labels: torch.Tensor, shards: ShardSet) -> torch.Tensor:
 
 
 class TrainEpochs:
-    """Where a training loader stands: the epoch and the batches consumed in it (the same on every rank)."""
+    """Where a training loader stands: the epoch and the global batches consumed in it (the same on every rank, and
+    for any number of ranks: the loader's whole state)."""
 
     shards: ShardSet
     batch_size: int
@@ -108,7 +114,7 @@ class TrainEpochs:
     _position: int = 0  # batches handed out in this epoch
 
     def __len__(self) -> int:
-        return batches_per_epoch(self.shards.samples, self.batch_size, self.world_size)
+        return batches_per_epoch(self.shards.samples, self.batch_size * self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._resume_at, self._position = epoch, 0, 0
