@@ -9,18 +9,34 @@ Exit codes: 0 success, 1 unexpected error (a bug: rerun with --debug for the tra
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from typer.core import TyperArgument, TyperOption
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from pipeline.ablation import VARIANT_NAMES
 from pipeline.config import CROPS, LOADERS, recipe_names
 
+
+class _CutInput(Exception):
+    """A command's own EOFError (a cut .gz file), carried past click, which takes every EOFError for Ctrl-D and
+    prints only "Aborted."."""
+
+
+class _Commands(TyperGroup):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except EOFError as e:
+            raise _CutInput(e) from e
+
+
 app = typer.Typer(
     name="alexnet-pipe",
+    cls=_Commands,
     help="Reproduce AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012) stage by stage: synth → shard → pca-stats "
     "→ train → eval. Every stage is cached (a finished stage returns at once) and restartable (a killed stage "
     "resumes where it stopped).",
@@ -499,6 +515,18 @@ def figure1(
               init=init, batch_size=batch_size, devices=devices, fetch=download, force=force, reporter=_reporter())
 
 
+OUT_OF_MEMORY = ("out of memory: lower --batch-size (or --eval-batch-size, --width), --loader-threads or --workers; "
+                 "on a GPU, --amp halves the activations")
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """torch's allocators raise RuntimeError (CPU: "DefaultCPUAllocator: can't allocate memory", C++'s
+    std::bad_alloc) or torch.OutOfMemoryError (CUDA); DALI raises RuntimeError with bad_alloc or out of memory."""
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or any(
+        s in text for s in ("can't allocate memory", "std::bad_alloc", "out of memory", "CUDA out of memory"))
+
+
 def main() -> None:
     """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
     from pipeline.cluster import placement
@@ -508,7 +536,7 @@ def main() -> None:
         app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
     except (Stopped, Diverged) as e:  # the run ended at a checkpoint (rank 0 says why; every rank exits alike)
         if placement().rank == 0:
-            print(str(e), file=sys.stderr)
+            print(f"error: {e}" if isinstance(e, Diverged) else str(e), file=sys.stderr)
         sys.exit(e.exit_code)
     except PipeError as e:
         if _debug:
@@ -516,9 +544,26 @@ def main() -> None:
         flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
         print(f"error: {flag}{e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except PermissionError as e:  # a folder or file of the user's that this user may not read or write
+        if _debug:
+            raise
+        print(f"error: {e.filename or ''}: permission denied (expected a path this user may read, and write for "
+              "outputs; check its mode and owner)", file=sys.stderr)
+        sys.exit(2)
+    except MemoryError:
+        if _debug:
+            raise
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        sys.exit(2)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if _debug:
             raise
+        if _is_out_of_memory(e):
+            wanted = re.search(r"allocate (\d+) bytes", str(e))
+            said = f"{int(wanted.group(1)):,} bytes more were asked for" if wanted else str(e).splitlines()[0][:160]
+            print(f"error: {OUT_OF_MEMORY} ({said})", file=sys.stderr)
+            sys.exit(2)
+        e = e.__cause__ if isinstance(e, _CutInput) else e
         print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
 

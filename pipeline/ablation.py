@@ -87,6 +87,17 @@ def sweep_record(name: str, seed: int, run_dir: Path, eval_dir: Path) -> dict:
             "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs]}
 
 
+def diverged_sweep_record(name: str, seed: int, run_dir: Path, step: int) -> dict:
+    """A run whose loss was not finite at `step`: no val errors, its training error up to then."""
+    return {"variant": name, "seed": seed, "diverged_at_step": step, "test": None, "top1_error": None,
+            "top5_error": None, "samples": None,
+            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs]}
+
+
+def diverged(record: dict) -> bool:
+    return record.get("diverged_at_step") is not None  # records written before divergence was detected lack it
+
+
 def epochs_to(errors: list[float | None], threshold: float) -> int | None:
     """Epochs trained until the training error first was at or below `threshold` (None: never)."""
     return next((i + 1 for i, e in enumerate(errors) if e is not None and e <= threshold), None)
@@ -105,16 +116,19 @@ def summarize(records: list[dict], threshold: float) -> dict:
         by_variant.setdefault(r["variant"], []).append(r)
     rows = []
     for name in (n for n in VARIANT_NAMES if n in by_variant):
-        runs = sorted(by_variant[name], key=lambda r: r["seed"])
+        every = sorted(by_variant[name], key=lambda r: r["seed"])
+        runs = [r for r in every if not diverged(r)]  # the errors are of the runs that finished
         row = {"variant": name, "what": variant(name).what, "paper": variant(name).paper,
-               "section": variant(name).section, "seeds": [r["seed"] for r in runs], "test": runs[0]["test"]}
+               "section": variant(name).section, "seeds": [r["seed"] for r in runs],
+               "diverged": [{"seed": r["seed"], "step": r["diverged_at_step"]} for r in every if diverged(r)],
+               "test": runs[0]["test"] if runs else None}
         for metric in ("top1_error", "top5_error"):
-            row[metric] = dict(zip(("mean", "sd"), mean_sd([r[metric] for r in runs])))
+            row[metric] = (dict(zip(("mean", "sd"), mean_sd([r[metric] for r in runs]))) if runs
+                           else {"mean": None, "sd": None})
         reached = [epochs_to(r["train_top1_error"], threshold) for r in runs]
         row["epochs_to_threshold"] = reached
-        row["epochs_to_threshold_mean"] = (statistics.fmean(reached) if all(e is not None for e in reached)
-                                           else None)
-        row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs])
+        row["epochs_to_threshold_mean"] = (statistics.fmean(reached) if reached and None not in reached else None)
+        row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs]) if runs else []
         rows.append(row)
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     seeds = len(base["seeds"]) if base else 0
@@ -127,7 +141,9 @@ def summarize(records: list[dict], threshold: float) -> dict:
             "smallest_detectable_top1": detectable}
 
 
-def _difference(row: dict, base: dict, metric: str) -> dict:
+def _difference(row: dict, base: dict, metric: str) -> dict | None:
+    if row[metric]["mean"] is None or base[metric]["mean"] is None:  # every seed of one of them diverged
+        return None
     diff = row[metric]["mean"] - base[metric]["mean"]
     sds = (row[metric]["sd"], base[metric]["sd"])
     if None in sds:
@@ -171,9 +187,14 @@ def table_markdown(summary: dict, description: str) -> str:
              f"epochs to {threshold:.0%} train error |", "|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         cells = [row["variant"], row["what"], f"{row['paper']} ({row['section']})"]
+        lost = row.get("diverged", [])
         for metric in ("top1_error", "top5_error"):
             m = row[metric]
-            cells.append(f"{pct(m['mean'])} ± {pct(m['sd'])}" + ("" if row["test"] == "ten_crop" else " (centre)"))
+            cell = "diverged" if m["mean"] is None else (
+                f"{pct(m['mean'])} ± {pct(m['sd'])}" + ("" if row["test"] == "ten_crop" else " (centre)"))
+            if lost and metric == "top1_error":
+                cell += " (" + ", ".join(f"seed {d['seed']} diverged at step {d['step']}" for d in lost) + ")"
+            cells.append(cell)
         for metric in ("top1_error", "top5_error"):
             d = row[f"{metric}_diff"]
             if d is None:
@@ -233,7 +254,7 @@ def plot(summary: dict, out: Path) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = list(rows)
+    names = [n for n in rows if rows[n]["top1_error"]["mean"] is not None]  # a variant that only diverged has none
     means = [100 * rows[n]["top1_error"]["mean"] for n in names]
     sds = [100 * (rows[n]["top1_error"]["sd"] or 0) for n in names]
     ax.bar(names, means, yerr=sds, capsize=3, color=["tab:grey" if n == BASELINE else "tab:blue" for n in names])

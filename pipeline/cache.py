@@ -130,6 +130,32 @@ def read_json(path: Path) -> Any:
         raise PipeError(f"{path}: not valid JSON ({e})") from None
 
 
+def changed_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted names of the values that differ between two JSON-like values (`train.lr`), sorted."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return sorted(d for k in set(a) | set(b) for d in changed_fields(a.get(k), b.get(k), f"{prefix}{k}."))
+    return [prefix.rstrip(".")] if a != b else []
+
+
+def describe_changes(old: Any, new: Any, ignore: tuple[str, ...] = (), shown: int = 4) -> str:
+    """What differs between two JSON-like values, old → new: `train.lr 0.003 → 0.01, width 0.5 → 1.0` ("" if
+    nothing outside `ignore`); long values (digests) are cut to 16 characters."""
+    changed = [d for d in changed_fields(old, new) if d not in ignore]
+    said = [f"{k} {_shown(_field(old, k))} → {_shown(_field(new, k))}" for k in changed[:shown]]
+    return ", ".join(said) + (f" and {len(changed) - shown} more" if len(changed) > shown else "")
+
+
+def _field(value: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 18 else text[:16] + "…"
+
+
 def remove_temp_files(folder: Path) -> None:
     """Temp files of writers that were killed (their pid is in the name); call only when no writer can be alive."""
     for tmp in folder.rglob(f".*{TMP_TAG}*"):
@@ -262,15 +288,22 @@ class Stage:
         return stage_key(self.name, version, self.params, {k: v.digest for k, v in self.inputs.items()})
 
     def marker(self) -> dict | None:
+        """The done marker; None when there is none or it was cut short (then the stage is redone)."""
         p = self.out / MARKER
-        return read_json(p) if p.is_file() else None
+        try:
+            return read_json(p) if p.is_file() else None
+        except PipeError:
+            return None
 
     def up_to_date(self) -> bool:
         m = self.marker()
         return m is not None and m.get("key") == self.key
 
     def stale_reason(self) -> str | None:
-        """Why a finished stage no longer matches this configuration (None if it matches or never ran)."""
+        """Why a finished stage no longer matches this configuration, with the old and new values (None if it
+        matches or never finished)."""
+        if (self.out / MARKER).is_file() and self.marker() is None:
+            return f"its {MARKER} is damaged (not valid JSON)"
         m = self.marker()
         if m is None or m.get("key") == self.key:
             return None
@@ -279,15 +312,15 @@ class Stage:
         changed = [k for k, v in self.inputs.items() if m.get("inputs", {}).get(k, {}).get("digest") != v.digest]
         if changed:
             return "input changed: " + ", ".join(changed)
-        diff = [k for k in sorted(set(self.params) | set(m.get("params", {})))
-                if self.params.get(k) != m.get("params", {}).get(k)]
-        return "params changed: " + ", ".join(diff) if diff else "key changed"
+        diff = describe_changes(m.get("params", {}), self.params)
+        return f"params changed: {diff}" if diff else "key changed"
 
     # -- running ---------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def run_lock(self, exclusive: bool) -> Iterator[None]:
-        """A full run (no task flags) holds the run lock throughout; array tasks share the folder without it."""
+    def run_lock(self, exclusive: bool, splittable: bool = False) -> Iterator[None]:
+        """A full run (no task flags) holds the run lock throughout; array tasks share the folder without it.
+        `splittable`: the stage takes --task-index/--num-tasks (the message then says so)."""
         if not exclusive:
             yield
             return
@@ -295,8 +328,8 @@ class Stage:
         with file_lock(lock, blocking=False) as got:
             if not got:
                 holder = lock.read_text().strip() if lock.exists() else "another process"
-                raise StageBusy(f"stage {self.name} is already running in {self.out} ({holder}); "
-                                "wait for it, or split the work with --task-index/--num-tasks")
+                raise StageBusy(f"stage {self.name} is already running in {self.out} ({holder}); wait for it"
+                                + (", or split the work with --task-index/--num-tasks" if splittable else ""))
             yield
 
     def plan(self, units: list[str], force: bool = False) -> None:
@@ -381,7 +414,7 @@ class Stage:
                 "key": self.key,
                 "version": self.version,
                 "params": self.params,
-                "inputs": {k: {"path": str(v.path), "digest": v.digest} for k, v in self.inputs.items()},
+                "inputs": {k: recorded_input(v, self.out) for k, v in self.inputs.items()},
                 "product": self.product,
                 "seconds": round(time.time() - started, 3),
                 **(extra or {}),
@@ -462,7 +495,7 @@ def inspect(folder: Path) -> StageState:
     if marker_path.is_file():
         marker = read_json(marker_path)
         for name, inp in marker.get("inputs", {}).items():
-            path = Path(inp["path"])
+            path = recorded_input_path(folder, inp)
             if not path.exists():
                 return StageState("stale", f"input {name} missing: {path}")
             if inp["digest"].startswith("fp:"):
@@ -481,6 +514,30 @@ def inspect(folder: Path) -> StageState:
         done = sum((folder / UNITS / f"{u}.json").is_file() for u in units)
         return StageState("partial", f"{done} of {len(units)} units")
     return StageState("missing")
+
+
+def recorded_input(inp: Input, out: Path) -> dict:
+    """How a done marker keeps an input: its digest and its path three ways, as typed, relative to the stage
+    folder and absolute (see `recorded_input_path`)."""
+    absolute = os.path.abspath(inp.path)
+    return {"path": str(inp.path), "from_stage": os.path.relpath(absolute, os.path.abspath(out)),
+            "absolute": absolute, "digest": inp.digest}
+
+
+def recorded_input_path(folder: Path, inp: dict) -> Path:
+    """Where a recorded input is now, from any working folder: relative to the stage folder first (a WORK moved
+    or copied as a whole stays done), then the absolute path, then the path as typed (markers written before the
+    other two were kept). The first that exists; the first tried when none does."""
+    tried = [folder / inp["from_stage"]] if "from_stage" in inp else []
+    tried += [Path(inp[k]) for k in ("absolute", "path") if k in inp]
+    return next((p for p in tried if p.exists()), tried[0])
+
+
+def stage_input_path(folder: Path, name: str) -> Path | None:
+    """Where input `name` of the finished stage in `folder` is now (`recorded_input_path`); None if not recorded."""
+    marker = read_json(folder / MARKER) if (folder / MARKER).is_file() else {}
+    recorded = marker.get("inputs", {}).get(name)
+    return recorded_input_path(folder, recorded) if recorded else None
 
 
 def _product_of(folder: Path) -> str:

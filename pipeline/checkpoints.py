@@ -12,7 +12,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.artifacts import CHECKPOINTS_DIR
+from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED
 from pipeline.cache import atomic_write, sha256_file
 from pipeline.errors import PipeError
 
@@ -56,17 +56,28 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     return path
 
 
+class CheckpointGone(PipeError):
+    """The checkpoint was deleted between finding it and reading it: its run rotated it away."""
+
+
+ROTATED_AWAY = "rotated away"  # the file went while it was being checked: a run rotating its checkpoints
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """Why `path` cannot be resumed from, or None. With a sidecar the check is its digest (no torch); a checkpoint
-    written before sidecars existed is checked by reading it whole."""
+    written before sidecars existed is checked by reading it whole. `ROTATED_AWAY` when it no longer exists."""
     sidecar = digest_path(path)
-    if sidecar.is_file():
-        expected, found = sidecar.read_text().strip(), sha256_file(path)
-        return None if found == expected else f"sha256 {found[:12]}… differs from the recorded {expected[:12]}…"
     try:
+        if sidecar.is_file():
+            expected, found = sidecar.read_text().strip(), sha256_file(path)
+            return None if found == expected else f"sha256 {found[:12]}… differs from the recorded {expected[:12]}…"
+        if not path.is_file():
+            return ROTATED_AWAY
         load_checkpoint(path)
+    except FileNotFoundError:
+        return ROTATED_AWAY
     except PipeError as e:
-        return str(e).removeprefix(f"{path}: ")
+        return ROTATED_AWAY if not path.exists() else str(e).removeprefix(f"{path}: ")
     return None
 
 
@@ -74,20 +85,37 @@ def newest_good_checkpoint(folder: Path, warn: Callable[[str], None]) -> Path | 
     """Walk back from the newest checkpoint to the newest that verifies; each damaged one on the way is one
     warning and is renamed *.damaged. None when the folder holds no checkpoint; an error when none is good (also
     when an earlier run set them all aside)."""
-    found = checkpoints(folder)
+    found, kept_in_place = checkpoints(folder), 0
     for path in reversed(found):
         problem = checkpoint_problem(path)
         if problem is None:
             return path
+        if problem == ROTATED_AWAY:  # a training run deleted it after listing: the one before is the newest now
+            continue
         set_aside = path.with_name(path.name + DAMAGED_SUFFIX)
-        path.rename(set_aside)
-        digest_path(path).unlink(missing_ok=True)
+        try:
+            path.rename(set_aside)
+            digest_path(path).unlink(missing_ok=True)
+        except OSError as e:  # a read-only disk: say so and go on without renaming
+            warn(f"checkpoint {path} is damaged ({problem}) and cannot be set aside ({e.strerror}); trying the "
+                 "one before")
+            kept_in_place += 1
+            continue
         warn(f"checkpoint {path} is damaged ({problem}); set aside as {set_aside.name}, trying the one before")
-    damaged = sorted(folder.glob(CHECKPOINT_GLOB + DAMAGED_SUFFIX)) if folder.is_dir() else []
-    if damaged:  # also on a later run: a fresh start would silently drop the run
-        raise PipeError(f"{folder}: no checkpoint verifies ({len(damaged)} set aside as *{DAMAGED_SUFFIX}); "
+    set_aside_count = len(list(folder.glob(CHECKPOINT_GLOB + DAMAGED_SUFFIX))) if folder.is_dir() else 0
+    if set_aside_count or kept_in_place:  # also on a later run: a fresh start would silently drop the run
+        counts = [f"{set_aside_count} set aside as *{DAMAGED_SUFFIX}"] * bool(set_aside_count) + \
+            [f"{kept_in_place} damaged on a read-only disk"] * bool(kept_in_place)
+        raise PipeError(f"{folder}: no checkpoint verifies ({', '.join(counts)}); "
                         "expected at least one good step-*.pt; restore one, or rerun with --force to start over")
     return None
+
+
+def non_finite_tensors(weights: dict) -> list[str]:
+    """The names of the tensors of a state dict holding nan or inf (a diverged run's weights)."""
+    import torch
+
+    return [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -95,6 +123,8 @@ def load_checkpoint(path: Path) -> dict:
     import pickle
     import zipfile
 
+    if not path.exists():
+        raise CheckpointGone(f"{path}: expected a checkpoint, found none (deleted: its run keeps only the newest)")
     if path.is_file() and not zipfile.is_zipfile(path):  # what torch.save writes; torch's own words are misleading
         raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found a file that is not a "
                         "complete zip archive (cut short, or not a checkpoint)")
@@ -102,6 +132,9 @@ def load_checkpoint(path: Path) -> dict:
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointGone(f"{path}: expected a checkpoint, found none (deleted: its run keeps only the "
+                             "newest)") from None
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as e:
         # torch's first line can be a paragraph (weights_only's advice for any non-checkpoint): its first sentence
         reason = str(e).splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
@@ -122,6 +155,11 @@ def resolve_checkpoint(run_or_checkpoint: Path, warn: Callable[[str], None]) -> 
         if problem:
             raise PipeError(f"{run_or_checkpoint}: expected a good checkpoint, found it damaged ({problem})")
         return run_or_checkpoint
+    if (run_or_checkpoint / DIVERGED).is_file():  # its checkpoints are finite, but the run did not finish
+        last = latest_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR)
+        raise PipeError(f"{run_or_checkpoint}: expected a finished run, found one that diverged (its {DIVERGED}); "
+                        + (f"to use its last finite checkpoint anyway, name the file: {last}" if last else
+                           "it wrote no checkpoint"))
     found = newest_good_checkpoint(run_or_checkpoint / CHECKPOINTS_DIR, warn)
     if found is None:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "

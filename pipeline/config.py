@@ -171,6 +171,9 @@ class TrainConfig(_Settings):
     eval_batch_size: int = setting(128, "Images per validation batch (does not change the result).", minimum=1,
                                    role=RUNTIME)
     loader_threads: int = setting(2, "Loader threads/workers per rank.", minimum=1, role=RUNTIME)
+    pca_from_elsewhere: bool = setting(False, "Train with a pca.json not computed from --train's shards (published "
+                                       "values, a PCA of other data); without it such a file is refused.",
+                                       role=RUNTIME)
     loader_workers: int = setting(0, "DALI loader: Python worker processes that read the samples in the epoch's order "
                                   "(0: the training process; a few on a GPU, so that reading never waits on a "
                                   "step).", minimum=0, role=RUNTIME)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import stat
 import struct
 import tarfile
@@ -208,12 +209,54 @@ def list_source(source: Path, split: str, labels: Path | None = None) -> SourceL
     """Find `split` in SOURCE, whatever its layout, and list its images with their wnids."""
     layout = find_layout(source, split, labels)
     if layout.kind == "archive":
-        return _list_archive(layout.path, split, layout.labels)
-    if layout.kind == "tiny":
-        return _list_tiny_tree(layout.root, split, layout.labels)
-    if layout.kind == "tiny-zip":
-        return _list_tiny_zip(layout.path, split, layout.labels)
-    return _list_tree(layout.path, split, layout.labels, layout.root)
+        listing = _list_archive(layout.path, split, layout.labels)
+    elif layout.kind == "tiny":
+        listing = _list_tiny_tree(layout.root, split, layout.labels)
+    elif layout.kind == "tiny-zip":
+        listing = _list_tiny_zip(layout.path, split, layout.labels)
+    else:
+        listing = _list_tree(layout.path, split, layout.labels, layout.root)
+    _refuse_duplicate_keys(listing.members)
+    return listing
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+ILSVRC_EVAL_NAME = re.compile(r"ILSVRC2012_(val|test)_\d{8}")  # unique by itself, also sorted into class folders
+CLASS_SEPARATOR = "~"  # never in an escaped name
+
+
+def sample_key(file_name: str, class_folder: str | None) -> str:
+    """A sample's key in the shards, from its file name and the class folder it lies in (None: a flat folder).
+
+    WebDataset cuts a key at its first dot, DALI's index at spaces, and one class folder's `1.JPEG` is not
+    another's. So a name that is safe (`[A-Za-z0-9_-]+` and an image suffix) and unique by itself (it starts with
+    its class folder's name and `_`, as every ILSVRC-2012 and Tiny ImageNet training image does; it lies in a flat
+    folder; or it is an ILSVRC-2012 val/test name) keeps its stem, so those shards are unchanged. Any other is
+    `<class>~<name>` (in a flat folder: `<name>`) with every byte outside `[A-Za-z0-9_-]` of the whole file name
+    written `%XX`: `my.photo.JPEG` → `my%2Ephoto%2EJPEG`, `n01440764/1.JPEG` → `n01440764~1%2EJPEG`. Distinct
+    names give distinct keys (a kept stem holds no `%` or `~`), and the key depends on nothing but the image's own
+    name and folder, so array tasks agree without seeing each other's files."""
+    stem, dot, suffix = file_name.rpartition(".")
+    if dot and SAFE_NAME.fullmatch(stem) and f".{suffix.lower()}" in IMAGE_SUFFIXES and (
+            class_folder is None or stem.startswith(f"{class_folder}_") or ILSVRC_EVAL_NAME.fullmatch(stem)):
+        return stem
+    escaped = _escape(file_name)
+    return escaped if class_folder is None else f"{_escape(class_folder)}{CLASS_SEPARATOR}{escaped}"
+
+
+def _escape(name: str) -> str:
+    return "".join(ch if SAFE_NAME.fullmatch(ch) else "".join(f"%{b:02X}" for b in ch.encode()) for ch in name)
+
+
+def _refuse_duplicate_keys(members: list[Member]) -> None:
+    """Two images of one folder that differ only in their suffix (`a.JPEG`, `a.png`) would be one sample."""
+    seen: dict[str, Member] = {}
+    for m in members:
+        if m.key in seen:
+            first = seen[m.key]
+            raise PipeError(f"{first.path} and {m.path}: expected one image per name, found two that differ only in "
+                            "their suffix (the sample key); rename or remove one")
+        seen[m.key] = m
 
 
 def _archive_layout(archive: Path, split: str, labels: Path | None) -> Layout:
@@ -290,14 +333,14 @@ def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sou
         for d in class_dirs:
             for f in sorted(d.iterdir()):
                 if looks_like_image(f):
-                    members.append(Member(f.stem, d.name, str(f.relative_to(root))))
+                    members.append(Member(sample_key(f.name, d.name), d.name, str(f.relative_to(root))))
         return SourceListing(root, members, ignored)
     truth = _val_ground_truth(labels, folder)
     for f in entries:
         if not looks_like_image(f):
             continue
         if f.stem in truth:
-            members.append(Member(f.stem, truth[f.stem], str(f.relative_to(root))))
+            members.append(Member(sample_key(f.name, None), truth[f.stem], str(f.relative_to(root))))
         else:
             ignored.append({"name": f.name, "reason": "no label in " + labels.name})
     return SourceListing(root, members, ignored)
@@ -323,11 +366,11 @@ def _list_archive(archive: Path, split: str, labels: Path | None) -> SourceListi
                     _list_class_tar(f, m, archive, listing)
                     f.seek(m.offset_data + m.size)  # the inner listing moved the shared file position
                 elif name.suffix.lower() in IMAGE_SUFFIXES:
-                    key = name.stem
-                    wnid = truth.get(key) if split == "val" else name.parent.name
+                    wnid = truth.get(name.stem) if split == "val" else name.parent.name
                     if wnid is None or (split == "train" and not _is_wnid(wnid)):
                         listing.ignored.append({"name": m.name, "reason": "no label"})
                         continue
+                    key = sample_key(name.name, name.parent.name if split == "train" else None)
                     listing.members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
                 else:
                     listing.ignored.append({"name": m.name, "reason": "neither an image nor a class tar"})
@@ -352,7 +395,7 @@ def _list_class_tar(f: IO[bytes], m: tarfile.TarInfo, archive: Path, listing: So
                 if reason:
                     listing.ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
                 elif PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
-                    listing.members.append(Member(PurePosixPath(im.name).stem, wnid, archive.name,
+                    listing.members.append(Member(sample_key(PurePosixPath(im.name).name, wnid), wnid, archive.name,
                                                   m.offset_data + im.offset_data, im.size))
                     kept += 1
                 elif not im.isdir():
@@ -498,7 +541,7 @@ def _list_tiny_tree(root: Path, split: str, labels: Path | None) -> SourceListin
             elif place == "image" and not p.is_file():
                 listing.ignored.append({"name": "/".join(here), "reason": "not a regular file"})
             elif place == "image":
-                _add_tiny_image(listing, here, truth, Member(p.stem, "", str(p.relative_to(root))))
+                _add_tiny_image(listing, here, truth, Member(_tiny_key(here), "", str(p.relative_to(root))))
             elif place != "annotation":
                 listing.ignored.append({"name": "/".join(here) + "/" * p.is_dir(), "reason": place})
 
@@ -583,7 +626,7 @@ def _zip_data_offset(f: IO[bytes], info: zipfile.ZipInfo) -> int | None:
 
 def _add_tiny_zip_image(f: IO[bytes], info: zipfile.ZipInfo, parts: tuple[str, ...], archive: Path,
                         truth: dict[str, str], listing: SourceListing) -> None:
-    key = PurePosixPath(parts[-1]).stem
+    key = _tiny_key(parts)
     offset = _zip_data_offset(f, info)
     if offset is None:
         listing.skipped.append({"key": key, "wnid": _tiny_wnid(parts, truth), "path": f"{archive.name}/{info.filename}",
@@ -592,6 +635,11 @@ def _add_tiny_zip_image(f: IO[bytes], info: zipfile.ZipInfo, parts: tuple[str, .
     deflated = info.compress_type == zipfile.ZIP_DEFLATED
     _add_tiny_image(listing, parts, truth, Member(key, "", archive.name, offset, info.compress_size,
                                                   info.file_size if deflated else -1, info.CRC))
+
+
+def _tiny_key(parts: tuple[str, ...]) -> str:
+    """train/<wnid>/images/<name>: that class; val/images/<name>: a flat folder."""
+    return sample_key(parts[-1], parts[1] if parts[0] == "train" else None)
 
 
 def _add_tiny_image(listing: SourceListing, parts: tuple[str, ...], truth: dict[str, str], member: Member) -> None:
@@ -659,13 +707,19 @@ def _parse_kaggle_csv(path: Path) -> dict[str, str]:
 
 
 def _read_devkit(devkit: Path) -> tuple[str, bytes | None]:
+    """The ground truth and meta.mat from the devkit .tar.gz; a cut or damaged archive is one line (gzip's
+    EOFError would otherwise reach click, which takes it for Ctrl-D and prints only "Aborted.")."""
     ids = meta = None
-    with tarfile.open(devkit, "r:gz") as t:
-        for m in t:
-            if m.isfile() and m.name.endswith("/" + DEVKIT_GROUND_TRUTH):
-                ids = t.extractfile(m).read().decode()
-            elif m.isfile() and m.name.endswith("/meta.mat"):
-                meta = t.extractfile(m).read()
+    try:
+        with tarfile.open(devkit, "r:gz") as t:
+            for m in t:
+                if m.isfile() and m.name.endswith("/" + DEVKIT_GROUND_TRUTH):
+                    ids = t.extractfile(m).read().decode()
+                elif m.isfile() and m.name.endswith("/meta.mat"):
+                    meta = t.extractfile(m).read()
+    except (EOFError, OSError, tarfile.TarError, zlib.error) as e:
+        raise PipeError(f"{devkit}: expected a complete devkit .tar.gz, found a damaged or cut archive "
+                        f"({type(e).__name__}: {e or 'ends early'})") from None
     if ids is None:
         raise PipeError(f"{devkit}: no data/{DEVKIT_GROUND_TRUTH} inside the devkit archive")
     return ids, meta

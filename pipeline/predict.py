@@ -52,7 +52,7 @@ class Classifier:
 
 def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> Classifier:
     """The model of `checkpoint` on `devices` (a --devices spec or a resolved list), in eval mode."""
-    from pipeline.checkpoints import load_checkpoint
+    from pipeline.checkpoints import load_checkpoint, non_finite_tensors
 
     state = load_checkpoint(checkpoint)
     try:
@@ -61,9 +61,17 @@ def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> C
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise PipeError(f"{checkpoint}: expected a checkpoint written by `alexnet-pipe train`, "
                         f"found {type(e).__name__}: {e}") from None
+    bad = non_finite_tensors(weights)
+    if bad:
+        raise PipeError(f"{checkpoint}: expected finite weights, found {len(bad)} tensor(s) with nan or inf (first: "
+                        f"{bad[0]}); the run that wrote it diverged")
     device_list = (resolve_devices(devices) if isinstance(devices, str) else list(devices))[:spec.model.towers]
     model = build_model(spec.model, device_list)
-    model.load_state_dict(weights)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise PipeError(f"{checkpoint}: expected weights matching its recorded settings, found others "
+                        f"({str(e).splitlines()[0]})") from None
     return Classifier(model.eval(), spec, step, epoch)
 
 

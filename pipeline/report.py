@@ -21,7 +21,7 @@ from pipeline.artifacts import (
     StepRecord,
     read_metrics,
 )
-from pipeline.cache import atomic_write
+from pipeline.cache import atomic_write, stage_input_path
 from pipeline.config import AlexNetConfig
 from pipeline.record import read_events
 
@@ -127,7 +127,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     metrics = read_metrics(run_dir)
     steps, epochs = metrics.steps, metrics.epochs
     figures = plot_curves(steps, epochs, out)
-    val_dir = Path(result.val.dir)
+    val_dir = stage_input_path(eval_dir, "val") or Path(result.val.dir)  # from any working folder
     prediction_grid(result, val_dir, out / "predictions.png")
     origin, comparable = val_data_origin(val_dir)
     checkpoint = result.checkpoint
@@ -172,7 +172,7 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class; "
            "Figure 4, left).", "", "![predictions](predictions.png)", ""]
     md += environment_table(read_events(run_dir), result.run_record)
-    md += figure_sections(result, out)
+    md += figure_sections(result, out, val_dir, stage_input_path(eval_dir, "train"))
     path = out / REPORT
     with atomic_write(path, "w") as f:
         f.write("\n".join(md))
@@ -207,8 +207,7 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
 
     manifest = Manifest.read(val_dir)
     k, total = len(manifest.classes), manifest.num_classes_total
-    marker = json.loads((val_dir / MARKER).read_text()) if (val_dir / MARKER).is_file() else {}
-    source = Path(marker.get("inputs", {}).get("source", {}).get("path", "/nonexistent"))
+    source = stage_input_path(val_dir, "source") or Path("/nonexistent")
     for folder in (source, source.parent):
         synth = folder / MARKER
         if synth.is_file() and json.loads(synth.read_text()).get("stage") == "synth":
@@ -257,7 +256,7 @@ def kernel_mosaic(figure3: Figure3, columns: int = 16) -> np.ndarray:
     return np.concatenate(padded, axis=0)
 
 
-def neighbour_grid(figure4: Figure4, val_dir: Path, out_png: Path) -> None:
+def neighbour_grid(figure4: Figure4, val_dir: Path, train_dir: Path, out_png: Path) -> None:
     """Figure 4 (right): each val image, then its six nearest training images by fc7 distance."""
     import matplotlib
 
@@ -266,7 +265,7 @@ def neighbour_grid(figure4: Figure4, val_dir: Path, out_png: Path) -> None:
 
     queries = figure4.queries
     val = shard_samples_by_key(val_dir, {q.key for q in queries})
-    train = shard_samples_by_key(Path(figure4.train_dir), {n.key for q in queries for n in q.neighbours})
+    train = shard_samples_by_key(train_dir, {n.key for q in queries for n in q.neighbours})
     cols = 1 + max(len(q.neighbours) for q in queries)
     fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 1.9 * len(queries)), squeeze=False)
     for ax in axes.flat:
@@ -283,7 +282,7 @@ def neighbour_grid(figure4: Figure4, val_dir: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
-def figure_sections(result: EvalResult, out: Path) -> list[str]:
+def figure_sections(result: EvalResult, out: Path, val_dir: Path, train_dir: Path | None) -> list[str]:
     """Figure 3 and Figure 4 (right) from eval.json, when eval computed them: the PNGs and their report lines."""
     md = []
     if result.figure3 is not None:
@@ -305,7 +304,7 @@ def figure_sections(result: EvalResult, out: Path) -> list[str]:
                "which is arbitrary.", "", "![figure 3](figure3.png)", ""]
     if result.figure4 is not None:
         neighbours = result.figure4
-        neighbour_grid(neighbours, Path(result.val.dir), out / "figure4.png")
+        neighbour_grid(neighbours, val_dir, train_dir or Path(neighbours.train_dir), out / "figure4.png")
         md += ["## Figure 4 (right): nearest training images", "",
                f"For the first {len(neighbours.queries)} val images (first column), the six training images whose "
                f"{neighbours.layer} vectors are nearest in Euclidean distance, searched over "

@@ -15,11 +15,21 @@ from pipeline.artifacts import (
     MANIFEST,
     METRICS,
     RUN_SETTINGS,
+    CheckpointRef,
     Manifest,
     RunClasses,
     RunInputs,
 )
-from pipeline.cache import MARKER, Input, canonical_json, read_json, write_json
+from pipeline.cache import (
+    MARKER,
+    Input,
+    canonical_json,
+    changed_fields,
+    describe_changes,
+    read_json,
+    sha256_file,
+    write_json,
+)
 from pipeline.classes import run_classes, val_class_problems
 from pipeline.cluster import Placement, placement
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
@@ -60,9 +70,26 @@ class RunData:
                             f"({cfg.batch_size})", option="batch_size")
         classes = run_classes(train, val)
         warnings = tuple(val_class_problems(classes, val, val_dir))
-        inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST),
-                  "pca": Input.of_stage(pca_path.parent, pca_path.name)}
+        inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST)}
+        inputs["pca"] = pca_input(pca_path, train_dir, inputs["train"], cfg.pca_from_elsewhere)
         return cls(train_dir, val_dir, pca_path, train, val, classes, inputs, place, warnings)
+
+
+def pca_input(pca_path: Path, train_dir: Path, train: Input, from_elsewhere: bool) -> Input:
+    """pca.json as a run's input: computed by pca-stats from these training shards (its source_manifest_sha256 is
+    their manifest's), unless `from_elsewhere` allows another (published values, a PCA of other data)."""
+    from pipeline.pca import load_pca
+
+    source = load_pca(pca_path).source_manifest_sha256
+    ours = train.digest.removeprefix("sha256:")
+    if from_elsewhere:
+        return Input.of_file(pca_path)
+    if source != ours:
+        raise PipeError(f"{pca_path}: expected the PCA of the training shards {train_dir} (manifest sha256 "
+                        f"{ours[:12]}…), found the PCA of other shards (manifest sha256 {source[:12] or 'none'}…); "
+                        "run pca-stats on the training shards, or add --pca-from-elsewhere to train with it anyway",
+                        option="pca")
+    return Input.of_stage(pca_path.parent, pca_path.name)
 
 
 def run_trajectory(model: AlexNetConfig, cfg: TrainConfig, inputs: dict[str, Input]) -> dict:
@@ -79,10 +106,10 @@ def claim_run_folder(out: Path, trajectory: dict, force: bool, main_rank: bool, 
     digest = hashlib.sha256(canonical_json(trajectory).encode()).hexdigest()[:16]
     old = upgrade_trajectory(read_json(path)["settings"]) if path.is_file() else trajectory
     if old != trajectory and not force:
-        changed = sorted(_diff(old, trajectory))
+        changed = changed_fields(old, trajectory)
         adopted = _recomputed_pca(out, pca_path) if changed == ["inputs.pca"] else None
         if adopted is None:
-            raise PipeError(f"{out} holds a run with other settings (changed: {', '.join(changed)}); "
+            raise PipeError(f"{out} holds a run with other settings ({describe_changes(old, trajectory)}); "
                             "use another --out, or --force to start this run over")
         info(adopted)
     if not main_rank:
@@ -138,7 +165,16 @@ def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
             "(pca-stats recomputes the same PCA in bits that no longer depend on the CPU)")
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if a != b else []
+def eval_is_of_run(run: Path, evaluated: CheckpointRef) -> str | None:
+    """Why an eval (its checkpoint's sha256) is not of this run, or None: its digest must be one of the run's
+    checkpoints' (read from the digests beside them; a checkpoint without one is hashed)."""
+    from pipeline.checkpoints import checkpoints, digest_path
+
+    if not evaluated.sha256:
+        return None  # an eval.json written before checkpoint digests were recorded: nothing to compare
+    found = checkpoints(run / CHECKPOINTS_DIR)
+    digests = {digest_path(p).read_text().strip() if digest_path(p).is_file() else sha256_file(p) for p in found}
+    if evaluated.sha256 in digests:
+        return None
+    return (f"it evaluated {evaluated.path} (step {evaluated.step}, sha256 {evaluated.sha256[:12]}…), which is not "
+            f"one of the {len(found)} checkpoint(s) of {run}")

@@ -7,6 +7,7 @@ are never listed. A finished shard set whose files no longer match its manifest 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, replace
 from functools import cache
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
 from pipeline.cache import MARKER, PLAN, StageState, inspect, read_json
+from pipeline.errors import PipeError
 from pipeline.runs import diverged_record, final_checkpoint_problem
 from pipeline.shards import damaged_shards
 
@@ -42,7 +44,16 @@ def stage_rows(work: Path, versions: dict[str, int]) -> list[tuple[str, Path, St
             rows.append((missing_name, work / layout[key]))
     listed = {folder for _, folder in rows}
     rows += [(_row_name(folder, work), folder) for folder in found if folder not in listed]
-    return [(name, folder, state_of(folder, versions)) for name, folder in rows]
+    return [(name, folder, _state_or_damaged(folder, versions)) for name, folder in rows]
+
+
+def _state_or_damaged(folder: Path, versions: dict[str, int]) -> StageState:
+    """A folder whose bookkeeping was cut short (a full disk, a copy interrupted) is one damaged row, not an error
+    for the whole table; the next run of its stage redoes it."""
+    try:
+        return state_of(folder, versions)
+    except PipeError as e:
+        return StageState("damaged", f"{e}; the next run of its stage redoes it")
 
 
 def find_stage_folders(work: Path) -> list[Path]:
@@ -88,7 +99,8 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
 def _stage_name(folder: Path) -> str:
     for name in (MARKER, PLAN):
         if (folder / name).is_file():
-            return str(read_json(folder / name).get("stage", ""))
+            with contextlib.suppress(PipeError):  # cut short: the next file, or the folder's path names the row
+                return str(read_json(folder / name).get("stage", ""))
     return "train" if (folder / RUN_SETTINGS).is_file() else ""
 
 

@@ -29,11 +29,12 @@ import torch.nn.functional as F
 
 from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED, METRICS, EpochRecord, RunSpec, StepRecord, Topology
 from pipeline.augment.order import ORDER_VERSION, rank_slice
-from pipeline.cache import append_line, atomic_write, write_json
+from pipeline.cache import append_line, atomic_write, describe_changes, write_json
 from pipeline.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
     newest_good_checkpoint,
+    non_finite_tensors,
     save_checkpoint,
 )
 from pipeline.cluster import Placement
@@ -115,8 +116,10 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 @dataclass
 class Progress:
-    """What `fit` reports: called after every step with (step, total_steps, fields)."""
+    """What `fit` reports: once where the run starts (after the resume line, so that a rerun's first line says where
+    it resumes), then after every step with (step, total_steps, fields)."""
 
+    on_start: Callable[[], None] = lambda: None
     on_step: Callable[[int, int, StepRecord], None] = lambda step, total, record: None
     on_epoch: Callable[[EpochRecord], None] = lambda record: None
     info: Callable[[str], None] = lambda message: None
@@ -177,15 +180,18 @@ class Position:
 
 class Health:
     """Whether every loss so far was finite, kept on the device (no host sync per step): the first step whose loss
-    was not, or 0. Read only where the run syncs anyway (log lines, checkpoints)."""
+    was not (or 0) and that loss. Read only where the run syncs anyway (log lines, checkpoints)."""
 
     def __init__(self, device: torch.device, step: int):
         self.step = torch.full((), step, dtype=torch.int64, device=device)
         self.first_bad = torch.zeros((), dtype=torch.int64, device=device)
+        self.first_bad_loss = torch.zeros((), dtype=torch.float32, device=device)
 
     def note(self, loss: torch.Tensor) -> None:
         self.step += 1
-        self.first_bad = torch.where((self.first_bad == 0) & ~torch.isfinite(loss), self.step, self.first_bad)
+        new = (self.first_bad == 0) & ~torch.isfinite(loss)
+        self.first_bad = torch.where(new, self.step, self.first_bad)
+        self.first_bad_loss = torch.where(new, loss.detach().float(), self.first_bad_loss)
 
     def first_bad_step(self, place: Placement) -> int:
         """The first non-finite step on any rank (0: none), the same answer on every rank."""
@@ -292,6 +298,7 @@ def fit(model: torch.nn.Module, spec: RunSpec, train_loader, val_loader, out: Pa
     try:
         at = resume(run)
         at.health = Health(next(model.parameters()).device, at.step)
+        run.progress.on_start()
         total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
         if run.main_rank:  # where this start or resume begins, and what it runs on
             append_event(out, "resume" if at.resumed_from else "start", step=at.step, epoch=at.epoch,
@@ -358,16 +365,16 @@ def check_resumable(saved: RunSpec, now: RunSpec, path: Path, state: dict) -> No
     dropout in the run folder is named, one line; pca.json's numbers were compared when the folder was claimed, its
     digest may change with pca-stats' version), the same epoch order and global batch (any number of ranks),
     finite weights."""
-    changed = sorted(d for d in _diff(saved.trajectory(), now.trajectory()) if d != "inputs.pca")
+    changed = describe_changes(saved.trajectory(), now.trajectory(), ignore=("inputs.pca",))
     if changed:
-        raise PipeError(f"{path} was written with other settings than this run's (differing: {', '.join(changed)}); "
+        raise PipeError(f"{path} was written with other settings than this run's ({changed}); "
                         "use another --out, or --force to start this run over")
     if saved.topology.order != now.topology.order:
         raise PipeError(f"{path} was written with epoch order version {saved.topology.order} (each rank read its own "
                         f"part of DALI's reader); this version computes every epoch's order from (seed, epoch) and "
                         "cannot continue a run halfway through another order: finish it with the version that started "
                         "it, or rerun with --force to start over")
-    bad = [name for name, tensor in state["model"].items() if not torch.isfinite(tensor).all()]
+    bad = non_finite_tensors(state["model"])
     if bad:
         raise PipeError(f"{path}: expected finite weights, found {len(bad)} tensor(s) with nan or inf (first: "
                         f"{bad[0]}); the run diverged: --force to start over (with a lower --lr)")
@@ -430,11 +437,17 @@ def log_step(run: Run, at: Position, loss: torch.Tensor, images: int, elapsed: f
     run.progress.on_step(at.step, total, record)
 
 
-def check_health(run: Run, at: Position) -> None:
-    """Diverged (every rank alike) when some step's loss was not finite: no checkpoint of those weights, the last
-    finite one kept, the run recorded as diverged at that step in _diverged.json and events.jsonl."""
+def check_health(run: Run, at: Position, weights: bool = False) -> None:
+    """Diverged (every rank alike) when some step's loss was not finite, or (`weights`, before a checkpoint) the
+    last update left weights that are not: no checkpoint of those weights, the last finite one kept, the run
+    recorded as diverged at that step in _diverged.json and events.jsonl."""
     first_bad = at.health.first_bad_step(run.place) if at.health else 0
-    if not first_bad:
+    if first_bad:
+        mine = at.health is not None and int(at.health.first_bad) == first_bad
+        said = f"loss {float(at.health.first_bad_loss)}" if mine else "a loss that was not finite on another rank"
+    elif weights and not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
+        first_bad, said = at.step, "weights that are not finite after the update"  # the same on every rank
+    else:
         return
     last = latest_checkpoint(run.checkpoints)
     if run.main_rank:
@@ -442,7 +455,7 @@ def check_health(run: Run, at: Position) -> None:
                                         last.name if last else None})
         append_event(run.out, "diverged", step=first_bad, epoch=at.epoch)
     kept = f"the last finite checkpoint, {last}, is kept" if last else "no checkpoint was written"
-    raise Diverged(f"train: diverged: the loss was not finite at step {first_bad} (seen at step {at.step}); {kept}; "
+    raise Diverged(f"train: diverged: {said} at step {first_bad} (seen at step {at.step}); {kept}; "
                    "rerun with a lower --lr and --force", step=first_bad)
 
 
@@ -477,7 +490,7 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
 def save(run: Run, at: Position, loader_state: dict) -> None:
     """A checkpoint of the run at `at`, its weights finite (rank 0 writes; the epoch's mistakes so far are summed
     over the ranks, so a resume on any number of ranks counts them once)."""
-    check_health(run, at)
+    check_health(run, at, weights=True)
     mistakes = _summed([float(n) for n in at.epoch_mistakes], run.place)
     if run.main_rank:
         save_checkpoint(run.checkpoints, at.step, {
@@ -530,12 +543,6 @@ def _broadcast(value, place: Placement):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _diff(a, b, prefix: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in set(a) | set(b) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
-    return [prefix.rstrip(".")] if a != b else []
 
 
 def _append_metrics(path: Path, record: StepRecord | EpochRecord) -> None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from pipeline.cache import MARKER, Stage
+
 
 @dataclass(frozen=True)
 class StageResult:
@@ -52,6 +54,15 @@ class QuietReporter:
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         yield lambda n=1, note=None: None
+
+
+def say_why_redone(stage: Stage, force: bool, reporter: Reporter) -> None:
+    """The first line of a run that redoes a finished stage: why (a setting or input changed, a new stage
+    version, a damaged marker, --force), so that hours of work are never redone without a word."""
+    if force and (stage.out / MARKER).is_file():
+        reporter.info(f"{stage.name}: --force: redoing {stage.out}")
+    elif (reason := stage.stale_reason()) is not None:
+        reporter.info(f"{stage.name}: redoing {stage.out}: {reason}")
 
 
 def task_slice(n_units: int, task_index: int | None, num_tasks: int | None) -> range:

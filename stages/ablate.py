@@ -15,13 +15,23 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.ablation import VARIANT_NAMES, plot, summarize, sweep_record, sweep_units, table_markdown, unit_name
+from pipeline.ablation import (
+    VARIANT_NAMES,
+    diverged_sweep_record,
+    plot,
+    summarize,
+    sweep_record,
+    sweep_units,
+    table_markdown,
+    unit_name,
+)
 from pipeline.ablation import variant_settings as settings_of
 from pipeline.artifacts import ABLATIONS, EVAL, MANIFEST, Manifest
 from pipeline.cache import Input, Stage, atomic_write, write_json
 from pipeline.config import AlexNetConfig, TrainConfig
-from pipeline.errors import PipeError
-from stages import QuietReporter, Reporter, StageResult, task_slice
+from pipeline.errors import Diverged, PipeError
+from pipeline.runs import pca_input
+from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 # 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s). The runs are unchanged,
 # so a sweep finished at version 1 keeps them and only the table and plots are written again.
@@ -49,8 +59,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
     ordered = tuple(v for v in VARIANT_NAMES if v in variants)
     units = sweep_units(ordered, tuple(range(seeds)))
     names = [unit_name(v, s) for v, s in units]
-    inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST),
-              "pca": Input.of_stage(pca_path.parent, pca_path.name)}
+    inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST)}
+    inputs["pca"] = pca_input(pca_path, train_dir, inputs["train"], cfg.pca_from_elsewhere)
     params = {"recipe": recipe, "model": model.to_dict(), "train": {**cfg.trajectory(), "epochs": cfg.epochs,
               "max_steps": cfg.max_steps}, "variants": list(ordered),
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
@@ -59,8 +69,9 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
     if stage.up_to_date() and not force:
         reporter.info(f"ablate: up to date ({out / 'ablations.md'})")
         return StageResult(stage.name, out, up_to_date=True)
+    say_why_redone(stage, force, reporter)
     started = time.time()
-    with stage.run_lock(exclusive=task_index is None):
+    with stage.run_lock(exclusive=task_index is None, splittable=True):
         stage.plan(names, force=force)
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
         job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
@@ -68,9 +79,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
         todo = [n for n in mine if not stage.unit_done(n)]
         if len(todo) < len(mine):
             reporter.info(f"ablate: {len(mine) - len(todo)} of {len(mine)} runs already trained and evaluated")
-        stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(
-            f"ablate: {unit}: val top-1 error {rec['top1_error']:.4f}, top-5 {rec['top5_error']:.4f} "
-            f"({rec['test']})"), wait_for_others=task_index is None)
+        stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(f"ablate: {unit}: {outcome(rec)}"),
+                        wait_for_others=task_index is None)
         done = sum(stage.unit_done(n) for n in names)
         if done < len(names):
             reporter.info(f"ablate: task done; {done} of {len(names)} runs finished, the table is written when all are")
@@ -90,6 +100,12 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
         finished = stage.finalize(write_products, started=started, extra={"runs": len(names)})
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
+
+
+def outcome(record: dict) -> str:
+    if record.get("diverged_at_step") is not None:
+        return f"diverged at step {record['diverged_at_step']}"
+    return f"val top-1 error {record['top1_error']:.4f}, top-5 {record['top5_error']:.4f} ({record['test']})"
 
 
 def units_by_name(units: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
@@ -126,9 +142,13 @@ class _UnitWork:
         name, seed = self.units[unit]
         model, cfg = settings_of(name, AlexNetConfig.from_dict(self.model), TrainConfig(**self.cfg), seed)
         run_dir, eval_dir = Path(self.out) / "runs" / unit, Path(self.out) / "eval" / unit
-        self.train_stage(Path(self.train_dir), Path(self.val_dir), Path(self.pca_path), run_dir, cfg=cfg,
-                         model=model, devices=one_device(self.devices) if model.towers == 1 else self.devices,
-                         force=self.force, reporter=self.reporter)
+        try:
+            self.train_stage(Path(self.train_dir), Path(self.val_dir), Path(self.pca_path), run_dir, cfg=cfg,
+                             model=model, devices=one_device(self.devices) if model.towers == 1 else self.devices,
+                             force=self.force, reporter=self.reporter)
+        except Diverged as e:  # a result of the sweep, not a failure of it: recorded, and the sweep goes on
+            self.reporter.warn(f"ablate: {unit} diverged at step {e.step}; recorded as diverged")
+            return json.loads(json.dumps(diverged_sweep_record(name, seed, run_dir, e.step)))
         self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
                         devices=one_device(self.devices), loader=cfg.loader, force=self.force, reporter=self.reporter)
         record = sweep_record(name, seed, run_dir, eval_dir)

@@ -12,11 +12,13 @@ from pathlib import Path
 
 from pipeline.artifacts import EVAL, MANIFEST, CheckpointRef, EvalResult, Manifest
 from pipeline.cache import Input, Stage, write_json
-from pipeline.checkpoints import resolve_checkpoint
+from pipeline.checkpoints import CheckpointGone, resolve_checkpoint
+from pipeline.errors import PipeError
 from pipeline.record import run_record
-from stages import QuietReporter, Reporter, StageResult
+from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 2  # 2: eval.json holds the paper's Figure 3 (and Figure 4 with --train)
+ROTATION_RETRIES = 3  # a run that rotates its checkpoints may delete the newest while eval reads it
 NEIGHBOUR_TRAIN_IMAGES = 10_000  # Figure 4's default bound on the pass over the training shards
 
 
@@ -27,8 +29,31 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     """With `train_dir`, also Figure 4's nearest training images of five val images, over the first
     `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES) training images. The product is the EvalResult."""
     reporter = reporter or QuietReporter()
-    checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
-    inputs = {"checkpoint": Input.of_file(checkpoint), "val": Input.of_stage(val_dir, MANIFEST)}
+    retries = 0
+    while True:
+        checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
+        try:
+            return _evaluate(checkpoint, val_dir, out, ten_crop=ten_crop, devices=devices, batch_size=batch_size,
+                             loader=loader, loader_threads=loader_threads, train_dir=train_dir,
+                             neighbour_train_images=neighbour_train_images, force=force, reporter=reporter)
+        except CheckpointGone:
+            retries += 1
+            if run_or_checkpoint.is_file() or retries > ROTATION_RETRIES:
+                raise
+            reporter.info(f"eval: {checkpoint} was deleted by its run (rotation) before it was read; taking the "
+                          "newest again")
+
+
+def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, devices: str, batch_size: int,
+              loader: str, loader_threads: int, train_dir: Path | None, neighbour_train_images: int | None,
+              force: bool, reporter: Reporter) -> StageResult:
+    try:
+        checkpoint_input = Input.of_file(checkpoint)
+    except (PipeError, FileNotFoundError):
+        if checkpoint.exists():
+            raise
+        raise CheckpointGone(f"{checkpoint}: deleted before it was read") from None
+    inputs = {"checkpoint": checkpoint_input, "val": Input.of_stage(val_dir, MANIFEST)}
     params: dict = {"ten_crop": ten_crop}
     if train_dir is not None:
         inputs["train"] = Input.of_stage(train_dir, MANIFEST)
@@ -37,6 +62,7 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
     if stage.up_to_date() and not force:
         reporter.info(f"eval: up to date ({out / EVAL})")
         return StageResult("eval", out, up_to_date=True)
+    say_why_redone(stage, force, reporter)
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["eval"], force=force)

@@ -20,7 +20,7 @@ from pipeline.cache import Input, Stage, atomic_write, write_json
 from pipeline.cifar import CifarSource, balanced_subset, channel_mean, download, find_source, read_training_split
 from pipeline.errors import PipeError
 from pipeline.figure1 import ACTIVATIONS, INITS, NAMES, Run, Setup, next_run, plot, summarize, table_markdown, train_run
-from stages import QuietReporter, Reporter, StageResult
+from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 1
 # The defaults (docs/figure1.md): about 30 minutes on two CPU cores, each activation's fastest rate inside the grid
@@ -64,6 +64,7 @@ def run(cifar: Path, out: Path, *, train_images: int | None = DEFAULT_TRAIN_IMAG
         return StageResult(stage.name, out, up_to_date=True)
     if seeds < 2:
         reporter.warn("--seeds 1: the factor comes without the seeds' spread")
+    say_why_redone(stage, force, reporter)
     started = time.time()
     places = _places(devices)
     with stage.run_lock(exclusive=True):

@@ -12,7 +12,7 @@ from pipeline.cache import Input, Stage, write_json
 from pipeline.errors import PipeError
 from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
 from pipeline.shards import load_manifest
-from stages import QuietReporter, Reporter, StageResult, task_slice
+from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 # 2: eigen-pairs by a fixed-order Jacobi on Python floats (the same bytes on every CPU; 1 used LAPACK's eigh). The
 # per-shard partials are unchanged, so a folder finished at version 1 keeps them and only the reduce runs again.
@@ -40,6 +40,9 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
     """The product is the Pca (None when up to date, or when this array task left partials to others)."""
     reporter = reporter or QuietReporter()
     manifest = load_manifest(shard_dir)
+    if manifest.samples == 0:
+        raise PipeError(f"{shard_dir}: expected shards holding images, found none (the shard stage wrote 0 samples: "
+                        "see its skipped and ignored lists in manifest.json)")
     if manifest.split != "train":
         reporter.warn(f"{shard_dir} holds the {manifest.split!r} split; the paper's PCA is over train")
     if max_images is not None and max_images < 1:
@@ -52,12 +55,13 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
         reporter.info(f"pca-stats: up to date ({out / PCA})")
         return StageResult(stage.name, out, up_to_date=True)
 
+    say_why_redone(stage, force, reporter)
     started = time.time()
     names = [s.name.removesuffix(".tar") for s in manifest.shards]
     sizes = [s.samples for s in manifest.shards]
     keep = subsample(sizes, max_images, seed)
     job = _PartialJob(str(shard_dir), tuple((n, None if k is None else tuple(sorted(k))) for n, k in zip(names, keep)))
-    with stage.run_lock(exclusive=task_index is None):
+    with stage.run_lock(exclusive=task_index is None, splittable=True):
         stage.plan(names, force=force)
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
         todo = [n for n in mine if not stage.unit_done(n)]

@@ -8,9 +8,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.artifacts import EVAL, METRICS, REPORT
+from pipeline.artifacts import EVAL, METRICS, REPORT, EvalResult
 from pipeline.cache import Input, Stage
-from stages import QuietReporter, Reporter, StageResult
+from pipeline.errors import PipeError
+from pipeline.runs import eval_is_of_run
+from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 1
 
@@ -20,12 +22,17 @@ def run(run_dir: Path, eval_dir: Path, out: Path, *, force: bool = False,
     """The product is report.md's path."""
     reporter = reporter or QuietReporter()
     inputs = {"eval": Input.of_stage(eval_dir, EVAL), "metrics": Input.of_file(run_dir / METRICS)}
+    mismatch = eval_is_of_run(run_dir, EvalResult.read(eval_dir / EVAL).checkpoint)
+    if mismatch:
+        raise PipeError(f"{eval_dir / EVAL}: expected the eval of this run's checkpoint, but {mismatch}; evaluate "
+                        f"this run (`alexnet-pipe eval {run_dir} …`), or report the run that eval belongs to")
     stage = Stage("report", VERSION, out, {}, inputs, product=REPORT, outputs=(REPORT, "*.png"))
     if stage.up_to_date() and not force:
         reporter.info(f"report: up to date ({out / REPORT})")
         return StageResult(stage.name, out, up_to_date=True)
     from pipeline.report import write_report
 
+    say_why_redone(stage, force, reporter)
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["report"], force=force)

@@ -25,7 +25,7 @@ from pipeline.shards import (
     write_member_list,
     write_timm_info,
 )
-from stages import QuietReporter, Reporter, StageResult, task_slice
+from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -56,7 +56,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     reporter = reporter or QuietReporter()
     if split not in ("train", "val"):
         raise PipeError(f"expected train or val, got {split!r}", option="split")
-    if not 1 <= quality <= 100 or short_side < 1:
+    if not 1 <= quality <= 100:
         raise PipeError(f"expected a JPEG quality in 1..100, got {quality}", option="quality")
     if short_side < 1:
         raise PipeError(f"expected a positive short side, got {short_side}", option="short_side")
@@ -71,6 +71,9 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     # Only the split's own archive or folder and its labels key the stage: sharding train is not made stale by a
     # change in val, and an OUT inside SOURCE (but outside the split) does not change the key.
     layout = find_layout(source, split, labels)
+    if layout.path.is_dir() and out.resolve().is_relative_to(layout.path.resolve()):
+        raise PipeError(f"{out}: expected an output folder outside the source split {layout.path} (shards written "
+                        "inside it would change the source, so every run would shard it again)")
     inputs = {"source": Input.of_source(layout.path)}
     if layout.labels is not None:
         inputs["labels"] = Input.of_source(layout.labels)
@@ -87,8 +90,9 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
             reporter.info(f"shard {split}: up to date ({out})")
             return StageResult(stage.name, out, up_to_date=True)
 
+    say_why_redone(stage, force, reporter)
     started = time.time()
-    with stage.run_lock(exclusive=task_index is None):
+    with stage.run_lock(exclusive=task_index is None, splittable=True):
         if damaged:
             reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
                           "rewriting exactly those")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from pipeline.cache import Stage, disk_full_is_user_error
-from stages import QuietReporter, Reporter, StageResult
+from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -31,6 +31,7 @@ def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_cla
     if stage.up_to_date() and not force:
         reporter.info(f"synth: up to date ({out})")
         return StageResult(stage.name, out, up_to_date=True)
+    say_why_redone(stage, force, reporter)
     started = time.time()
     with stage.run_lock(exclusive=True):
         stage.plan(["generate"], force=True)

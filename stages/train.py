@@ -55,8 +55,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
         say = reporter if session.main else QuietReporter()  # rank 0 speaks for the run
         claim_run_folder(out, trajectory, force, session.main, pca_path, say.info)
         job = prepare(model, cfg, data, session)
-        reporter.info(job.describe())  # every rank: where it runs
-        outcome = _fit(job, out, say)
+        outcome = _fit(job, out, say, reporter)
         if session.main and outcome.stopped is None:
             final = {**asdict(outcome), "bytes": Path(outcome.checkpoint).stat().st_size}
             stage.finalize(lambda: None, started=started, extra={"final": final})
@@ -67,8 +66,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     return StageResult("train", out, finished=True, product=outcome)
 
 
-def _fit(job, out: Path, reporter: Reporter):
-    """`fit` with a progress bar (loss and images/s) and a line per epoch."""
+def _fit(job, out: Path, reporter: Reporter, every_rank: Reporter):
+    """`fit` with a progress bar (loss and images/s) and a line per epoch; every rank says where it runs."""
     from pipeline.train import Progress, fit
 
     with reporter.progress("train", total=job.total_steps) as advance:
@@ -83,4 +82,4 @@ def _fit(job, out: Path, reporter: Reporter):
                           f"{rec.val_top5_error:.4f} ({rec.val_samples} images), lr {rec.lr:g}")
 
         return fit(job.net, job.spec, job.train_loader, job.val_loader, out, job.session.place,
-                   Progress(on_step, on_epoch, reporter.info, reporter.warn))
+                   Progress(lambda: every_rank.info(job.describe()), on_step, on_epoch, reporter.info, reporter.warn))

@@ -7,6 +7,7 @@ data folder is a failure: CI never skips them silently. No test module reads dat
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import subprocess
@@ -131,7 +132,8 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
 
     After 18 steps the net ranks its favourite class first for every image, so top-1 could not tell a right
     evaluation (or report) from a wrong one; so levelled, its top-1 and top-5 vary from image to image and the
-    10-crop errors differ from the centre crop's. Everything else is the run's checkpoint as written."""
+    10-crop errors differ from the centre crop's. Everything else is the run's checkpoint as written. It lies in a
+    copy of the run (with its digest beside it), so that the copy's report may quote its eval."""
     import torch
 
     from pipeline.artifacts import RunSpec
@@ -150,8 +152,11 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
     absent[classes] = False
     level = logits[:, absent].max(dim=1).values.mean()  # the best class absent from val, on average
     state["model"]["fc8.bias"][classes] += level - logits[:, classes].mean(dim=0)
-    path = tmp_path_factory.mktemp("levelled") / original.name
+    run = tmp_path_factory.mktemp("levelled") / "run"
+    shutil.copytree(tiny_run, run)
+    path = run / "checkpoints" / original.name
     torch.save(state, path)
+    path.with_name(path.name + ".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + "\n")
     return path
 
 

@@ -89,7 +89,7 @@ def test_param_change_reruns_the_stage_and_says_why(toy, tmp_path):
     run(out, param="a")
     stage = Stage("toy", 1, out, {"param": "b"}, product="product.json")
     assert not stage.up_to_date()
-    assert stage.stale_reason() == "params changed: param"
+    assert stage.stale_reason() == 'params changed: param "a" → "b"'
     assert "finished" in run(out, param="b")
     assert '"param": "b"' in (out / "product.json").read_text()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,9 @@ PERCENT = r"([0-9.]+)%"
 @pytest.fixture(scope="module")
 def report(tiny_data, tiny_run, levelled_checkpoint, cli, tmp_path_factory) -> dict:
     """The run's metrics beside the eval of its last checkpoint levelled (conftest): 10-crop and centre differ."""
-    out = tmp_path_factory.mktemp("report")
-    cli("eval", levelled_checkpoint, "--val", tiny_data["val"], "--out", out / "eval", "--devices", "cpu")
-    said = cli("report", tiny_run, "--eval", out / "eval", "--out", out / "eval" / "report")
+    out, run = tmp_path_factory.mktemp("report"), levelled_checkpoint.parents[1]
+    cli("eval", run, "--val", tiny_data["val"], "--out", out / "eval", "--devices", "cpu")
+    said = cli("report", run, "--eval", out / "eval", "--out", out / "eval" / "report")
     return {"dir": out / "eval" / "report", "md": (out / "eval" / "report" / "report.md").read_text(),
             "eval": json.loads((out / "eval" / "eval.json").read_text()), "said": said.stdout + said.stderr,
             "metrics": [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]}
@@ -128,11 +129,10 @@ def test_report_without_an_eval_is_a_one_line_error(tiny_run, cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_report_is_cached_until_the_run_logs_more(report, tiny_run, cli, tmp_path):
+def test_report_is_cached_until_the_run_logs_more(report, levelled_checkpoint, cli, tmp_path):
     """Same eval.json and metrics.jsonl → up to date, no file touched; a run that logged more → written again."""
     run, eval_dir = tmp_path / "run", report["dir"].parent
-    run.mkdir()
-    (run / "metrics.jsonl").write_bytes((tiny_run / "metrics.jsonl").read_bytes())
+    shutil.copytree(levelled_checkpoint.parents[1], run)
     out = tmp_path / "report"
     cli("report", run, "--eval", eval_dir, "--out", out)
     stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.is_file()}

@@ -149,7 +149,8 @@ def test_another_lr_on_the_same_run_is_refused_in_one_line_and_force_starts_over
     refused = cli(*train_cmd(tiny_data, run, lr=0.01), check=False)
     assert refused.returncode == 2
     lines = [line for line in refused.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "train.lr" in lines[0] and "--force" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "--force" in lines[0]
+    assert "train.lr 0.003 → 0.01" in lines[0]
     assert "Traceback" not in refused.stderr
     assert files_and_times(run) == before
 
@@ -250,7 +251,7 @@ def test_a_run_goes_on_with_a_recomputed_pca_json_that_holds_the_same_pca(tiny_d
 
     other = {**tiny_data, "pca": _pca_copy(tiny_data, tmp_path / "other", 1e-3)}
     refused = cli(*train_cmd(other, run), check=False)
-    assert refused.returncode == 2 and "changed: inputs.pca" in refused.stderr
+    assert refused.returncode == 2 and "other settings (inputs.pca " in refused.stderr
 
 
 
