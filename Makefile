@@ -28,6 +28,10 @@ PCA_JSON       := $(PCA_OUT)/pca.json
 DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
 
 SHARD_SIZE     ?= $(if $(IMAGENET),1000,100)
+# A smaller set for short experiments: the first MAX_CLASSES classes (both splits), PER_CLASS training images of each.
+MAX_CLASSES    ?=
+PER_CLASS      ?=
+CAP_ARGS        = $(if $(MAX_CLASSES),--max-classes $(MAX_CLASSES))
 
 # Training follows a recipe (pipeline/recipes/*.toml): the paper's on ImageNet, the demo's (a quarter-width net that
 # learns on a laptop CPU) without it. EPOCHS / BATCH_SIZE override the recipe only when set.
@@ -93,10 +97,11 @@ synth: $(STAMP)
 prepare: shard-train shard-val pca
 
 shard-train: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(TRAIN_SHARDS) --split train --shard-size $(SHARD_SIZE) --seed $(SEED)
+	$(CLI) shard $(DATA) $(TRAIN_SHARDS) --split train --shard-size $(SHARD_SIZE) --seed $(SEED) $(CAP_ARGS) \
+		$(if $(PER_CLASS),--per-class $(PER_CLASS))
 
 shard-val: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(VAL_SHARDS) --split val --shard-size $(SHARD_SIZE) --seed $(SEED)
+	$(CLI) shard $(DATA) $(VAL_SHARDS) --split val --shard-size $(SHARD_SIZE) --seed $(SEED) $(CAP_ARGS)
 
 pca: shard-train
 	$(CLI) pca-stats $(TRAIN_SHARDS) $(PCA_OUT)

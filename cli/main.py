@@ -165,6 +165,10 @@ def shard(
     num_tasks: NumTasks = None,
     short_side: Annotated[int, typer.Option(help="Resize so the short side is this many pixels.", min=1)] = 256,
     quality: Annotated[int, typer.Option(help="JPEG quality of the shard images.", min=1, max=100)] = 95,
+    max_classes: Annotated[int | None, typer.Option(help="Shard only the first N classes (sorted wnids) of the "
+                                                    "split; give both splits the same N.", min=1)] = None,
+    per_class: Annotated[int | None, typer.Option(help="At most N images a class, a seeded choice (a small "
+                                                  "training set, where overfitting shows soonest).", min=1)] = None,
     seed: Seed = 0,
     force: Force = False,
 ):
@@ -175,7 +179,8 @@ def shard(
     task_index, num_tasks = _task_flags(task_index, num_tasks)
     stage.run(source, _out(out_arg, out, "the shards"), split=split, labels=labels, classes_file=classes,
               shard_size=shard_size, workers=workers, task_index=task_index, num_tasks=num_tasks, short_side=short_side,
-              quality=quality, seed=seed, force=force, reporter=_reporter())
+              quality=quality, seed=seed, max_classes=max_classes, per_class=per_class, force=force,
+              reporter=_reporter())
 
 
 @app.command("pca-stats")
@@ -271,11 +276,12 @@ def eval_(
     devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 64,
     loader: Annotated[Literal[LOADERS], typer.Option(help="dali, or torch (the reference path).")] = "dali",
-    train: Annotated[Path | None, typer.Option("--train", help="Training shard folder: also find Figure 4's six "
-                                               "nearest training images (fc7 features) of five val images.")
-                     ] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="Training shard folder: also the training error "
+                                               "measured as val's (eval mode, centre crop, as many images as val: "
+                                               "the train–val gap) and Figure 4's six nearest training images (fc7 "
+                                               "features) of five val images.")] = None,
     neighbour_train_images: Annotated[int | None, typer.Option(help="Search only the first N training images "
-                                                               "(default 10,000).", min=1)] = None,
+                                                               "(default 10,000; 0: no Figure 4).", min=0)] = None,
     force: Force = False,
 ):
     """Top-1/top-5 error of a checkpoint on every val image: centre crop and 10-crop, per-class accuracy, the most

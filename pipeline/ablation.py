@@ -78,13 +78,17 @@ def variant_settings(name: str, model: AlexNetConfig, cfg: TrainConfig, seed: in
 
 
 def sweep_record(name: str, seed: int, run_dir: Path, eval_dir: Path) -> dict:
-    """One run's numbers for the table: val errors (the paper's test: 10-crop when evaluated, else the centre crop)
-    and its training error per epoch."""
+    """One run's numbers for the table: val errors (the paper's test: 10-crop when evaluated, else the centre crop),
+    its training error per epoch (as counted while training) and its train–val gap (both in eval mode, centre
+    crop, on as many images; None for an eval without the training error)."""
     result = EvalResult.read(eval_dir / EVAL)
     errors = result.paper_test
+    train = result.train_centre
     return {"variant": name, "seed": seed, "test": result.test, "top1_error": errors.top1_error,
             "top5_error": errors.top5_error, "samples": result.samples,
-            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs]}
+            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs],
+            "gap_top1": None if train is None else result.centre.top1_error - train.top1_error,
+            "train_eval_top1_error": None if train is None else train.top1_error}
 
 
 def diverged_sweep_record(name: str, seed: int, run_dir: Path, step: int) -> dict:
@@ -129,6 +133,9 @@ def summarize(records: list[dict], threshold: float) -> dict:
         row["epochs_to_threshold"] = reached
         row["epochs_to_threshold_mean"] = (statistics.fmean(reached) if reached and None not in reached else None)
         row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs]) if runs else []
+        gaps = [r.get("gap_top1") for r in runs]
+        row["gap_top1"] = (dict(zip(("mean", "sd"), mean_sd(gaps))) if runs and None not in gaps
+                           else {"mean": None, "sd": None})
         rows.append(row)
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     seeds = len(base["seeds"]) if base else 0
@@ -182,9 +189,11 @@ def table_markdown(summary: dict, description: str) -> str:
              f"Val error in %, mean ± sd over {summary['seeds']} seed(s), the paper's test (10-crop) unless marked. "
              "Difference = variant − baseline ± its standard error (positive: the variant is worse, i.e. the "
              "paper's choice helps). Epochs: epochs until the training top-1 error first reached "
-             f"{threshold:.0%}, mean over seeds (— when a seed never did).", "",
+             f"{threshold:.0%}, mean over seeds (— when a seed never did). Train–val gap: val top-1 error − "
+             "training top-1 error, both in eval mode with the centre crop on as many images (the training error "
+             "counted during training has dropout and augmentation on); a larger gap is more overfitting.", "",
              "| variant | what changes | paper (section) | top-1 error | top-5 error | Δ top-1 | Δ top-5 | "
-             f"epochs to {threshold:.0%} train error |", "|---|---|---|---|---|---|---|---|"]
+             f"train–val gap (top-1) | epochs to {threshold:.0%} train error |", "|---" * 9 + "|"]
     for row in summary["rows"]:
         cells = [row["variant"], row["what"], f"{row['paper']} ({row['section']})"]
         lost = row.get("diverged", [])
@@ -204,6 +213,8 @@ def table_markdown(summary: dict, description: str) -> str:
             else:
                 verdict = "within the noise" if d["within_noise"] else "beyond 2 s.e."
                 cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} ({verdict})")
+        gap = row.get("gap_top1", {"mean": None})
+        cells.append("-" if gap["mean"] is None else f"{pct(gap['mean'])} ± {pct(gap['sd'])}")
         reached = row["epochs_to_threshold_mean"]
         cells.append("—" if reached is None else f"{reached:.1f}")
         lines.append("| " + " | ".join(cells) + " |")

@@ -141,6 +141,8 @@ class ShardParams:
     quality: int = 95
     seed: int = 0
     classes: str = "ilsvrc2012"  # the built-in list, or the name of the --classes file
+    max_classes: int | None = absent_when_none()  # a capped split: the first N classes (sorted wnids)
+    per_class: int | None = absent_when_none()  # … and at most N images of each, a seeded choice
 
 
 @dataclass(frozen=True)
@@ -398,6 +400,8 @@ class TowerKernels:
     kernels: list  # [K][3][h][w] conv1 weights
     chroma: tuple[float, ...]
     mean_chroma: float
+    neighbour_correlation: float | None = absent_when_none()  # learnt structure (smooth) vs noise (about 0)
+    neighbour_correlation_at_init: float | None = absent_when_none()  # the same of the run's step-0 weights
 
 
 @dataclass(frozen=True)
@@ -443,6 +447,7 @@ class EvalResult(Record):
     confused: tuple[ConfusedPair, ...] = ()
     examples: tuple[Example, ...] = ()
     ten_crop: Errors | None = absent_when_none()
+    train_centre: Errors | None = absent_when_none()  # eval mode, centre crop, as many training images as val
     figure3: Figure3 | None = absent_when_none()
     figure4: Figure4 | None = absent_when_none()
     run_record: dict | None = absent_when_none()

@@ -131,6 +131,22 @@ def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_d
                       per_class=per_class, confused=confused, examples=examples)
 
 
+def training_subset_errors(classifier: Classifier, train_dir: Path, images: int, batch_size: int = 64) -> Errors:
+    """The error on the first `images` training images in shard order (the shard stage's seeded shuffle: a fixed,
+    class-mixed subset), measured as val is: eval mode, centre crop. The training side of the train–val gap; the
+    error counted while training has dropout and augmentation on, which biases exactly the variants compared."""
+    from pipeline.augment import reference_eval_samples
+    from pipeline.figures import batched
+
+    samples = reference_eval_samples(train_dir, classifier.spec.pixels, crop=classifier.spec.model.crop,
+                                     limit=images)
+    batches = ((torch.stack([s[1] for s in chunk]).to(classifier.device), torch.tensor([s[2] for s in chunk]))
+               for chunk in batched(samples, batch_size))
+    started = time.perf_counter()
+    probs, labels = class_probabilities(classifier.model, batches)
+    return Errors(**errors(probs, labels), images_per_s=round(len(labels) / (time.perf_counter() - started), 1))
+
+
 def _counting(batches, advance):
     for batch in batches:
         yield batch

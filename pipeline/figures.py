@@ -31,15 +31,32 @@ def chroma_energy(kernels: np.ndarray) -> np.ndarray:
     return ((k - grey) ** 2).sum(axis=(1, 2)) / np.where(total > 0, total, 1.0)
 
 
-def figure3(model: torch.nn.Module) -> Figure3:
-    """conv1's kernels of each tower (tower A first) and each tower's mean chroma energy; `differ` when the means
-    are more than two standard errors apart."""
+def neighbour_correlation(kernels: np.ndarray) -> np.ndarray:
+    """Per kernel [K, 3, h, w]: the correlation of each weight with its right and lower neighbours (same colour).
+    About 0 for the independent draws of the initial weights; edges and colour blobs are smooth, so a kernel
+    that learnt one is well above 0: the number that tells learnt structure from the initial noise."""
+    k = kernels.astype(np.float64)
+    k = k - k.mean(axis=(1, 2, 3), keepdims=True)
+    pairs = [(k[:, :, :, :-1], k[:, :, :, 1:]), (k[:, :, :-1, :], k[:, :, 1:, :])]
+    a = np.concatenate([p[0].reshape(len(k), -1) for p in pairs], axis=1)
+    b = np.concatenate([p[1].reshape(len(k), -1) for p in pairs], axis=1)
+    scale = np.sqrt((a**2).sum(axis=1) * (b**2).sum(axis=1))
+    return (a * b).sum(axis=1) / np.where(scale > 0, scale, 1.0)
+
+
+def figure3(model: torch.nn.Module, initial: torch.nn.Module | None = None) -> Figure3:
+    """conv1's kernels of each tower (tower A first), each tower's mean chroma energy and mean neighbour
+    correlation (also of `initial`, the run's weights at step 0); `differ` when the towers' chroma means are more
+    than two standard errors apart."""
     towers = []
-    for tower in model.towers:
+    starts = [t.conv1.weight.detach().float().cpu().numpy() for t in initial.towers] if initial is not None else []
+    for i, tower in enumerate(model.towers):
         w = tower.conv1.weight.detach().float().cpu().numpy()
         chroma = chroma_energy(w)
         towers.append(TowerKernels(np.round(w, 6).tolist(), tuple(round(float(c), 6) for c in chroma),
-                                   round(float(chroma.mean()), 6)))
+                                   round(float(chroma.mean()), 6),
+                                   round(float(neighbour_correlation(w).mean()), 6),
+                                   round(float(neighbour_correlation(starts[i]).mean()), 6) if starts else None))
     differ = None
     if len(towers) == 2:
         a, b = (np.array(t.chroma) for t in towers)
@@ -75,7 +92,8 @@ def nearest(queries: torch.Tensor, candidates: Iterable[tuple[list, torch.Tensor
     return [[(float(dist), kept[i]) for dist, i in zip(ds.tolist(), ix.tolist())] for ds, ix in zip(best_d, best_i)]
 
 
-def _batched(samples: Iterator, size: int) -> Iterator[list]:
+def batched(samples: Iterator, size: int) -> Iterator[list]:
+    """Lists of `size` items (the last shorter); itertools.batched is Python 3.12's."""
     while batch := list(itertools.islice(samples, size)):
         yield batch
 
@@ -91,7 +109,7 @@ def figure4(model: torch.nn.Module, val_dir: Path, train_dir: Path, pixels: Pixe
     seen = {"images": 0}
 
     def candidates() -> Iterator[tuple[list, torch.Tensor]]:
-        for batch in _batched(reference_eval_samples(train_dir, pixels, crop=crop, limit=limit), batch_size):
+        for batch in batched(reference_eval_samples(train_dir, pixels, crop=crop, limit=limit), batch_size):
             seen["images"] += len(batch)
             yield [(key, label) for key, _, label in batch], features(model, torch.stack([b[1] for b in batch]))
 

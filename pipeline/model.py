@@ -243,6 +243,14 @@ def build_model(config: AlexNetConfig, devices: Sequence[str | torch.device] = (
     return AlexNet(config).place(devices)
 
 
+def initial_model(config: AlexNetConfig, seed: int, devices: Sequence[str | torch.device] = ("cpu",)) -> AlexNet:
+    """The weights a run with `seed` starts from (`pipeline.train.prepare` seeds and builds alike), drawn without
+    disturbing the caller's random state: eval compares Figure 3's kernels with them."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_model(config, devices)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -50,6 +50,23 @@ def assign_shards(members: list[Member], shard_size: int, seed: int) -> list[lis
     return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
 
 
+def cap_members(members: list[Member], max_classes: int | None, per_class: int | None, seed: int) -> list[Member]:
+    """A smaller split for short experiments (overfitting shows soonest on few images): the first `max_classes`
+    wnids (sorted) and, of each, `per_class` images chosen by a seeded shuffle of its sorted keys. Nothing depends on
+    the listing order, so the same source and seed give the same choice."""
+    kept = set(sorted({m.wnid for m in members})[:max_classes] if max_classes else {m.wnid for m in members})
+    by_class: dict[str, list[Member]] = {}
+    for m in sorted(members, key=lambda m: m.key):
+        if m.wnid in kept:
+            by_class.setdefault(m.wnid, []).append(m)
+    chosen = []
+    for wnid, group in sorted(by_class.items()):
+        if per_class is not None:
+            random.Random(f"{seed}:{wnid}").shuffle(group)
+        chosen += group[:per_class]
+    return chosen
+
+
 def write_member_list(path: Path, members: Iterable[Member]) -> None:
     with atomic_write(path, "w") as f:
         for m in members:

@@ -596,7 +596,7 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
     from pipeline.augment import make_eval_loader, make_train_loader
     from pipeline.pca import load_pca
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the initial weights (pipeline.model.initial_model draws the same)
     net = build_model(model, session.devices)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)

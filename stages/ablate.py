@@ -33,10 +33,10 @@ from pipeline.errors import Diverged, PipeError
 from pipeline.runs import pca_input
 from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
-# 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s). The runs are unchanged,
-# so a sweep finished at version 1 keeps them and only the table and plots are written again.
-VERSION = 2
-UNIT_VERSIONS = (1,)
+# 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s).
+# 3: each run's eval also measures the training error as val's (the train–val gap): every unit is evaluated again;
+# its train run is kept (up to date).
+VERSION = 3
 DEFAULT_SEEDS = 3
 
 
@@ -65,7 +65,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
               "max_steps": cfg.max_steps}, "variants": list(ordered),
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
     stage = Stage("ablate", VERSION, out, params, inputs, product=ABLATIONS,
-                  outputs=(ABLATIONS, "ablations.md", "*.png"), unit_versions=UNIT_VERSIONS)
+                  outputs=(ABLATIONS, "ablations.md", "*.png"))
     if stage.up_to_date() and not force:
         reporter.info(f"ablate: up to date ({out / 'ablations.md'})")
         return StageResult(stage.name, out, up_to_date=True)
@@ -150,7 +150,8 @@ class _UnitWork:
             self.reporter.warn(f"ablate: {unit} diverged at step {e.step}; recorded as diverged")
             return json.loads(json.dumps(diverged_sweep_record(name, seed, run_dir, e.step)))
         self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
-                        devices=one_device(self.devices), loader=cfg.loader, force=self.force, reporter=self.reporter)
+                        devices=one_device(self.devices), loader=cfg.loader, train_dir=Path(self.train_dir),
+                        neighbour_train_images=0, force=self.force, reporter=self.reporter)
         record = sweep_record(name, seed, run_dir, eval_dir)
         record["eval_sha256"] = Input.of_stage(eval_dir, EVAL).digest
         return json.loads(json.dumps(record))

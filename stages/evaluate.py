@@ -17,7 +17,8 @@ from pipeline.errors import PipeError
 from pipeline.record import run_record
 from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
-VERSION = 2  # 2: eval.json holds the paper's Figure 3 (and Figure 4 with --train)
+VERSION = 3  # 2: the paper's Figure 3 (and Figure 4 with --train); 3: Figure 3's neighbour correlation (also at
+# step 0) and, with --train, the training error measured as val's
 ROTATION_RETRIES = 3  # a run that rotates its checkpoints may delete the newest while eval reads it
 NEIGHBOUR_TRAIN_IMAGES = 10_000  # Figure 4's default bound on the pass over the training shards
 
@@ -26,8 +27,10 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
         batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, train_dir: Path | None = None,
         neighbour_train_images: int | None = None, force: bool = False,
         reporter: Reporter | None = None) -> StageResult:
-    """With `train_dir`, also Figure 4's nearest training images of five val images, over the first
-    `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES) training images. The product is the EvalResult."""
+    """With `train_dir`, also the training error measured as val's (eval mode, centre crop, on as many training
+    images as val holds: the train–val gap) and Figure 4's nearest training images of five val images, over the
+    first `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES; 0: no Figure 4) training images. The product is
+    the EvalResult."""
     reporter = reporter or QuietReporter()
     retries = 0
     while True:
@@ -57,7 +60,9 @@ def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, dev
     params: dict = {"ten_crop": ten_crop}
     if train_dir is not None:
         inputs["train"] = Input.of_stage(train_dir, MANIFEST)
-        params["neighbour_train_images"] = neighbour_train_images = neighbour_train_images or NEIGHBOUR_TRAIN_IMAGES
+        if neighbour_train_images is None:
+            neighbour_train_images = NEIGHBOUR_TRAIN_IMAGES
+        params |= {"neighbour_train_images": neighbour_train_images, "train_error": True}
     stage = Stage("eval", VERSION, out, params, inputs, product=EVAL, outputs=(EVAL,))
     if stage.up_to_date() and not force:
         reporter.info(f"eval: up to date ({out / EVAL})")
@@ -70,6 +75,7 @@ def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, dev
         from pipeline.cluster import resolve_devices
         from pipeline.evaluate import evaluate_classifier
         from pipeline.figures import figure3, figure4
+        from pipeline.model import initial_model
         from pipeline.predict import load_classifier
 
         classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
@@ -78,14 +84,21 @@ def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, dev
         result = evaluate_classifier(classifier, ref, val_dir, manifest, ten_crop=ten_crop, batch_size=batch_size,
                                      loader=loader, loader_threads=loader_threads, warn=reporter.warn,
                                      progress=reporter.progress)
-        neighbours = None
+        neighbours, train_errors = None, None
         if train_dir is not None:
+            from pipeline.evaluate import training_subset_errors
+
+            train_errors = training_subset_errors(classifier, train_dir, manifest.samples, batch_size)
+            reporter.info(f"eval: {train_errors.samples} training images (eval mode, centre crop): top-1/top-5 "
+                          f"error {train_errors.top1_error:.4f}/{train_errors.top5_error:.4f}")
+        if train_dir is not None and neighbour_train_images:
             neighbours = figure4(classifier.model, val_dir, train_dir, classifier.spec.pixels,
                                  classifier.spec.model.crop, limit=neighbour_train_images)
             reporter.info(f"eval: nearest training images of {len(neighbours.queries)} val images over "
                           f"{neighbours.train_images} training images")
         result = replace(result, val=replace(result.val, manifest_sha256=inputs["val"].digest.removeprefix("sha256:")),
-                         figure3=figure3(classifier.model), figure4=neighbours,
+                         train_centre=train_errors, figure3=figure3(classifier.model, initial_model(
+                             classifier.spec.model, classifier.spec.train.seed)), figure4=neighbours,
                          run_record=run_record())  # what it ran on: in eval.json, outside the stage's key
         stage.finalize(lambda: write_json(out / EVAL, result.to_json()), started=started)
     reporter.info(summary(result) + f" → {out / EVAL}")

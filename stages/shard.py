@@ -19,6 +19,7 @@ from pipeline.shards import (
     ShardJob,
     assign_shards,
     build_manifest,
+    cap_members,
     damaged_shards,
     load_manifest,
     shard_name,
@@ -52,7 +53,10 @@ class ShardCounts:
 def run(source: Path, out: Path, *, split: str, labels: Path | None = None, classes_file: Path | None = None,
         shard_size: int = 1000, workers: int | None = None, task_index: int | None = None,
         num_tasks: int | None = None, short_side: int = 256, quality: int = 95, seed: int = 0,
-        force: bool = False, reporter: Reporter | None = None) -> StageResult:
+        max_classes: int | None = None, per_class: int | None = None, force: bool = False,
+        reporter: Reporter | None = None) -> StageResult:
+    """`max_classes`/`per_class`: shard only the first classes (sorted wnids) and a seeded choice of images of each
+    (`pipeline.shards.cap_members`)."""
     reporter = reporter or QuietReporter()
     if split not in ("train", "val"):
         raise PipeError(f"expected train or val, got {split!r}", option="split")
@@ -60,12 +64,17 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         raise PipeError(f"expected a JPEG quality in 1..100, got {quality}", option="quality")
     if short_side < 1:
         raise PipeError(f"expected a positive short side, got {short_side}", option="short_side")
+    for option, value in (("max_classes", max_classes), ("per_class", per_class)):
+        if value is not None and value < 1:
+            raise PipeError(f"expected at least 1, got {value}", option=option)
     if not source.exists():
         raise PipeError(f"source not found: {source}")
     workers = workers or os.cpu_count() or 1
     classes = load_classes(classes_file)
     params = {"split": split, "shard_size": shard_size, "short_side": short_side, "quality": quality,
               "seed": seed, "classes": "ilsvrc2012" if classes_file is None else classes_file.name}
+    caps = {k: v for k, v in (("max_classes", max_classes), ("per_class", per_class)) if v is not None}
+    params |= caps  # only when given: the keys and manifests of uncapped shard sets stay as they were
     if labels is not None and not labels.is_file():
         raise PipeError(f"labels file not found: {labels}")
     # Only the split's own archive or folder and its labels key the stage: sharding train is not made stale by a
@@ -101,8 +110,12 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
             stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
         stage.plan(["index"], force=force)
         stage.run_units(["index"], _IndexJob(str(source), str(out), split,
-                                             str(layout.labels) if layout.labels else None, shard_size, seed))
+                                             str(layout.labels) if layout.labels else None, shard_size, seed,
+                                             max_classes, per_class))
         index = read_json(stage.unit_record_path("index"))
+        if caps:
+            reporter.info(f"shard {split}: {index['images']:,} of {index.get('listed', index['images']):,} images "
+                          f"kept ({', '.join(f'{k} {v}' for k, v in caps.items())})")
         for item in index["ignored"]:
             reporter.warn(f"ignored {item['name']}: {item['reason']}")
         for item in index.get("skipped", []):
@@ -158,14 +171,19 @@ class _IndexJob:
     labels: str | None
     shard_size: int
     seed: int
+    max_classes: int | None = None
+    per_class: int | None = None
 
     def __call__(self, unit: str) -> dict:
         listing = list_source(Path(self.source), self.split, Path(self.labels) if self.labels else None)
         if not listing.members:
             raise PipeError(f"{self.source}: no {self.split} images found")
-        shards = assign_shards(listing.members, self.shard_size, self.seed)
-        for i, members in enumerate(shards):
-            write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", members)
+        members = listing.members
+        if self.max_classes or self.per_class:
+            members = cap_members(members, self.max_classes, self.per_class, self.seed)
+        shards = assign_shards(members, self.shard_size, self.seed)
+        for i, shard in enumerate(shards):
+            write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", shard)
         return {"source_root": str(listing.root), "shards": len(shards), "sizes": [len(s) for s in shards],
-                "images": len(listing.members), "wnids": sorted({m.wnid for m in listing.members}),
+                "images": len(members), "listed": len(listing.members), "wnids": sorted({m.wnid for m in members}),
                 "ignored": listing.ignored, "skipped": listing.skipped}

@@ -48,6 +48,9 @@ def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
         assert record["test"] == "ten_crop"
         assert (record["top1_error"], record["top5_error"]) == (result["ten_crop"]["top1_error"],
                                                                 result["ten_crop"]["top5_error"])
+        # the gap is measured alike on both sides: eval mode, centre crop, as many training images as val holds
+        assert result["train_centre"]["samples"] == result["samples"]
+        assert record["gap_top1"] == result["centre"]["top1_error"] - result["train_centre"]["top1_error"]
     rows = {r["variant"]: r for r in table["rows"]}
     md = (sweep / "ablations.md").read_text()
     for variant in ("baseline", "tanh"):

@@ -11,7 +11,9 @@ import torch
 from PIL import Image
 
 from pipeline.artifacts import RunSpec
-from pipeline.figures import chroma_energy, nearest
+from pipeline.config import AlexNetConfig
+from pipeline.figures import chroma_energy, nearest, neighbour_correlation
+from pipeline.model import build_model, initial_model
 
 NEIGHBOUR_LIMIT = 20
 
@@ -40,6 +42,26 @@ def test_chroma_energy_is_zero_for_grey_kernels_and_the_off_grey_share_otherwise
     assert energies.tolist() == pytest.approx([0.0, 1.0, 6 / 18])
 
 
+def test_neighbour_correlation_is_about_zero_for_random_weights_and_high_for_smooth_ones():
+    noise = np.random.default_rng(0).normal(size=(48, 3, 11, 11))
+    y, x = np.mgrid[-5:6, -5:6]
+    blob = np.exp(-(x**2 + y**2) / 8.0)
+    edge = np.tanh(x / 2.0)
+    smooth = np.stack([np.stack([blob, -blob, blob]), np.stack([edge, edge, edge])])
+    assert abs(neighbour_correlation(noise).mean()) < 0.03
+    assert (neighbour_correlation(smooth) > 0.8).all()
+
+
+def test_the_initial_model_is_what_a_run_starts_from_and_leaves_the_random_state_alone():
+    config = AlexNetConfig(width=0.125, init="default")
+    before = torch.get_rng_state()
+    drawn = initial_model(config, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(3)  # as pipeline.train.prepare builds it
+    built = build_model(config)
+    assert all(torch.equal(a, b) for a, b in zip(drawn.state_dict().values(), built.state_dict().values()))
+
+
 @pytest.fixture(scope="module")
 def figured(tiny_run, tiny_data, cli, tmp_path_factory):
     out = tmp_path_factory.mktemp("figures")
@@ -60,13 +82,15 @@ def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_ru
         np.testing.assert_allclose(np.array(tower["kernels"]), weights, atol=1e-6)
         np.testing.assert_allclose(tower["chroma"], chroma_energy(weights), atol=1e-6)
         assert tower["mean_chroma"] == pytest.approx(chroma_energy(weights).mean(), abs=1e-6)
+        assert tower["neighbour_correlation"] == pytest.approx(neighbour_correlation(weights).mean(), abs=1e-6)
+        start = initial_model(RunSpec.of_checkpoint(state).model, seed=0).towers[i].conv1.weight.detach().numpy()
+        assert tower["neighbour_correlation_at_init"] == pytest.approx(neighbour_correlation(start).mean(), abs=1e-6)
     assert isinstance(result["figure3"]["differ"], bool)
 
 
 @pytest.mark.slow
 def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figured, tiny_run, tiny_data):
     from pipeline.augment import load_pca, reference_eval_samples
-    from pipeline.model import build_model
 
     result = json.loads((figured / "eval" / "eval.json").read_text())["figure4"]
     state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
@@ -76,6 +100,12 @@ def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figu
     pca = load_pca(tiny_data["pca"])
     val = list(reference_eval_samples(tiny_data["val"], pca, limit=5))
     train = list(reference_eval_samples(tiny_data["train"], pca, limit=NEIGHBOUR_LIMIT))
+    trained_on = list(reference_eval_samples(tiny_data["train"], pca, limit=18))  # as many as val holds
+    with torch.no_grad():
+        scores = net(torch.stack([image for _, image, _ in trained_on]))
+    wrong = sum(int(s.argmax()) != label for s, (_, _, label) in zip(scores, trained_on))
+    measured = json.loads((figured / "eval" / "eval.json").read_text())["train_centre"]
+    assert (measured["samples"], measured["top1_error"]) == (18, pytest.approx(wrong / 18))
     with torch.no_grad():
         fq = net.features(torch.stack([image for _, image, _ in val]))
         ft = net.features(torch.stack([image for _, image, _ in train]))
@@ -100,7 +130,6 @@ def test_report_lays_out_figure3_and_figure4_from_eval_json(figured):
         assert f"tower {name} {tower['mean_chroma']:.3f}" in md
     assert "![figure 3](figure3.png)" in md and "![figure 4](figure4.png)" in md
     assert f"searched over {NEIGHBOUR_LIMIT} training images" in md
-    kernels = len(result["figure3"]["towers"][0]["kernels"])  # 6 at width 0.125: one row of 6 per tower
-    width, height = Image.open(figured / "report" / "figure3.png").size
-    assert (width, height) == (8 * (kernels * 12 + 1), 8 * 2 * (12 + 1 + 1))  # shown 8 pixels a weight
+    assert "Learnt structure vs the initial noise" in md and "(step 0: " in md
+    assert Image.open(figured / "report" / "figure3.png").size[0] == 800  # 8 inches at 100 dpi, a caption a tower
     assert Image.open(figured / "report" / "figure4.png").size[0] > 0

@@ -21,6 +21,7 @@ from PIL import Image
 
 from pipeline.config import SETTINGS, default_of, load_recipe
 from pipeline.imagenet import TINY_TEST_IGNORED, find_layout, ilsvrc2012_classes, list_source
+from pipeline.shards import cap_members
 from stages import pca as pca_stage
 from stages import shard as shard_stage
 
@@ -125,6 +126,24 @@ def folder_shards(tmp_path_factory, tiny_folder) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # layouts and labels
+
+def test_a_capped_split_keeps_the_first_classes_and_a_seeded_choice_of_each_whatever_the_listing_order(tiny_folder):
+    listed = list_source(tiny_folder, "train").members
+    capped = cap_members(listed, max_classes=2, per_class=5, seed=0)
+    per_class = {w: [m.key for m in capped if m.wnid == w] for w in sorted({m.wnid for m in listed})}
+    assert [len(keys) for keys in per_class.values()] == [5, 5, 0] and capped == cap_members(
+        list(reversed(listed)), max_classes=2, per_class=5, seed=0)
+    assert cap_members(listed, max_classes=2, per_class=5, seed=1) != capped
+    assert cap_members(listed, None, None, seed=0) == sorted(listed, key=lambda m: (m.wnid, m.key))
+
+
+def test_shard_with_a_cap_writes_only_the_chosen_images_and_says_so(tiny_folder, tmp_path, cli):
+    out = cli("shard", tiny_folder, tmp_path / "train", "--split", "train", "--max-classes", 2, "--per-class", 5)
+    assert f"shard train: 10 of {len(list_source(tiny_folder, 'train').members)} images kept" in out.stderr
+    written = manifest(tmp_path / "train")
+    assert written["samples"] == 10 and len(written["classes"]) == 2
+    assert (written["params"]["max_classes"], written["params"]["per_class"]) == (2, 5)
+
 
 
 def test_both_forms_and_the_split_folder_are_recognised_without_a_flag(tiny_folder, tiny_zip):
