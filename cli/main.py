@@ -12,13 +12,13 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 import typer
 from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from pipeline.ablation import VARIANT_NAMES
-from pipeline.config import CROPS, LOADERS, recipe_names
+from pipeline.config import Crop, Loader, recipe_names
 
 
 class _CutInput(Exception):
@@ -61,8 +61,9 @@ def _flag_type(self: TyperOption, ctx) -> str | None:
 
 
 _option_type = TyperOption.display_type_rich
-TyperArgument._usage_display_name = _usage_name
-TyperOption.display_type_rich = _flag_type
+# typer has no hook for these two: patched on its classes (setattr: mypy refuses assigning to a method)
+setattr(TyperArgument, "_usage_display_name", _usage_name)  # noqa: B010
+setattr(TyperOption, "display_type_rich", _flag_type)  # noqa: B010
 
 
 @app.callback()
@@ -88,7 +89,9 @@ def _out(positional: Path | None, option: Path | None, what: str) -> Path:
         found = "both" if positional is not None else "neither"
         raise PipeError(f"expected the output folder ({what}) once, as --out DIR or as the last argument; found "
                         f"{found}", option="out")
-    return positional or option
+    chosen = positional or option
+    assert chosen is not None  # exactly one of the two was given
+    return chosen
 
 
 RunOrCheckpoint = Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its newest "
@@ -153,7 +156,8 @@ def shard(
     out_arg: Annotated[Path | None, typer.Argument(metavar="OUT", help="Folder for this split's shards, .idx files "
                                                    "and manifest.json (or --out).", show_default=False)] = None,
     out: Out = None,
-    split: Annotated[str, typer.Option(metavar="train|val", help="The split to shard.")] = ...,
+    # required (typer's `...`; a default only because the optional OUT argument comes first)
+    split: Annotated[str, typer.Option(metavar="train|val", help="The split to shard.")] = cast(str, ...),
     labels: Annotated[Path | None, typer.Option(help="Val ground truth: LOC_val_solution.csv, the devkit "
                                                 "tar.gz or ILSVRC2012_validation_ground_truth.txt (devkit IDs). "
                                                 "Found automatically beside the source.")] = None,
@@ -242,10 +246,10 @@ def _with_settings(command):
 @app.command()
 @_with_settings
 def train(
-    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")] = ...,
-    val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")] = ...,
-    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")] = ...,
+    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
+    val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")],
+    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")],
     recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The settings to start from: paper (§5: the "
                                         "settings' defaults), demo (the embedded demo's), tiny (Tiny ImageNet on a "
                                         "CPU), or a TOML file with model and train tables. Every option below "
@@ -269,13 +273,13 @@ def train(
 @app.command("eval")
 def eval_(
     run_or_checkpoint: RunOrCheckpoint,
-    val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Folder for eval.json.")] = ...,
+    val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for eval.json.")],
     ten_crop: Annotated[bool, typer.Option(help="Also the paper's 10-crop test (4 corners + centre of the 256 "
                                            "square and their mirrors, softmax averaged).")] = True,
     devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 64,
-    loader: Annotated[Literal[LOADERS], typer.Option(help="dali, or torch (the reference path).")] = "dali",
+    loader: Annotated[Loader, typer.Option(help="dali, or torch (the reference path).")] = "dali",
     train: Annotated[Path | None, typer.Option("--train", help="Training shard folder: also the training error "
                                                "measured as val's (eval mode, centre crop, as many images as val: "
                                                "the train–val gap) and Figure 4's six nearest training images (fc7 "
@@ -296,8 +300,8 @@ def eval_(
 @app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="The run folder (metrics.jsonl).")],
-    eval_dir: Annotated[Path, typer.Option("--eval", help="The eval folder (eval.json).")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Folder for report.md and its PNGs.")] = ...,
+    eval_dir: Annotated[Path, typer.Option("--eval", help="The eval folder (eval.json).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for report.md and its PNGs.")],
     force: Annotated[bool, typer.Option("--force", help="Write it again even when up to date.")] = False,
 ):
     """Write report.md with loss / lr / val-error / images/s plots, this run beside the paper and torchvision's
@@ -310,12 +314,12 @@ def report(
 @app.command()
 def preview(
     shard_dir: Annotated[Path, typer.Argument(metavar="SHARD_DIR", help="Training shard folder.")],
-    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
+    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
     out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
     seed: Seed = 0,
-    crop: Annotated[Literal[CROPS], typer.Option(help="224, or 227 (Caffe's crop).")] = 224,
-    loader: Annotated[Literal[LOADERS], typer.Option(help="dali, or torch (the reference path).")] = "dali",
+    crop: Annotated[Crop, typer.Option(help="224, or 227 (Caffe's crop).")] = 224,
+    loader: Annotated[Loader, typer.Option(help="dali, or torch (the reference path).")] = "dali",
 ):
     """A PNG grid of the first training samples as the network sees them (random crop, mirror, PCA lighting) beside
     their originals with the crop box drawn: check the augmentation by eye."""
@@ -421,7 +425,7 @@ def predict(
 @app.command()
 def export(
     run_or_checkpoint: RunOrCheckpoint,
-    out: Annotated[Path, typer.Option("--out", help="The file to write (.pt2 or .onnx).")] = ...,
+    out: Annotated[Path, typer.Option("--out", help="The file to write (.pt2 or .onnx).")],
     format: Annotated[str | None, typer.Option("--format", metavar="pt2|onnx", help="pt2 (torch.export, always "
                                                "available) or onnx (needs the export extra). Default: the one "
                                                "--out's suffix names.")
@@ -437,10 +441,10 @@ def export(
 @app.command()
 @_with_settings
 def ablate(
-    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")] = ...,
-    val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")] = ...,
-    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")] = ...,
-    out: Annotated[Path, typer.Option("--out", help="Sweep folder: runs/, eval/, ablations.md/.json, plots.")] = ...,
+    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
+    val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")],
+    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
+    out: Annotated[Path, typer.Option("--out", help="Sweep folder: runs/, eval/, ablations.md/.json, plots.")],
     recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The baseline's settings: paper, demo, a shipped "
                                         "recipe by name or a TOML file; the options below override it for every "
                                         "variant.")] = "paper",
@@ -483,7 +487,7 @@ def figure1(
                                           "folder holding one of these. With --download: the folder to fetch "
                                           "the archive into.")],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for figure1.png, figure1.json, figure1.md "
-                                      "and the runs' checkpoints.")] = ...,
+                                      "and the runs' checkpoints.")],
     train_images: Annotated[int, typer.Option(help="A seeded class-balanced subset of this many training images "
                                               "(50000: all of them).", min=10)] = 10_000,
     epochs: Annotated[int, typer.Option(help="The cap: at most this many epochs a run; a run that has not "
@@ -569,8 +573,9 @@ def main() -> None:
             said = f"{int(wanted.group(1)):,} bytes more were asked for" if wanted else str(e).splitlines()[0][:160]
             print(f"error: {OUT_OF_MEMORY} ({said})", file=sys.stderr)
             sys.exit(2)
-        e = e.__cause__ if isinstance(e, _CutInput) else e
-        print(f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", file=sys.stderr)
+        shown = e.__cause__ if isinstance(e, _CutInput) else e
+        print(f"error: unexpected {type(shown).__name__}: {shown} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         sys.exit(1)
 
 

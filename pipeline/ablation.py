@@ -11,6 +11,7 @@ import math
 import statistics
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, TypeVar
 
 from pipeline.artifacts import EVAL, EvalResult, read_metrics
 from pipeline.config import AlexNetConfig, TrainConfig
@@ -107,6 +108,15 @@ def epochs_to(errors: list[float | None], threshold: float) -> int | None:
     return next((i + 1 for i, e in enumerate(errors) if e is not None and e <= threshold), None)
 
 
+_T = TypeVar("_T")
+
+
+def _complete(values: list[_T | None]) -> list[_T] | None:
+    """`values` when none of them is None, else None."""
+    known = [v for v in values if v is not None]
+    return known if len(known) == len(values) else None
+
+
 def mean_sd(values: list[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
@@ -122,20 +132,21 @@ def summarize(records: list[dict], threshold: float) -> dict:
     for name in (n for n in VARIANT_NAMES if n in by_variant):
         every = sorted(by_variant[name], key=lambda r: r["seed"])
         runs = [r for r in every if not diverged(r)]  # the errors are of the runs that finished
-        row = {"variant": name, "what": variant(name).what, "paper": variant(name).paper,
-               "section": variant(name).section, "seeds": [r["seed"] for r in runs],
-               "diverged": [{"seed": r["seed"], "step": r["diverged_at_step"]} for r in every if diverged(r)],
-               "test": runs[0]["test"] if runs else None}
+        row: dict[str, Any] = {
+            "variant": name, "what": variant(name).what, "paper": variant(name).paper,
+            "section": variant(name).section, "seeds": [r["seed"] for r in runs],
+            "diverged": [{"seed": r["seed"], "step": r["diverged_at_step"]} for r in every if diverged(r)],
+            "test": runs[0]["test"] if runs else None}
         for metric in ("top1_error", "top5_error"):
             row[metric] = (dict(zip(("mean", "sd"), mean_sd([r[metric] for r in runs]))) if runs
                            else {"mean": None, "sd": None})
         reached = [epochs_to(r["train_top1_error"], threshold) for r in runs]
         row["epochs_to_threshold"] = reached
-        row["epochs_to_threshold_mean"] = (statistics.fmean(reached) if reached and None not in reached else None)
+        reached_all = _complete(reached)
+        row["epochs_to_threshold_mean"] = statistics.fmean(reached_all) if reached_all else None
         row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs]) if runs else []
-        gaps = [r.get("gap_top1") for r in runs]
-        row["gap_top1"] = (dict(zip(("mean", "sd"), mean_sd(gaps))) if runs and None not in gaps
-                           else {"mean": None, "sd": None})
+        gaps = _complete([r.get("gap_top1") for r in runs])
+        row["gap_top1"] = (dict(zip(("mean", "sd"), mean_sd(gaps))) if gaps else {"mean": None, "sd": None})
         rows.append(row)
     base = next((r for r in rows if r["variant"] == BASELINE), None)
     seeds = len(base["seeds"]) if base else 0
@@ -168,7 +179,8 @@ def _pooled_sd(rows: list[dict], metric: str) -> float | None:
 
 def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
     length = min(len(c) for c in curves)
-    return [statistics.fmean(v) if None not in (v := [c[i] for c in curves]) else None for i in range(length)]
+    return [statistics.fmean(v) if (v := _complete([c[i] for c in curves])) is not None else None
+            for i in range(length)]
 
 
 def speedup(summary: dict, fast: str = BASELINE, slow: str = "tanh") -> float | None:

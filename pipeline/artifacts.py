@@ -109,7 +109,7 @@ def build(kind: Any, value: Any) -> Any:
         return {k: build(args[1], v) for k, v in value.items()} if args else dict(value)
     if origin is list:
         return [build(args[0], v) for v in value] if args else list(value)
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):
         if not isinstance(value, dict):
             raise ValueError(f"{kind.__name__}: expected an object, found {value!r}")
         hints = typing.get_type_hints(kind)

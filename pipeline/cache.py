@@ -69,7 +69,10 @@ def unwritable_is_user_error(path: Path) -> Iterator[None]:
         blocker = path.parent  # the nearest place that exists: what stands in the way
         while not blocker.exists() and blocker != blocker.parent:
             blocker = blocker.parent
-        found = "a file" if not blocker.is_dir() else e.strerror.lower()
+        found = "a file"
+        if blocker.is_dir():
+            assert e.strerror is not None  # an OSError with an errno has its message
+            found = e.strerror.lower()
         raise PipeError(f"{path}: expected a writable folder at {blocker}, found {found}; choose another output "
                         "path") from None
 
@@ -402,7 +405,7 @@ class Stage:
                 if not self.unit_done(u):  # its holder died: do it ourselves
                     list(_report(map(job, [u]), on_done))
 
-    def finalize(self, write_products: Callable[[], None], *, started: float, extra: dict | None = None) -> bool:
+    def finalize(self, write_products: Callable[[], object], *, started: float, extra: dict | None = None) -> bool:
         """Under the finalize lock: write the products, then the done marker last. False if already done."""
         with file_lock(self.out / LOCKS / "finalize", blocking=True):
             if self.up_to_date():
@@ -455,6 +458,7 @@ def _start_worker(parent: int, job: _UnitJob) -> None:
 
 
 def _run_in_worker(unit: str) -> tuple[str, dict | None]:
+    assert _worker_job is not None  # the pool's initializer sets it
     return _worker_job(unit)
 
 

@@ -94,6 +94,7 @@ class TrainingSplit:
         """uint8 (n, 3, 32, 32) of the images at `indices` (folders decode just those files)."""
         if self._images is not None:
             return self._images[indices]
+        assert self._files is not None  # one of the two is set
         out = np.empty((len(indices), 3, SIDE, SIDE), np.uint8)
         for k, i in enumerate(indices):
             out[k] = _decode(self._files[i])
@@ -112,9 +113,9 @@ def read_training_split(source: CifarSource) -> TrainingSplit:
         return TrainingSplit(source, np.array(labels, np.int64), None, tuple(files))
     parts = [_batch(name, blob) for name, blob in _batch_files(source)]
     images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    order = np.argsort(labels, kind="stable")
-    return TrainingSplit(source, labels[order], images[order], None)
+    batch_labels = np.concatenate([p[1] for p in parts])
+    order = np.argsort(batch_labels, kind="stable")
+    return TrainingSplit(source, batch_labels[order], images[order], None)
 
 
 def balanced_subset(labels: np.ndarray, n: int | None, seed: int = 0) -> np.ndarray:
@@ -150,7 +151,12 @@ def _batch_files(source: CifarSource) -> list[tuple[str, bytes]]:
             missing = [b for b in TRAIN_BATCHES if b not in members]
             if missing:
                 raise PipeError(f"{source.path}: {EXPECTED}; the archive has no {', '.join(missing)}")
-            return [(f"{source.path}:{members[b].name}", tar.extractfile(members[b]).read()) for b in TRAIN_BATCHES]
+            blobs = []
+            for b in TRAIN_BATCHES:
+                f = tar.extractfile(members[b])
+                assert f is not None  # members holds regular files only
+                blobs.append((f"{source.path}:{members[b].name}", f.read()))
+            return blobs
     except (tarfile.TarError, EOFError, OSError) as e:
         raise PipeError(f"{source.path}: a damaged archive ({e}); download it again") from None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import tomllib
 import typing
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from pathlib import Path
 
 from pipeline.errors import PipeError
@@ -18,13 +18,15 @@ from pipeline.errors import PipeError
 # An 11x11 stride-4 conv gives 55x55 only from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
 CONV1_PADDING = {224: 2, 227: 0}
 CROPS = tuple(CONV1_PADDING)
+Crop = typing.Literal[224, 227]  # CROPS as a type (the CLI's choices)
 LRN_CONVENTIONS = ("paper", "caffe")
 INITS = ("paper", "default")
 ACTIVATIONS = ("relu", "tanh")  # §3.1
 NORMS = ("lrn", "none", "batch")  # §3.3 (batch: not in the paper)
 POOLS = ("overlap", "plain")  # §3.4
 TOWERS = (2, 1)  # §3.2
-LOADERS = ("dali", "torch")  # DALI, or the plain torch reference path
+Loader = typing.Literal["dali", "torch"]
+LOADERS: tuple[Loader, ...] = typing.get_args(Loader)  # DALI, or the plain torch reference path
 LR_SCHEDULES = ("plateau", "step")
 
 # What a setting is to a run (metadata "role"):
@@ -52,6 +54,9 @@ class SettingError(ValueError):
 
 class _Settings:
     """Shared behaviour of the two settings dataclasses: checks from the field metadata, plain JSON types."""
+
+    if typing.TYPE_CHECKING:  # what @dataclass gives each subclass
+        __dataclass_fields__: typing.ClassVar[dict[str, Field[typing.Any]]]
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(type(self))

@@ -10,7 +10,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
@@ -37,7 +37,15 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (scores.topk(min(k, scores.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
 
 
-def errors(scores: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+class ErrorCounts(TypedDict):
+    """`errors`' result: the fields of `Errors` it measures."""
+
+    top1_error: float
+    top5_error: float
+    samples: int
+
+
+def errors(scores: torch.Tensor, labels: torch.Tensor) -> ErrorCounts:
     n = len(labels)
     return {"top1_error": 1 - topk_correct(scores, labels, 1).sum().item() / n,
             "top5_error": 1 - topk_correct(scores, labels, 5).sum().item() / n, "samples": n}

@@ -68,6 +68,7 @@ def onnx_model_bytes(classifier: Classifier, metadata: dict):
     args, dynamic = _example(classifier)
     program = torch.onnx.export(classifier.model.eval(), args, dynamic_shapes=dynamic, dynamo=True,
                                 input_names=["image"], output_names=["logits"], verbose=False)
+    assert program is not None  # dynamo=True returns the program
     proto = program.model_proto
     onnx.helper.set_model_props(proto, {PREPROCESSING: canonical_json(metadata)})
     return proto.SerializeToString()

@@ -75,6 +75,7 @@ def four_layer_net(activation: str, init: str, seed: int):
     layers = [m for m in net if isinstance(m, nn.Conv2d | nn.Linear)]
     stds = INITS[init]
     for i, layer in enumerate(layers):
+        assert layer.bias is not None  # every layer above has one
         if stds is not None:
             nn.init.normal_(layer.weight, 0.0, stds[i], generator=generator)
             nn.init.zeros_(layer.bias)
@@ -126,7 +127,7 @@ def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | Non
     device = images.device
     net = four_layer_net(run.activation, setup.init, run.seed).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=setup.momentum)
-    progress = {"parts": [], "epochs": []}
+    progress: dict[str, list[dict]] = {"parts": [], "epochs": []}
     first = 1
     if state is not None:
         net.load_state_dict(state["model"])
@@ -162,7 +163,7 @@ def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | Non
                 part = {"images": seen, "error": mistakes.item() / n,
                         "loss": round(loss_mean, 6) if math.isfinite(loss_mean) else None}
                 progress["parts"].append(part)
-                epoch_mistakes += mistakes.item()
+                epoch_mistakes += int(mistakes.item())  # a count: .item() of an int64 tensor
                 epoch_loss += loss_sum.item()
                 epoch_images += n
                 mistakes.zero_()
@@ -251,6 +252,7 @@ def next_run(activation: str, records: list[dict], setup: Setup) -> Run | None:
     for lr in centre_out(setup.lrs):
         if lr not in tried:
             return Run(activation, lr, 0, bound)
+    assert best is not None  # a sweep without runs returned its first lr above
     wider = widen(tried, best["lr"], setup.lrs)
     if wider is not None and wider not in tried:
         return Run(activation, wider, 0, bound)

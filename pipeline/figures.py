@@ -12,14 +12,20 @@ import itertools
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 
 from pipeline.artifacts import Figure3, Figure4, Neighbour, PixelStats, Query, TowerKernels
 
+if TYPE_CHECKING:
+    from pipeline.model import AlexNet
+
 NEIGHBOURS = 6  # Figure 4: six training images per query
 QUERIES = 5  # Figure 4: five val images
+
+_Id = TypeVar("_Id")  # what names a candidate in `nearest`
 
 
 def chroma_energy(kernels: np.ndarray) -> np.ndarray:
@@ -44,7 +50,7 @@ def neighbour_correlation(kernels: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.where(scale > 0, scale, 1.0)
 
 
-def figure3(model: torch.nn.Module, initial: torch.nn.Module | None = None) -> Figure3:
+def figure3(model: AlexNet, initial: AlexNet | None = None) -> Figure3:
     """conv1's kernels of each tower (tower A first), each tower's mean chroma energy and mean neighbour
     correlation (also of `initial`, the run's weights at step 0); `differ` when the towers' chroma means are more
     than two standard errors apart."""
@@ -66,19 +72,19 @@ def figure3(model: torch.nn.Module, initial: torch.nn.Module | None = None) -> F
 
 
 @torch.no_grad()
-def features(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+def features(model: AlexNet, images: torch.Tensor) -> torch.Tensor:
     """The last hidden layer (fc7 after its ReLU, every tower) in eval mode, float32 on the CPU."""
     model.eval()
     return model.features(images.to(model.fc8.weight.device)).float().cpu()
 
 
-def nearest(queries: torch.Tensor, candidates: Iterable[tuple[list, torch.Tensor]], k: int = NEIGHBOURS
-            ) -> list[list[tuple[float, object]]]:
+def nearest(queries: torch.Tensor, candidates: Iterable[tuple[list[_Id], torch.Tensor]], k: int = NEIGHBOURS
+            ) -> list[list[tuple[float, _Id]]]:
     """For each query vector, the k candidates nearest in Euclidean distance, as (distance, id), nearest first.
     `candidates` yields (ids, vectors) batches; only the running k best per query are kept."""
     best_d = torch.full((len(queries), 0), math.inf, dtype=torch.float64)
     best_i = torch.zeros((len(queries), 0), dtype=torch.int64)
-    kept: dict[int, object] = {}  # candidate number → id, for the candidates some query keeps
+    kept: dict[int, _Id] = {}  # candidate number → id, for the candidates some query keeps
     offset = 0
     for batch_ids, vectors in candidates:
         d = torch.cdist(queries.double(), vectors.double())
@@ -98,7 +104,7 @@ def batched(samples: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def figure4(model: torch.nn.Module, val_dir: Path, train_dir: Path, pixels: PixelStats, crop: int, *,
+def figure4(model: AlexNet, val_dir: Path, train_dir: Path, pixels: PixelStats, crop: int, *,
             limit: int, batch_size: int = 64) -> Figure4:
     """The first QUERIES val images and, for each, its NEIGHBOURS nearest among the first `limit` training images
     (in shard order), streamed in batches."""
@@ -108,7 +114,7 @@ def figure4(model: torch.nn.Module, val_dir: Path, train_dir: Path, pixels: Pixe
     query_vectors = features(model, torch.stack([image for _, image, _ in queries]))
     seen = {"images": 0}
 
-    def candidates() -> Iterator[tuple[list, torch.Tensor]]:
+    def candidates() -> Iterator[tuple[list[tuple[str, int]], torch.Tensor]]:
         for batch in batched(reference_eval_samples(train_dir, pixels, crop=crop, limit=limit), batch_size):
             seen["images"] += len(batch)
             yield [(key, label) for key, _, label in batch], features(model, torch.stack([b[1] for b in batch]))

@@ -336,6 +336,7 @@ def _list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sou
                     members.append(Member(sample_key(f.name, d.name), d.name, str(f.relative_to(root))))
         return SourceListing(root, members, ignored)
     truth = _val_ground_truth(labels, folder)
+    assert labels is not None  # _val_ground_truth refuses None
     for f in entries:
         if not looks_like_image(f):
             continue
@@ -530,7 +531,10 @@ def _tiny_wnid(parts: tuple[str, ...], truth: dict[str, str]) -> str | None:
 def _list_tiny_tree(root: Path, split: str, labels: Path | None) -> SourceListing:
     """Walk the split folder as the layout says (so at most three folders deep); symlinks are read through."""
     listing = SourceListing(root, [], [])
-    truth = _tiny_val_annotations(labels.read_text(), str(labels)) if split == "val" else {}
+    truth: dict[str, str] = {}
+    if split == "val":
+        assert labels is not None  # _tiny_tree_layout always finds them for val
+        truth = _tiny_val_annotations(labels.read_text(), str(labels))
 
     def visit(folder: Path, parts: tuple[str, ...]) -> None:
         for p in sorted(folder.iterdir()):
@@ -713,10 +717,11 @@ def _read_devkit(devkit: Path) -> tuple[str, bytes | None]:
     try:
         with tarfile.open(devkit, "r:gz") as t:
             for m in t:
-                if m.isfile() and m.name.endswith("/" + DEVKIT_GROUND_TRUTH):
-                    ids = t.extractfile(m).read().decode()
-                elif m.isfile() and m.name.endswith("/meta.mat"):
-                    meta = t.extractfile(m).read()
+                f = t.extractfile(m) if m.isfile() else None
+                if f is not None and m.name.endswith("/" + DEVKIT_GROUND_TRUTH):
+                    ids = f.read().decode()
+                elif f is not None and m.name.endswith("/meta.mat"):
+                    meta = f.read()
     except (EOFError, OSError, tarfile.TarError, zlib.error) as e:
         raise PipeError(f"{devkit}: expected a complete devkit .tar.gz, found a damaged or cut archive "
                         f"({type(e).__name__}: {e or 'ends early'})") from None

@@ -9,6 +9,7 @@ single undecodable sample kills a DALI pipeline.
 from __future__ import annotations
 
 import io
+import typing
 import warnings
 from dataclasses import dataclass
 
@@ -19,7 +20,7 @@ EXIF_ORIENTATION = 0x0112
 JPEG_MAX_SIDE = 65_500  # libjpeg's limit on either side of an image it writes
 # Decoded pixels one image may take: Pillow's own decompression-bomb threshold (89.5 MP, 268 MB as RGB), the one
 # torchvision's ImageFolder reads ImageNet under; JPEGs count after DCT-domain downscaling (`draft`).
-DECODE_PIXEL_BUDGET = Image.MAX_IMAGE_PIXELS
+DECODE_PIXEL_BUDGET = typing.cast(int, Image.MAX_IMAGE_PIXELS)  # Pillow's default is a number (None: no check)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # grayscale with 16-bit samples (a PNG's)
 MAGIC = ((b"GIF8", "GIF"), (b"\x89PNG", "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
          (b"MM\x00*", "TIFF"), (b"%PDF", "PDF"), (b"PK\x03\x04", "ZIP"), (b"\x1f\x8b", "gzip"))
@@ -50,7 +51,7 @@ def prepare_image(data: bytes, *, short_side: int = 256, quality: int = 95) -> P
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "Possibly corrupt EXIF data" etc. on a few ImageNet files
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             fmt, mode, size = img.format, img.mode, img.size
             orientation = _exif_orientation(img)
             target = resized_size(*size, short_side)
@@ -69,6 +70,7 @@ def prepare_image(data: bytes, *, short_side: int = 256, quality: int = 95) -> P
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"undecodable: {type(e).__name__}: {e}") from None
 
+    assert fmt is not None  # Image.open sets the format it recognised
     repairs = []
     if fmt != "JPEG":
         repairs.append(f"{fmt.lower()}→jpeg")

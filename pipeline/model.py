@@ -8,6 +8,7 @@ Section numbers in comments are the paper's. `AlexNetGrouped` is the same functi
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -97,7 +98,8 @@ class AlexNet(nn.Module):
     def __init__(self, config: AlexNetConfig):
         super().__init__()
         self.config = config
-        self.towers = nn.ModuleList([Tower(config) for _ in range(config.towers)])
+        # registered as an nn.ModuleList, typed as what it holds (torch types a ModuleList's items as Module)
+        self.towers = typing.cast(Sequence[Tower], nn.ModuleList([Tower(config) for _ in range(config.towers)]))
         self.fc8 = nn.Linear(sum(t.fc7.out_features for t in self.towers), config.num_classes)  # over every fc7
         self.dropout = nn.Dropout(config.dropout)
         if config.init == "paper":
@@ -228,6 +230,7 @@ def init_paper_(model: nn.Module, std: float) -> None:
     inputs early on), 0 elsewhere. Layers are recognized by their name's last part."""
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d | nn.Linear):
+            assert module.bias is not None  # every conv and fc layer here has one
             module.weight.normal_(0.0, std)
             module.bias.fill_(1.0 if name.rsplit(".", 1)[-1] in BIAS_ONE else 0.0)
 
@@ -264,7 +267,7 @@ def forward_flops(config: AlexNetConfig) -> int:
         model = AlexNet(replace(config, init="default")).eval()  # meta tensors: no init to run
     total = 0
 
-    def count(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+    def count(module: nn.Conv2d | nn.Linear, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
         if isinstance(module, nn.Conv2d):
             total += 2 * output.numel() * module.in_channels // module.groups * math.prod(module.kernel_size)

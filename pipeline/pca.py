@@ -204,7 +204,9 @@ def shard_images(tar_path: Path, keep: set[int] | None = None) -> Iterator[np.nd
             position += 1
             if keep is not None and position not in keep:
                 continue
-            with Image.open(io.BytesIO(tar.extractfile(member).read())) as img:
+            data = tar.extractfile(member)
+            assert data is not None  # a shard holds regular files only
+            with Image.open(io.BytesIO(data.read())) as img:
                 rgb = img.convert("RGB") if img.mode != "RGB" else img
                 yield np.stack([np.asarray(band).reshape(-1) for band in rgb.split()])
 

@@ -120,6 +120,7 @@ def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten
             if isinstance(views, str):
                 yield {"path": str(path), "error": views}
                 continue
+            assert best is not None  # a tensor of views: `images` was not empty
             values, indices = next(best)
             yield {"path": str(path), "top": [{"index": i, "wnid": classifier.classes.wnids[i],
                                                "name": classifier.classes.names[i], "probability": round(p, 6)}

@@ -39,11 +39,13 @@ def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], 
     import matplotlib.pyplot as plt
 
     figures = []
-    panels = [("loss.png", "training loss", [("loss", steps, "step")]),
-              ("lr.png", "learning rate", [("lr", steps, "step")]),
-              ("val_error.png", "validation error (centre crop)",
-               [("val_top1_error", epochs, "epoch"), ("val_top5_error", epochs, "epoch")]),
-              ("images_per_s.png", "training images/s", [("images_per_s", steps, "step")])]
+    # (file, title, [(field plotted, its records, field on the x axis)])
+    panels: list[tuple[str, str, list[tuple[str, tuple[object, ...], str]]]] = [
+        ("loss.png", "training loss", [("loss", steps, "step")]),
+        ("lr.png", "learning rate", [("lr", steps, "step")]),
+        ("val_error.png", "validation error (centre crop)",
+         [("val_top1_error", epochs, "epoch"), ("val_top5_error", epochs, "epoch")]),
+        ("images_per_s.png", "training images/s", [("images_per_s", steps, "step")])]
     for name, title, series in panels:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key, records, x in series:
@@ -78,7 +80,9 @@ def shard_samples_by_key(shard_dir: Path, keys: set[str]) -> dict:
             for m in tar:
                 key = m.name.rsplit(".", 1)[0]
                 if m.name.endswith(".jpg") and key in keys:
-                    images[key] = Image.open(io.BytesIO(tar.extractfile(m).read())).convert("RGB")
+                    data = tar.extractfile(m)
+                    assert data is not None  # a shard holds regular files only
+                    images[key] = Image.open(io.BytesIO(data.read())).convert("RGB")
         if len(images) == len(keys):
             break
     return images

@@ -98,7 +98,8 @@ class ShardJob:
 def write_shard(out: Path, name: str, members: list[Member], source_root: Path, label_of: dict[str, int],
                 *, short_side: int, quality: int) -> dict:
     """Write `<name>.tar` and `<name>.idx` atomically; return the unit record (counts, digest, skips, repairs)."""
-    skipped, repaired, index_lines, classes = [], [], [], {}
+    skipped, repaired, index_lines = [], [], []
+    classes: dict[str, int] = {}  # wnid → samples written
     tar_path = out / f"{name}.tar"
     with atomic_write(tar_path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for m in members:
@@ -259,7 +260,9 @@ def verify_shards(shard_dir: Path, *, decode: bool = False,
                     for n in names:
                         if n.endswith(".jpg"):
                             try:
-                                Image.open(io.BytesIO(tar.extractfile(n).read())).load()
+                                data = tar.extractfile(n)
+                                assert data is not None, "not a regular file"
+                                Image.open(io.BytesIO(data.read())).load()
                             except Exception as e:
                                 problems.append(f"{entry.name}/{n}: does not decode ({e})")
         if on_shard:

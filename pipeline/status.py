@@ -158,8 +158,8 @@ def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
             since = events[-1].time if events else 0
             recent = [s for s in steps if (s.time or 0) >= since][-20:]
             row = replace(row, state="stopped")
-            first, last = (recent[0], recent[-1]) if recent else (None, None)
-            if len(recent) >= 2 and first.time is not None and last.time is not None and last.time > first.time:
+            first, last = (recent[0], recent[-1]) if len(recent) >= 2 else (None, None)
+            if first and last and first.time is not None and last.time is not None and last.time > first.time:
                 rate = (last.step - first.step) / (last.time - first.time)
                 interval = (last.time - first.time) / (len(recent) - 1)
                 if now - last.time < max(60.0, 10 * interval):  # still logging: in progress

@@ -157,7 +157,7 @@ def _plan(seed: int, classes: int, train_per_class: int, val_per_class: int) -> 
              for c in range(classes) for i in range(train_per_class)]
     pairs = [(c, i) for c in range(classes) for i in range(val_per_class)]
     order = np.random.default_rng([seed, _SEED_VAL_ORDER]).permutation(len(pairs))  # val mixes the classes
-    val = [ImageSpec(seed, "val", *pairs[j], n) for n, j in enumerate(order.tolist(), 1)]
+    val = [ImageSpec(seed, "val", pairs[j][0], pairs[j][1], n) for n, j in enumerate(order.tolist(), 1)]
     plan = {}
     for split_id, (split, specs) in enumerate((("train", train), ("val", val))):
         picks = np.random.default_rng([seed, _SEED_QUIRKS, split_id]).choice(len(specs), min(3, len(specs)),
@@ -313,6 +313,8 @@ def render_image(spec: ImageSpec) -> tuple[Image.Image, tuple[int, int, int, int
 def image_size(rng: np.random.Generator) -> tuple[int, int]:
     """ImageNet-like (width, height): most 500x375 or 500x333 landscape, some portrait or square, the rest
     spread over short sides 150..800 and aspects 1..1.8."""
+    width: float
+    height: float
     u = rng.random()
     if u < 0.55:
         width, height = (500, 375) if rng.random() < 0.7 else (500, 333)
@@ -342,7 +344,7 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
     colours = [_hsv(rng.random(), rng.uniform(0.0, 0.55), rng.uniform(0.25, 0.95))
                for _ in range(grid * grid)]
     small = Image.fromarray(np.array(colours, np.uint8).reshape(grid, grid, 3))
-    return small.resize((width, height), Image.BILINEAR)
+    return small.resize((width, height), Image.Resampling.BILINEAR)
 
 
 def _clutter_item(rng: np.random.Generator, draw: ImageDraw.ImageDraw, width: int, height: int,

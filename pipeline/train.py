@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,11 +41,14 @@ from pipeline.checkpoints import (
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.errors import Diverged, PipeError
-from pipeline.model import build_model, count_parameters, dropout_masks, forward_flops
+from pipeline.model import AlexNet, build_model, count_parameters, dropout_masks, forward_flops
 from pipeline.record import append_event
 from pipeline.runs import RunData
 from pipeline.session import Session
 from pipeline.speed import TrainingSpeed
+
+if TYPE_CHECKING:
+    from pipeline.augment.loading import TrainEpochs
 
 # Slurm's preemption and time-limit warnings, and Ctrl-C: checkpoint at the next step boundary, then exit
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -56,7 +60,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
     """plateau: §5's lr/10 when the val error stops improving (at most `lr_drops` times); step: lr/10 every
     `lr_step_epochs` epochs (torchvision's reference recipe: 30), also at most `lr_drops` times."""
     if cfg.lr_schedule == "step":
@@ -120,7 +124,7 @@ class Progress:
     it resumes), then after every step with (step, total_steps, fields)."""
 
     on_start: Callable[[], None] = lambda: None
-    on_step: Callable[[int, int, StepRecord], None] = lambda step, total, record: None
+    on_step: Callable[[int, float, StepRecord], None] = lambda step, total, record: None
     on_epoch: Callable[[EpochRecord], None] = lambda record: None
     info: Callable[[str], None] = lambda message: None
     warn: Callable[[str], None] = lambda message: None
@@ -130,9 +134,9 @@ class Progress:
 class Run:
     """What the steps of one training run share: the model, its optimizer and schedule, settings, folder, rank."""
 
-    model: torch.nn.Module
+    model: AlexNet
     optimizer: torch.optim.Optimizer
-    scheduler: object
+    scheduler: torch.optim.lr_scheduler.LRScheduler
     spec: RunSpec  # stored in each checkpoint
     place: Placement
     out: Path
@@ -284,7 +288,7 @@ class Outcome:
     stopped: str | None = None
 
 
-def fit(model: torch.nn.Module, spec: RunSpec, train_loader, val_loader, out: Path, place: Placement,
+def fit(model: AlexNet, spec: RunSpec, train_loader, val_loader, out: Path, place: Placement,
         progress: Progress | None = None) -> Outcome:
     """Train until the spec's epochs, max_steps or a stop signal, resuming from the newest good checkpoint in
     out/checkpoints; a loss that is not finite raises Diverged."""
@@ -385,6 +389,7 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     `log_every` steps and checkpointing every `checkpoint_every`. True when the epoch ran to its end; False when it
     stopped at `total` steps or a signal inside it."""
     cfg = run.cfg
+    assert at.health is not None  # fit sets it before the first epoch
     train_loader.set_epoch(at.epoch)
     resuming = at.loader is not None and at.loader.get("epoch") == at.epoch
     if resuming:
@@ -443,7 +448,8 @@ def check_health(run: Run, at: Position, weights: bool = False) -> None:
     recorded as diverged at that step in _diverged.json and events.jsonl."""
     first_bad = at.health.first_bad_step(run.place) if at.health else 0
     if first_bad:
-        mine = at.health is not None and int(at.health.first_bad) == first_bad
+        assert at.health is not None  # first_bad is 0 without it
+        mine = int(at.health.first_bad) == first_bad
         said = f"loss {float(at.health.first_bad_loss)}" if mine else "a loss that was not finite on another rank"
     elif weights and not all(bool(torch.isfinite(p).all()) for p in run.model.parameters()):
         first_bad, said = at.step, "weights that are not finite after the update"  # the same on every rank
@@ -573,8 +579,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 class Job:
     """A run ready to fit on this rank: the placed net, this rank's loaders and the spec its checkpoints carry."""
 
-    net: torch.nn.Module
-    train_loader: object
+    net: AlexNet
+    train_loader: TrainEpochs
     val_loader: object
     spec: RunSpec
     session: Session
@@ -602,9 +608,9 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
         net = net.to(memory_format=torch.channels_last)
     pixels = load_pca(data.pca_path).stats
     place = session.place
-    common = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size, "device": session.devices[0],
-              "num_threads": cfg.loader_threads, "loader": cfg.loader}
-    workers = {"workers": cfg.loader_workers} if cfg.loader == "dali" else {}
+    common: dict[str, Any] = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size,
+                              "device": session.devices[0], "num_threads": cfg.loader_threads, "loader": cfg.loader}
+    workers: dict[str, Any] = {"workers": cfg.loader_workers} if cfg.loader == "dali" else {}
     train_loader = make_train_loader(data.train_dir, pixels, cfg.batch_size // place.world_size, seed=cfg.seed,
                                      channels_last=cfg.channels_last, **cfg.augment, **workers, **common)
     val_loader = make_eval_loader(data.val_dir, pixels, cfg.eval_batch_size, ten_crop=False, **common)

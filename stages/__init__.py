@@ -8,7 +8,7 @@ print themselves; each returns a `StageResult`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,12 +29,18 @@ class StageResult:
     product: Any = None
 
 
+class Advance(Protocol):
+    """A progress bar's `advance(n=1, note=None)`."""
+
+    def __call__(self, n: int = 1, note: str | None = None) -> None: ...
+
+
 class Reporter(Protocol):
     def info(self, message: str) -> None: ...
 
     def warn(self, message: str) -> None: ...
 
-    def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Callable[[int], None]]:
+    def progress(self, description: str, total: int) -> contextlib.AbstractContextManager[Advance]:
         """A context whose value is `advance(n=1, note=None)`; `note` is a short status (loss, images/s)."""
         ...
 
@@ -52,7 +58,7 @@ class QuietReporter:
         self.messages.append("warning: " + message)
 
     @contextlib.contextmanager
-    def progress(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+    def progress(self, description: str, total: int) -> Iterator[Advance]:
         yield lambda n=1, note=None: None
 
 

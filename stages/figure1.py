@@ -151,7 +151,11 @@ class _Sweep:
             if not self.stage.unit_done(run.name):
                 data = data or self._data()
                 self.stage.plan([run.name])
-                self.stage.run_units([run.name], lambda _, run=run, data=data: self._train(run, *data))
+
+                def train(_: str, run: Run = run, data: tuple = data) -> dict:
+                    return self._train(run, *data)
+
+                self.stage.run_units([run.name], train)
                 (self.stage.out / "runs" / f"{run.name}.pt").unlink(missing_ok=True)
             records.append(self.stage.records([run.name])[run.name])
         return records

@@ -65,7 +65,7 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
         stage.plan(names, force=force)
         mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
         todo = [n for n in mine if not stage.unit_done(n)]
-        count = {n: (sizes[i] if keep[i] is None else len(keep[i])) for i, n in enumerate(names)}
+        count = {n: (size if k is None else len(k)) for n, size, k in zip(names, sizes, keep)}
         with reporter.progress("pca-stats", total=sum(count[n] for n in todo)) as advance:
             stage.run_units(todo, job, workers=workers or os.cpu_count() or 1,
                             on_done=lambda unit, rec: advance(count[unit]), wait_for_others=task_index is None)

@@ -29,8 +29,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     reporter = reporter or QuietReporter()
     cfg, model = cfg or TrainConfig(), model or AlexNetConfig()
     data = RunData.open(train_dir, val_dir, pca_path, cfg)  # refused here, before the run folder is claimed
-    for problem in data.warnings:
-        reporter.warn(problem)
+    for warning in data.warnings:
+        reporter.warn(warning)
     model = replace(model, num_classes=data.train.num_classes_total)
     trajectory = run_trajectory(model, cfg, data.inputs)
     stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps},
@@ -73,7 +73,7 @@ def _fit(job, out: Path, reporter: Reporter, every_rank: Reporter):
     with reporter.progress("train", total=job.total_steps) as advance:
         done = {"step": 0}
 
-        def on_step(step: int, total: int, rec) -> None:
+        def on_step(step: int, total: float, rec) -> None:
             advance(step - done["step"], f"epoch {rec.epoch} loss {rec.loss:.3f} {rec.images_per_s:.0f} img/s")
             done["step"] = step
 

@@ -328,3 +328,26 @@ def test_a_saved_tensor_for_a_checkpoint_and_a_folder_for_an_output_file_are_one
     one_error(cli("preview", tiny_data["train"], "--pca", tiny_data["pca"], "--out", tmp_path, check=False),
               str(tmp_path), "found a folder")
     one_error(cli("export", tmp_path / "tensor.pt", "--out", tmp_path, check=False), str(tmp_path), ".pt2 or .onnx")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
+def test_a_log_line_that_does_not_fit_on_the_disk_is_one_line_naming_the_log_and_leaves_no_half_line(tmp_path):
+    """metrics.jsonl and events.jsonl are appended by one function: a write cut short by a full disk is cut back
+    off, so every reader finds whole lines only."""
+    from pipeline.cache import append_line
+    from pipeline.errors import PipeError
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("tmpfs cannot be mounted here")
+    try:
+        log = disk / METRICS
+        append_line(log, json.dumps({"step": 1, "loss": 2.0}))
+        (disk / "filler").write_bytes(b"x" * (56 << 10))  # leaves less than the next line needs
+        before = log.read_bytes()
+        with pytest.raises(PipeError, match=f"{log}: no space left on the device"):
+            append_line(log, json.dumps({"step": 2, "loss": 2.0, "pad": "y" * (16 << 10)}))
+        assert log.read_bytes() == before
+    finally:
+        subprocess.run(["umount", str(disk)])

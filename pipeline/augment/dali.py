@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,15 +36,17 @@ from pipeline.errors import PipeError
 try:
     import nvidia.dali.fn as fn
     import nvidia.dali.math as dmath
-    import nvidia.dali.types as types
     from nvidia.dali import pipeline_def
+    from nvidia.dali.types import DALIDataType, DALIImageType
 
     DALI_IMPORT_ERROR: str | None = None
 except ImportError as e:  # the torch reference path works without DALI
     DALI_IMPORT_ERROR = str(e)
 
-    def pipeline_def(function):
-        return function
+    if not TYPE_CHECKING:  # a stand-in; the type checker sees DALI's own decorator
+
+        def pipeline_def(function):
+            return function
 
 READER = "Reader"
 
@@ -66,8 +69,8 @@ def _parse_label(cls, digits: int):
     """`cls` holds the label as 1..`digits` ASCII digits, so samples have uneven shapes. Pad the digit values with
     zeros on the right to `digits`, read that as a number, and divide away the padding: 10^(digits − length).
     A label longer than `digits` comes out as −1 (the loader then stops with an error)."""
-    length = cls.shape(dtype=types.INT64)[0]
-    padded = fn.pad(fn.cast(cls, dtype=types.INT64) - 48, axes=[0], shape=[digits], fill_value=0)
+    length = cls.shape(dtype=DALIDataType.INT64)[0]
+    padded = fn.pad(fn.cast(cls, dtype=DALIDataType.INT64) - 48, axes=[0], shape=[digits], fill_value=0)
     number = padded[0]
     for i in range(1, digits):
         number = number * 10 + padded[i]
@@ -86,7 +89,7 @@ def _square(jpegs):
 
 def _decode(jpegs, device: str):
     # Orientation tags are ignored, as by Pillow and by the shard stage; fancy upsampling matches libjpeg-turbo.
-    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=DALIImageType.RGB,
                              adjust_orientation=False, jpeg_fancy_upsampling=True)
 
 
@@ -95,7 +98,7 @@ def _decode_window(jpegs, anchors, crop: int, device: str):
     image decoded and cropped (libjpeg-turbo and nvJPEG decode the window's MCUs alone)."""
     return fn.decoders.image_slice(jpegs, anchors, np.array([crop, crop], dtype=np.int32), axis_names="WH",
                                    normalized_anchor=False, normalized_shape=False,
-                                   device="mixed" if device == "gpu" else "cpu", output_type=types.RGB,
+                                   device="mixed" if device == "gpu" else "cpu", output_type=DALIImageType.RGB,
                                    adjust_orientation=False, jpeg_fancy_upsampling=True)
 
 
@@ -107,7 +110,7 @@ def _patch(images, height, width, x, y, crop: int, device: str, mirror=0, mean=(
     lands on x exactly (the float error is far below ½). W = crop leaves one place, x = 0 (hence the max)."""
     pos_x, pos_y = x / dmath.max(width - crop, 1), y / dmath.max(height - crop, 1)
     return fn.crop_mirror_normalize(images, device=device, crop=(crop, crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
-                                    mirror=mirror, mean=mean, std=[1.0, 1.0, 1.0], dtype=types.FLOAT,
+                                    mirror=mirror, mean=mean, std=[1.0, 1.0, 1.0], dtype=DALIDataType.FLOAT,
                                     output_layout=layout)
 
 
@@ -122,14 +125,14 @@ def train_pipeline(source, *, crop=CROP, device="cpu", channels_last=False, para
     so, minus its pixel mean (float32). Outputs (images CHW, or HWC with `channels_last`, labels)."""
     jpegs, labels, anchors, flips, pixel_means = fn.external_source(
         source=source, num_outputs=5, batch=True, batch_info=True, parallel=parallel,
-        dtype=[types.UINT8, types.INT64, types.INT32, types.INT32, types.FLOAT])
+        dtype=[DALIDataType.UINT8, DALIDataType.INT64, DALIDataType.INT32, DALIDataType.INT32, DALIDataType.FLOAT])
     if window_decode:
         window = _decode_window(jpegs, anchors, crop, device)
     else:
         window = fn.slice(_decode(jpegs, device), anchors, np.array([crop, crop], dtype=np.int32), axis_names="WH",
                           normalized_anchor=False, normalized_shape=False)
     return fn.crop_mirror_normalize(window, device=device, mirror=flips, mean=pixel_means, std=[1.0, 1.0, 1.0],
-                                    dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW"), labels
+                                    dtype=DALIDataType.FLOAT, output_layout="HWC" if channels_last else "CHW"), labels
 
 
 @pipeline_def
@@ -138,10 +141,10 @@ def val_pipeline(paths, index_paths, *, mean, shard_id=0, num_shards=1, crop=CRO
     jpegs, labels = _read(paths, index_paths, shard_id, num_shards, label_digits, shuffle=False, pad_last_batch=True)
     _, _, side, left, top = _square(jpegs)
     inset = centre_inset(side, crop)
-    anchors = fn.cast(fn.stack(left + inset, top + inset), dtype=types.INT32)
+    anchors = fn.cast(fn.stack(left + inset, top + inset), dtype=DALIDataType.INT32)
     return fn.crop_mirror_normalize(_decode_window(jpegs, anchors, crop, device), device=device,
                                     mean=(255.0 * np.asarray(mean)).tolist(), std=[1.0, 1.0, 1.0],
-                                    dtype=types.FLOAT, output_layout="CHW"), labels
+                                    dtype=DALIDataType.FLOAT, output_layout="CHW"), labels
 
 
 @pipeline_def
