@@ -83,7 +83,7 @@ $(STAMP): pyproject.toml tools/build-pillow-simd.sh
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-# The fast tier: every test not marked slow (no training run, no Slurm, no long sweep), under 90 s on 2 cores.
+# The fast tier: every test not marked slow (no training run, no Slurm, no long sweep), about 2 minutes on 2 cores.
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 

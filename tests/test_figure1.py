@@ -163,6 +163,7 @@ def without_seconds(table: dict) -> dict:
     return {**table, "runs": runs, "description": None}
 
 
+@pytest.mark.slow
 def test_a_tiny_sweep_writes_the_figure_its_data_and_its_table_and_a_rerun_does_nothing(sweep, layouts, cli):
     table = json.loads((sweep / "figure1.json").read_text())
     assert {"figure1.png", "figure1.json", "figure1.md"} <= {p.name for p in sweep.iterdir()}
@@ -185,6 +186,7 @@ def test_a_tiny_sweep_writes_the_figure_its_data_and_its_table_and_a_rerun_does_
     assert {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_a_sweep_killed_mid_run_resumes_at_its_last_finished_epoch(sweep, layouts, cli, cli_popen, tmp_path):
     out, log = tmp_path / "figure1", tmp_path / "log"
     proc = cli_popen(*sweep_args(layouts["batches"], out), log=log)

@@ -148,6 +148,7 @@ def test_a_pca_of_other_shards_is_refused_unless_said_to_come_from_elsewhere(tin
 # ---------------------------------------------------------------------------------------------------------------
 # stale, moved and damaged stage folders
 
+@pytest.mark.slow
 def test_a_changed_parameter_is_the_first_line_of_the_rerun(tiny_data, cli, tmp_path):
     source = tiny_data["work"] / "demo-data"
     cli("shard", source, tmp_path / "val", "--split", "val", "--shard-size", 8)
@@ -155,6 +156,7 @@ def test_a_changed_parameter_is_the_first_line_of_the_rerun(tiny_data, cli, tmp_
     assert redone.stderr.splitlines()[0] == f"shard-val: redoing {tmp_path / 'val'}: params changed: shard_size 8 → 9"
 
 
+@pytest.mark.slow
 def test_status_is_the_same_from_any_folder_after_the_work_folder_moved_and_shows_a_cut_marker_as_damaged(
         tiny_data, tmp_path):
     work = tmp_path / "moved"
@@ -174,6 +176,7 @@ def test_status_is_the_same_from_any_folder_after_the_work_folder_moved_and_show
     assert rows(work)["pca-stats"] == "damaged" and rows(work)["shard train"] == "done"
 
 
+@pytest.mark.slow
 def test_an_output_folder_inside_the_source_split_is_refused(tiny_data, cli):
     source = tiny_data["work"] / "demo-data"
     one_error(cli("shard", source, source / "val" / "shards", "--split", "val", check=False),
@@ -181,6 +184,7 @@ def test_an_output_folder_inside_the_source_split_is_refused(tiny_data, cli):
     assert not (source / "val" / "shards").exists()
 
 
+@pytest.mark.slow
 def test_a_synth_already_running_is_told_to_wait_without_a_task_option_it_lacks(tiny_data, cli, tmp_path):
     out = tmp_path / "demo-data"
     cli("synth", out, "--classes", 2, "--train-per-class", 1, "--val-per-class", 1)
@@ -225,6 +229,7 @@ def test_dots_spaces_and_names_repeated_in_every_class_shard_verify_and_train(lo
     assert parse_metrics((tree.parent / f"run-{loader}" / METRICS).read_text().splitlines()).steps[-1].step == 2
 
 
+@pytest.mark.slow
 def test_two_images_that_differ_only_in_their_suffix_are_refused_naming_both(tiny_data, cli, tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(tiny_data["work"] / "demo-data", tree)
@@ -237,6 +242,7 @@ def test_two_images_that_differ_only_in_their_suffix_are_refused_naming_both(tin
 # ---------------------------------------------------------------------------------------------------------------
 # one line where a traceback was
 
+@pytest.mark.slow
 def test_a_cut_devkit_archive_is_one_line_naming_it(tiny_data, cli, tmp_path):
     from stages import synth
 
@@ -249,6 +255,7 @@ def test_a_cut_devkit_archive_is_one_line_naming_it(tiny_data, cli, tmp_path):
     one_error(out, str(devkit))
 
 
+@pytest.mark.slow
 def test_pca_stats_of_shards_with_no_samples_is_one_line(tiny_data, cli, tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(tiny_data["work"] / "demo-data", tree)
@@ -259,6 +266,7 @@ def test_pca_stats_of_shards_with_no_samples_is_one_line(tiny_data, cli, tmp_pat
               "expected shards holding images, found none")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to run as nobody")
 def test_an_unreadable_class_folder_is_one_line_naming_it(tiny_data):
     """As the user `nobody`, in a folder of /tmp that user may enter (pytest's own are root's alone)."""
@@ -274,6 +282,7 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(tiny_data):
         one_error(out, str(hidden), "permission denied")
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_naming_what_to_lower(tiny_data, train_cmd, tmp_path):
     """The data segment limited to what the process uses after its imports plus 150 MB: the full-width net's
     first batch cannot be allocated (Python sees torch's allocation failure; the kernel's OOM killer, SIGKILL,
@@ -290,6 +299,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tiny_data, train_cmd, tm
     one_error(out, "out of memory", "--batch-size")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a read-only tmpfs needs root")
 def test_eval_on_a_read_only_disk_warns_about_a_damaged_newest_checkpoint_and_takes_the_one_before(
         tiny_data, tiny_run, cli, tmp_path):
@@ -321,6 +331,7 @@ def test_eval_of_a_run_whose_newest_checkpoint_was_rotated_away_takes_the_next_w
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["checkpoint"]["step"] == 15
 
 
+@pytest.mark.slow
 def test_a_saved_tensor_for_a_checkpoint_and_a_folder_for_an_output_file_are_one_line(tiny_data, cli, tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     one_error(cli("predict", tmp_path / "tensor.pt", tiny_data["work"] / "demo-data" / "val", check=False),
