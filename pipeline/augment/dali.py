@@ -26,11 +26,9 @@ from pipeline.augment.loading import (
     TrainEpochs,
     checked_labels,
     open_shards,
-    sample_index,
     to_device,
     torch_device,
 )
-from pipeline.augment.order import TrainAugmentation, TrainSource
 from pipeline.errors import PipeError
 
 try:
@@ -214,21 +212,11 @@ class TrainLoader(TrainEpochs):
                  lighting_alpha_std: float = LIGHTING_ALPHA_STD, workers: int = 0, prefetch: int = 2,
                  window_decode: bool = True):
         _require_dali()
-        self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, whole_batch=True)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self._open(shard_dir, pixels, batch_size, crop=crop, seed=seed, rank=rank, world_size=world_size,
+                   random_crop=random_crop, mirror=mirror, lighting=lighting, lighting_alpha_std=lighting_alpha_std)
         self.device = torch_device(device)
         self.num_threads, self.workers, self.prefetch = num_threads, workers, prefetch
         self.channels_last, self.crop, self.window_decode = channels_last, crop, window_decode
-        self.index = sample_index(self.shards)
-        self.augmentation = TrainAugmentation(crop, tuple(pixels.mean), tuple(pixels.eigvals),
-                                              tuple(map(tuple, pixels.eigvecs)), random_crop, mirror, lighting,
-                                              lighting_alpha_std)
-
-    def source(self, epoch: int, start: int = 0) -> TrainSource:
-        """What this rank reads of `epoch` from global batch `start` on."""
-        return TrainSource(self.index, self.augmentation, self.seed, epoch, self.batch_size * self.world_size,
-                           self.rank, self.world_size, start)
 
     def pipeline(self, epoch: int, start: int = 0):
         """The built DALI pipeline of `epoch` on this rank, from global batch `start` on."""

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment.order import SampleIndex, batches_per_epoch
+from pipeline.artifacts import PixelStats
+from pipeline.augment.order import SampleIndex, TrainAugmentation, TrainSource, batches_per_epoch
 from pipeline.errors import PipeError
 from pipeline.shards import check_shard_files, load_manifest, shard_paths
 
@@ -109,9 +110,29 @@ class TrainEpochs:
     shards: ShardSet
     batch_size: int
     world_size: int
+    rank: int
+    seed: int
+    index: SampleIndex
+    augmentation: TrainAugmentation
     epoch: int = 0
     _resume_at: int = 0  # batches the next iteration skips
     _position: int = 0  # batches handed out in this epoch
+
+    def _open(self, shard_dir: Path, pixels: PixelStats, batch_size: int, *, crop: int, seed: int, rank: int,
+              world_size: int, random_crop: bool, mirror: bool, lighting: bool, lighting_alpha_std: float) -> None:
+        """What both loaders read an epoch from: the shards, their sample index and the augmentation's settings."""
+        self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
+                                  seed=seed, whole_batch=True)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.index = sample_index(self.shards)
+        self.augmentation = TrainAugmentation(crop, tuple(pixels.mean), tuple(pixels.eigvals),
+                                              tuple(map(tuple, pixels.eigvecs)), random_crop, mirror, lighting,
+                                              lighting_alpha_std)
+
+    def source(self, epoch: int, start: int = 0) -> TrainSource:
+        """What this rank reads of `epoch` from global batch `start` on."""
+        return TrainSource(self.index, self.augmentation, self.seed, epoch, self.batch_size * self.world_size,
+                           self.rank, self.world_size, start)
 
     def __len__(self) -> int:
         return batches_per_epoch(self.shards.samples, self.batch_size * self.world_size)

@@ -25,7 +25,7 @@ from pipeline.augment.loading import (
     to_device,
     torch_device,
 )
-from pipeline.augment.order import SampleIndex, SampleReader, TrainAugmentation, TrainSource
+from pipeline.augment.order import SampleIndex, SampleReader, TrainSource
 
 
 def decode_rgb(jpeg: bytes) -> torch.Tensor:
@@ -114,18 +114,9 @@ class ReferenceTrainLoader(TrainEpochs):
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu", num_threads: int = 2,
                  lighting: bool = True, mirror: bool = True, random_crop: bool = True, channels_last: bool = False,
                  lighting_alpha_std: float = LIGHTING_ALPHA_STD):
-        self.shards = open_shards(shard_dir, crop=crop, batch_size=batch_size, rank=rank, world_size=world_size,
-                                  seed=seed, whole_batch=True)
-        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self._open(shard_dir, pixels, batch_size, crop=crop, seed=seed, rank=rank, world_size=world_size,
+                   random_crop=random_crop, mirror=mirror, lighting=lighting, lighting_alpha_std=lighting_alpha_std)
         self.num_threads, self.device, self.channels_last = num_threads, torch_device(device), channels_last
-        self.index = sample_index(self.shards)
-        self.augmentation = TrainAugmentation(crop, tuple(pixels.mean), tuple(pixels.eigvals),
-                                              tuple(map(tuple, pixels.eigvecs)), random_crop, mirror, lighting,
-                                              lighting_alpha_std)
-
-    def source(self, epoch: int, start: int = 0) -> TrainSource:
-        return TrainSource(self.index, self.augmentation, self.seed, epoch, self.batch_size * self.world_size,
-                           self.rank, self.world_size, start)
 
     def dataset(self, epoch: int) -> _ReferenceTrainSet:
         """Item (sample index, draws) → (augmented image, label)."""
