@@ -90,13 +90,7 @@ def main() -> None:
     if args.resume:
         return resume_times(args)
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards
-        if shards is None:
-            from stages import shard
-
-            shards = Path(tmp) / "train"
-            shard.run(SAMPLE, shards, split="train", shard_size=64)
-        shards = repeated(shards, Path(tmp) / "bench", args.repeat)
+        shards = bench_shards(args, Path(tmp))
         make = partial(make_eval_loader, ten_crop=True) if args.ten_crop else make_train_loader
         loaders = {name: make(shards, PCA, args.batch_size, loader=name, device=args.device,
                               num_threads=args.threads) for name in ("dali", "torch")}
@@ -131,17 +125,22 @@ def main() -> None:
                           "rounds": [round(v, 1) for v in rates[name]]}))
 
 
+def bench_shards(args: argparse.Namespace, tmp: Path) -> Path:
+    """--shards (default: the real samples, sharded into `tmp`), repeated --repeat times."""
+    shards = args.shards
+    if shards is None:
+        from stages import shard
+
+        shards = tmp / "train"
+        shard.run(SAMPLE, shards, split="train", shard_size=64)
+    return repeated(shards, tmp / "bench", args.repeat)
+
+
 def resume_times(args: argparse.Namespace) -> None:
     """Seconds from building a training loader to its first batch, resumed at global batch 0 and at the epoch's
     last batch but one (median of --rounds, alternating)."""
     with tempfile.TemporaryDirectory() as tmp:
-        shards = args.shards
-        if shards is None:
-            from stages import shard
-
-            shards = Path(tmp) / "train"
-            shard.run(SAMPLE, shards, split="train", shard_size=64)
-        shards = repeated(shards, Path(tmp) / "bench", args.repeat)
+        shards = bench_shards(args, Path(tmp))
         times: dict[str, dict[int, list[float]]] = {}
         for name in ("dali", "torch"):
             loader = make_train_loader(shards, PCA, args.batch_size, loader=name, device=args.device,
