@@ -8,10 +8,12 @@ data folder is a failure: CI never skips them silently. No test module reads dat
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -51,6 +53,32 @@ def sample_tree(tmp_path_factory, sample_dir, meta_dir) -> Path:
     shutil.copytree(sample_dir / "val", root / "val")
     shutil.copy(meta_dir / "LOC_val_solution.csv", root)
     return root
+
+
+def shard_set(out: Path) -> dict[str, bytes]:
+    """The files a shard folder promises to reproduce byte for byte: tars, DALI indexes and the manifest."""
+    files = sorted([*out.glob("*.tar"), *out.glob("*.idx"), out / "manifest.json"])
+    return {f.name: f.read_bytes() for f in files}
+
+
+def samples(out: Path) -> dict[str, dict]:
+    """key → {cls, json, jpg, shard} over every shard, read with tarfile; asserts no key appears twice."""
+    found: dict[str, dict] = {}
+    for tar_path in sorted(out.glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar:
+                key, ext = m.name.split(".", 1)
+                sample = found.setdefault(key, {"shard": tar_path.name})
+                assert sample["shard"] == tar_path.name, f"{key} is in two shards"
+                assert ext not in sample, f"{key}.{ext} written twice"
+                member = tar.extractfile(m)
+                assert member is not None, f"{key}.{ext} is not a regular file"
+                sample[ext] = member.read()
+    return found
+
+
+def manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import manifest, samples, shard_set
 from PIL import Image
 
 from pipeline.artifacts import PixelStats
@@ -56,32 +57,8 @@ def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
 
 
-def shard_set(out: Path) -> dict[str, bytes]:
-    """The files a shard folder promises to reproduce byte for byte: tars, DALI indexes and the manifest."""
-    files = sorted([*out.glob("*.tar"), *out.glob("*.idx"), out / "manifest.json"])
-    return {f.name: f.read_bytes() for f in files}
-
-
 def shards_only(out: Path) -> dict[str, bytes]:
     return {k: v for k, v in shard_set(out).items() if k != "manifest.json"}
-
-
-def samples(out: Path) -> dict[str, dict]:
-    """key → {cls, meta, jpg, shard} over every shard, read with tarfile; asserts no key appears twice."""
-    found: dict[str, dict] = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                sample = found.setdefault(key, {"shard": tar_path.name})
-                assert sample["shard"] == tar_path.name, f"{key} is in two shards"
-                assert ext not in sample, f"{key}.{ext} written twice"
-                sample[ext] = tar.extractfile(m).read()
-    return found
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 def snapshot(folder: Path) -> dict[str, tuple]:

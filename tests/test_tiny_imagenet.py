@@ -10,13 +10,12 @@ import json
 import math
 import re
 import shutil
-import tarfile
 import zipfile
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import REPO, shared_data
+from conftest import REPO, manifest, samples, shard_set, shared_data
 from PIL import Image
 
 from pipeline.config import SETTINGS, default_of, load_recipe
@@ -84,25 +83,6 @@ def zip_of(folder: Path, archive: Path) -> Path:
             else:
                 z.write(path, name, zipfile.ZIP_STORED if i % 3 == 0 else zipfile.ZIP_DEFLATED)
     return archive
-
-
-def samples(out: Path) -> dict[str, dict]:
-    """key → {cls, jpg, json} over every shard of a shard folder."""
-    found: dict[str, dict] = {}
-    for tar_path in sorted(out.glob("*.tar")):
-        with tarfile.open(tar_path) as tar:
-            for m in tar:
-                key, ext = m.name.split(".", 1)
-                found.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    return found
-
-
-def shard_set(out: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted([*out.glob("*.tar"), *out.glob("*.idx"), out / "manifest.json"])}
-
-
-def manifest(out: Path) -> dict:
-    return json.loads((out / "manifest.json").read_text())
 
 
 @pytest.fixture(scope="module")
