@@ -55,6 +55,16 @@ def sample_tree(tmp_path_factory, sample_dir, meta_dir) -> Path:
     return root
 
 
+def one_line_error(out: subprocess.CompletedProcess, *expected: str, code: int = 2, warnings: int = 0) -> str:
+    """Exit `code`, no traceback, one `error:` line (the last) holding every `expected` text, `warnings` warnings."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stdout + out.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], out.stderr
+    assert sum(line.startswith("warning: ") for line in lines) == warnings, out.stderr
+    assert all(e in lines[-1] for e in expected), lines[-1]
+    return lines[-1]
+
+
 def shard_set(out: Path) -> dict[str, bytes]:
     """The files a shard folder promises to reproduce byte for byte: tars, DALI indexes and the manifest."""
     files = sorted([*out.glob("*.tar"), *out.glob("*.idx"), out / "manifest.json"])

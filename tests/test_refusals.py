@@ -16,21 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error
 from PIL import Image
 
 from pipeline.artifacts import METRICS, parse_metrics
 from pipeline.imagenet import sample_key
 
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
-
-
-def one_error(out: subprocess.CompletedProcess, *expected: str, code: int = 2) -> str:
-    """Exit `code`, no traceback, the last line the only `error:` line, holding every `expected` text."""
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode == code and "Traceback" not in out.stderr, out.stdout + out.stderr
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], out.stderr
-    assert all(text in lines[-1] for text in expected), lines[-1]
-    return lines[-1]
 
 
 def run_copy(tiny_run: Path, tmp_path: Path) -> Path:
@@ -51,7 +43,7 @@ def test_a_diverging_run_exits_5_keeps_its_finite_checkpoints_and_eval_refuses_i
         tiny_data, tiny_run, train_cmd, cli, tmp_path):
     run = tmp_path / "diverged"
     out = cli(*train_cmd(tiny_data, run, lr="1e6", checkpoint_every=1), check=False)
-    line = one_error(out, "train: diverged: ", code=5)
+    line = one_line_error(out, "train: diverged: ", code=5)
     step = json.loads((run / "_diverged.json").read_text())["step"]
     assert re.search(rf"(loss (nan|inf|-inf)|weights that are not finite after the update) at step {step} ", line)
     kept = checkpoint_steps(run)
@@ -60,18 +52,19 @@ def test_a_diverging_run_exits_5_keeps_its_finite_checkpoints_and_eval_refuses_i
         weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
         assert all(torch.isfinite(t).all() for t in weights.values())
     assert "diverged" in cli("status", run.parent).stdout
-    one_error(cli(*train_cmd(tiny_data, run, lr="1e6", checkpoint_every=1), check=False), "--force", code=5)
-    one_error(cli("eval", run, "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False),
-              "diverged", f"step-{kept[-1]:09d}.pt")
+    one_line_error(cli(*train_cmd(tiny_data, run, lr="1e6", checkpoint_every=1), check=False), "--force", code=5)
+    one_line_error(cli("eval", run, "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False),
+                   "diverged", f"step-{kept[-1]:09d}.pt")
 
     state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], map_location="cpu",
                        weights_only=True)
     state["model"]["fc8.bias"][0] = float("nan")
     torch.save(state, tmp_path / "nan.pt")
-    one_error(cli("eval", tmp_path / "nan.pt", "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False),
-              "nan.pt", "fc8.bias")
-    one_error(cli("predict", tmp_path / "nan.pt", tiny_data["work"] / "demo-data" / "val", check=False), "fc8.bias")
-    one_error(cli(*train_cmd(tiny_data, tmp_path / "inf", lr="inf"), check=False), "lr must be a finite number")
+    one_line_error(cli("eval", tmp_path / "nan.pt", "--val", tiny_data["val"], "--out", tmp_path / "eval", check=False),
+                   "nan.pt", "fc8.bias")
+    one_line_error(cli("predict", tmp_path / "nan.pt", tiny_data["work"] / "demo-data" / "val", check=False),
+                   "fc8.bias")
+    one_line_error(cli(*train_cmd(tiny_data, tmp_path / "inf", lr="inf"), check=False), "lr must be a finite number")
 
 
 @pytest.mark.slow
@@ -108,7 +101,7 @@ def test_a_checkpoint_of_other_settings_in_the_run_folder_is_named_not_resumed(t
     (run / "checkpoints").mkdir(parents=True)
     for path in (tiny_run / "checkpoints").glob("step-000000018.pt*"):
         shutil.copy(path, run / "checkpoints")
-    one_error(cli(*train_cmd(tiny_data, run, lr="0.01"), check=False), "lr", "0.003", "0.01")
+    one_line_error(cli(*train_cmd(tiny_data, run, lr="0.01"), check=False), "lr", "0.003", "0.01")
 
 
 @pytest.mark.slow
@@ -130,8 +123,8 @@ def test_report_refuses_an_eval_of_another_runs_checkpoint_and_reads_past_a_torn
     cli("eval", evaluated, "--val", tiny_data["val"], "--out", tmp_path / "eval", "--no-ten-crop")
     cli("report", run, "--eval", tmp_path / "eval", "--out", tmp_path / "report")
     assert (tmp_path / "report" / "report.md").is_file()
-    one_error(cli("report", tiny_run, "--eval", tmp_path / "eval", "--out", tmp_path / "other", check=False),
-              str(evaluated), "not one of the", str(tiny_run))
+    one_line_error(cli("report", tiny_run, "--eval", tmp_path / "eval", "--out", tmp_path / "other", check=False),
+                   str(evaluated), "not one of the", str(tiny_run))
 
 
 @pytest.mark.slow
@@ -139,8 +132,8 @@ def test_a_pca_of_other_shards_is_refused_unless_said_to_come_from_elsewhere(tin
     cli("pca-stats", tiny_data["val"], tmp_path / "pca-of-val")
     pca = tmp_path / "pca-of-val" / "pca.json"
     data = {**tiny_data, "pca": pca}
-    one_error(cli(*train_cmd(data, tmp_path / "run"), check=False),
-              str(pca), str(tiny_data["train"]), "--pca-from-elsewhere")
+    one_line_error(cli(*train_cmd(data, tmp_path / "run"), check=False),
+                   str(pca), str(tiny_data["train"]), "--pca-from-elsewhere")
     assert not (tmp_path / "run").exists()
     cli(*train_cmd(data, tmp_path / "run", max_steps=1, pca_from_elsewhere=True))
 
@@ -179,8 +172,8 @@ def test_status_is_the_same_from_any_folder_after_the_work_folder_moved_and_show
 @pytest.mark.slow
 def test_an_output_folder_inside_the_source_split_is_refused(tiny_data, cli):
     source = tiny_data["work"] / "demo-data"
-    one_error(cli("shard", source, source / "val" / "shards", "--split", "val", check=False),
-              str(source / "val" / "shards"), "inside")
+    one_line_error(cli("shard", source, source / "val" / "shards", "--split", "val", check=False),
+                   str(source / "val" / "shards"), "inside")
     assert not (source / "val" / "shards").exists()
 
 
@@ -235,8 +228,8 @@ def test_two_images_that_differ_only_in_their_suffix_are_refused_naming_both(tin
     shutil.copytree(tiny_data["work"] / "demo-data", tree)
     first = sorted(next((tree / "train").iterdir()).iterdir())[0]
     Image.open(first).save(first.with_suffix(".png"))
-    one_error(cli("shard", tree, tmp_path / "out", "--split", "train", check=False),
-              first.name, first.with_suffix(".png").name, "differ only in their suffix")
+    one_line_error(cli("shard", tree, tmp_path / "out", "--split", "train", check=False),
+                   first.name, first.with_suffix(".png").name, "differ only in their suffix")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +245,7 @@ def test_a_cut_devkit_archive_is_one_line_naming_it(tiny_data, cli, tmp_path):
     for args in (["--debug"], []):  # --debug: the traceback of what happened
         out = cli(*args, "shard", tmp_path / "tars", tmp_path / "val", "--split", "val", check=False)
         assert "Aborted" not in out.stderr
-    one_error(out, str(devkit))
+    one_line_error(out, str(devkit))
 
 
 @pytest.mark.slow
@@ -262,8 +255,8 @@ def test_pca_stats_of_shards_with_no_samples_is_one_line(tiny_data, cli, tmp_pat
     for image in (tree / "train").rglob("*.JPEG"):
         image.write_bytes(b"")  # every image empty: skipped, the split holds nothing
     cli("shard", tree, tmp_path / "train", "--split", "train", check=False)
-    one_error(cli("pca-stats", tmp_path / "train", tmp_path / "pca", check=False),
-              "expected shards holding images, found none")
+    one_line_error(cli("pca-stats", tmp_path / "train", tmp_path / "pca", check=False),
+                   "expected shards holding images, found none")
 
 
 @pytest.mark.slow
@@ -279,7 +272,7 @@ def test_an_unreadable_class_folder_is_one_line_naming_it(tiny_data):
         out = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", CLI, "shard",
                               str(tree), f"{place}/out", "--split", "train"],
                              capture_output=True, text=True, env={**os.environ, "HOME": place})
-        one_error(out, str(hidden), "permission denied")
+        one_line_error(out, str(hidden), "permission denied")
 
 
 @pytest.mark.slow
@@ -296,7 +289,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(tiny_data, train_cmd, tm
                      checkpoint_every=None, log_every=None, keep_checkpoints=None)
     out = subprocess.run([sys.executable, "-c", program, *args], capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-    one_error(out, "out of memory", "--batch-size")
+    one_line_error(out, "out of memory", "--batch-size")
 
 
 @pytest.mark.slow
@@ -334,11 +327,12 @@ def test_eval_of_a_run_whose_newest_checkpoint_was_rotated_away_takes_the_next_w
 @pytest.mark.slow
 def test_a_saved_tensor_for_a_checkpoint_and_a_folder_for_an_output_file_are_one_line(tiny_data, cli, tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
-    one_error(cli("predict", tmp_path / "tensor.pt", tiny_data["work"] / "demo-data" / "val", check=False),
-              "tensor.pt: expected a checkpoint written by `alexnet-pipe train`, found a saved torch.Tensor")
-    one_error(cli("preview", tiny_data["train"], "--pca", tiny_data["pca"], "--out", tmp_path, check=False),
-              str(tmp_path), "found a folder")
-    one_error(cli("export", tmp_path / "tensor.pt", "--out", tmp_path, check=False), str(tmp_path), ".pt2 or .onnx")
+    one_line_error(cli("predict", tmp_path / "tensor.pt", tiny_data["work"] / "demo-data" / "val", check=False),
+                   "tensor.pt: expected a checkpoint written by `alexnet-pipe train`, found a saved torch.Tensor")
+    one_line_error(cli("preview", tiny_data["train"], "--pca", tiny_data["pca"], "--out", tmp_path, check=False),
+                   str(tmp_path), "found a folder")
+    one_line_error(cli("export", tmp_path / "tensor.pt", "--out", tmp_path, check=False), str(tmp_path),
+                   ".pt2 or .onnx")
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")

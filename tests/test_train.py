@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import one_line_error
 
 from pipeline.artifacts import Manifest, RunSpec, Topology
 from pipeline.classes import run_classes, val_class_problems
@@ -254,16 +255,6 @@ def test_a_run_goes_on_with_a_recomputed_pca_json_that_holds_the_same_pca(tiny_d
     assert refused.returncode == 2 and "other settings (inputs.pca " in refused.stderr
 
 
-
-
-def one_line_error(out: subprocess.CompletedProcess, *expected: str, warnings: int = 0) -> str:
-    """Exit 2, no traceback, one `error:` line (the last) holding every `expected` text, `warnings` warnings."""
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
-    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], out.stderr
-    assert sum(line.startswith("warning: ") for line in lines) == warnings, out.stderr
-    assert all(e in lines[-1] for e in expected), lines[-1]
-    return lines[-1]
 
 
 def same_weights(run: Path, reference: Path) -> None:
