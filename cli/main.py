@@ -367,7 +367,7 @@ def status(work: Annotated[Path, typer.Argument(metavar="WORK", help="The work f
 
 
 def _print_runs(console, work: Path) -> None:
-    """The training runs' progress: step/epoch reached, last val error, rate and time left while running."""
+    """The training runs' progress: step reached, epochs done, last val error, rate and time left while running."""
     from rich import box
     from rich.table import Table
 
@@ -377,14 +377,14 @@ def _print_runs(console, work: Path) -> None:
     if not rows:
         return
     table = Table(title="runs", box=box.SIMPLE_HEAD)  # no │: scripts that read the stage table's rows still can
-    for col in ("run", "state", "step", "epoch", "val top-1 error", "rate", "time left"):
+    for col in ("run", "state", "step", "epochs done", "val top-1 error", "rate", "time left"):
         table.add_column(col)
     for r in rows:
         step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
         error = f"{r.val_top1_error:.4f}" if r.val_top1_error is not None else "—"
         rate = f"{r.steps_per_s:g} steps/s, {r.images_per_s:g} img/s" if r.steps_per_s else "—"
         left = f"{r.eta_s // 3600}h{r.eta_s % 3600 // 60:02d}m{r.eta_s % 60:02d}s" if r.eta_s is not None else "—"
-        table.add_row(r.run, r.state, step, str(r.epoch), error, rate, left)
+        table.add_row(r.run, r.state, step, str(r.epochs_done), error, rate, left)
     console.print(table)
 
 

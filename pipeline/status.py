@@ -119,14 +119,14 @@ def _row_name(folder: Path, work: Path) -> str:
 
 @dataclass(frozen=True)
 class RunProgress:
-    """Where a training run stands: step and epoch reached, the last val error and, while it advances, its rate
-    and an estimate of the time left."""
+    """Where a training run stands: step reached, epochs finished (as `train`'s epoch lines count them), the last
+    val error and, while it advances, its rate and an estimate of the time left."""
 
     run: str
     state: str  # done | stopped | running
     step: int
     total_steps: int | None
-    epoch: int
+    epochs_done: int
     val_top1_error: float | None
     steps_per_s: float | None = None
     images_per_s: float | None = None
@@ -148,8 +148,9 @@ def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
         if not steps and not events:
             continue
         total = int(events[-1].total_steps) if events and events[-1].total_steps is not None else None
-        step, epoch = (steps[-1].step, steps[-1].epoch) if steps else (events[-1].step, events[-1].epoch)
-        row = RunProgress(str(run.relative_to(work)), "done", step, total, epoch,
+        step = steps[-1].step if steps else events[-1].step
+        epochs_done = epochs[-1].epoch + 1 if epochs else (events[-1].epoch if events else 0)
+        row = RunProgress(str(run.relative_to(work)), "done", step, total, epochs_done,
                           epochs[-1].val_top1_error if epochs else None)
         if diverged_record(run) is not None:
             row = replace(row, state="diverged")

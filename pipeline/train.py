@@ -481,11 +481,12 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
     if run.main_rank:
         _append_metrics(run.metrics, record)
     run.progress.on_epoch(record)
+    said = f"epoch {at.epoch + 1}/{run.cfg.epochs}"  # counted from 1, as the epoch lines and `status` count them
     for note in (record.lr_drop, record.lr_held):
         if note:
-            run.progress.info(f"epoch {at.epoch}: {note}")
+            run.progress.info(f"{said}: {note}")
     if record.not_learning:
-        run.progress.warn(f"epoch {at.epoch}: the training loss has stayed within {FLAT_LOSS:.0%} of "
+        run.progress.warn(f"{said}: the training loss has stayed within {FLAT_LOSS:.0%} of "
                           f"ln({run.spec.model.num_classes}) for the whole epoch: the net has not started "
                           "learning (try --init default, a higher --lr, or check the labels)")
     at.epoch += 1

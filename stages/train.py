@@ -62,7 +62,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     if outcome.stopped:  # on every rank: none goes on to what follows a finished run
         raise Stopped(f"train: stopped at step {outcome.step} ({outcome.stopped}), rerun to resume "
                       f"→ {outcome.checkpoint}", outcome.stopped)
-    say.info(f"train: step {outcome.step}, epoch {outcome.epoch} → {outcome.checkpoint}")
+    say.info(f"train: step {outcome.step}, {outcome.epoch} epochs done → {outcome.checkpoint}")
     return StageResult("train", out, finished=True, product=outcome)
 
 
@@ -73,12 +73,15 @@ def _fit(job, out: Path, reporter: Reporter, every_rank: Reporter):
     with reporter.progress("train", total=job.total_steps) as advance:
         done = {"step": 0}
 
+        epochs = job.spec.train.epochs  # epochs are counted from 1 where a person reads them
+
         def on_step(step: int, total: float, rec) -> None:
-            advance(step - done["step"], f"epoch {rec.epoch} loss {rec.loss:.3f} {rec.images_per_s:.0f} img/s")
+            advance(step - done["step"], f"epoch {rec.epoch + 1}/{epochs} loss {rec.loss:.3f} "
+                                         f"{rec.images_per_s:.0f} img/s")
             done["step"] = step
 
         def on_epoch(rec) -> None:
-            reporter.info(f"epoch {rec.epoch}: val top-1 error {rec.val_top1_error:.4f}, top-5 "
+            reporter.info(f"epoch {rec.epoch + 1}/{epochs}: val top-1 error {rec.val_top1_error:.4f}, top-5 "
                           f"{rec.val_top5_error:.4f} ({rec.val_samples} images), lr {rec.lr:g}")
 
         return fit(job.net, job.spec, job.train_loader, job.val_loader, out, job.session.place,

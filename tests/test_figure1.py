@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import SHARED
+from conftest import shared_data
 
 from pipeline.cifar import CLASSES, balanced_subset, find_source, read_training_split
 from pipeline.figure1 import Run, Setup, factor_words, four_layer_net, next_run, summarize
@@ -33,7 +33,7 @@ def pixels() -> tuple[np.ndarray, np.ndarray]:
     """Real CIFAR-10 pixels (uint8 N×3×32×32) and labels in a shuffled order, as the official batches hold them."""
     from PIL import Image
 
-    jpeg = SHARED / "data" / "cifar10-jpeg" / "train"
+    jpeg = shared_data("cifar10-jpeg") / "train"
     images, labels = [], []
     for label, name in enumerate(CLASSES):
         for path in sorted((jpeg / name).iterdir())[:PER_CLASS]:

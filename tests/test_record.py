@@ -72,11 +72,16 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     rows = {r.run: asdict(r) for r in run_progress(work, now=1012.0)}
     assert list(rows) == ["runs/finished", "runs/live"]
     finished = json.loads((tiny_run / "metrics.jsonl").read_text().splitlines()[-1])
-    assert rows["runs/finished"] == {"run": "runs/finished", "step": 18, "total_steps": 18, "epoch": 1,
+    logged = map(json.loads, (tiny_run / "metrics.jsonl").read_text().splitlines())
+    epoch_lines = [m for m in logged if "val_samples" in m]
+    # epochs done, as train's own lines count them ("epoch 2/2: …", "2 epochs done"), not the last step's epoch index
+    assert len(epoch_lines) == 2
+    assert rows["runs/finished"] == {"run": "runs/finished", "step": 18, "total_steps": 18, "epochs_done": 2,
                                      "state": "done", "val_top1_error": finished["val_top1_error"],
                                      "steps_per_s": None, "images_per_s": None, "eta_s": None}
-    assert rows["runs/live"] == {"run": "runs/live", "step": 30, "total_steps": 100, "epoch": 0, "state": "running",
-                                 "val_top1_error": None, "steps_per_s": 2.0, "images_per_s": 64.0, "eta_s": 35}
+    assert rows["runs/live"] == {"run": "runs/live", "step": 30, "total_steps": 100, "epochs_done": 0,
+                                 "state": "running", "val_top1_error": None, "steps_per_s": 2.0,
+                                 "images_per_s": 64.0, "eta_s": 35}
     assert run_progress(work, now=1100.0)[1].state == "stopped"  # no line for 90 s: killed or hung
 
 

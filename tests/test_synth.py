@@ -34,9 +34,9 @@ def _make(tmp_path_factory, name: str, **kwargs) -> Path:
 
 
 @pytest.fixture(scope="session")
-def meta(sample_dir) -> Path:
-    """The official ILSVRC-2012 metadata beside the real samples (shared/data/imagenet-meta)."""
-    return sample_dir.parent / "imagenet-meta"
+def meta(meta_dir) -> Path:
+    """The official ILSVRC-2012 metadata (shared/data/imagenet-meta)."""
+    return meta_dir
 
 
 @pytest.fixture(scope="module")
