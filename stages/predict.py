@@ -21,10 +21,12 @@ def run(run_or_checkpoint: Path, images: list[Path], *, top: int = 5, ten_crop: 
     from pipeline.predict import classify, load_classifier
 
     classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter.warn), devices)
-    if (known := len(classifier.classes.wnids)) < 1000:  # a subset (the demo's 10 generated classes): say so
-        names = ", ".join(classifier.classes.names[:3]) + (", …" if known > 3 else "")
-        reporter.warn(f"predict: this net knows only the {known} classes it was trained on ({names}); every image "
-                      f"is put in one of them, whatever it shows")
+    spec_classes = classifier.spec.classes  # None: a checkpoint from before the table was stored (all 1,000)
+    trained = spec_classes.trained if spec_classes is not None else range(len(classifier.classes.wnids))
+    if len(trained) < 1000:  # a subset (the demo's 10 generated classes): say so before it answers
+        names = ", ".join(classifier.classes.names[i] for i in trained[:3]) + (", …" if len(trained) > 3 else "")
+        reporter.warn(f"predict: this net was trained on only {len(trained)} classes ({names}); every image is "
+                      f"put in one of them, whatever it shows")
     classified = failed = 0
     for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
         if "error" in record:
