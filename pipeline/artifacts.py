@@ -509,7 +509,7 @@ class Event(Record):
     step: int
     epoch: int
     record: dict  # the run record: software, hardware, git commit, command line
-    total_steps: float | None = None
+    total_steps: int | None = None
     resumed_from: str | None = None
     world_size: int = 1
     code_diff: dict | None = absent_when_none()  # {file, sha256}: what uncommitted code differed from the commit
