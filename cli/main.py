@@ -109,7 +109,7 @@ Seed = Annotated[int, typer.Option(help="Seed: the same seed gives byte-identica
 
 def _task_flags(task_index: int | None, num_tasks: int | None) -> tuple[int | None, int | None]:
     """--task-index defaults to $SLURM_ARRAY_TASK_ID; checked before any work starts."""
-    from stages import task_slice
+    from pipeline.engine import task_slice
 
     if task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
         found = os.environ["SLURM_ARRAY_TASK_ID"]

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED
-from pipeline.cache import atomic_write, sha256_file
+from pipeline.engine import atomic_write, sha256_file
 from pipeline.errors import PipeError
 
 CHECKPOINT_GLOB = "step-*.pt"

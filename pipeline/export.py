@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cache import atomic_write, canonical_json
+from pipeline.engine import atomic_write, canonical_json
 from pipeline.errors import PipeError
 from pipeline.images import prepare_image
 from pipeline.predict import Classifier

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.artifacts import PixelStats
 from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square, load_pca
-from pipeline.cache import atomic_write
+from pipeline.engine import atomic_write
 from pipeline.errors import PipeError
 from pipeline.shards import load_manifest
 

@@ -104,7 +104,7 @@ def run_record() -> dict:
 def append_event(run_dir: Path, event: str, **fields) -> Event:
     """One line in `run_dir/events.jsonl`: the time, what happened (`event`: start, resume), `fields` (step,
     resumed_from, …) and the run record, written whole or not at all (a full disk is one line naming the file)."""
-    from pipeline.cache import append_line, atomic_write
+    from pipeline.engine import append_line, atomic_write
 
     record = run_record()
     diff = code_diff() if record["git"] else b""

@@ -22,8 +22,8 @@ from pipeline.artifacts import (
     TowerKernels,
     read_metrics,
 )
-from pipeline.cache import atomic_write, stage_input_path
 from pipeline.config import AlexNetConfig
+from pipeline.engine import atomic_write, stage_input_path
 from pipeline.record import read_events
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
@@ -208,7 +208,7 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
     """(where the val shards came from, whether the paper's errors compare), read from the shard set's manifest
     and done marker: the generated demo set (its source is a `synth` stage folder), a subset of ILSVRC-2012, or
     the full ILSVRC-2012 val. Never guessed from a sample count alone."""
-    from pipeline.cache import MARKER
+    from pipeline.engine import MARKER
 
     manifest = Manifest.read(val_dir)
     k, total = len(manifest.classes), manifest.num_classes_total

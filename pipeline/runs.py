@@ -20,7 +20,10 @@ from pipeline.artifacts import (
     RunClasses,
     RunInputs,
 )
-from pipeline.cache import (
+from pipeline.classes import run_classes, val_class_problems
+from pipeline.cluster import Placement, placement
+from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
+from pipeline.engine import (
     MARKER,
     Input,
     canonical_json,
@@ -30,9 +33,6 @@ from pipeline.cache import (
     sha256_file,
     write_json,
 )
-from pipeline.classes import run_classes, val_class_problems
-from pipeline.cluster import Placement, placement
-from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.errors import PipeError
 
 

@@ -27,7 +27,7 @@ from pipeline.artifacts import (
     ShardParams,
     SkippedImage,
 )
-from pipeline.cache import atomic_write, canonical_json, read_json, sha256_file, write_json
+from pipeline.engine import atomic_write, canonical_json, read_json, sha256_file, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import ClassTable, Member
 from pipeline.images import BadImage, prepare_image

@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
-from pipeline.cache import MARKER, PLAN, StageState, inspect, read_json
+from pipeline.engine import MARKER, PLAN, StageState, inspect, read_json
 from pipeline.errors import PipeError
 from pipeline.runs import diverged_record, final_checkpoint_problem
 from pipeline.shards import damaged_shards

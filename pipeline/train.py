@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED, METRICS, EpochRecord, RunSpec, StepRecord, Topology
 from pipeline.augment.order import ORDER_VERSION, rank_slice
-from pipeline.cache import append_line, atomic_write, describe_changes, write_json
 from pipeline.checkpoints import (
     latest_checkpoint,
     load_checkpoint,
@@ -40,6 +39,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.cluster import Placement
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.engine import append_line, atomic_write, describe_changes, write_json
 from pipeline.errors import Diverged, PipeError
 from pipeline.model import AlexNet, build_model, count_parameters, dropout_masks, forward_flops
 from pipeline.record import append_event

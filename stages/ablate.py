@@ -10,9 +10,9 @@ eval stages it runs are handed in by the caller (stages never import each other)
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from pipeline.ablation import (
@@ -27,11 +27,10 @@ from pipeline.ablation import (
 )
 from pipeline.ablation import variant_settings as settings_of
 from pipeline.artifacts import ABLATIONS, EVAL, MANIFEST, Manifest
-from pipeline.cache import Input, Stage, atomic_write, write_json
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
 from pipeline.errors import Diverged, PipeError
 from pipeline.runs import pca_input
-from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 # 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s).
 # 3: each run's eval also measures the training error as val's (the train–val gap): every unit is evaluated again;
@@ -66,38 +65,41 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
     stage = Stage("ablate", VERSION, out, params, inputs, product=ABLATIONS,
                   outputs=(ABLATIONS, "ablations.md", "*.png"))
-    if stage.up_to_date() and not force:
-        reporter.info(f"ablate: up to date ({out / 'ablations.md'})")
-        return StageResult(stage.name, out, up_to_date=True)
-    say_why_redone(stage, force, reporter)
-    started = time.time()
-    with stage.run_lock(exclusive=task_index is None, splittable=True):
-        stage.plan(names, force=force)
-        mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
-        job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
-                        dict(units_by_name(units)), ten_crop, devices, force, reporter, train_stage, eval_stage)
-        todo = [n for n in mine if not stage.unit_done(n)]
-        if len(todo) < len(mine):
-            reporter.info(f"ablate: {len(mine) - len(todo)} of {len(mine)} runs already trained and evaluated")
-        stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(f"ablate: {unit}: {outcome(rec)}"),
-                        wait_for_others=task_index is None)
-        done = sum(stage.unit_done(n) for n in names)
-        if done < len(names):
-            reporter.info(f"ablate: task done; {done} of {len(names)} runs finished, the table is written when all are")
-            return StageResult(stage.name, out)
-        records = list(stage.records(names).values())
-        summary = summarize(records, threshold)
-        summary["runs"] = records
-        summary["sweep"] = _sweep_description(train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
+    job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
+                    dict(units_by_name(units)), ten_crop, devices, force, reporter, train_stage, eval_stage)
+    description = partial(_sweep_description, train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
+    return stage.execute(lambda: _sweep(stage, names, job, task_index, num_tasks, threshold, description, reporter),
+                         say=reporter, force=force, shown=out / "ablations.md", units=names,
+                         exclusive=task_index is None, splittable=True)
 
-        def write_products() -> None:
-            (out / "figure1.png").unlink(missing_ok=True)  # version 1's name for training-error.png
-            write_json(out / ABLATIONS, summary)
-            plot(summary, out)
-            with atomic_write(out / "ablations.md", "w") as f:
-                f.write(table_markdown(summary, summary["sweep"]))
 
-        finished = stage.finalize(write_products, started=started, extra={"runs": len(names)})
+def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | None, num_tasks: int | None,
+           threshold: float, description: Callable[[], str], reporter: Reporter) -> StageResult:
+    """This task's (variant, seed) units; once all are done, the table and its plots."""
+    out = stage.out
+    mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
+    todo = [n for n in mine if not stage.unit_done(n)]
+    if len(todo) < len(mine):
+        reporter.info(f"ablate: {len(mine) - len(todo)} of {len(mine)} runs already trained and evaluated")
+    stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(f"ablate: {unit}: {outcome(rec)}"),
+                    wait_for_others=task_index is None)
+    done = sum(stage.unit_done(n) for n in names)
+    if done < len(names):
+        reporter.info(f"ablate: task done; {done} of {len(names)} runs finished, the table is written when all are")
+        return StageResult(stage.name, out)
+    records = list(stage.records(names).values())
+    summary = summarize(records, threshold)
+    summary["runs"] = records
+    summary["sweep"] = description()
+
+    def write_products() -> None:
+        (out / "figure1.png").unlink(missing_ok=True)  # version 1's name for training-error.png
+        write_json(out / ABLATIONS, summary)
+        plot(summary, out)
+        with atomic_write(out / "ablations.md", "w") as f:
+            f.write(table_markdown(summary, summary["sweep"]))
+
+    finished = stage.finalize(write_products, extra={"runs": len(names)})
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 

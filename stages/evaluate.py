@@ -6,16 +6,14 @@ Everything the model needs (width, crop, classes, mean, LRN convention) comes fr
 
 from __future__ import annotations
 
-import time
 from dataclasses import replace
 from pathlib import Path
 
 from pipeline.artifacts import EVAL, MANIFEST, CheckpointRef, EvalResult, Manifest
-from pipeline.cache import Input, Stage, write_json
 from pipeline.checkpoints import CheckpointGone, resolve_checkpoint
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, write_json
 from pipeline.errors import PipeError
 from pipeline.record import run_record
-from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 3  # 2: the paper's Figure 3 (and Figure 4 with --train); 3: Figure 3's neighbour correlation (also at
 # step 0) and, with --train, the training error measured as val's
@@ -64,45 +62,49 @@ def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, dev
             neighbour_train_images = NEIGHBOUR_TRAIN_IMAGES
         params |= {"neighbour_train_images": neighbour_train_images, "train_error": True}
     stage = Stage("eval", VERSION, out, params, inputs, product=EVAL, outputs=(EVAL,))
-    if stage.up_to_date() and not force:
-        reporter.info(f"eval: up to date ({out / EVAL})")
-        return StageResult("eval", out, up_to_date=True)
-    say_why_redone(stage, force, reporter)
-    started = time.time()
-    with stage.run_lock(exclusive=True):
-        stage.plan(["eval"], force=force)
-        manifest = Manifest.read(val_dir).require_split("val", val_dir, option="val")  # before torch and the load
-        from pipeline.cluster import resolve_devices
-        from pipeline.evaluate import evaluate_classifier
-        from pipeline.figures import figure3, figure4
-        from pipeline.model import initial_model
-        from pipeline.predict import load_classifier
+    return stage.execute(lambda: _errors_and_figures(stage, checkpoint, val_dir, train_dir, neighbour_train_images,
+                                                     ten_crop, devices, batch_size, loader, loader_threads, reporter),
+                         say=reporter, force=force, shown=out / EVAL, units=["eval"])
 
-        classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
-        ref = CheckpointRef(str(checkpoint), classifier.step, classifier.epoch,
-                            inputs["checkpoint"].digest.removeprefix("sha256:"))
-        result = evaluate_classifier(classifier, ref, val_dir, manifest, ten_crop=ten_crop, batch_size=batch_size,
-                                     loader=loader, loader_threads=loader_threads, warn=reporter.warn,
-                                     progress=reporter.progress)
-        neighbours, train_errors = None, None
-        if train_dir is not None:
-            from pipeline.evaluate import training_subset_errors
 
-            train_errors = training_subset_errors(classifier, train_dir, manifest.samples, batch_size)
-            reporter.info(f"eval: {train_errors.samples} training images (eval mode, centre crop): top-1/top-5 "
-                          f"error {train_errors.top1_error:.4f}/{train_errors.top5_error:.4f}")
-        if train_dir is not None and neighbour_train_images:
-            neighbours = figure4(classifier.model, val_dir, train_dir, classifier.spec.pixels,
-                                 classifier.spec.model.crop, limit=neighbour_train_images)
-            reporter.info(f"eval: nearest training images of {len(neighbours.queries)} val images over "
-                          f"{neighbours.train_images} training images")
-        result = replace(result, val=replace(result.val, manifest_sha256=inputs["val"].digest.removeprefix("sha256:")),
-                         train_centre=train_errors, figure3=figure3(classifier.model, initial_model(
-                             classifier.spec.model, classifier.spec.train.seed)), figure4=neighbours,
-                         run_record=run_record())  # what it ran on: in eval.json, outside the stage's key
-        stage.finalize(lambda: write_json(out / EVAL, result.to_json()), started=started)
-    reporter.info(summary(result) + f" → {out / EVAL}")
-    return StageResult("eval", out, finished=True, product=result)
+def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, train_dir: Path | None,
+                        neighbour_train_images: int | None, ten_crop: bool, devices: str, batch_size: int,
+                        loader: str, loader_threads: int, reporter: Reporter) -> StageResult:
+    """One load of the checkpoint for the errors (centre, 10-crop, per class), the training error measured as val's,
+    and Figures 3 and 4 → eval.json."""
+    manifest = Manifest.read(val_dir).require_split("val", val_dir, option="val")  # before torch and the load
+    from pipeline.cluster import resolve_devices
+    from pipeline.evaluate import evaluate_classifier
+    from pipeline.figures import figure3, figure4
+    from pipeline.model import initial_model
+    from pipeline.predict import load_classifier
+
+    inputs = stage.inputs
+    classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
+    ref = CheckpointRef(str(checkpoint), classifier.step, classifier.epoch,
+                        inputs["checkpoint"].digest.removeprefix("sha256:"))
+    result = evaluate_classifier(classifier, ref, val_dir, manifest, ten_crop=ten_crop, batch_size=batch_size,
+                                 loader=loader, loader_threads=loader_threads, warn=reporter.warn,
+                                 progress=reporter.progress)
+    neighbours, train_errors = None, None
+    if train_dir is not None:
+        from pipeline.evaluate import training_subset_errors
+
+        train_errors = training_subset_errors(classifier, train_dir, manifest.samples, batch_size)
+        reporter.info(f"eval: {train_errors.samples} training images (eval mode, centre crop): top-1/top-5 "
+                      f"error {train_errors.top1_error:.4f}/{train_errors.top5_error:.4f}")
+    if train_dir is not None and neighbour_train_images:
+        neighbours = figure4(classifier.model, val_dir, train_dir, classifier.spec.pixels,
+                             classifier.spec.model.crop, limit=neighbour_train_images)
+        reporter.info(f"eval: nearest training images of {len(neighbours.queries)} val images over "
+                      f"{neighbours.train_images} training images")
+    result = replace(result, val=replace(result.val, manifest_sha256=inputs["val"].digest.removeprefix("sha256:")),
+                     train_centre=train_errors, figure3=figure3(classifier.model, initial_model(
+                         classifier.spec.model, classifier.spec.train.seed)), figure4=neighbours,
+                     run_record=run_record())  # what it ran on: in eval.json, outside the stage's key
+    stage.finalize(lambda: write_json(stage.out / EVAL, result.to_json()))
+    reporter.info(summary(result) + f" → {stage.out / EVAL}")
+    return StageResult("eval", stage.out, finished=True, product=result)
 
 
 def summary(result: EvalResult) -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
-from stages import QuietReporter, Reporter, StageResult
 
 
 def run(run_or_checkpoint: Path, out: Path, *, fmt: str | None = None,
@@ -18,8 +18,8 @@ def run(run_or_checkpoint: Path, out: Path, *, fmt: str | None = None,
     fmt = export_format(out, fmt)  # before the checkpoint is read: a wrong --out costs nothing
     if out.is_dir():
         raise PipeError(f"{out}: expected a file to write, found a folder", option="out")
-    from pipeline.cache import sha256_file
     from pipeline.checkpoints import resolve_checkpoint
+    from pipeline.engine import sha256_file
     from pipeline.export import export
     from pipeline.predict import load_classifier
 

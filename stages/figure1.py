@@ -10,17 +10,24 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import FIGURE1
-from pipeline.cache import Input, Stage, atomic_write, write_json
 from pipeline.cifar import CifarSource, balanced_subset, channel_mean, download, find_source, read_training_split
+from pipeline.engine import (
+    Input,
+    QuietReporter,
+    Reporter,
+    Stage,
+    StageResult,
+    atomic_write,
+    exit_with_parent,
+    write_json,
+)
 from pipeline.errors import PipeError
 from pipeline.figure1 import ACTIVATIONS, INITS, NAMES, Run, Setup, next_run, plot, summarize, table_markdown, train_run
-from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 1
 # The defaults (docs/figure1.md): about 30 minutes on two CPU cores, each activation's fastest rate inside the grid
@@ -59,44 +66,43 @@ def run(cifar: Path, out: Path, *, train_images: int | None = DEFAULT_TRAIN_IMAG
     stage = Stage("figure1", VERSION, out, {"setup": setup.to_dict(), "train_images": train_images},
                   {"cifar": Input.of_source(source.path)}, product=FIGURE1,
                   outputs=(FIGURE1, "figure1.md", "figure1.png", "runs/*.pt"))
-    if stage.up_to_date() and not force:
-        reporter.info(f"figure1: up to date ({out / 'figure1.md'})")
-        return StageResult(stage.name, out, up_to_date=True)
-    if seeds < 2:
-        reporter.warn("--seeds 1: the factor comes without the seeds' spread")
-    say_why_redone(stage, force, reporter)
-    started = time.time()
     places = _places(devices)
-    with stage.run_lock(exclusive=True):
-        stage.plan([], force=force)
-        sweeps = [_Sweep(stage, source, train_images, setup, activation, *places[i % len(places)], reporter)
-                  for i, activation in enumerate(ACTIVATIONS)]
-        reporter.info(f"figure1: {source.describe()}; ReLU and tanh sweeps on "
-                      f"{' and '.join(d for d, _ in places)}" + (" side by side" if len(places) > 1 else ""))
-        if len(places) > 1:
-            import multiprocessing
+    return stage.execute(lambda: _sweeps(stage, source, train_images, setup, places, reporter), say=reporter,
+                         force=force, shown=out / "figure1.md", units=[])
 
-            from pipeline.cache import _exit_with_parent
 
-            context = multiprocessing.get_context("forkserver")
-            context.set_forkserver_preload(["torch"])  # imported once, not once a sweep
-            with ProcessPoolExecutor(len(sweeps), mp_context=context, initializer=_exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
-                records = [r for rs in pool.map(_run_sweep, sweeps) for r in rs]
-        else:
-            records = [r for sweep in sweeps for r in sweep()]
-        records.sort(key=lambda r: (ACTIVATIONS.index(r["activation"]), r["lr"], r["seed"]))
-        summary = summarize(records, setup)
-        described = _description(source, setup, records, train_images)
+def _sweeps(stage: Stage, source: CifarSource, train_images: int | None, setup: Setup,
+            places: list[tuple[str, int]], reporter: Reporter) -> StageResult:
+    """Both activations' sweeps (side by side on two places), then the figure, its data and its table."""
+    out = stage.out
+    if setup.seeds < 2:
+        reporter.warn("--seeds 1: the factor comes without the seeds' spread")
+    sweeps = [_Sweep(stage, source, train_images, setup, activation, *places[i % len(places)], reporter)
+              for i, activation in enumerate(ACTIVATIONS)]
+    reporter.info(f"figure1: {source.describe()}; ReLU and tanh sweeps on "
+                  f"{' and '.join(d for d, _ in places)}" + (" side by side" if len(places) > 1 else ""))
+    if len(places) > 1:
+        import multiprocessing
 
-        def write_products() -> None:
-            write_json(out / FIGURE1, {**summary, "setup": {**setup.to_dict(), "train_images": train_images},
-                                              "description": described, "runs": records})
-            plot(summary, records, out / "figure1.png")
-            with atomic_write(out / "figure1.md", "w") as f:
-                f.write(table_markdown(summary, records, described))
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch"])  # imported once, not once a sweep
+        with ProcessPoolExecutor(len(sweeps), mp_context=context, initializer=exit_with_parent,
+                                 initargs=(os.getpid(),)) as pool:
+            records = [r for rs in pool.map(_run_sweep, sweeps) for r in rs]
+    else:
+        records = [r for sweep in sweeps for r in sweep()]
+    records.sort(key=lambda r: (ACTIVATIONS.index(r["activation"]), r["lr"], r["seed"]))
+    summary = summarize(records, setup)
+    described = _description(source, setup, records, train_images)
 
-        finished = stage.finalize(write_products, started=started, extra={"runs": len(records)})
+    def write_products() -> None:
+        write_json(out / FIGURE1, {**summary, "setup": {**setup.to_dict(), "train_images": train_images},
+                                          "description": described, "runs": records})
+        plot(summary, records, out / "figure1.png")
+        with atomic_write(out / "figure1.md", "w") as f:
+            f.write(table_markdown(summary, records, described))
+
+    finished = stage.finalize(write_products, extra={"runs": len(records)})
     reporter.info(f"figure1: {len(records)} runs → {out / 'figure1.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 

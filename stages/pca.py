@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, PCA
-from pipeline.cache import Input, Stage, write_json
+from pipeline.artifacts import MANIFEST, PCA, Manifest
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, task_slice, write_json
 from pipeline.errors import PipeError
 from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
 from pipeline.shards import load_manifest
-from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 # 2: eigen-pairs by a fixed-order Jacobi on Python floats (the same bytes on every CPU; 1 used LAPACK's eigh). The
 # per-shard partials are unchanged, so a folder finished at version 1 keeps them and only the reduce runs again.
@@ -51,33 +49,33 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
     params = {"max_images": max_images, "seed": seed if max_images is not None else None}
     stage = Stage("pca-stats", VERSION, out, params, {"shards": shards_input}, product=PCA,
                   outputs=(PCA,), unit_versions=UNIT_VERSIONS)
-    if stage.up_to_date() and not force:
-        reporter.info(f"pca-stats: up to date ({out / PCA})")
-        return StageResult(stage.name, out, up_to_date=True)
-
-    say_why_redone(stage, force, reporter)
-    started = time.time()
     names = [s.name.removesuffix(".tar") for s in manifest.shards]
+    return stage.execute(lambda: _moments_then_pca(stage, shard_dir, manifest, names, max_images, seed,
+                                                   workers or os.cpu_count() or 1, task_index, num_tasks, reporter),
+                         say=reporter, force=force, shown=out / PCA, units=names, exclusive=task_index is None,
+                         splittable=True)
+
+
+def _moments_then_pca(stage: Stage, shard_dir: Path, manifest: Manifest, names: list[str], max_images: int | None,
+                      seed: int, workers: int, task_index: int | None, num_tasks: int | None,
+                      reporter: Reporter) -> StageResult:
+    """This task's moments partials; once every partial exists, their exact sum's eigen-pairs → pca.json."""
     sizes = [s.samples for s in manifest.shards]
     keep = subsample(sizes, max_images, seed)
     job = _PartialJob(str(shard_dir), tuple((n, None if k is None else tuple(sorted(k))) for n, k in zip(names, keep)))
-    with stage.run_lock(exclusive=task_index is None, splittable=True):
-        stage.plan(names, force=force)
-        mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
-        todo = [n for n in mine if not stage.unit_done(n)]
-        count = {n: (size if k is None else len(k)) for n, size, k in zip(names, sizes, keep)}
-        with reporter.progress("pca-stats", total=sum(count[n] for n in todo)) as advance:
-            stage.run_units(todo, job, workers=workers or os.cpu_count() or 1,
-                            on_done=lambda unit, rec: advance(count[unit]), wait_for_others=task_index is None)
-        done = sum(stage.unit_done(n) for n in names)
-        if done < len(names):
-            reporter.info(f"pca-stats: task done; {done} of {len(names)} partials exist, pca.json is written "
-                          "when all do")
-            return StageResult(stage.name, out)
-        total = merge(Moments.from_dict(r) for r in stage.records(names).values())
-        pca = pca_from_moments(total, shards_input.digest.removeprefix("sha256:"))
-        finalized = stage.finalize(lambda: write_json(out / PCA, pca.to_json()), started=started,
-                                   extra={"images": pca.images})
+    mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
+    todo = [n for n in mine if not stage.unit_done(n)]
+    count = {n: (size if k is None else len(k)) for n, size, k in zip(names, sizes, keep)}
+    with reporter.progress("pca-stats", total=sum(count[n] for n in todo)) as advance:
+        stage.run_units(todo, job, workers=workers, on_done=lambda unit, rec: advance(count[unit]),
+                        wait_for_others=task_index is None)
+    done = sum(stage.unit_done(n) for n in names)
+    if done < len(names):
+        reporter.info(f"pca-stats: task done; {done} of {len(names)} partials exist, pca.json is written when all do")
+        return StageResult(stage.name, stage.out)
+    total = merge(Moments.from_dict(r) for r in stage.records(names).values())
+    pca = pca_from_moments(total, stage.inputs["shards"].digest.removeprefix("sha256:"))
+    finalized = stage.finalize(lambda: write_json(stage.out / PCA, pca.to_json()), extra={"images": pca.images})
     ev = ", ".join(f"{v:.4f}" for v in pca.eigvals)
-    reporter.info(f"pca-stats: {pca.images} images, {pca.pixels} pixels; eigenvalues [{ev}] → {out}")
-    return StageResult(stage.name, out, finished=finalized, product=pca)
+    reporter.info(f"pca-stats: {pca.images} images, {pca.pixels} pixels; eigenvalues [{ev}] → {stage.out}")
+    return StageResult(stage.name, stage.out, finished=finalized, product=pca)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
-from stages import QuietReporter, Reporter, StageResult
 
 
 def run(run_or_checkpoint: Path, images: list[Path], *, top: int = 5, ten_crop: bool = False,

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.artifacts import MANIFEST
+from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
-from stages import QuietReporter, Reporter, StageResult
 
 
 def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 0, crop: int = 224,

@@ -5,14 +5,12 @@ Cached like every stage, so the `make eval` that ends with it does nothing (and 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from pipeline.artifacts import EVAL, METRICS, REPORT, EvalResult
-from pipeline.cache import Input, Stage
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import PipeError
 from pipeline.runs import eval_is_of_run
-from stages import QuietReporter, Reporter, StageResult, say_why_redone
 
 VERSION = 1
 
@@ -27,15 +25,12 @@ def run(run_dir: Path, eval_dir: Path, out: Path, *, force: bool = False,
         raise PipeError(f"{eval_dir / EVAL}: expected the eval of this run's checkpoint, but {mismatch}; evaluate "
                         f"this run (`alexnet-pipe eval {run_dir} …`), or report the run that eval belongs to")
     stage = Stage("report", VERSION, out, {}, inputs, product=REPORT, outputs=(REPORT, "*.png"))
-    if stage.up_to_date() and not force:
-        reporter.info(f"report: up to date ({out / REPORT})")
-        return StageResult(stage.name, out, up_to_date=True)
-    from pipeline.report import write_report
 
-    say_why_redone(stage, force, reporter)
-    started = time.time()
-    with stage.run_lock(exclusive=True):
-        stage.plan(["report"], force=force)
-        finished = stage.finalize(lambda: write_report(run_dir, eval_dir, out), started=started)
-    reporter.info(f"report: {out / REPORT}")
-    return StageResult(stage.name, out, finished=finished, product=out / REPORT)
+    def write() -> StageResult:
+        from pipeline.report import write_report
+
+        finished = stage.finalize(lambda: write_report(run_dir, eval_dir, out))
+        reporter.info(f"report: {out / REPORT}")
+        return StageResult(stage.name, out, finished=finished, product=out / REPORT)
+
+    return stage.execute(write, say=reporter, force=force, shown=out / REPORT, units=["report"])

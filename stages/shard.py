@@ -7,14 +7,13 @@ then one unit per shard. The manifest is written when every shard exists.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import MANIFEST, TIMM_INFO
-from pipeline.cache import Input, Stage, read_json, write_json
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, read_json, task_slice, write_json
 from pipeline.errors import PipeError
-from pipeline.imagenet import find_layout, list_source, load_classes
+from pipeline.imagenet import ClassTable, find_layout, list_source, load_classes
 from pipeline.shards import (
     ShardJob,
     assign_shards,
@@ -26,7 +25,6 @@ from pipeline.shards import (
     write_member_list,
     write_timm_info,
 )
-from stages import QuietReporter, Reporter, StageResult, say_why_redone, task_slice
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -58,25 +56,15 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     """`max_classes`/`per_class`: shard only the first classes (sorted wnids) and a seeded choice of images of each
     (`pipeline.shards.cap_members`)."""
     reporter = reporter or QuietReporter()
-    if split not in ("train", "val"):
-        raise PipeError(f"expected train or val, got {split!r}", option="split")
-    if not 1 <= quality <= 100:
-        raise PipeError(f"expected a JPEG quality in 1..100, got {quality}", option="quality")
-    if short_side < 1:
-        raise PipeError(f"expected a positive short side, got {short_side}", option="short_side")
-    for option, value in (("max_classes", max_classes), ("per_class", per_class)):
-        if value is not None and value < 1:
-            raise PipeError(f"expected at least 1, got {value}", option=option)
+    _check_settings(split, quality, short_side, max_classes, per_class)
     if not source.exists():
         raise PipeError(f"source not found: {source}")
-    workers = workers or os.cpu_count() or 1
-    classes = load_classes(classes_file)
+    if labels is not None and not labels.is_file():
+        raise PipeError(f"labels file not found: {labels}")
     params = {"split": split, "shard_size": shard_size, "short_side": short_side, "quality": quality,
               "seed": seed, "classes": "ilsvrc2012" if classes_file is None else classes_file.name}
     caps = {k: v for k, v in (("max_classes", max_classes), ("per_class", per_class)) if v is not None}
     params |= caps  # only when given: the keys and manifests of uncapped shard sets stay as they were
-    if labels is not None and not labels.is_file():
-        raise PipeError(f"labels file not found: {labels}")
     # Only the split's own archive or folder and its labels key the stage: sharding train is not made stale by a
     # change in val, and an OUT inside SOURCE (but outside the split) does not change the key.
     layout = find_layout(source, split, labels)
@@ -88,74 +76,101 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
         inputs["labels"] = Input.of_source(layout.labels)
     if classes_file is not None:
         inputs["classes"] = Input.of_source(classes_file)
-    stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product=MANIFEST,
+    stage = Stage(f"shard-{split}", VERSION, out, params, inputs, product=MANIFEST, label=f"shard {split}",
                   outputs=(f"{split}-*.tar", f"{split}-*.idx", f"{LISTS}/*.jsonl", MANIFEST, TIMM_INFO))
-    damaged = []
-    if stage.up_to_date() and not force:
-        manifest_lost = not (out / MANIFEST).is_file()
-        damaged = [MANIFEST] if manifest_lost else damaged_shards(out, load_manifest(out))
+    index = _IndexJob(str(source), str(out), split, str(layout.labels) if layout.labels else None, shard_size, seed,
+                      max_classes, per_class)
+    damaged: list[str] = []  # found by the up-to-date check: rewritten, exactly those
+
+    def find_damage() -> list[str]:
+        damaged[:] = [MANIFEST] if not (out / MANIFEST).is_file() else damaged_shards(out, load_manifest(out))
         if not damaged:
             write_timm_info(out)  # a folder sharded before timm's _info.json existed gets it without re-sharding
-            reporter.info(f"shard {split}: up to date ({out})")
-            return StageResult(stage.name, out, up_to_date=True)
+        return damaged
 
-    say_why_redone(stage, force, reporter)
-    started = time.time()
-    with stage.run_lock(exclusive=task_index is None, splittable=True):
-        if damaged:
-            reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
-                          "rewriting exactly those")
-            units = [name.removesuffix(".tar") for name in damaged if name.endswith(".tar")]
-            lists_lost = any(not (out / LISTS / f"{u}.jsonl").is_file() for u in units)
-            stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
-        stage.plan(["index"], force=force)
-        stage.run_units(["index"], _IndexJob(str(source), str(out), split,
-                                             str(layout.labels) if layout.labels else None, shard_size, seed,
-                                             max_classes, per_class))
-        index = read_json(stage.unit_record_path("index"))
-        if caps:
-            reporter.info(f"shard {split}: {index['images']:,} of {index.get('listed', index['images']):,} images "
-                          f"kept ({', '.join(f'{k} {v}' for k, v in caps.items())})")
-        for item in index["ignored"]:
-            reporter.warn(f"ignored {item['name']}: {item['reason']}")
-        for item in index.get("skipped", []):
-            reporter.warn(f"skipped {item['path']}: {item['reason']}")
-        names = [shard_name(split, i) for i in range(index["shards"])]
-        stage.plan(["index", *names])
-        mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
-        wnids = sorted({w for w in index["wnids"]})
-        job = ShardJob(str(out), split, index["source_root"], str(out / LISTS), short_side, quality,
-                       tuple((w, classes.label_of(w)) for w in wnids))
-        todo = [n for n in mine if not stage.unit_done(n)]
-        if len(todo) < len(mine):
-            reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
-        result = ShardCounts(shards_total=len(names), rewritten=tuple(damaged))
-        with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
-            def on_done(unit: str, record: dict) -> None:
-                result.written += record["samples"]
-                result.skipped += len(record["skipped"])
-                result.repaired += len(record["repaired"])
-                for s in record["skipped"]:
-                    reporter.warn(f"skipped {s['key']} ({s['path']}): {s['reason']}")
-                advance(record["samples"] + len(record["skipped"]))
+    return stage.execute(lambda: _shard(stage, index, damaged, load_classes(classes_file), caps,
+                                        workers or os.cpu_count() or 1, task_index, num_tasks, reporter),
+                         say=reporter, force=force, units=["index"], exclusive=task_index is None,
+                         splittable=True, damaged=find_damage)
 
-            stage.run_units(todo, job, workers=workers, on_done=on_done, wait_for_others=task_index is None)
-        result.shards_done = sum(stage.unit_done(n) for n in names)
-        if result.shards_done < len(names):
-            reporter.info(f"shard {split}: task wrote its shards; {result.shards_done} of {len(names)} exist, "
-                          "the manifest is written when all do")
-            return StageResult(stage.name, out, product=result)
-        records = list(stage.records(names).values())
-        manifest = build_manifest(split, records, classes, index["ignored"], params, index.get("skipped", []))
 
-        def write_products() -> None:
-            write_json(out / MANIFEST, manifest.to_json())
-            write_timm_info(out)
+def _check_settings(split: str, quality: int, short_side: int, max_classes: int | None,
+                    per_class: int | None) -> None:
+    if split not in ("train", "val"):
+        raise PipeError(f"expected train or val, got {split!r}", option="split")
+    if not 1 <= quality <= 100:
+        raise PipeError(f"expected a JPEG quality in 1..100, got {quality}", option="quality")
+    if short_side < 1:
+        raise PipeError(f"expected a positive short side, got {short_side}", option="short_side")
+    for option, value in (("max_classes", max_classes), ("per_class", per_class)):
+        if value is not None and value < 1:
+            raise PipeError(f"expected at least 1, got {value}", option=option)
 
-        finished = stage.finalize(write_products, started=started,
-                                  extra={"samples": manifest.samples, "shards": len(names)})
-        result.written, result.skipped, result.repaired = (manifest.samples, len(manifest.skipped),
-                                                           len(manifest.repaired))
+
+def _shard(stage: Stage, index_job: _IndexJob, damaged: list[str], classes: ClassTable, caps: dict,
+           workers: int, task_index: int | None, num_tasks: int | None, reporter: Reporter) -> StageResult:
+    """The index unit (the listing, once), then this task's shards; once every shard exists, the manifest."""
+    out, split = stage.out, index_job.split
+    if damaged:
+        reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
+                      "rewriting exactly those")
+        units = [name.removesuffix(".tar") for name in damaged if name.endswith(".tar")]
+        lists_lost = any(not (out / LISTS / f"{u}.jsonl").is_file() for u in units)
+        stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
+    stage.run_units(["index"], index_job)
+    index = _said_index(stage, caps, reporter)
+    names = [shard_name(split, i) for i in range(index["shards"])]
+    stage.plan(["index", *names])
+    mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
+    job = ShardJob(str(out), split, index["source_root"], str(out / LISTS), stage.params["short_side"],
+                   stage.params["quality"], tuple((w, classes.label_of(w)) for w in sorted(index["wnids"])))
+    todo = [n for n in mine if not stage.unit_done(n)]
+    if len(todo) < len(mine):
+        reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
+    result = ShardCounts(shards_total=len(names), rewritten=tuple(damaged))
+    with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
+        def on_done(unit: str, record: dict) -> None:
+            result.written += record["samples"]
+            result.skipped += len(record["skipped"])
+            result.repaired += len(record["repaired"])
+            for s in record["skipped"]:
+                reporter.warn(f"skipped {s['key']} ({s['path']}): {s['reason']}")
+            advance(record["samples"] + len(record["skipped"]))
+
+        stage.run_units(todo, job, workers=workers, on_done=on_done, wait_for_others=task_index is None)
+    result.shards_done = sum(stage.unit_done(n) for n in names)
+    if result.shards_done < len(names):
+        reporter.info(f"shard {split}: task wrote its shards; {result.shards_done} of {len(names)} exist, "
+                      "the manifest is written when all do")
+        return StageResult(stage.name, out, product=result)
+    return _write_manifest(stage, names, index, classes, result, reporter)
+
+
+def _said_index(stage: Stage, caps: dict, reporter: Reporter) -> dict:
+    """The index unit's record, and what it kept, ignored and skipped said once."""
+    index = read_json(stage.unit_record_path("index"))
+    if caps:
+        reporter.info(f"{stage.label}: {index['images']:,} of {index.get('listed', index['images']):,} images "
+                      f"kept ({', '.join(f'{k} {v}' for k, v in caps.items())})")
+    for item in index["ignored"]:
+        reporter.warn(f"ignored {item['name']}: {item['reason']}")
+    for item in index.get("skipped", []):
+        reporter.warn(f"skipped {item['path']}: {item['reason']}")
+    return index
+
+
+def _write_manifest(stage: Stage, names: list[str], index: dict, classes: ClassTable, result: ShardCounts,
+                    reporter: Reporter) -> StageResult:
+    out, split = stage.out, stage.params["split"]
+    records = list(stage.records(names).values())
+    manifest = build_manifest(split, records, classes, index["ignored"], stage.params, index.get("skipped", []))
+
+    def write_products() -> None:
+        write_json(out / MANIFEST, manifest.to_json())
+        write_timm_info(out)
+
+    finished = stage.finalize(write_products, extra={"samples": manifest.samples, "shards": len(names)})
+    result.written, result.skipped, result.repaired = manifest.samples, len(manifest.skipped), len(manifest.repaired)
     reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped, "
                   f"{len(manifest.ignored_members)} ignored in {len(manifest.shards)} shards → {out}")
     return StageResult(stage.name, out, finished=finished, product=result)

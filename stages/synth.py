@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 
-from pipeline.cache import Stage, disk_full_is_user_error
-from stages import QuietReporter, Reporter, StageResult, say_why_redone
+from pipeline.engine import QuietReporter, Reporter, Stage, StageResult, disk_full_is_user_error
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.
@@ -22,38 +20,39 @@ PRODUCTS = ("train", "val", "LOC_val_solution.csv", "LOC_synset_mapping.txt", "I
 def run(out: Path, *, classes: int = 10, train_per_class: int = 100, val_per_class: int = 20, fmt: str = "tree",
         seed: int = 0, force: bool = False, reporter: Reporter | None = None) -> StageResult:
     """The product is the generator's summary (image counts, the quirk files)."""
-    from pipeline import synth
-
     reporter = reporter or QuietReporter()
     params = {"classes": classes, "train_per_class": train_per_class, "val_per_class": val_per_class,
               "format": fmt, "seed": seed}
     stage = Stage("synth", VERSION, out, params)
-    if stage.up_to_date() and not force:
-        reporter.info(f"synth: up to date ({out})")
-        return StageResult(stage.name, out, up_to_date=True)
-    say_why_redone(stage, force, reporter)
-    started = time.time()
-    with stage.run_lock(exclusive=True):
-        stage.plan(["generate"], force=True)
-        for leftover in [*out.glob(".synth-tmp-*"), *(out / p for p in PRODUCTS)]:
-            _remove(leftover)
-        tmp = out / f".synth-tmp-{os.getpid()}"
-        tmp.mkdir()
-        total = synth.synth_image_count(classes, train_per_class, val_per_class)
-        try:
-            with reporter.progress("synth", total=total) as advance, disk_full_is_user_error(tmp):
-                summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
-                                         val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
-        except BaseException:  # a full disk or Ctrl-C: free what was written (a SIGKILL's leftover goes next run)
-            _remove(tmp)
-            raise
+    return stage.execute(lambda: _generate(stage, classes, train_per_class, val_per_class, fmt, seed, reporter),
+                         say=reporter, force=force, units=["generate"])
 
-        def move_into_place() -> None:
-            for entry in sorted(tmp.iterdir()):
-                entry.rename(out / entry.name)
-            tmp.rmdir()
 
-        finished = stage.finalize(move_into_place, started=started, extra={"images": total})
+def _generate(stage: Stage, classes: int, train_per_class: int, val_per_class: int, fmt: str, seed: int,
+              reporter: Reporter) -> StageResult:
+    """Generate into a temp folder, then move it into place and mark the stage done."""
+    from pipeline import synth
+
+    out = stage.out
+    for leftover in [*out.glob(".synth-tmp-*"), *(out / p for p in PRODUCTS)]:
+        _remove(leftover)
+    tmp = out / f".synth-tmp-{os.getpid()}"
+    tmp.mkdir()
+    total = synth.synth_image_count(classes, train_per_class, val_per_class)
+    try:
+        with reporter.progress("synth", total=total) as advance, disk_full_is_user_error(tmp):
+            summary = synth.generate(tmp, classes=classes, train_per_class=train_per_class,
+                                     val_per_class=val_per_class, seed=seed, fmt=fmt, progress=advance)
+    except BaseException:  # a full disk or Ctrl-C: free what was written (a SIGKILL's leftover goes next run)
+        _remove(tmp)
+        raise
+
+    def move_into_place() -> None:
+        for entry in sorted(tmp.iterdir()):
+            entry.rename(out / entry.name)
+        tmp.rmdir()
+
+    finished = stage.finalize(move_into_place, extra={"images": total})
     reporter.info(f"synth: {total} images, {classes} classes ({fmt}) → {out}"
                   + (f"; quirk files: {', '.join(summary.get('quirks', []))}" if summary.get("quirks") else ""))
     return StageResult(stage.name, out, finished=finished, product=summary)

@@ -7,16 +7,14 @@ highest checkpoint; more --epochs extend a finished run; other settings are refu
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from pipeline.artifacts import DIVERGED
-from pipeline.cache import Stage
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.engine import QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import Diverged, Stopped
 from pipeline.runs import RunData, claim_run_folder, diverged_record, final_checkpoint_problem, run_trajectory
-from stages import QuietReporter, Reporter, StageResult
 
 VERSION = 1
 
@@ -35,12 +33,24 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     trajectory = run_trajectory(model, cfg, data.inputs)
     stage = Stage("train", VERSION, out, {**trajectory, "epochs": cfg.epochs, "max_steps": cfg.max_steps},
                   data.inputs)
-    if stage.up_to_date() and not force:
-        problem = final_checkpoint_problem(out, stage.marker() or {})
-        if problem is None:
-            reporter.info(f"train: up to date ({out})")
-            return StageResult("train", out, up_to_date=True)
-        reporter.warn(f"train: {out} finished, but {problem}: resuming from the newest good checkpoint to the end")
+    problem: list[str] = []  # why a finished run is not done after all (its final checkpoint damaged or gone)
+
+    def final_checkpoint_damaged() -> list[str]:
+        problem[:] = [p] if (p := final_checkpoint_problem(out, stage.marker() or {})) else []
+        return problem
+
+    return stage.execute(lambda: _train(stage, data, model, cfg, trajectory, pca_path, devices, force, problem,
+                                        reporter),
+                         say=reporter, force=force, exclusive=data.place.rank == 0, explain=False,
+                         damaged=final_checkpoint_damaged)
+
+
+def _train(stage: Stage, data: RunData, model: AlexNetConfig, cfg: TrainConfig, trajectory: dict, pca_path: Path,
+           devices: str, force: bool, problem: list[str], reporter: Reporter) -> StageResult:
+    """Claim the run folder, set the run up on this rank's devices and fit it (resuming where it stopped)."""
+    out = stage.out
+    if problem:
+        reporter.warn(f"train: {out} finished, but {problem[0]}: resuming from the newest good checkpoint to the end")
         stage.reopen([])  # not done: the done marker goes, the run's checkpoints stay
     diverged = diverged_record(out)
     if diverged is not None and not force:  # the same settings would diverge again
@@ -50,15 +60,14 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     from pipeline.session import open_session  # torch: not before, an up-to-date run answers at once
     from pipeline.train import prepare
 
-    started = time.time()
-    with stage.run_lock(exclusive=data.place.rank == 0), open_session(devices, tf32=cfg.tf32) as session:
+    with open_session(devices, tf32=cfg.tf32) as session:
         say = reporter if session.main else QuietReporter()  # rank 0 speaks for the run
         claim_run_folder(out, trajectory, force, session.main, pca_path, say.info)
         job = prepare(model, cfg, data, session)
         outcome = _fit(job, out, say, reporter)
         if session.main and outcome.stopped is None:
             final = {**asdict(outcome), "bytes": Path(outcome.checkpoint).stat().st_size}
-            stage.finalize(lambda: None, started=started, extra={"final": final})
+            stage.finalize(lambda: None, extra={"final": final})
     if outcome.stopped:  # on every rank: none goes on to what follows a finished run
         raise Stopped(f"train: stopped at step {outcome.step} ({outcome.stopped}), rerun to resume "
                       f"→ {outcome.checkpoint}", outcome.stopped)

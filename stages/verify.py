@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import VerifyFailed
 from pipeline.shards import load_manifest, verify_shards
-from stages import QuietReporter, Reporter, StageResult
 
 
 def run(shard_dir: Path, *, decode: bool = False, reporter: Reporter | None = None) -> StageResult:

@@ -31,7 +31,7 @@ from pipeline.augment import (
     rank_range,
     ten_crop_boxes,
 )
-from pipeline.cache import write_json
+from pipeline.engine import write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.preview import augmented_samples, preview_grid

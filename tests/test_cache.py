@@ -12,21 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache import Input, Stage, atomic_write, file_lock, inspect, write_json
+from pipeline.engine import Input, Stage, atomic_write, file_lock, inspect, task_slice, write_json
 from pipeline.errors import PipeError, StageBusy
-from stages import task_slice
 
 # A toy stage with slow units, run as a separate process: `toy.py OUT PARAM UNITS DELAY [UPSTREAM]`.
 TOY = textwrap.dedent("""
     import hashlib, sys, time
     from pathlib import Path
-    from pipeline.cache import Input, Stage, atomic_write, write_json
+    from pipeline.engine import Input, QuietReporter, Stage, StageResult, atomic_write, write_json
 
     out, param, n_units, delay = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     inputs = {"up": Input.of_stage(Path(sys.argv[5]), "product.json")} if len(sys.argv) > 5 else {}
     stage = Stage("toy", 1, out, {"param": param}, inputs, product="product.json", outputs=("unit-*.bin",))
-    if stage.up_to_date():
-        print("up to date"); sys.exit(0)
 
     def work(unit):
         time.sleep(delay)
@@ -35,14 +32,15 @@ TOY = textwrap.dedent("""
             f.write(data[: len(data) // 2]); f.flush(); time.sleep(delay / 2); f.write(data[len(data) // 2 :])
         return {"bytes": len(data)}
 
-    units = [f"unit-{i:03d}" for i in range(n_units)]
-    started = time.time()
-    with stage.run_lock(exclusive=True):
-        stage.plan(units)
+    def body():
         stage.run_units(units, work, on_done=lambda u, r: print("done", u, flush=True))
         total = sum(r["bytes"] for r in stage.records(units).values())
-        stage.finalize(lambda: write_json(out / "product.json", {"param": param, "total": total}), started=started)
-    print("finished")
+        stage.finalize(lambda: write_json(out / "product.json", {"param": param, "total": total}))
+        return StageResult("toy", out, finished=True)
+
+    units = [f"unit-{i:03d}" for i in range(n_units)]
+    result = stage.execute(body, say=QuietReporter(), units=units)
+    print("up to date" if result.up_to_date else "finished")
 """)
 
 
@@ -222,7 +220,7 @@ def test_task_slices_partition_the_units(units, tasks):
 COUNTED = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from pipeline.cache import Stage
+    from pipeline.engine import Stage
 
     class CountedJob:
         pickled = 0

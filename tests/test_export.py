@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.cache import sha256_file
 from pipeline.config import AlexNetConfig
+from pipeline.engine import sha256_file
 from pipeline.errors import PipeError
 from pipeline.export import PREPROCESSING, export, load_preprocessing, preprocessing
 from pipeline.model import build_model

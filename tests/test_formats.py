@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.artifacts import EvalResult, Event, Manifest, Pca, RunSpec, parse_metrics
-from pipeline.cache import canonical_json
+from pipeline.engine import canonical_json
 
 FIXTURE = Path(__file__).parent / "fixtures" / "formats-a88cf67"
 PROVENANCE = ("make.sh", "trim.py", "demo-data-mtimes.json")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.cache import output_digest
+from pipeline.engine import output_digest
 from stages import pca as pca_stage
 from stages import shard as shard_stage
 from stages import synth as synth_stage

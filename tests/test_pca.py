@@ -154,7 +154,7 @@ def test_rerun_is_up_to_date_and_new_shards_make_it_stale(sample_shards, small_s
 PROBE = """
 import json, sys
 import numpy as np
-from pipeline.cache import canonical_json
+from pipeline.engine import canonical_json
 from pipeline.pca import Moments, pca_from_moments, pixel_moments
 rng = np.random.default_rng(0)
 moments = [Moments.from_dict(d) for d in json.loads(sys.argv[1])]
@@ -214,7 +214,7 @@ def test_the_eigen_pairs_are_exact_for_every_kind_of_symmetric_matrix():
 def test_a_folder_finished_by_pca_stats_version_1_keeps_its_partials_and_only_reduces_again(small_shards, tmp_path):
     """After the upgrade that changed how the eigen-pairs are computed, the per-shard partials (a pass over every
     training image) are reused: the rerun only reduces; status says the folder is stale until then."""
-    from pipeline.cache import MARKER, PLAN, Input, Stage
+    from pipeline.engine import MARKER, PLAN, Input, Stage
     from pipeline.status import state_of
     from stages import versions
 

@@ -146,7 +146,7 @@ def test_a_changed_parameter_is_the_first_line_of_the_rerun(tiny_data, cli, tmp_
     source = tiny_data["work"] / "demo-data"
     cli("shard", source, tmp_path / "val", "--split", "val", "--shard-size", 8)
     redone = cli("shard", source, tmp_path / "val", "--split", "val", "--shard-size", 9)
-    assert redone.stderr.splitlines()[0] == f"shard-val: redoing {tmp_path / 'val'}: params changed: shard_size 8 → 9"
+    assert redone.stderr.splitlines()[0] == f"shard val: redoing {tmp_path / 'val'}: params changed: shard_size 8 → 9"
 
 
 @pytest.mark.slow
@@ -339,7 +339,7 @@ def test_a_saved_tensor_for_a_checkpoint_and_a_folder_for_an_output_file_are_one
 def test_a_log_line_that_does_not_fit_on_the_disk_is_one_line_naming_the_log_and_leaves_no_half_line(tmp_path):
     """metrics.jsonl and events.jsonl are appended by one function: a write cut short by a full disk is cut back
     off, so every reader finds whole lines only."""
-    from pipeline.cache import append_line
+    from pipeline.engine import append_line
     from pipeline.errors import PipeError
 
     disk = tmp_path / "disk"
