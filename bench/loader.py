@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import MANIFEST, PixelStats
 from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.engine import write_json
+from pipeline.records import MANIFEST, PixelStats
 from pipeline.shards import load_manifest
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"

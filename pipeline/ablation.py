@@ -11,10 +11,20 @@ import math
 import statistics
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
-from pipeline.artifacts import EVAL, EvalResult, read_metrics
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.records import (
+    EVAL,
+    Difference,
+    DivergedSeed,
+    EvalResult,
+    MeanSd,
+    SweepRun,
+    SweepTable,
+    VariantRow,
+    read_metrics,
+)
 
 BASELINE = "baseline"
 DETECTABLE_Z = 2.0  # a difference counts as measured when it exceeds 2 standard errors (about 95%)
@@ -78,32 +88,25 @@ def variant_settings(name: str, model: AlexNetConfig, cfg: TrainConfig, seed: in
 # the table
 
 
-def sweep_record(name: str, seed: int, run_dir: Path, eval_dir: Path) -> dict:
+def sweep_record(name: str, seed: int, run_dir: Path, eval_dir: Path) -> SweepRun:
     """One run's numbers for the table: val errors (the paper's test: 10-crop when evaluated, else the centre crop),
     its training error per epoch (as counted while training) and its train–val gap (both in eval mode, centre
     crop, on as many images; None for an eval without the training error)."""
     result = EvalResult.read(eval_dir / EVAL)
-    errors = result.paper_test
-    train = result.train_centre
-    return {"variant": name, "seed": seed, "test": result.test, "top1_error": errors.top1_error,
-            "top5_error": errors.top5_error, "samples": result.samples,
-            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs],
-            "gap_top1": None if train is None else result.centre.top1_error - train.top1_error,
-            "train_eval_top1_error": None if train is None else train.top1_error}
+    errors, train = result.paper_test, result.train_centre
+    return SweepRun(name, seed, result.test, errors.top1_error, errors.top5_error, result.samples,
+                    tuple(e.train_top1_error for e in read_metrics(run_dir).epochs),
+                    gap_top1=None if train is None else result.centre.top1_error - train.top1_error,
+                    train_eval_top1_error=None if train is None else train.top1_error)
 
 
-def diverged_sweep_record(name: str, seed: int, run_dir: Path, step: int) -> dict:
+def diverged_sweep_record(name: str, seed: int, run_dir: Path, step: int) -> SweepRun:
     """A run whose loss was not finite at `step`: no val errors, its training error up to then."""
-    return {"variant": name, "seed": seed, "diverged_at_step": step, "test": None, "top1_error": None,
-            "top5_error": None, "samples": None,
-            "train_top1_error": [e.train_top1_error for e in read_metrics(run_dir).epochs]}
+    return SweepRun(name, seed, None, None, None, None, tuple(e.train_top1_error for e in read_metrics(run_dir).epochs),
+                    diverged_at_step=step)
 
 
-def diverged(record: dict) -> bool:
-    return record.get("diverged_at_step") is not None  # records written before divergence was detected lack it
-
-
-def epochs_to(errors: list[float | None], threshold: float) -> int | None:
+def epochs_to(errors: tuple[float | None, ...], threshold: float) -> int | None:
     """Epochs trained until the training error first was at or below `threshold` (None: never)."""
     return next((i + 1 for i, e in enumerate(errors) if e is not None and e <= threshold), None)
 
@@ -117,88 +120,83 @@ def _complete(values: list[_T | None]) -> list[_T] | None:
     return known if len(known) == len(values) else None
 
 
-def mean_sd(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+def mean_sd(values: list[float] | None) -> MeanSd:
+    """Over the seeds (None or none: unknown); the sd of one value is None."""
+    if not values:
+        return MeanSd(None, None)
+    return MeanSd(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None)
 
 
-def summarize(records: list[dict], threshold: float) -> dict:
+def summarize(records: list[SweepRun], threshold: float) -> SweepTable:
     """Per variant: mean ± sd over seeds of the val errors, the difference from the baseline ± its standard error,
     whether it is within the seeds' noise, and the epochs to `threshold` training error; plus the smallest
     difference this sweep can detect."""
-    by_variant: dict[str, list[dict]] = {}
-    for r in records:
-        by_variant.setdefault(r["variant"], []).append(r)
-    rows = []
-    for name in (n for n in VARIANT_NAMES if n in by_variant):
-        every = sorted(by_variant[name], key=lambda r: r["seed"])
-        runs = [r for r in every if not diverged(r)]  # the errors are of the runs that finished
-        row: dict[str, Any] = {
-            "variant": name, "what": variant(name).what, "paper": variant(name).paper,
-            "section": variant(name).section, "seeds": [r["seed"] for r in runs],
-            "diverged": [{"seed": r["seed"], "step": r["diverged_at_step"]} for r in every if diverged(r)],
-            "test": runs[0]["test"] if runs else None}
-        for metric in ("top1_error", "top5_error"):
-            row[metric] = (dict(zip(("mean", "sd"), mean_sd([r[metric] for r in runs]))) if runs
-                           else {"mean": None, "sd": None})
-        reached = [epochs_to(r["train_top1_error"], threshold) for r in runs]
-        row["epochs_to_threshold"] = reached
-        reached_all = _complete(reached)
-        row["epochs_to_threshold_mean"] = statistics.fmean(reached_all) if reached_all else None
-        row["train_top1_error_mean"] = _mean_curve([r["train_top1_error"] for r in runs]) if runs else []
-        gaps = _complete([r.get("gap_top1") for r in runs])
-        row["gap_top1"] = (dict(zip(("mean", "sd"), mean_sd(gaps))) if gaps else {"mean": None, "sd": None})
-        rows.append(row)
-    base = next((r for r in rows if r["variant"] == BASELINE), None)
-    seeds = len(base["seeds"]) if base else 0
-    for row in rows:
-        for metric in ("top1_error", "top5_error"):
-            row[f"{metric}_diff"] = _difference(row, base, metric) if base and row is not base else None
-    pooled = _pooled_sd(rows, "top1_error")
+    rows = [_row(name, [r for r in records if r.variant == name], threshold)
+            for name in VARIANT_NAMES if any(r.variant == name for r in records)]
+    base = next((r for r in rows if r.variant == BASELINE), None)
+    seeds = len(base.seeds) if base else 0
+    rows = [replace(row, top1_error_diff=_difference(row.top1_error, base.top1_error, row, base),
+                    top5_error_diff=_difference(row.top5_error, base.top5_error, row, base))
+            if base and row is not base else row for row in rows]
+    pooled = _pooled_sd([row.top1_error for row in rows], [len(row.seeds) for row in rows])
     detectable = DETECTABLE_Z * pooled * math.sqrt(2 / seeds) if pooled is not None and seeds else None
-    return {"threshold": threshold, "seeds": seeds, "rows": rows, "pooled_sd_top1": pooled,
-            "smallest_detectable_top1": detectable}
+    return SweepTable(threshold, seeds, tuple(rows), pooled, detectable)
 
 
-def _difference(row: dict, base: dict, metric: str) -> dict | None:
-    if row[metric]["mean"] is None or base[metric]["mean"] is None:  # every seed of one of them diverged
+def _row(name: str, every: list[SweepRun], threshold: float) -> VariantRow:
+    every = sorted(every, key=lambda r: r.seed)
+    runs = [r for r in every if not r.diverged]  # the errors are of the runs that finished
+    reached = tuple(epochs_to(r.train_top1_error, threshold) for r in runs)
+    reached_all = _complete(list(reached))
+    about = variant(name)
+    return VariantRow(
+        name, about.what, about.paper, about.section, tuple(r.seed for r in runs), runs[0].test if runs else None,
+        mean_sd(_complete([r.top1_error for r in runs])), mean_sd(_complete([r.top5_error for r in runs])),
+        reached, statistics.fmean(reached_all) if reached_all else None,
+        tuple(_mean_curve([r.train_top1_error for r in runs])) if runs else (),
+        gap_top1=mean_sd(_complete([r.gap_top1 for r in runs])),
+        diverged=tuple(DivergedSeed(r.seed, r.diverged_at_step) for r in every if r.diverged_at_step is not None))
+
+
+def _difference(row: MeanSd, base: MeanSd, row_of: VariantRow, base_of: VariantRow) -> Difference | None:
+    if row.mean is None or base.mean is None:  # every seed of one of them diverged
         return None
-    diff = row[metric]["mean"] - base[metric]["mean"]
-    sds = (row[metric]["sd"], base[metric]["sd"])
-    if None in sds:
-        return {"mean": diff, "se": None, "within_noise": None}
-    se = math.sqrt(sds[0] ** 2 / len(row["seeds"]) + sds[1] ** 2 / len(base["seeds"]))
-    return {"mean": diff, "se": se, "within_noise": abs(diff) <= DETECTABLE_Z * se}
+    diff = row.mean - base.mean
+    if row.sd is None or base.sd is None:
+        return Difference(diff, None, None)
+    se = math.sqrt(row.sd ** 2 / len(row_of.seeds) + base.sd ** 2 / len(base_of.seeds))
+    return Difference(diff, se, abs(diff) <= DETECTABLE_Z * se)
 
 
-def _pooled_sd(rows: list[dict], metric: str) -> float | None:
+def _pooled_sd(spreads: list[MeanSd], sizes: list[int]) -> float | None:
     """The seeds' standard deviation pooled over every variant (each has its own mean)."""
-    parts = [(len(r["seeds"]) - 1, r[metric]["sd"]) for r in rows if r[metric]["sd"] is not None]
+    parts = [(n - 1, m.sd) for m, n in zip(spreads, sizes) if m.sd is not None]
     dof = sum(n for n, _ in parts)
     return math.sqrt(sum(n * sd**2 for n, sd in parts) / dof) if dof else None
 
 
-def _mean_curve(curves: list[list[float | None]]) -> list[float | None]:
+def _mean_curve(curves: list[tuple[float | None, ...]]) -> list[float | None]:
     length = min(len(c) for c in curves)
     return [statistics.fmean(v) if (v := _complete([c[i] for c in curves])) is not None else None
             for i in range(length)]
 
 
-def speedup(summary: dict, fast: str = BASELINE, slow: str = "tanh") -> float | None:
+def speedup(summary: SweepTable, fast: str = BASELINE, slow: str = "tanh") -> float | None:
     """Figure 1's measure in this recipe: epochs to the threshold with `slow`'s neurons over those with `fast`'s
     (ReLU)."""
-    rows = {r["variant"]: r for r in summary["rows"]}
-    if fast not in rows or slow not in rows:
+    a, b = summary.row(fast), summary.row(slow)
+    if a is None or b is None:
         return None
-    a, b = rows[fast]["epochs_to_threshold_mean"], rows[slow]["epochs_to_threshold_mean"]
-    return b / a if a and b else None
+    return b.epochs_to_threshold_mean / a.epochs_to_threshold_mean if a.epochs_to_threshold_mean and \
+        b.epochs_to_threshold_mean else None
 
 
-def table_markdown(summary: dict, description: str) -> str:
+def table_markdown(summary: SweepTable, description: str) -> str:
     """ablations.md: the table and what it can and cannot tell."""
     pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
-    threshold = summary["threshold"]
+    threshold = summary.threshold
     lines = ["# Ablations: the paper's claims, measured", "", description, "",
-             f"Val error in %, mean ± sd over {summary['seeds']} seed(s), the paper's test (10-crop) unless marked. "
+             f"Val error in %, mean ± sd over {summary.seeds} seed(s), the paper's test (10-crop) unless marked. "
              "Difference = variant − baseline ± its standard error (positive: the variant is worse, i.e. the "
              "paper's choice helps). Epochs: epochs until the training top-1 error first reached "
              f"{threshold:.0%}, mean over seeds (— when a seed never did). Train–val gap: val top-1 error − "
@@ -206,42 +204,39 @@ def table_markdown(summary: dict, description: str) -> str:
              "counted during training has dropout and augmentation on); a larger gap is more overfitting.", "",
              "| variant | what changes | paper (section) | top-1 error | top-5 error | Δ top-1 | Δ top-5 | "
              f"train–val gap (top-1) | epochs to {threshold:.0%} train error |", "|---" * 9 + "|"]
-    for row in summary["rows"]:
-        cells = [row["variant"], row["what"], f"{row['paper']} ({row['section']})"]
-        lost = row.get("diverged", [])
-        for metric in ("top1_error", "top5_error"):
-            m = row[metric]
-            cell = "diverged" if m["mean"] is None else (
-                f"{pct(m['mean'])} ± {pct(m['sd'])}" + ("" if row["test"] == "ten_crop" else " (centre)"))
-            if lost and metric == "top1_error":
-                cell += " (" + ", ".join(f"seed {d['seed']} diverged at step {d['step']}" for d in lost) + ")"
+    for row in summary.rows:
+        cells = [row.variant, row.what, f"{row.paper} ({row.section})"]
+        for m, top1 in ((row.top1_error, True), (row.top5_error, False)):
+            cell = "diverged" if m.mean is None else (
+                f"{pct(m.mean)} ± {pct(m.sd)}" + ("" if row.test == "ten_crop" else " (centre)"))
+            if row.diverged and top1:
+                cell += " (" + ", ".join(f"seed {d.seed} diverged at step {d.step}" for d in row.diverged) + ")"
             cells.append(cell)
-        for metric in ("top1_error", "top5_error"):
-            d = row[f"{metric}_diff"]
+        for d in (row.top1_error_diff, row.top5_error_diff):
             if d is None:
                 cells.append("-")
-            elif d["se"] is None:
-                cells.append(f"{100 * d['mean']:+.1f} (one seed: no noise estimate)")
+            elif d.se is None:
+                cells.append(f"{100 * d.mean:+.1f} (one seed: no noise estimate)")
             else:
-                verdict = "within the noise" if d["within_noise"] else "beyond 2 s.e."
-                cells.append(f"{100 * d['mean']:+.1f} ± {100 * d['se']:.1f} ({verdict})")
-        gap = row.get("gap_top1", {"mean": None})
-        cells.append("-" if gap["mean"] is None else f"{pct(gap['mean'])} ± {pct(gap['sd'])}")
-        reached = row["epochs_to_threshold_mean"]
+                verdict = "within the noise" if d.within_noise else "beyond 2 s.e."
+                cells.append(f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({verdict})")
+        gap = row.gap_top1
+        cells.append("-" if gap.mean is None else f"{pct(gap.mean)} ± {pct(gap.sd)}")
+        reached = row.epochs_to_threshold_mean
         cells.append("—" if reached is None else f"{reached:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    detectable = summary["smallest_detectable_top1"]
+    detectable = summary.smallest_detectable_top1
     if detectable is None:
         lines.append("One seed per variant: the sweep cannot tell an effect from seed noise; run with more seeds.")
     else:
-        sd = pct(summary["pooled_sd_top1"])
+        sd = pct(summary.pooled_sd_top1)
         lines.append(f"Seed noise: the seeds' top-1 error sd, pooled over the variants, is {sd} points, so with "
-                     f"{summary['seeds']} seeds the smallest top-1 difference this sweep can "
+                     f"{summary.seeds} seeds the smallest top-1 difference this sweep can "
                      f"detect (2 standard errors) is about {pct(detectable)} points. The paper's effects are "
                      "0.3–1.7 points on ImageNet's 50,000 val images; a smaller measured difference here says "
                      "nothing either way." + (" With 2 seeds each sd is itself a rough estimate (one degree of "
-                                              "freedom): read these verdicts as a first look." if summary["seeds"] < 3
+                                              "freedom): read these verdicts as a first look." if summary.seeds < 3
                                               else ""))
     factor = speedup(summary)
     if factor is not None:
@@ -252,7 +247,7 @@ def table_markdown(summary: dict, description: str) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: dict, out: Path) -> list[str]:
+def plot(summary: SweepTable, out: Path) -> list[str]:
     """training-error.png (training error against epochs, ReLU vs tanh, mean over seeds; not named figure1: that
     is `alexnet-pipe figure1`'s CIFAR-10 experiment) and ablations.png (val top-1 error per variant, mean ± sd)."""
     import matplotlib
@@ -260,13 +255,13 @@ def plot(summary: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {r["variant"]: r for r in summary["rows"]}
+    rows = {r.variant: r for r in summary.rows}
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for name, label, style in ((BASELINE, "ReLU", "-"), ("tanh", "tanh", "--")):
         if name in rows:
-            curve = rows[name]["train_top1_error_mean"]
+            curve = [math.nan if e is None else e for e in rows[name].train_top1_error_mean]
             ax.plot(range(1, len(curve) + 1), curve, style, marker=".", label=f"{label} (mean of seeds)")
-    ax.axhline(summary["threshold"], color="grey", lw=0.8, label=f"threshold {summary['threshold']:.0%}")
+    ax.axhline(summary.threshold, color="grey", lw=0.8, label=f"threshold {summary.threshold:.0%}")
     ax.set_xlabel("epoch")
     ax.set_ylabel("training top-1 error")
     ax.set_title("ReLU vs tanh in this recipe")
@@ -277,9 +272,10 @@ def plot(summary: dict, out: Path) -> list[str]:
     plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    names = [n for n in rows if rows[n]["top1_error"]["mean"] is not None]  # a variant that only diverged has none
-    means = [100 * rows[n]["top1_error"]["mean"] for n in names]
-    sds = [100 * (rows[n]["top1_error"]["sd"] or 0) for n in names]
+    errors = {n: r.top1_error for n, r in rows.items() if r.top1_error.mean is not None}  # not only diverged
+    names = list(errors)
+    means = [100 * (errors[n].mean or 0) for n in names]
+    sds = [100 * (errors[n].sd or 0) for n in names]
     ax.bar(names, means, yerr=sds, capsize=3, color=["tab:grey" if n == BASELINE else "tab:blue" for n in names])
     ax.set_ylabel("val top-1 error, % (mean ± sd)")
     ax.tick_params(axis="x", rotation=35)

@@ -12,9 +12,9 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
-from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED
 from pipeline.engine import atomic_write, sha256_file
 from pipeline.errors import PipeError
+from pipeline.records import CHECKPOINTS_DIR, DIVERGED
 
 CHECKPOINT_GLOB = "step-*.pt"
 DIGEST_SUFFIX = ".sha256"  # the sidecar: the checkpoint's sha256 in hex, written after it

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import Manifest, RunClasses
 from pipeline.errors import PipeError
 from pipeline.imagenet import ClassTable, ilsvrc2012_classes
+from pipeline.records import Manifest, RunClasses
 
 
 def run_classes(train: Manifest, val: Manifest) -> RunClasses:

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
-from pipeline.artifacts import (
+from pipeline.classes import val_class_problems
+from pipeline.errors import PipeError
+from pipeline.records import (
     CheckpointRef,
     ClassAccuracy,
     ConfusedPair,
@@ -25,8 +27,6 @@ from pipeline.artifacts import (
     PixelStats,
     ValRef,
 )
-from pipeline.classes import val_class_problems
-from pipeline.errors import PipeError
 
 if TYPE_CHECKING:
     from pipeline.predict import Classifier

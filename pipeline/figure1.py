@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.records import Chosen, EpochProgress, Factor, Figure1Result, Figure1Run, Part, SeedFactor, build, to_plain
+
 ACTIVATIONS = ("relu", "tanh")
 NAMES = {"relu": "ReLU", "tanh": "tanh"}
 # cuda-convnet prints the training error once per data batch file, and CIFAR-10's training set is five of them
@@ -39,7 +41,7 @@ PIXEL_SCALE = {"cuda-convnet": 1.0, "imagenet": 1.0, "torch": 1 / 255}
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything both nets share; the stage's cache key holds all of it."""
+    """Everything both nets share; the stage's cache key holds all of it (`to_plain(setup)`)."""
 
     lrs: tuple[float, ...]
     epochs: int  # the cap
@@ -48,9 +50,6 @@ class Setup:
     init: str = "cuda-convnet"
     batch_size: int = 128
     momentum: float = 0.9
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "lrs": list(self.lrs)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -116,107 +115,119 @@ def part_ends(batches: int) -> list[int]:
 
 
 def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | None = None,
-              on_epoch: Callable[[dict], None] | None = None) -> dict:
+              on_epoch: Callable[[dict, EpochProgress], None] | None = None) -> Figure1Run:
     """Train one net with SGD + momentum until it reaches the threshold, falls behind the best, diverges or hits the
     cap; returns its record. `images` uint8 (N, 3, 32, 32) and `labels` on the device; `mean` the per-channel pixel
-    mean. `on_epoch` gets the state after every finished epoch the run goes on from; given back as `state`, the run
-    resumes there and ends exactly as if it had not stopped."""
+    mean. `on_epoch` gets the state after every finished epoch the run goes on from (plain types: a checkpoint
+    `torch.load(weights_only=True)` reads) and that epoch's progress; given back as `state`, the run resumes there
+    and ends exactly as if it had not stopped."""
     import torch
-    from torch.nn.functional import cross_entropy
 
     device = images.device
     net = four_layer_net(run.activation, setup.init, run.seed).to(device)
     optimizer = torch.optim.SGD(net.parameters(), lr=run.lr, momentum=setup.momentum)
-    progress: dict[str, list[dict]] = {"parts": [], "epochs": []}
+    parts: list[Part] = []
+    epochs: list[EpochProgress] = []
     first = 1
     if state is not None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        progress, first = state["progress"], state["epoch"] + 1
+        parts = list(build(tuple[Part, ...], state["progress"]["parts"]))
+        epochs = list(build(tuple[EpochProgress, ...], state["progress"]["epochs"]))
+        first = state["epoch"] + 1
     shift = torch.tensor(mean, device=device).view(1, 3, 1, 1)
-    scale = PIXEL_SCALE[setup.init]
     batches = len(labels) // setup.batch_size  # the last partial batch is dropped: every step the same size
-    ends = part_ends(batches)
-    seen = progress["parts"][-1]["images"] if progress["parts"] else 0
     end = None
     for epoch in range(first, setup.epochs + 1):
-        started = time.perf_counter()
-        order = torch.from_numpy(epoch_order(len(labels), run.seed, epoch)).to(device)
-        mistakes = torch.zeros((), dtype=torch.long, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        part_start, epoch_mistakes, epoch_loss, epoch_images = 0, 0, 0.0, 0
-        for step in range(batches):
-            idx = order[step * setup.batch_size:(step + 1) * setup.batch_size]
-            x = (images[idx].float() - shift) * scale
-            y = labels[idx]
-            out = net(x)
-            loss = cross_entropy(out, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            mistakes += (out.argmax(1) != y).sum()  # judged before this step's update: the error as trained
-            loss_sum += loss.detach().double() * len(y)
-            if step + 1 in ends:
-                n = (step + 1 - part_start) * setup.batch_size
-                seen += n
-                loss_mean = loss_sum.item() / n
-                part = {"images": seen, "error": mistakes.item() / n,
-                        "loss": round(loss_mean, 6) if math.isfinite(loss_mean) else None}
-                progress["parts"].append(part)
-                epoch_mistakes += int(mistakes.item())  # a count: .item() of an int64 tensor
-                epoch_loss += loss_sum.item()
-                epoch_images += n
-                mistakes.zero_()
-                loss_sum.zero_()
-                part_start = step + 1
-                end = _end_of(part, setup.threshold, run.stop_after_images)
-                if end:
-                    break
-        epoch_loss /= epoch_images
-        progress["epochs"].append({"epoch": epoch, "training_error": epoch_mistakes / epoch_images,
-                                   "loss": round(epoch_loss, 6) if math.isfinite(epoch_loss) else None,
-                                   "images": epoch_images,
-                                   "seconds": round(time.perf_counter() - started, 3)})
+        new_parts, progress = _train_epoch(net, optimizer, images, labels, shift, setup, run, epoch, batches,
+                                           parts[-1].images if parts else 0)
+        parts += new_parts
+        epochs.append(progress)
+        end = _end_of(parts[-1], setup.threshold, run.stop_after_images) if new_parts else None
         if end:
             break
         if on_epoch is not None and epoch < setup.epochs:
-            on_epoch({"run": asdict(run), "epoch": epoch, "model": net.state_dict(),
-                      "optimizer": optimizer.state_dict(), "progress": progress})
-    return run_record(run, batches * setup.batch_size, progress, end or "cap")
+            on_epoch({"run": asdict(run), "epoch": epoch, "model": net.state_dict(), "optimizer":
+                      optimizer.state_dict(), "progress": {"parts": to_plain(parts), "epochs": to_plain(epochs)}},
+                     progress)
+    return run_record(run, batches * setup.batch_size, parts, epochs, end or "cap")
 
 
-def _end_of(part: dict, threshold: float, stop_after_images: int | None) -> str | None:
-    if part["loss"] is None:  # not finite: the weights are gone
+def _train_epoch(net, optimizer, images, labels, shift, setup: Setup, run: Run, epoch: int, batches: int,
+                 seen: int) -> tuple[list[Part], EpochProgress]:
+    """One epoch in (seed, epoch)'s order: a `Part` per fifth, and the epoch's error and mean loss over the fifths
+    it trained (it ends early at the fifth that ends the run)."""
+    import torch
+    from torch.nn.functional import cross_entropy
+
+    started = time.perf_counter()
+    device = images.device
+    order = torch.from_numpy(epoch_order(len(labels), run.seed, epoch)).to(device)
+    mistakes = torch.zeros((), dtype=torch.long, device=device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    parts: list[Part] = []
+    part_start, epoch_mistakes, epoch_loss, epoch_images = 0, 0, 0.0, 0
+    ends = part_ends(batches)
+    for step in range(batches):
+        idx = order[step * setup.batch_size:(step + 1) * setup.batch_size]
+        x = (images[idx].float() - shift) * PIXEL_SCALE[setup.init]
+        y = labels[idx]
+        out = net(x)
+        loss = cross_entropy(out, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        mistakes += (out.argmax(1) != y).sum()  # judged before this step's update: the error as trained
+        loss_sum += loss.detach().double() * len(y)
+        if step + 1 in ends:
+            n = (step + 1 - part_start) * setup.batch_size
+            seen += n
+            loss_mean = loss_sum.item() / n  # sync: once a fifth, where cuda-convnet prints
+            parts.append(Part(seen, mistakes.item() / n, round(loss_mean, 6) if math.isfinite(loss_mean) else None))
+            epoch_mistakes += int(mistakes.item())  # a count: .item() of an int64 tensor
+            epoch_loss += loss_sum.item()
+            epoch_images += n
+            mistakes.zero_()
+            loss_sum.zero_()
+            part_start = step + 1
+            if _end_of(parts[-1], setup.threshold, run.stop_after_images):
+                break
+    epoch_loss /= epoch_images
+    return parts, EpochProgress(epoch, epoch_mistakes / epoch_images,
+                                round(epoch_loss, 6) if math.isfinite(epoch_loss) else None, epoch_images,
+                                round(time.perf_counter() - started, 3))
+
+
+def _end_of(part: Part, threshold: float, stop_after_images: int | None) -> str | None:
+    if part.loss is None:  # not finite: the weights are gone
         return "diverged"
-    if part["error"] <= threshold:
+    if part.error <= threshold:
         return "reached"
-    if stop_after_images is not None and part["images"] >= stop_after_images:
+    if stop_after_images is not None and part.images >= stop_after_images:
         return "behind"
     return None
 
 
-def run_record(run: Run, images_per_epoch: int, progress: dict, end: str) -> dict:
-    parts = progress["parts"]
-    reached = parts[-1]["images"] if end == "reached" else None
-    return {"activation": run.activation, "lr": run.lr, "seed": run.seed, "end": end,
-            "images_per_epoch": images_per_epoch, "images_trained": parts[-1]["images"] if parts else 0,
-            "images_to_threshold": reached,
-            "epochs_to_threshold": None if reached is None else reached / images_per_epoch,
-            "lowest_error": min((p["error"] for p in parts), default=None),
-            "seconds": round(sum(e["seconds"] for e in progress["epochs"]), 3), **progress}
+def run_record(run: Run, images_per_epoch: int, parts: list[Part], epochs: list[EpochProgress],
+               end: str) -> Figure1Run:
+    reached = parts[-1].images if end == "reached" else None
+    return Figure1Run(run.activation, run.lr, run.seed, end, images_per_epoch, parts[-1].images if parts else 0,
+                      reached, None if reached is None else reached / images_per_epoch,
+                      min((p.error for p in parts), default=None), round(sum(e.seconds for e in epochs), 3),
+                      tuple(parts), tuple(epochs))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the protocol
 
 
-def rank(record: dict) -> tuple:
+def rank(record: Figure1Run) -> tuple:
     """Smaller is better: reached, and sooner; else the lowest error; a diverged run last."""
-    if record["images_to_threshold"] is not None:
-        return 0, record["images_to_threshold"], record["lr"]
-    if record["end"] == "diverged":
-        return 2, record["lr"], 0.0
-    return 1, record["lowest_error"], record["lr"]
+    if record.images_to_threshold is not None:
+        return 0, record.images_to_threshold, record.lr
+    if record.end == "diverged":
+        return 2, record.lr, 0.0
+    return 1, record.lowest_error, record.lr
 
 
 def centre_out(lrs: tuple[float, ...]) -> list[float]:
@@ -238,28 +249,28 @@ def widen(tried: list[float], best: float, lrs: tuple[float, ...]) -> float | No
     return None
 
 
-def chosen_lr(records: list[dict]) -> float | None:
-    sweep = [r for r in records if r["seed"] == 0]
-    return min(sweep, key=rank)["lr"] if sweep else None
+def chosen_lr(records: list[Figure1Run]) -> float | None:
+    sweep = [r for r in records if r.seed == 0]
+    return min(sweep, key=rank).lr if sweep else None
 
 
-def next_run(activation: str, records: list[dict], setup: Setup) -> Run | None:
+def next_run(activation: str, records: list[Figure1Run], setup: Setup) -> Run | None:
     """The next run of `activation`'s sweep given its finished runs (None: the sweep is done)."""
-    sweep = [r for r in records if r["activation"] == activation and r["seed"] == 0]
-    tried = sorted({r["lr"] for r in sweep})
+    sweep = [r for r in records if r.activation == activation and r.seed == 0]
+    tried = sorted({r.lr for r in sweep})
     best = min(sweep, key=rank) if sweep else None
-    bound = best["images_to_threshold"] if best else None
+    bound = best.images_to_threshold if best else None
     for lr in centre_out(setup.lrs):
         if lr not in tried:
             return Run(activation, lr, 0, bound)
     assert best is not None  # a sweep without runs returned its first lr above
-    wider = widen(tried, best["lr"], setup.lrs)
+    wider = widen(tried, best.lr, setup.lrs)
     if wider is not None and wider not in tried:
         return Run(activation, wider, 0, bound)
-    done = {(r["lr"], r["seed"]) for r in records if r["activation"] == activation}
+    done = {(r.lr, r.seed) for r in records if r.activation == activation}
     for seed in range(1, setup.seeds):
-        if (best["lr"], seed) not in done:
-            return Run(activation, best["lr"], seed)
+        if (best.lr, seed) not in done:
+            return Run(activation, best.lr, seed)
     return None
 
 
@@ -267,87 +278,88 @@ def next_run(activation: str, records: list[dict], setup: Setup) -> Run | None:
 # the result
 
 
-def summarize(records: list[dict], setup: Setup) -> dict:
+def summarize(records: list[Figure1Run], setup: Setup) -> Figure1Result:
     """Per activation the chosen rate and its seeds' times to the threshold; the factor tanh / ReLU in images, with
     the seed-by-seed ratios. A seed that never reached the threshold counts with the images it trained, which makes
     its activation's time a lower bound, and the factor a bound (or nothing), never a made-up number."""
     chosen = {}
     for activation in ACTIVATIONS:
-        mine = [r for r in records if r["activation"] == activation]
+        mine = [r for r in records if r.activation == activation]
         lr = chosen_lr(mine)
-        runs = sorted((r for r in mine if r["lr"] == lr), key=lambda r: r["seed"])
-        times = [r["images_to_threshold"] or r["images_trained"] for r in runs]
-        chosen[activation] = {"lr": lr, "seeds": [r["seed"] for r in runs],
-                              "reached": [r["images_to_threshold"] is not None for r in runs],
-                              "images_to_threshold": [r["images_to_threshold"] for r in runs],
-                              "epochs_to_threshold": [r["epochs_to_threshold"] for r in runs],
-                              "images_mean": statistics.fmean(times) if times else None,
-                              "images_sd": statistics.stdev(times) if len(times) > 1 else None}
-    return {"threshold": setup.threshold, "chosen": chosen, "factor": factor(chosen["relu"], chosen["tanh"])}
+        runs = sorted((r for r in mine if r.lr == lr), key=lambda r: r.seed)
+        times = [r.images_to_threshold or r.images_trained for r in runs]
+        chosen[activation] = Chosen(lr, tuple(r.seed for r in runs),
+                                    tuple(r.images_to_threshold is not None for r in runs),
+                                    tuple(r.images_to_threshold for r in runs),
+                                    tuple(r.epochs_to_threshold for r in runs),
+                                    statistics.fmean(times) if times else None,
+                                    statistics.stdev(times) if len(times) > 1 else None)
+    return Figure1Result(setup.threshold, chosen, factor(chosen["relu"], chosen["tanh"]))
 
 
-def factor(relu: dict, tanh: dict) -> dict:
+def factor(relu: Chosen, tanh: Chosen) -> Factor:
     """images(tanh) / images(ReLU) to the threshold: measured when every chosen run reached it; a lower bound when
     only ReLU's all did (tanh would have needed more than it trained), an upper bound the other way round."""
-    if not relu["seeds"] or not tanh["seeds"]:
-        return {"kind": "none", "value": None, "by_seed": []}
-    value = tanh["images_mean"] / relu["images_mean"]
-    fast, slow = all(relu["reached"]), all(tanh["reached"])
+    if not relu.seeds or not tanh.seeds:
+        return Factor("none", None)
+    assert tanh.images_mean is not None and relu.images_mean is not None  # both have seeds
+    value = tanh.images_mean / relu.images_mean
+    fast, slow = all(relu.reached), all(tanh.reached)
     if fast and slow:
-        a = dict(zip(relu["seeds"], relu["images_to_threshold"]))
-        pairs = [(s, t / a[s]) for s, t in zip(tanh["seeds"], tanh["images_to_threshold"]) if s in a]
-        return {"kind": "measured", "value": value, "by_seed": [{"seed": s, "factor": f} for s, f in pairs]}
+        a = {s: t for s, t in zip(relu.seeds, relu.images_to_threshold) if t is not None}  # all reached
+        pairs = [(s, t / a[s]) for s, t in zip(tanh.seeds, tanh.images_to_threshold) if s in a and t is not None]
+        return Factor("measured", value, tuple(SeedFactor(s, f) for s, f in pairs))
     kind = "lower_bound" if fast else "upper_bound" if slow else "none"
-    return {"kind": kind, "value": value if kind != "none" else None, "by_seed": []}
+    return Factor(kind, value if kind != "none" else None)
 
 
-def factor_words(f: dict) -> str:
-    if f["kind"] == "measured":
-        seeds = ", ".join(f"{p['factor']:.1f}×" for p in f["by_seed"])
-        return f"{f['value']:.1f}× (seed by seed: {seeds})" if len(f["by_seed"]) > 1 else f"{f['value']:.1f}×"
-    if f["kind"] == "lower_bound":
-        return f"at least {f['value']:.1f}× (tanh did not reach the threshold in every run)"
-    if f["kind"] == "upper_bound":
-        return f"at most {f['value']:.1f}× (ReLU did not reach the threshold in every run)"
+def factor_words(f: Factor) -> str:
+    if f.kind == "measured":
+        seeds = ", ".join(f"{p.factor:.1f}×" for p in f.by_seed)
+        return f"{f.value:.1f}× (seed by seed: {seeds})" if len(f.by_seed) > 1 else f"{f.value:.1f}×"
+    if f.kind == "lower_bound":
+        return f"at least {f.value:.1f}× (tanh did not reach the threshold in every run)"
+    if f.kind == "upper_bound":
+        return f"at most {f.value:.1f}× (ReLU did not reach the threshold in every run)"
     return "no factor (neither reached the threshold in every run)"
 
 
-def table_markdown(summary: dict, records: list[dict], description: str) -> str:
+def table_markdown(summary: Figure1Result, records: list[Figure1Run], description: str) -> str:
     """figure1.md: the headline, the chosen runs and the whole sweep."""
-    threshold = f"{summary['threshold']:.0%}"
+    threshold = f"{summary.threshold:.0%}"
     lines = ["# Figure 1: ReLU against tanh on CIFAR-10", "", description, "",
-             f"**tanh / ReLU, training images to {threshold} training error: {factor_words(summary['factor'])}.** "
+             f"**tanh / ReLU, training images to {threshold} training error: {factor_words(summary.factor)}.** "
              "The paper (§3.1, Figure 1): about 6×.", "",
              f"| neurons | learning rate | seed | epochs to {threshold} | images to {threshold} | seconds |",
              "|---|---|---|---|---|---|"]
-    by_name = {Run(r["activation"], r["lr"], r["seed"]).name: r for r in records}
+    by_run: dict[tuple[str, float | None, int], Figure1Run] = {(r.activation, r.lr, r.seed): r for r in records}
     for activation in ACTIVATIONS:
-        c = summary["chosen"][activation]
-        for seed in c["seeds"]:
-            r = by_name[Run(activation, c["lr"], seed).name]
-            if r["images_to_threshold"] is not None:
-                when = f"{r['epochs_to_threshold']:.1f} | {r['images_to_threshold']:,}"
+        c = summary.chosen[activation]
+        for seed in c.seeds:
+            r = by_run[activation, c.lr, seed]
+            if r.images_to_threshold is not None:
+                when = f"{r.epochs_to_threshold:.1f} | {r.images_to_threshold:,}"
             else:  # never reached: all we know is that it takes longer than the run trained
-                when = f"> {r['images_trained'] / r['images_per_epoch']:.1f} | > {r['images_trained']:,}"
-            lines.append(f"| {NAMES[activation]} | {c['lr']:g} | {seed} | {when} | {r['seconds']:.0f} |")
+                when = f"> {r.images_trained / r.images_per_epoch:.1f} | > {r.images_trained:,}"
+            lines.append(f"| {NAMES[activation]} | {c.lr:g} | {seed} | {when} | {r.seconds:.0f} |")
     lines += ["", "The learning-rate sweep (seed 0; the chosen rate in bold):", "",
               "| neurons | learning rate | how it ended | epochs trained | lowest training error |",
               "|---|---|---|---|---|"]
     for activation in ACTIVATIONS:
-        lr = summary["chosen"][activation]["lr"]
-        for r in sorted((r for r in records if r["activation"] == activation and r["seed"] == 0),
-                        key=lambda r: r["lr"]):
-            trained = r["images_trained"] / r["images_per_epoch"]
+        lr = summary.chosen[activation].lr
+        for r in sorted((r for r in records if r.activation == activation and r.seed == 0),
+                        key=lambda r: r.lr):
+            trained = r.images_trained / r.images_per_epoch
             how = {"reached": f"reached {threshold} at epoch {trained:.1f}", "behind": "stopped: behind the best",
-                   "cap": "the cap, never reached", "diverged": "diverged"}[r["end"]]
-            rate = f"**{r['lr']:g}**" if r["lr"] == lr else f"{r['lr']:g}"
-            low = "—" if r["lowest_error"] is None else f"{r['lowest_error']:.1%}"
+                   "cap": "the cap, never reached", "diverged": "diverged"}[r.end]
+            rate = f"**{r.lr:g}**" if r.lr == lr else f"{r.lr:g}"
+            low = "—" if r.lowest_error is None else f"{r.lowest_error:.1%}"
             lines.append(f"| {NAMES[activation]} | {rate} | {how} | {trained:.1f} | {low} |")
     lines += ["", "![Figure 1: training error rate against epochs](figure1.png)", ""]
     return "\n".join(lines)
 
 
-def plot(summary: dict, records: list[dict], path: Path) -> None:
+def plot(summary: Figure1Result, records: list[Figure1Run], path: Path) -> None:
     """figure1.png as the paper draws it: training error rate against epochs, ReLU solid, tanh dashed, the threshold
     line; each activation's chosen rate, seed 0 dark and the other seeds light; the factor in the legend."""
     import matplotlib
@@ -357,16 +369,16 @@ def plot(summary: dict, records: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(5, 4))
     for activation, style in (("relu", "-"), ("tanh", "--")):
-        c = summary["chosen"][activation]
+        c = summary.chosen[activation]
         for r in records:
-            if r["activation"] == activation and r["lr"] == c["lr"] and r["parts"]:
-                x = [0.0] + [p["images"] / r["images_per_epoch"] for p in r["parts"]]
-                y = [0.9] + [p["error"] for p in r["parts"]]  # chance for ten classes before the first step
-                first = r["seed"] == c["seeds"][0]
+            if r.activation == activation and r.lr == c.lr and r.parts:
+                x = [0.0] + [p.images / r.images_per_epoch for p in r.parts]
+                y = [0.9] + [p.error for p in r.parts]  # chance for ten classes before the first step
+                first = r.seed == c.seeds[0]
                 ax.plot(x, y, style, color="black", lw=1.4 if first else 0.8, alpha=1.0 if first else 0.35,
-                        label=f"{NAMES[activation]} (lr {c['lr']:g})" if first else None)
-    ax.axhline(summary["threshold"], color="grey", lw=0.8)
-    ax.plot([], [], " ", label=f"tanh / ReLU to {summary['threshold']:.0%}: {_short(summary['factor'])}")
+                        label=f"{NAMES[activation]} (lr {c.lr:g})" if first else None)
+    ax.axhline(summary.threshold, color="grey", lw=0.8)
+    ax.plot([], [], " ", label=f"tanh / ReLU to {summary.threshold:.0%}: {_short(summary.factor)}")
     ax.set_xlabel("Epochs")
     ax.set_ylabel("Training error rate")
     ax.set_ylim(0, 0.95)
@@ -377,6 +389,6 @@ def plot(summary: dict, records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _short(f: dict) -> str:
+def _short(f: Factor) -> str:
     return {"measured": "{:.1f}×", "lower_bound": "≥ {:.1f}×", "upper_bound": "≤ {:.1f}×"}.get(
-        f["kind"], "none").format(f["value"])
+        f.kind, "none").format(f.value)

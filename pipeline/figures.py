@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import torch
 
-from pipeline.artifacts import Figure3, Figure4, Neighbour, PixelStats, Query, TowerKernels
+from pipeline.records import Figure3, Figure4, Neighbour, PixelStats, Query, TowerKernels
 
 if TYPE_CHECKING:
     from pipeline.model import AlexNet

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Pca, PixelStats
 from pipeline.errors import PipeError
+from pipeline.records import Pca, PixelStats
 
 
 @dataclass

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import RunSpec
 from pipeline.augment.geometry import centre_crop_box, ten_crop_boxes
 from pipeline.augment.reference import decode_rgb, reference_patch
 from pipeline.classes import class_table
@@ -25,6 +24,7 @@ from pipeline.evaluate import view_probabilities
 from pipeline.imagenet import IMAGE_SUFFIXES, ClassTable
 from pipeline.images import BadImage, prepare_image
 from pipeline.model import AlexNet, build_model
+from pipeline.records import RunSpec
 
 
 @dataclass

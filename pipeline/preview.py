@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.artifacts import PixelStats
 from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square, load_pca
 from pipeline.engine import atomic_write
 from pipeline.errors import PipeError
+from pipeline.records import PixelStats
 from pipeline.shards import load_manifest
 
 ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.artifacts import EVENTS, Event
+from pipeline.records import EVENTS, Event
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import (
+from pipeline.config import AlexNetConfig
+from pipeline.engine import atomic_write, stage_input_path
+from pipeline.record import read_events
+from pipeline.records import (
     EVAL,
     REPORT,
     EpochRecord,
@@ -22,9 +25,6 @@ from pipeline.artifacts import (
     TowerKernels,
     read_metrics,
 )
-from pipeline.config import AlexNetConfig
-from pipeline.engine import atomic_write, stage_input_path
-from pipeline.record import read_events
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
          "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}

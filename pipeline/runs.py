@@ -9,17 +9,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import (
-    CHECKPOINTS_DIR,
-    DIVERGED,
-    MANIFEST,
-    METRICS,
-    RUN_SETTINGS,
-    CheckpointRef,
-    Manifest,
-    RunClasses,
-    RunInputs,
-)
 from pipeline.classes import run_classes, val_class_problems
 from pipeline.cluster import Placement, placement
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
@@ -34,6 +23,17 @@ from pipeline.engine import (
     write_json,
 )
 from pipeline.errors import PipeError
+from pipeline.records import (
+    CHECKPOINTS_DIR,
+    DIVERGED,
+    MANIFEST,
+    METRICS,
+    RUN_SETTINGS,
+    CheckpointRef,
+    Manifest,
+    RunClasses,
+    RunInputs,
+)
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,9 @@ def diverged_record(out: Path) -> dict | None:
 def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
     """Why this run may go on with `pca_path` although its digest is not the run's: its mean and eigen-pairs equal
     those in the run's newest checkpoint to PCA_SAME_TOL (or no checkpoint exists yet). None: they differ."""
-    from pipeline.artifacts import RunSpec
     from pipeline.checkpoints import latest_checkpoint, load_checkpoint
     from pipeline.pca import PCA_SAME_TOL, load_pca, pca_difference
+    from pipeline.records import RunSpec
 
     checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
     new = load_pca(pca_path).stats

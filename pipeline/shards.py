@@ -16,7 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pipeline.artifacts import (
+from pipeline.engine import atomic_write, canonical_json, read_json, sha256_file, write_json
+from pipeline.errors import PipeError
+from pipeline.imagenet import ClassTable, Member
+from pipeline.images import BadImage, prepare_image
+from pipeline.records import (
     MANIFEST,
     TIMM_INFO,
     ClassCount,
@@ -27,10 +31,6 @@ from pipeline.artifacts import (
     ShardParams,
     SkippedImage,
 )
-from pipeline.engine import atomic_write, canonical_json, read_json, sha256_file, write_json
-from pipeline.errors import PipeError
-from pipeline.imagenet import ClassTable, Member
-from pipeline.images import BadImage, prepare_image
 
 COMPONENTS = ("cls", "jpg", "json")  # in tar order (sorted, as webdataset writes them)
 DALI_INDEX_VERSION = "v1.2"

@@ -14,9 +14,9 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
 from pipeline.engine import MARKER, PLAN, StageState, inspect, read_json
 from pipeline.errors import PipeError
+from pipeline.records import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
 from pipeline.runs import diverged_record, final_checkpoint_problem
 from pipeline.shards import damaged_shards
 

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.artifacts import CHECKPOINTS_DIR, DIVERGED, METRICS, EpochRecord, RunSpec, StepRecord, Topology
 from pipeline.augment.order import ORDER_VERSION, rank_slice
 from pipeline.checkpoints import (
     latest_checkpoint,
@@ -43,6 +42,7 @@ from pipeline.engine import append_line, atomic_write, describe_changes, write_j
 from pipeline.errors import Diverged, PipeError
 from pipeline.model import AlexNet, build_model, count_parameters, dropout_masks, forward_flops
 from pipeline.record import append_event
+from pipeline.records import CHECKPOINTS_DIR, DIVERGED, METRICS, EpochRecord, RunSpec, StepRecord, Topology
 from pipeline.runs import RunData
 from pipeline.session import Session
 from pipeline.speed import TrainingSpeed

@@ -9,9 +9,8 @@ eval stages it runs are handed in by the caller (stages never import each other)
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +25,10 @@ from pipeline.ablation import (
     unit_name,
 )
 from pipeline.ablation import variant_settings as settings_of
-from pipeline.artifacts import ABLATIONS, EVAL, MANIFEST, Manifest
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
 from pipeline.errors import Diverged, PipeError
+from pipeline.records import ABLATIONS, EVAL, MANIFEST, Manifest, SweepRun
 from pipeline.runs import pca_input
 
 # 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s).
@@ -81,33 +80,32 @@ def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | Non
     todo = [n for n in mine if not stage.unit_done(n)]
     if len(todo) < len(mine):
         reporter.info(f"ablate: {len(mine) - len(todo)} of {len(mine)} runs already trained and evaluated")
-    stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(f"ablate: {unit}: {outcome(rec)}"),
+    stage.run_units(todo, job, on_done=lambda unit, rec: reporter.info(f"ablate: {unit}: "
+                                                                      f"{outcome(SweepRun.from_json(rec))}"),
                     wait_for_others=task_index is None)
     done = sum(stage.unit_done(n) for n in names)
     if done < len(names):
         reporter.info(f"ablate: task done; {done} of {len(names)} runs finished, the table is written when all are")
         return StageResult(stage.name, out)
-    records = list(stage.records(names).values())
-    summary = summarize(records, threshold)
-    summary["runs"] = records
-    summary["sweep"] = description()
+    records = [SweepRun.from_json(r) for r in stage.records(names).values()]
+    summary = replace(summarize(records, threshold), runs=tuple(records), sweep=description())
 
     def write_products() -> None:
         (out / "figure1.png").unlink(missing_ok=True)  # version 1's name for training-error.png
-        write_json(out / ABLATIONS, summary)
+        write_json(out / ABLATIONS, summary.to_json())
         plot(summary, out)
         with atomic_write(out / "ablations.md", "w") as f:
-            f.write(table_markdown(summary, summary["sweep"]))
+            f.write(table_markdown(summary, summary.sweep))
 
     finished = stage.finalize(write_products, extra={"runs": len(names)})
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 
 
-def outcome(record: dict) -> str:
-    if record.get("diverged_at_step") is not None:
-        return f"diverged at step {record['diverged_at_step']}"
-    return f"val top-1 error {record['top1_error']:.4f}, top-5 {record['top5_error']:.4f} ({record['test']})"
+def outcome(record: SweepRun) -> str:
+    if record.diverged:
+        return f"diverged at step {record.diverged_at_step}"
+    return f"val top-1 error {record.top1_error:.4f}, top-5 {record.top5_error:.4f} ({record.test})"
 
 
 def units_by_name(units: list[tuple[str, int]]) -> list[tuple[str, tuple[str, int]]]:
@@ -150,13 +148,12 @@ class _UnitWork:
                              force=self.force, reporter=self.reporter)
         except Diverged as e:  # a result of the sweep, not a failure of it: recorded, and the sweep goes on
             self.reporter.warn(f"ablate: {unit} diverged at step {e.step}; recorded as diverged")
-            return json.loads(json.dumps(diverged_sweep_record(name, seed, run_dir, e.step)))
+            return diverged_sweep_record(name, seed, run_dir, e.step).to_json()
         self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
                         devices=one_device(self.devices), loader=cfg.loader, train_dir=Path(self.train_dir),
                         neighbour_train_images=0, force=self.force, reporter=self.reporter)
         record = sweep_record(name, seed, run_dir, eval_dir)
-        record["eval_sha256"] = Input.of_stage(eval_dir, EVAL).digest
-        return json.loads(json.dumps(record))
+        return replace(record, eval_sha256=Input.of_stage(eval_dir, EVAL).digest).to_json()
 
 
 def one_device(devices: str) -> str:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import re
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.artifacts import FIGURE1
 from pipeline.cifar import CifarSource, balanced_subset, channel_mean, download, find_source, read_training_split
 from pipeline.engine import (
     Input,
@@ -28,6 +27,7 @@ from pipeline.engine import (
 )
 from pipeline.errors import PipeError
 from pipeline.figure1 import ACTIVATIONS, INITS, NAMES, Run, Setup, next_run, plot, summarize, table_markdown, train_run
+from pipeline.records import FIGURE1, EpochProgress, Figure1Run, to_plain
 
 VERSION = 1
 # The defaults (docs/figure1.md): about 30 minutes on two CPU cores, each activation's fastest rate inside the grid
@@ -63,7 +63,7 @@ def run(cifar: Path, out: Path, *, train_images: int | None = DEFAULT_TRAIN_IMAG
         source = find_source(download(cifar))  # only when CIFAR does not hold the data yet
     setup = Setup(lrs=tuple(sorted(set(lrs))), epochs=epochs, seeds=seeds, threshold=threshold, init=init,
                   batch_size=batch_size)
-    stage = Stage("figure1", VERSION, out, {"setup": setup.to_dict(), "train_images": train_images},
+    stage = Stage("figure1", VERSION, out, {"setup": to_plain(setup), "train_images": train_images},
                   {"cifar": Input.of_source(source.path)}, product=FIGURE1,
                   outputs=(FIGURE1, "figure1.md", "figure1.png", "runs/*.pt"))
     places = _places(devices)
@@ -91,13 +91,14 @@ def _sweeps(stage: Stage, source: CifarSource, train_images: int | None, setup: 
             records = [r for rs in pool.map(_run_sweep, sweeps) for r in rs]
     else:
         records = [r for sweep in sweeps for r in sweep()]
-    records.sort(key=lambda r: (ACTIVATIONS.index(r["activation"]), r["lr"], r["seed"]))
+    records.sort(key=lambda r: (ACTIVATIONS.index(r.activation), r.lr, r.seed))
     summary = summarize(records, setup)
     described = _description(source, setup, records, train_images)
 
     def write_products() -> None:
-        write_json(out / FIGURE1, {**summary, "setup": {**setup.to_dict(), "train_images": train_images},
-                                          "description": described, "runs": records})
+        result = replace(summary, setup={**to_plain(setup), "train_images": train_images}, description=described,
+                         runs=tuple(records))
+        write_json(out / FIGURE1, result.to_json())
         plot(summary, records, out / "figure1.png")
         with atomic_write(out / "figure1.md", "w") as f:
             f.write(table_markdown(summary, records, described))
@@ -125,8 +126,8 @@ def _places(devices: str) -> list[tuple[str, int]]:
     return [(d, max(1, cores // on_cpu) if d == "cpu" else 1) for d in chosen]
 
 
-def _description(source: CifarSource, setup: Setup, records: list[dict], train_images: int | None) -> str:
-    per_epoch = records[0]["images_per_epoch"] if records else 0
+def _description(source: CifarSource, setup: Setup, records: list[Figure1Run], train_images: int | None) -> str:
+    per_epoch = records[0].images_per_epoch if records else 0
     subset = "all the" if train_images is None else f"a seeded class-balanced subset of {train_images:,}"
     return (f"CIFAR-10, {subset} training images ({source.describe()}); {per_epoch:,} images an epoch in batches of "
             f"{setup.batch_size}. The four-layer net of cuda-convnet's CIFAR-10 example (conv 5×5 32, max-pool; conv "
@@ -150,8 +151,8 @@ class _Sweep:
     threads: int
     reporter: Reporter
 
-    def __call__(self) -> list[dict]:
-        records: list[dict] = []
+    def __call__(self) -> list[Figure1Run]:
+        records: list[Figure1Run] = []
         data = None  # read only when a run is still to do: a sweep whose runs all finished reads nothing
         while (run := next_run(self.activation, records, self.setup)) is not None:
             if not self.stage.unit_done(run.name):
@@ -159,11 +160,11 @@ class _Sweep:
                 self.stage.plan([run.name])
 
                 def train(_: str, run: Run = run, data: tuple = data) -> dict:
-                    return self._train(run, *data)
+                    return self._train(run, *data).to_json()
 
                 self.stage.run_units([run.name], train)
                 (self.stage.out / "runs" / f"{run.name}.pt").unlink(missing_ok=True)
-            records.append(self.stage.records([run.name])[run.name])
+            records.append(Figure1Run.from_json(self.stage.records([run.name])[run.name]))
         return records
 
     def _data(self) -> tuple:
@@ -176,7 +177,7 @@ class _Sweep:
         return (torch.from_numpy(images).to(self.device), torch.from_numpy(split.labels[chosen]).to(self.device),
                 channel_mean(images))
 
-    def _train(self, run: Run, images, labels, mean: list[float]) -> dict:
+    def _train(self, run: Run, images, labels, mean: list[float]) -> Figure1Run:
         import torch
 
         checkpoint = self.stage.out / "runs" / f"{run.name}.pt"
@@ -184,21 +185,20 @@ class _Sweep:
         if state is not None:
             self.reporter.info(f"figure1: {run.name}: resuming after epoch {state['epoch']}")
 
-        def end_of_epoch(state: dict) -> None:
+        def end_of_epoch(state: dict, e: EpochProgress) -> None:
             with atomic_write(checkpoint) as f:
                 torch.save(state, f)
-            e = state["progress"]["epochs"][-1]
-            self.reporter.info(f"figure1: {run.name} epoch {e['epoch']}: training error {e['training_error']:.1%} "
-                               f"({e['seconds']:.1f} s)")
+            self.reporter.info(f"figure1: {run.name} epoch {e.epoch}: training error {e.training_error:.1%} "
+                               f"({e.seconds:.1f} s)")
 
         record = train_run(run, self.setup, images, labels, mean, state=state, on_epoch=end_of_epoch)
-        reached = record["epochs_to_threshold"]
+        reached = record.epochs_to_threshold
         self.reporter.info(f"figure1: {NAMES[run.activation]} lr {run.lr:g} seed {run.seed}: " + (
             f"{self.setup.threshold:.0%} at epoch {reached:.1f}" if reached is not None else
             {"behind": "stopped, behind the best", "cap": "the cap, never reached", "diverged": "diverged"}
-            [record["end"]]) + f", {record['seconds']:.0f} s")
+            [record.end]) + f", {record.seconds:.0f} s")
         return record
 
 
-def _run_sweep(sweep: _Sweep) -> list[dict]:
+def _run_sweep(sweep: _Sweep) -> list[Figure1Run]:
     return sweep()

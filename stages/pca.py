@@ -6,10 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, PCA, Manifest
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, task_slice, write_json
 from pipeline.errors import PipeError
 from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
+from pipeline.records import MANIFEST, PCA, Manifest
 from pipeline.shards import load_manifest
 
 # 2: eigen-pairs by a fixed-order Jacobi on Python floats (the same bytes on every CPU; 1 used LAPACK's eigh). The

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST
 from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
+from pipeline.records import MANIFEST
 
 
 def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 0, crop: int = 224,

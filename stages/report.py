@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.artifacts import EVAL, METRICS, REPORT, EvalResult
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import PipeError
+from pipeline.records import EVAL, METRICS, REPORT, EvalResult
 from pipeline.runs import eval_is_of_run
 
 VERSION = 1

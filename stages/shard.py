@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import MANIFEST, TIMM_INFO
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, read_json, task_slice, write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import ClassTable, find_layout, list_source, load_classes
+from pipeline.records import MANIFEST, TIMM_INFO
 from pipeline.shards import (
     ShardJob,
     assign_shards,

@@ -10,10 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from pipeline.artifacts import DIVERGED
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import Diverged, Stopped
+from pipeline.records import DIVERGED
 from pipeline.runs import RunData, claim_run_folder, diverged_record, final_checkpoint_problem, run_trajectory
 
 VERSION = 1

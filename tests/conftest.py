@@ -174,9 +174,9 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
     copy of the run (with its digest beside it), so that the copy's report may quote its eval."""
     import torch
 
-    from pipeline.artifacts import RunSpec
     from pipeline.augment import load_pca, reference_eval_samples
     from pipeline.model import build_model
+    from pipeline.records import RunSpec
 
     original = sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1]
     state = torch.load(original, map_location="cpu", weights_only=True)

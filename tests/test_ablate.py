@@ -14,6 +14,7 @@ import time
 import pytest
 
 from pipeline.ablation import summarize
+from pipeline.records import SweepRun
 
 SWEEP = ["--variants", "baseline,tanh", "--seeds", "2", "--threshold", "0.9", "--width", "0.125", "--init",
          "default", "--lr", "0.003", "--epochs", "1", "--batch-size", "4", "--devices", "cpu", "--checkpoint-every",
@@ -112,18 +113,18 @@ def test_a_sweep_stopped_by_sigterm_mid_run_records_nothing_of_it_and_resumes_as
 
 def test_summary_says_within_the_noise_and_the_smallest_detectable_difference():
     def record(variant, seed, top1):
-        return {"variant": variant, "seed": seed, "test": "ten_crop", "top1_error": top1, "top5_error": top1 / 2,
-                "samples": 100, "train_top1_error": [0.9, 0.6, 0.4] if variant == "baseline" else [0.9, 0.8, 0.7]}
+        return SweepRun(variant, seed, "ten_crop", top1, top1 / 2, 100,
+                        (0.9, 0.6, 0.4) if variant == "baseline" else (0.9, 0.8, 0.7))
 
     base, noisy, far = [0.50, 0.60, 0.55], [0.52, 0.62, 0.57], [0.90, 0.91, 0.92]
     records = ([record("baseline", s, e) for s, e in enumerate(base)] + [record("tanh", s, e) for s, e in
                                                                         enumerate(noisy)]
                + [record("no-lrn", s, e) for s, e in enumerate(far)])
     summary = summarize(records, threshold=0.5)
-    rows = {r["variant"]: r for r in summary["rows"]}
-    assert rows["tanh"]["top1_error_diff"]["within_noise"] is True
-    assert rows["no-lrn"]["top1_error_diff"]["within_noise"] is False
+    rows = {r.variant: r for r in summary.rows}
+    assert rows["tanh"].top1_error_diff.within_noise is True
+    assert rows["no-lrn"].top1_error_diff.within_noise is False
     pooled = math.sqrt((2 * statistics.variance(base) + 2 * statistics.variance(noisy) + 2 * statistics.variance(far))
                        / 6)
-    assert summary["smallest_detectable_top1"] == pytest.approx(2 * pooled * math.sqrt(2 / 3))
-    assert rows["baseline"]["epochs_to_threshold"] == [3, 3, 3] and rows["tanh"]["epochs_to_threshold_mean"] is None
+    assert summary.smallest_detectable_top1 == pytest.approx(2 * pooled * math.sqrt(2 / 3))
+    assert rows["baseline"].epochs_to_threshold == (3, 3, 3) and rows["tanh"].epochs_to_threshold_mean is None

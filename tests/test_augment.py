@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from pipeline.artifacts import Pca
 from pipeline.augment import (
     TEN_CROP_VIEWS,
     EvalLoader,
@@ -35,6 +34,7 @@ from pipeline.engine import write_json
 from pipeline.errors import PipeError
 from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.preview import augmented_samples, preview_grid
+from pipeline.records import Pca
 from pipeline.shards import build_manifest, shard_name, write_shard
 
 LOADERS = ("dali", "torch")

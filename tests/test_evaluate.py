@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.artifacts import RunSpec
 from pipeline.augment import ReferenceEvalLoader, load_pca, make_eval_loader, reference_eval_samples
 from pipeline.evaluate import class_probabilities, confused_pairs, errors, per_class_accuracy, view_probabilities
 from pipeline.model import build_model
+from pipeline.records import RunSpec
 
 
 class LookupModel(torch.nn.Module):

@@ -21,6 +21,7 @@ from conftest import shared_data
 
 from pipeline.cifar import CLASSES, balanced_subset, find_source, read_training_split
 from pipeline.figure1 import Run, Setup, factor_words, four_layer_net, next_run, summarize
+from pipeline.records import Factor, Figure1Run
 
 PER_CLASS = 40
 # 200 images: 3 epochs of 10 steps a run, long enough for a run in flight to be killed
@@ -95,37 +96,34 @@ def test_the_two_nets_differ_only_in_the_neuron():
 
 
 def record(activation: str, lr: float, seed: int, reached_at: int | None, trained: int = 40_000,
-           end: str | None = None, lowest: float = 0.3) -> dict:
+           end: str | None = None, lowest: float = 0.3) -> Figure1Run:
     """A finished run as `train_run` records it, 10,000 images an epoch."""
-    return {"activation": activation, "lr": lr, "seed": seed, "images_per_epoch": 10_000,
-            "end": end or ("reached" if reached_at else "cap"), "images_to_threshold": reached_at,
-            "epochs_to_threshold": reached_at / 10_000 if reached_at else None,
-            "images_trained": reached_at or trained, "lowest_error": lowest, "seconds": 1.0, "parts": [],
-            "epochs": []}
+    return Figure1Run(activation, lr, seed, end or ("reached" if reached_at else "cap"), 10_000,
+                      reached_at or trained, reached_at, reached_at / 10_000 if reached_at else None, lowest, 1.0)
 
 
 def test_the_factor_is_measured_only_when_every_chosen_run_reached_the_threshold_else_a_bound():
     setup = Setup(lrs=(0.01,), epochs=4, seeds=2)
     relu = [record("relu", 0.01, 0, 10_000), record("relu", 0.01, 1, 14_000)]
     tanh = [record("tanh", 0.01, 0, 60_000), record("tanh", 0.01, 1, 72_000)]
-    f = summarize(relu + tanh, setup)["factor"]
-    assert f["kind"] == "measured" and f["value"] == pytest.approx(66_000 / 12_000)
-    assert [p["factor"] for p in f["by_seed"]] == pytest.approx([6.0, 72 / 14])
+    f = summarize(relu + tanh, setup).factor
+    assert f.kind == "measured" and f.value == pytest.approx(66_000 / 12_000)
+    assert [p.factor for p in f.by_seed] == pytest.approx([6.0, 72 / 14])
     assert factor_words(f) == "5.5× (seed by seed: 6.0×, 5.1×)"
 
     slow = [tanh[0], record("tanh", 0.01, 1, None, trained=40_000)]  # seed 1 never reached it in 40,000 images
-    f = summarize(relu + slow, setup)["factor"]
-    assert f["kind"] == "lower_bound" and f["value"] == pytest.approx(50_000 / 12_000) and not f["by_seed"]
+    f = summarize(relu + slow, setup).factor
+    assert f.kind == "lower_bound" and f.value == pytest.approx(50_000 / 12_000) and not f.by_seed
     assert factor_words(f).startswith("at least 4.2×")
-    f = summarize([relu[0], record("relu", 0.01, 1, None)] + tanh, setup)["factor"]
-    assert f["kind"] == "upper_bound" and factor_words(f).startswith("at most")
-    f = summarize([record("relu", 0.01, 0, None), record("tanh", 0.01, 0, None)], setup)["factor"]
-    assert f == {"kind": "none", "value": None, "by_seed": []}
+    f = summarize([relu[0], record("relu", 0.01, 1, None)] + tanh, setup).factor
+    assert f.kind == "upper_bound" and factor_words(f).startswith("at most")
+    f = summarize([record("relu", 0.01, 0, None), record("tanh", 0.01, 0, None)], setup).factor
+    assert f == Factor("none", None, ())
 
 
 def test_the_sweep_starts_at_the_grid_centre_bounds_runs_by_the_best_widens_at_the_edge_then_adds_seeds():
     setup = Setup(lrs=(0.001, 0.003, 0.01), epochs=40, seeds=2)
-    runs: list[dict] = []
+    runs: list[Figure1Run] = []
     assert next_run("relu", runs, setup) == Run("relu", 0.003, 0)
     runs.append(record("relu", 0.003, 0, 50_000))
     assert next_run("relu", runs, setup) == Run("relu", 0.01, 0, stop_after_images=50_000)

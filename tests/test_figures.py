@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.artifacts import RunSpec
 from pipeline.config import AlexNetConfig
 from pipeline.figures import chroma_energy, nearest, neighbour_correlation
 from pipeline.model import build_model, initial_model
+from pipeline.records import RunSpec
 
 NEIGHBOUR_LIMIT = 20
 

@@ -17,8 +17,19 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import EvalResult, Event, Manifest, Pca, RunSpec, parse_metrics
 from pipeline.engine import canonical_json
+from pipeline.records import (
+    EvalResult,
+    Event,
+    Figure1Result,
+    Figure1Run,
+    Manifest,
+    Pca,
+    RunSpec,
+    SweepRun,
+    SweepTable,
+    parse_metrics,
+)
 
 FIXTURE = Path(__file__).parent / "fixtures" / "formats-a88cf67"
 PROVENANCE = ("make.sh", "trim.py", "demo-data-mtimes.json")
@@ -45,6 +56,33 @@ def test_each_typed_record_of_the_earlier_version_reads_and_writes_back_the_same
     for path in fixture_files("events.jsonl"):
         for line in path.read_text().splitlines():
             assert json.dumps(Event.from_json(json.loads(line)).to_json()) == line, path
+
+
+def test_the_sweeps_records_of_the_earlier_version_read_back_and_rebuild_their_tables_to_the_byte():
+    from dataclasses import replace
+
+    from pipeline.ablation import summarize as summarize_sweep
+    from pipeline.figure1 import Setup
+    from pipeline.figure1 import summarize as summarize_figure1
+
+    for name, kind in (("ablations", SweepRun), ("figure1", Figure1Run)):
+        for path in fixture_files(f"{name}/_units/*.json"):
+            assert canonical_json(kind.from_json(json.loads(path.read_text())).to_json()) == path.read_text(), path
+    ablations = FIXTURE / "ablations" / "ablations.json"
+    table = SweepTable.read(ablations)
+    assert canonical_json(table.to_json()) == ablations.read_text()
+    units = [SweepRun.read(p) for p in sorted((FIXTURE / "ablations" / "_units").glob("*.json"))]
+    rebuilt = replace(summarize_sweep(units, table.threshold), runs=table.runs, sweep=table.sweep)
+    assert canonical_json(rebuilt.to_json()) == ablations.read_text()
+
+    figure1 = FIXTURE / "figure1" / "figure1.json"
+    result = Figure1Result.read(figure1)
+    assert canonical_json(result.to_json()) == figure1.read_text()
+    assert result.setup is not None
+    setup = Setup(**{k: tuple(v) if k == "lrs" else v for k, v in result.setup.items() if k != "train_images"})
+    again = replace(summarize_figure1(list(result.runs), setup), setup=result.setup, description=result.description,
+                    runs=result.runs)
+    assert canonical_json(again.to_json()) == figure1.read_text()
 
 
 def test_each_checkpoint_of_the_earlier_version_holds_a_spec_that_reads_and_writes_back_unchanged():

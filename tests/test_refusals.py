@@ -19,8 +19,8 @@ import torch
 from conftest import one_line_error
 from PIL import Image
 
-from pipeline.artifacts import METRICS, parse_metrics
 from pipeline.imagenet import sample_key
+from pipeline.records import METRICS, parse_metrics
 
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
 

@@ -147,7 +147,7 @@ def test_report_is_cached_until_the_run_logs_more(report, levelled_checkpoint, c
 
 
 def test_the_report_names_its_data_from_the_manifests_not_from_a_sample_count(tiny_data, sample_shards, tmp_path):
-    from pipeline.artifacts import ClassCount, Manifest, ShardParams
+    from pipeline.records import ClassCount, Manifest, ShardParams
     from pipeline.report import val_data_origin
 
     assert val_data_origin(tiny_data["val"]) == ("the generated demo data set (6 of 1,000 classes)", False)
@@ -165,7 +165,7 @@ def test_the_report_names_its_data_from_the_manifests_not_from_a_sample_count(ti
 def test_plots_of_a_run_shorter_than_one_epoch_raise_no_library_warning(tiny_run, tmp_path):
     import warnings
 
-    from pipeline.artifacts import read_metrics
+    from pipeline.records import read_metrics
     from pipeline.report import plot_curves
 
     steps = read_metrics(tiny_run).steps

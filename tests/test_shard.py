@@ -22,7 +22,6 @@ import torch
 from conftest import manifest, samples, shard_set
 from PIL import Image
 
-from pipeline.artifacts import PixelStats
 from pipeline.augment import ReferenceEvalLoader, centre_crop_box
 from pipeline.augment.loading import ShardSet, sample_index
 from pipeline.augment.order import SampleReader
@@ -30,6 +29,7 @@ from pipeline.augment.reference import decode_rgb
 from pipeline.engine import QuietReporter, fingerprint_source, inspect
 from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.images import BadImage, prepare_image, resized_size
+from pipeline.records import PixelStats
 from pipeline.shards import assign_shards
 from stages import shard as shard_stage
 

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.artifacts import Pca
 from pipeline.errors import PipeError
 from pipeline.images import BadImage, prepare_image
 from pipeline.pca import check_pca
+from pipeline.records import Pca
 from pipeline.shards import check_shard_files, damaged_shards, load_manifest
 from pipeline.status import stage_rows
 from stages import shard as shard_stage

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.artifacts import RunSpec
+from pipeline.records import RunSpec
 
 pytestmark = [
     pytest.mark.slurm,

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.artifacts import RunSpec
 from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters
+from pipeline.records import RunSpec
 from pipeline.train import TrainConfig, make_optimizer, train_step
 
 SMALL = 0.125

@@ -20,9 +20,9 @@ import pytest
 import torch
 from conftest import one_line_error
 
-from pipeline.artifacts import Manifest, RunSpec, Topology
 from pipeline.classes import run_classes, val_class_problems
 from pipeline.config import TrainConfig
+from pipeline.records import Manifest, RunSpec, Topology
 from pipeline.train import at_chance, flat_loss, make_scheduler, schedule_epoch
 
 TIMING = ("images_per_s", "data_wait", "step_ms", "time")  # the only fields of metrics.jsonl that may differ

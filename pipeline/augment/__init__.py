@@ -44,7 +44,7 @@ from pipeline.errors import PipeError
 from pipeline.pca import load_pca
 
 if TYPE_CHECKING:
-    from pipeline.artifacts import PixelStats
+    from pipeline.records import PixelStats
 
 # the loaders by name: (training loader, evaluation loader), each "module:class"
 _LOADERS = dict(zip(LOADERS, (("dali", "TrainLoader", "EvalLoader"),

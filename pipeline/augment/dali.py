@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from pipeline.artifacts import PixelStats
 from pipeline.augment.geometry import CROP, LIGHTING_ALPHA_STD, centre_inset, rank_range, ten_crop_views
 from pipeline.augment.loading import (
     Batch,
@@ -30,6 +29,7 @@ from pipeline.augment.loading import (
     torch_device,
 )
 from pipeline.errors import PipeError
+from pipeline.records import PixelStats
 
 try:
     import nvidia.dali.fn as fn

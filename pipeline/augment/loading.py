@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import PixelStats
 from pipeline.augment.order import SampleIndex, TrainAugmentation, TrainSource, batches_per_epoch
 from pipeline.errors import PipeError
+from pipeline.records import PixelStats
 from pipeline.shards import check_shard_files, load_manifest, shard_paths
 
 Batch = tuple[torch.Tensor, torch.Tensor]

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.artifacts import PixelStats
 from pipeline.augment.geometry import CROP, LIGHTING_ALPHA_STD, centre_crop_box, rank_range, ten_crop_boxes
 from pipeline.augment.loading import (
     Batch,
@@ -26,6 +25,7 @@ from pipeline.augment.loading import (
     torch_device,
 )
 from pipeline.augment.order import SampleIndex, SampleReader, TrainSource
+from pipeline.records import PixelStats
 
 
 def decode_rgb(jpeg: bytes) -> torch.Tensor:
