@@ -27,8 +27,9 @@ from pipeline.augment import load_pca, make_eval_loader, make_train_loader
 from pipeline.augment.dali import DALI_IMPORT_ERROR
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.model import build_model, forward_flops
-from pipeline.speed import StepClock, mfu, peak_tflops, set_tf32
-from pipeline.train import make_optimizer, train_step
+from pipeline.train.loop import train_step
+from pipeline.train.schedule import make_optimizer
+from pipeline.train.speed import StepClock, mfu, peak_tflops, set_tf32
 
 GOALS = {"train_bf16_images_per_s": 18_000, "dali_mixed_images_per_s": 20_000, "data_wait": 0.05}
 LEARNED = 0.5  # "learning has started": the training loss 0.5 below ln(C)
@@ -91,7 +92,7 @@ def clock(args: argparse.Namespace) -> dict:
             time.sleep(fetch_s)
             timer.fetch_done()
             step()
-        result[name] = round(timer.interval()["data_wait"], 4)
+        result[name] = round(timer.interval().data_wait, 4)
     return result
 
 

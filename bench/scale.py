@@ -26,7 +26,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline.imagenet import ilsvrc2012_classes
+from pipeline.sources import ilsvrc2012_classes
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))

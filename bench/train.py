@@ -26,7 +26,7 @@ import torchvision
 from torch import nn
 
 from pipeline.model import AlexNetConfig, AlexNetGrouped, build_model, count_parameters
-from pipeline.speed import precision, set_tf32
+from pipeline.train.speed import precision, set_tf32
 
 MODELS = ("two-tower", "grouped", "torchvision")
 

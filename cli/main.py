@@ -8,35 +8,35 @@ Exit codes: 0 success, 1 unexpected error (a bug: rerun with --debug for the tra
 
 from __future__ import annotations
 
-import os
-import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, cast
+from typing import Annotated, cast
 
 import typer
-from typer.core import TyperArgument, TyperGroup, TyperOption
 
+from cli.display import CliReporter, one_line, print_prediction, print_status
+from cli.options import (
+    RECIPES,
+    Commands,
+    CutInput,
+    Force,
+    NumTasks,
+    Out,
+    RunOrCheckpoint,
+    Seed,
+    TaskIndex,
+    Workers,
+    numbers,
+    out_folder,
+    task_flags,
+    with_settings,
+)
 from pipeline.ablation import VARIANT_NAMES
-from pipeline.config import Crop, Loader, recipe_names
-
-
-class _CutInput(Exception):
-    """A command's own EOFError (a cut .gz file), carried past click, which takes every EOFError for Ctrl-D and
-    prints only "Aborted."."""
-
-
-class _Commands(TyperGroup):
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except EOFError as e:
-            raise _CutInput(e) from e
-
+from pipeline.config import Crop, Loader
 
 app = typer.Typer(
     name="alexnet-pipe",
-    cls=_Commands,
+    cls=Commands,
     help="Reproduce AlexNet (Krizhevsky, Sutskever & Hinton, NIPS 2012) stage by stage: synth → shard → pca-stats "
     "→ train → eval. Every stage is cached (a finished stage returns at once) and restartable (a killed stage "
     "resumes where it stopped).",
@@ -49,78 +49,10 @@ app = typer.Typer(
 _debug = False
 
 
-def _usage_name(self: TyperArgument) -> str:
-    """An argument in a usage line as a user types it: OUT, [WORK] when optional (typer writes {out})."""
-    name = (self.metavar or self.name or "").upper()
-    return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
-
-
-def _flag_type(self: TyperOption, ctx) -> str | None:
-    """No type shown for an on/off flag (typer shows <bool>); the metavar or typer's type for the others."""
-    return None if self.is_flag else _option_type(self, ctx)
-
-
-_option_type = TyperOption.display_type_rich
-# typer has no hook for these two: patched on its classes (setattr: mypy refuses assigning to a method)
-setattr(TyperArgument, "_usage_display_name", _usage_name)  # noqa: B010
-setattr(TyperOption, "display_type_rich", _flag_type)  # noqa: B010
-
-
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")] = False):
     global _debug
     _debug = debug
-
-
-def _reporter():
-    from cli.report import CliReporter
-
-    return CliReporter()
-
-
-RECIPES = "|".join(["paper", *(name for name in recipe_names() if name != "paper"), "FILE"])
-
-
-def _out(positional: Path | None, option: Path | None, what: str) -> Path:
-    """The output folder, given as `--out` or (as before) positionally: one of the two."""
-    from pipeline.errors import PipeError
-
-    if (positional is None) == (option is None):
-        found = "both" if positional is not None else "neither"
-        raise PipeError(f"expected the output folder ({what}) once, as --out DIR or as the last argument; found "
-                        f"{found}", option="out")
-    chosen = positional or option
-    assert chosen is not None  # exactly one of the two was given
-    return chosen
-
-
-RunOrCheckpoint = Annotated[Path, typer.Argument(metavar="RUN_OR_CHECKPOINT", help="A run folder (its newest "
-                                                 "checkpoint that verifies) or a checkpoint file.")]
-Out = Annotated[Path | None, typer.Option("--out", metavar="DIR", help="The output folder (also accepted as the "
-                                          "last argument).")]
-Workers = Annotated[int | None, typer.Option("--workers", "-j", help="Worker processes (default: all cores). "
-                                            "Not part of the cache key.", min=1)]
-TaskIndex = Annotated[int | None, typer.Option(help="Array task index (default: $SLURM_ARRAY_TASK_ID). This task "
-                                              "writes only units [⌊iU/T⌋, ⌊(i+1)U/T⌋).")]
-NumTasks = Annotated[int | None, typer.Option(help="Number of array tasks T; required with --task-index.", min=1)]
-Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is up to date.")]
-Seed = Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical outputs.")]
-
-
-def _task_flags(task_index: int | None, num_tasks: int | None) -> tuple[int | None, int | None]:
-    """--task-index defaults to $SLURM_ARRAY_TASK_ID; checked before any work starts."""
-    from pipeline.engine import task_slice
-
-    if task_index is None and "SLURM_ARRAY_TASK_ID" in os.environ:
-        found = os.environ["SLURM_ARRAY_TASK_ID"]
-        if not found.isdigit():
-            from pipeline.errors import PipeError
-
-            raise PipeError(f"expected SLURM_ARRAY_TASK_ID to be a task index (0, 1, …), found {found!r}",
-                            option="task_index")
-        task_index = int(found)
-    task_slice(0, task_index, num_tasks)
-    return task_index, num_tasks
 
 
 @app.command()
@@ -142,9 +74,9 @@ def synth(
     names, val labels, one grayscale, one CMYK and one PNG-named-.JPEG file per split)."""
     from stages import synth as stage
 
-    stage.run(_out(out_arg, out, "the data set"), classes=classes, train_per_class=train_per_class,
+    stage.run(out_folder(out_arg, out, "the data set"), classes=classes, train_per_class=train_per_class,
               val_per_class=val_per_class, fmt=format,
-              seed=seed, force=force, reporter=_reporter())
+              seed=seed, force=force, reporter=CliReporter())
 
 
 @app.command()
@@ -180,11 +112,11 @@ def shard(
     labels), with a DALI .idx per shard and manifest.json. Bad images are skipped and listed, never fatal."""
     from stages import shard as stage
 
-    task_index, num_tasks = _task_flags(task_index, num_tasks)
-    stage.run(source, _out(out_arg, out, "the shards"), split=split, labels=labels, classes_file=classes,
+    task_index, num_tasks = task_flags(task_index, num_tasks)
+    stage.run(source, out_folder(out_arg, out, "the shards"), split=split, labels=labels, classes_file=classes,
               shard_size=shard_size, workers=workers, task_index=task_index, num_tasks=num_tasks, short_side=short_side,
               quality=quality, seed=seed, max_classes=max_classes, per_class=per_class, force=force,
-              reporter=_reporter())
+              reporter=CliReporter())
 
 
 @app.command("pca-stats")
@@ -206,45 +138,13 @@ def pca_stats(
     eigenvalues (descending) and eigenvectors (columns), used for the colour "lighting" augmentation."""
     from stages import pca as stage
 
-    task_index, num_tasks = _task_flags(task_index, num_tasks)
-    stage.run(shard_dir, _out(out_arg, out, "pca.json"), max_images=max_images, seed=seed, workers=workers,
-              task_index=task_index, num_tasks=num_tasks, force=force, reporter=_reporter())
-
-
-def _with_settings(command):
-    """Add one option per model and training setting to `command` (which takes them as **settings), built from the
-    settings' dataclass fields: the help, allowed values and paper default are the field's, never repeated here. An
-    option left out is None, so the recipe's value stands."""
-    import inspect
-    from dataclasses import fields
-    from typing import get_type_hints
-
-    from pipeline.config import SETTINGS, default_of, user_settings
-
-    signature = inspect.signature(command, eval_str=True)
-    params = [p for p in signature.parameters.values() if p.kind is not p.VAR_KEYWORD]
-    for section, cls in SETTINGS.items():
-        hints = get_type_hints(cls)
-        panel = f"{'Model' if section == 'model' else 'Training'} settings (the recipe's {section} table)"
-        for f in user_settings(cls):
-            base = next(t for t in (bool, int, float, str) if hints[f.name] is t or hints[f.name] == t | None)
-            choices, dashed = f.metadata["choices"], f.name.replace("_", "-")
-            default = default_of(f)
-            shown = "" if default is None else f" (paper recipe: {str(default).lower() if base is bool else default})"
-            option = typer.Option(f"--{dashed}/--no-{dashed}" if base is bool else f"--{dashed}", *f.metadata["flags"],
-                                  help=f.metadata["help"] + shown, rich_help_panel=panel,
-                                  min=None if base in (bool, str) else f.metadata["minimum"])
-            kind = Literal[choices] if choices else base
-            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                                            annotation=Annotated[kind | None, option]))
-    command.__signature__ = signature.replace(parameters=params)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    assert {p.name for p in params} >= {f.name for c in SETTINGS.values() for f in fields(c)} - {"num_classes"}
-    return command
+    task_index, num_tasks = task_flags(task_index, num_tasks)
+    stage.run(shard_dir, out_folder(out_arg, out, "pca.json"), max_images=max_images, seed=seed, workers=workers,
+              task_index=task_index, num_tasks=num_tasks, force=force, reporter=CliReporter())
 
 
 @app.command()
-@_with_settings
+@with_settings
 def train(
     train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")],
@@ -267,7 +167,7 @@ def train(
     from stages import train as stage
 
     model, cfg = resolve_settings(recipe, settings)
-    stage.run(train, val, pca, out, cfg=cfg, model=model, devices=devices, force=force, reporter=_reporter())
+    stage.run(train, val, pca, out, cfg=cfg, model=model, devices=devices, force=force, reporter=CliReporter())
 
 
 @app.command("eval")
@@ -294,7 +194,7 @@ def eval_(
     from stages import evaluate as stage
 
     stage.run(run_or_checkpoint, val, out, ten_crop=ten_crop, devices=devices, batch_size=batch_size, loader=loader,
-              train_dir=train, neighbour_train_images=neighbour_train_images, force=force, reporter=_reporter())
+              train_dir=train, neighbour_train_images=neighbour_train_images, force=force, reporter=CliReporter())
 
 
 @app.command()
@@ -308,7 +208,7 @@ def report(
     AlexNet (each row labelled with its protocol), per-class accuracy and a grid of val predictions."""
     from stages import report as stage
 
-    stage.run(run_dir, eval_dir, out, force=force, reporter=_reporter())
+    stage.run(run_dir, eval_dir, out, force=force, reporter=CliReporter())
 
 
 @app.command()
@@ -325,7 +225,7 @@ def preview(
     their originals with the crop box drawn: check the augmentation by eye."""
     from stages import preview as stage
 
-    stage.run(shard_dir, pca, out, n=n, seed=seed, crop=crop, loader=loader, reporter=_reporter())
+    stage.run(shard_dir, pca, out, n=n, seed=seed, crop=crop, loader=loader, reporter=CliReporter())
 
 
 @app.command()
@@ -336,56 +236,20 @@ def verify(
     """Re-read every shard and check its sha256 and sample count against the manifest (exit 4 on a mismatch)."""
     from stages import verify as stage
 
-    stage.run(shard_dir, decode=decode, reporter=_reporter())
+    stage.run(shard_dir, decode=decode, reporter=CliReporter())
 
 
 @app.command()
 def status(work: Annotated[Path, typer.Argument(metavar="WORK", help="The work folder.")] = Path("work")):
     """One row per stage folder under WORK: done, stale (and why), partial (k of n units), damaged (shards missing
     or resized: run verify) or missing."""
-    from rich.console import Console
-    from rich.table import Table
-
     from pipeline.errors import PipeError
-    from pipeline.status import stage_rows
-    from stages import versions
 
     if work.exists() and not work.is_dir():
         raise PipeError(f"{work}: expected a work folder (make's WORK), found a file")
     if not work.exists():  # before the first stage, or a mistyped WORK: the table alone would not tell them apart
         print(f"warning: {work} does not exist yet: nothing has run there (is WORK right?)", file=sys.stderr)
-    table = Table(title=f"alexnet-pipe status: {work}")
-    for col in ("stage", "folder", "state", "detail"):
-        table.add_column(col)
-    colours = {"done": "green", "stale": "yellow", "partial": "cyan", "missing": "red", "damaged": "magenta",
-               "diverged": "red"}
-    for name, folder, state in stage_rows(work, versions()):
-        table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
-    console = Console(width=None if sys.stdout.isatty() else 160)
-    console.print(table)
-    _print_runs(console, work)
-
-
-def _print_runs(console, work: Path) -> None:
-    """The training runs' progress: step reached, epochs done, last val error, rate and time left while running."""
-    from rich import box
-    from rich.table import Table
-
-    from pipeline.status import run_progress
-
-    rows = run_progress(work)
-    if not rows:
-        return
-    table = Table(title="runs", box=box.SIMPLE_HEAD)  # no │: scripts that read the stage table's rows still can
-    for col in ("run", "state", "step", "epochs done", "val top-1 error", "rate", "time left"):
-        table.add_column(col)
-    for r in rows:
-        step = f"{r.step}/{r.total_steps}" if r.total_steps else str(r.step)
-        error = f"{r.val_top1_error:.4f}" if r.val_top1_error is not None else "—"
-        rate = f"{r.steps_per_s:g} steps/s, {r.images_per_s:g} img/s" if r.steps_per_s else "—"
-        left = f"{r.eta_s // 3600}h{r.eta_s % 3600 // 60:02d}m{r.eta_s % 60:02d}s" if r.eta_s is not None else "—"
-        table.add_row(r.run, r.state, step, str(r.epochs_done), error, rate, left)
-    console.print(table)
+    print_status(work)
 
 
 @app.command()
@@ -406,20 +270,11 @@ def predict(
     """Classify your own images with a checkpoint: the paper's test preprocessing (short side 256, centre 224 or
     10-crop, minus the checkpoint's mean) → top-k wnid, name, probability. A file that cannot be read is one line
     and the others go on; exit 0 when at least one image was classified, 2 when none."""
-    import json
 
     from stages import predict as stage
 
-    def show(record: dict) -> None:
-        if json_lines:
-            print(json.dumps(record), flush=True)
-        elif "top" in record:
-            print(record["path"])
-            for rank, c in enumerate(record["top"], 1):
-                print(f"  {rank}. {c['probability']:.4f}  {c['wnid']}  {c['name']}")
-
     stage.run(run_or_checkpoint, images, top=top, ten_crop=ten_crop, devices=devices, batch_size=batch_size,
-              on_record=show, reporter=_reporter())
+              on_record=lambda record: print_prediction(record, json_lines), reporter=CliReporter())
 
 
 @app.command()
@@ -435,11 +290,11 @@ def export(
     The preprocessing it expects (short side, crop, mean, class list) is stored in the file as preprocessing.json."""
     from stages import export as stage
 
-    stage.run(run_or_checkpoint, out, fmt=format, reporter=_reporter())
+    stage.run(run_or_checkpoint, out, fmt=format, reporter=CliReporter())
 
 
 @app.command()
-@_with_settings
+@with_settings
 def ablate(
     train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")],
@@ -470,13 +325,13 @@ def ablate(
     from stages import evaluate as eval_stage
     from stages import train as train_stage
 
-    task_index, num_tasks = _task_flags(task_index, num_tasks)
+    task_index, num_tasks = task_flags(task_index, num_tasks)
     model, cfg = resolve_settings(recipe, settings)
     chosen = VARIANT_NAMES if variants == "all" else tuple(v.strip() for v in variants.split(",") if v.strip())
     stage.run(train, val, pca, out, model=model, cfg=cfg, train_stage=train_stage.run, eval_stage=eval_stage.run,
               recipe=recipe, seeds=seeds, variants=chosen,
               threshold=threshold, ten_crop=ten_crop, devices=devices, task_index=task_index, num_tasks=num_tasks,
-              force=force, reporter=_reporter())
+              force=force, reporter=CliReporter())
 
 
 @app.command()
@@ -514,69 +369,26 @@ def figure1(
     """§3.1's Figure 1 as the paper ran it: a four-layer CNN on CIFAR-10 with ReLUs against tanh, each at its own
     fastest learning rate (a sweep), timed in training images to 25% training error → figure1.png, figure1.json,
     figure1.md. Cached: a rerun does nothing, a killed run resumes at its last finished epoch."""
-    from pipeline.errors import PipeError
     from stages import figure1 as stage
 
-    try:
-        grid = tuple(float(x) for x in lrs.split(",") if x.strip())
-    except ValueError:
-        raise PipeError(f"expected numbers separated by commas, got {lrs!r}", option="lrs") from None
-    stage.run(cifar, out, train_images=train_images, epochs=epochs, seeds=seeds, lrs=grid, threshold=threshold,
-              init=init, batch_size=batch_size, devices=devices, fetch=download, force=force, reporter=_reporter())
-
-
-OUT_OF_MEMORY = ("out of memory: lower --batch-size (or --eval-batch-size, --width), --loader-threads or --workers; "
-                 "on a GPU, --amp halves the activations")
-
-
-def _is_out_of_memory(e: Exception) -> bool:
-    """torch's allocators raise RuntimeError (CPU: "DefaultCPUAllocator: can't allocate memory", C++'s
-    std::bad_alloc) or torch.OutOfMemoryError (CUDA); DALI raises RuntimeError with bad_alloc or out of memory."""
-    text = str(e)
-    return type(e).__name__ == "OutOfMemoryError" or any(
-        s in text for s in ("can't allocate memory", "std::bad_alloc", "out of memory", "CUDA out of memory"))
+    stage.run(cifar, out, train_images=train_images, epochs=epochs, seeds=seeds, lrs=numbers(lrs, "lrs"),
+              threshold=threshold, init=init, batch_size=batch_size, devices=devices, fetch=download, force=force,
+              reporter=CliReporter())
 
 
 def main() -> None:
     """Console-script entry: user errors are one line and a documented exit code, never a traceback."""
-    from pipeline.cluster import placement
-    from pipeline.errors import Diverged, PipeError, Stopped
+    from pipeline.errors import Diverged, Stopped
 
     try:
         app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
-    except (Stopped, Diverged) as e:  # the run ended at a checkpoint (rank 0 says why; every rank exits alike)
-        if placement().rank == 0:
-            print(f"error: {e}" if isinstance(e, Diverged) else str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except PipeError as e:
-        if _debug:
-            raise
-        flag = f"--{e.option.replace('_', '-')}: " if e.option else ""
-        print(f"error: {flag}{e}", file=sys.stderr)
-        sys.exit(e.exit_code)
-    except PermissionError as e:  # a folder or file of the user's that this user may not read or write
-        if _debug:
-            raise
-        print(f"error: {e.filename or ''}: permission denied (expected a path this user may read, and write for "
-              "outputs; check its mode and owner)", file=sys.stderr)
-        sys.exit(2)
-    except MemoryError:
-        if _debug:
-            raise
-        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
-        sys.exit(2)
     except Exception as e:  # noqa: BLE001 - the last line of defence
-        if _debug:
+        if _debug and not isinstance(e, Stopped | Diverged):
             raise
-        if _is_out_of_memory(e):
-            wanted = re.search(r"allocate (\d+) bytes", str(e))
-            said = f"{int(wanted.group(1)):,} bytes more were asked for" if wanted else str(e).splitlines()[0][:160]
-            print(f"error: {OUT_OF_MEMORY} ({said})", file=sys.stderr)
-            sys.exit(2)
-        shown = e.__cause__ if isinstance(e, _CutInput) else e
-        print(f"error: unexpected {type(shown).__name__}: {shown} (rerun with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        code, line = one_line(e.__cause__ if isinstance(e, CutInput) and e.__cause__ else e)
+        if line:
+            print(line, file=sys.stderr)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -66,3 +66,26 @@ def resolve_devices(spec: str, local_rank: int = 0, local_world_size: int = 1,
             raise PipeError(f"{spec}: {local_world_size} ranks on this node would all use {d}; with "
                             "several ranks per node use auto (each rank takes its own GPUs)", option="devices")
     return devices
+
+
+def summed(values: list[float], place: Placement) -> list[float]:
+    """`values` summed over every rank (float64: exact for counts)."""
+    import torch
+
+    counts = torch.tensor(values, dtype=torch.float64)
+    if place.distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def broadcast(value, place: Placement):
+    """Rank 0's `value` on every rank."""
+    if not place.distributed:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
-from pipeline.classes import val_class_problems
 from pipeline.errors import PipeError
 from pipeline.records import (
     CheckpointRef,
@@ -27,6 +26,7 @@ from pipeline.records import (
     PixelStats,
     ValRef,
 )
+from pipeline.sources import val_class_problems
 
 if TYPE_CHECKING:
     from pipeline.predict import Classifier

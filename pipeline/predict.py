@@ -17,14 +17,13 @@ import torch
 
 from pipeline.augment.geometry import centre_crop_box, ten_crop_boxes
 from pipeline.augment.reference import decode_rgb, reference_patch
-from pipeline.classes import class_table
 from pipeline.cluster import resolve_devices
 from pipeline.errors import PipeError
 from pipeline.evaluate import view_probabilities
-from pipeline.imagenet import IMAGE_SUFFIXES, ClassTable
 from pipeline.images import BadImage, prepare_image
 from pipeline.model import AlexNet, build_model
 from pipeline.records import RunSpec
+from pipeline.sources import IMAGE_SUFFIXES, ClassTable, class_table
 
 
 @dataclass
@@ -52,7 +51,7 @@ class Classifier:
 
 def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> Classifier:
     """The model of `checkpoint` on `devices` (a --devices spec or a resolved list), in eval mode."""
-    from pipeline.checkpoints import load_checkpoint, non_finite_tensors
+    from pipeline.train.checkpoints import load_checkpoint, non_finite_tensors
 
     state = load_checkpoint(checkpoint)
     try:

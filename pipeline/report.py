@@ -95,7 +95,7 @@ def prediction_grid(eval_result: EvalResult, val_dir: Path, out_png: Path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from pipeline.imagenet import ilsvrc2012_classes
+    from pipeline.sources import ilsvrc2012_classes
 
     builtin = ilsvrc2012_classes()
     wanted = {e.key: e for e in eval_result.examples}

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from pipeline.engine import atomic_write, canonical_json, read_json, sha256_file, write_json
 from pipeline.errors import PipeError
-from pipeline.imagenet import ClassTable, Member
 from pipeline.images import BadImage, prepare_image
 from pipeline.records import (
     MANIFEST,
@@ -31,6 +30,7 @@ from pipeline.records import (
     ShardParams,
     SkippedImage,
 )
+from pipeline.sources import ClassTable, Member
 
 COMPONENTS = ("cls", "jpg", "json")  # in tar order (sorted, as webdataset writes them)
 DALI_INDEX_VERSION = "v1.2"

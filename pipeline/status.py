@@ -17,8 +17,8 @@ from pathlib import Path
 from pipeline.engine import MARKER, PLAN, StageState, inspect, read_json
 from pipeline.errors import PipeError
 from pipeline.records import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
-from pipeline.runs import diverged_record, final_checkpoint_problem
 from pipeline.shards import damaged_shards
+from pipeline.train.state import diverged_record, final_checkpoint_problem
 
 STAGE_FILES = (MARKER, PLAN, RUN_SETTINGS)
 
@@ -89,7 +89,7 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
             return StageState("damaged", f"the run finished but {problem}; `train` resumes it from the newest good "
                                          "checkpoint to the end")
     if (folder / RUN_SETTINGS).is_file() and (diverged := diverged_record(folder)) is not None:
-        return StageState("diverged", f"the loss was not finite at step {diverged['step']}; rerun with a lower --lr "
+        return StageState("diverged", f"the loss was not finite at step {diverged.step}; rerun with a lower --lr "
                                       "and --force")
     if state.state == "missing" and (folder / RUN_SETTINGS).is_file():
         return StageState("partial", "training started (no finished marker)")

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from pipeline.errors import PipeError
-from pipeline.imagenet import (
+from pipeline.sources import (
     DEVKIT_GROUND_TRUTH,
     DEVKIT_TAR,
     KAGGLE_VAL_CSV,

@@ -29,7 +29,7 @@ from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
 from pipeline.errors import Diverged, PipeError
 from pipeline.records import ABLATIONS, EVAL, MANIFEST, Manifest, SweepRun
-from pipeline.runs import pca_input
+from pipeline.train.setup import pca_input
 
 # 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s).
 # 3: each run's eval also measures the training error as val's (the train–val gap): every unit is evaluated again;

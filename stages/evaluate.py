@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.checkpoints import CheckpointGone, resolve_checkpoint
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, write_json
 from pipeline.errors import PipeError
 from pipeline.record import run_record
 from pipeline.records import EVAL, MANIFEST, CheckpointRef, EvalResult, Manifest
+from pipeline.train.checkpoints import CheckpointGone, resolve_checkpoint
 
 VERSION = 3  # 2: the paper's Figure 3 (and Figure 4 with --train); 3: Figure 3's neighbour correlation (also at
 # step 0) and, with --train, the training error measured as val's

@@ -18,10 +18,10 @@ def run(run_or_checkpoint: Path, out: Path, *, fmt: str | None = None,
     fmt = export_format(out, fmt)  # before the checkpoint is read: a wrong --out costs nothing
     if out.is_dir():
         raise PipeError(f"{out}: expected a file to write, found a folder", option="out")
-    from pipeline.checkpoints import resolve_checkpoint
     from pipeline.engine import sha256_file
     from pipeline.export import export
     from pipeline.predict import load_classifier
+    from pipeline.train.checkpoints import resolve_checkpoint
 
     checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
     classifier = load_classifier(checkpoint, "cpu")

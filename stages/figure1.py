@@ -14,7 +14,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from pipeline.cifar import CifarSource, balanced_subset, channel_mean, download, find_source, read_training_split
 from pipeline.engine import (
     Input,
     QuietReporter,
@@ -28,6 +27,14 @@ from pipeline.engine import (
 from pipeline.errors import PipeError
 from pipeline.figure1 import ACTIVATIONS, INITS, NAMES, Run, Setup, next_run, plot, summarize, table_markdown, train_run
 from pipeline.records import FIGURE1, EpochProgress, Figure1Run, to_plain
+from pipeline.sources.cifar import (
+    CifarSource,
+    balanced_subset,
+    channel_mean,
+    download,
+    find_source,
+    read_training_split,
+)
 
 VERSION = 1
 # The defaults (docs/figure1.md): about 30 minutes on two CPU cores, each activation's fastest rate inside the grid

@@ -17,8 +17,8 @@ def run(run_or_checkpoint: Path, images: list[Path], *, top: int = 5, ten_crop: 
     read is a warning and the others go on. The product is (classified, not classified); none classified is an
     error (exit 2)."""
     reporter = reporter or QuietReporter()
-    from pipeline.checkpoints import resolve_checkpoint
     from pipeline.predict import classify, load_classifier
+    from pipeline.train.checkpoints import resolve_checkpoint
 
     classifier = load_classifier(resolve_checkpoint(run_or_checkpoint, reporter.warn), devices)
     spec_classes = classifier.spec.classes  # None: a checkpoint from before the table was stored (all 1,000)

@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import PipeError
 from pipeline.records import EVAL, METRICS, REPORT, EvalResult
-from pipeline.runs import eval_is_of_run
+from pipeline.train.state import eval_is_of_run
 
 VERSION = 1
 

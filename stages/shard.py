@@ -12,7 +12,6 @@ from pathlib import Path
 
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, read_json, task_slice, write_json
 from pipeline.errors import PipeError
-from pipeline.imagenet import ClassTable, find_layout, list_source, load_classes
 from pipeline.records import MANIFEST, TIMM_INFO
 from pipeline.shards import (
     ShardJob,
@@ -25,6 +24,7 @@ from pipeline.shards import (
     write_member_list,
     write_timm_info,
 )
+from pipeline.sources import ClassTable, find_layout, list_source, load_classes
 
 VERSION = 1
 # The digest of this stage's output at VERSION (tests/test_golden.py): output that changes needs a bump.

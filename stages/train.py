@@ -14,7 +14,8 @@ from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import Diverged, Stopped
 from pipeline.records import DIVERGED
-from pipeline.runs import RunData, claim_run_folder, diverged_record, final_checkpoint_problem, run_trajectory
+from pipeline.train.setup import RunData
+from pipeline.train.state import RunIdentity, diverged_record, final_checkpoint_problem, run_trajectory
 
 VERSION = 1
 
@@ -54,15 +55,17 @@ def _train(stage: Stage, data: RunData, model: AlexNetConfig, cfg: TrainConfig, 
         stage.reopen([])  # not done: the done marker goes, the run's checkpoints stay
     diverged = diverged_record(out)
     if diverged is not None and not force:  # the same settings would diverge again
-        raise Diverged(f"train: {out} diverged at step {diverged['step']} (its {DIVERGED}); rerun with a lower --lr "
-                       "and --force", step=diverged["step"])
+        raise Diverged(f"train: {out} diverged at step {diverged.step} (its {DIVERGED}); rerun with a lower --lr "
+                       "and --force", step=diverged.step)
 
-    from pipeline.session import open_session  # torch: not before, an up-to-date run answers at once
-    from pipeline.train import prepare
+    from pipeline.train.setup import (
+        open_session,  # torch: not before, an up-to-date run answers at once
+        prepare,
+    )
 
     with open_session(devices, tf32=cfg.tf32) as session:
         say = reporter if session.main else QuietReporter()  # rank 0 speaks for the run
-        claim_run_folder(out, trajectory, force, session.main, pca_path, say.info)
+        RunIdentity(trajectory).claim(out, force, session.main, pca_path, say.info)
         job = prepare(model, cfg, data, session)
         outcome = _fit(job, out, say, reporter)
         if session.main and outcome.stopped is None:
@@ -77,7 +80,7 @@ def _train(stage: Stage, data: RunData, model: AlexNetConfig, cfg: TrainConfig, 
 
 def _fit(job, out: Path, reporter: Reporter, every_rank: Reporter):
     """`fit` with a progress bar (loss and images/s) and a line per epoch; every rank says where it runs."""
-    from pipeline.train import Progress, fit
+    from pipeline.train.loop import Progress, fit
 
     with reporter.progress("train", total=job.total_steps) as advance:
         done = {"step": 0}

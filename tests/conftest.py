@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -124,10 +125,13 @@ def run_cli(*args, check: bool = True, timeout: float = 300) -> subprocess.Compl
 
 
 def popen_cli(*args, log: Path) -> subprocess.Popen:
-    """`alexnet-pipe ARGS` started in its own process group (so a test can SIGKILL it whole), output to `log`."""
+    """`alexnet-pipe ARGS` started in its own process group (so a test can SIGKILL it whole), output to `log`, with
+    Ctrl-C's default disposition as from a terminal (a suite started in the background has SIGINT ignored, which
+    its children would inherit)."""
     with open(log, "w") as f:
         return subprocess.Popen([CLI, *map(str, args)], stdout=f, stderr=subprocess.STDOUT, env=CLI_ENV,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                                                           signal.SIG_DFL))
 
 
 def train_args(data: dict[str, Path], out: Path, **overrides) -> list[str]:

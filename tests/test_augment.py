@@ -32,10 +32,10 @@ from pipeline.augment import (
 )
 from pipeline.engine import write_json
 from pipeline.errors import PipeError
-from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.preview import augmented_samples, preview_grid
 from pipeline.records import Pca
 from pipeline.shards import build_manifest, shard_name, write_shard
+from pipeline.sources import Member, ilsvrc2012_classes
 
 LOADERS = ("dali", "torch")
 # ImageNet's published RGB statistics in [0, 1] units (eigenvectors as columns, largest component positive)

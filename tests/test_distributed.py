@@ -17,7 +17,9 @@ WORKER = textwrap.dedent("""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
     from pipeline.model import AlexNetConfig, build_model
-    from pipeline.train import TrainConfig, make_optimizer, train_step
+    from pipeline.config import TrainConfig
+    from pipeline.train.loop import train_step
+    from pipeline.train.schedule import make_optimizer
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     devices = sys.argv[2].split(",")

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from conftest import shared_data
 
-from pipeline.cifar import CLASSES, balanced_subset, find_source, read_training_split
 from pipeline.figure1 import Run, Setup, factor_words, four_layer_net, next_run, summarize
 from pipeline.records import Factor, Figure1Run
+from pipeline.sources.cifar import CLASSES, balanced_subset, find_source, read_training_split
 
 PER_CLASS = 40
 # 200 images: 3 epochs of 10 steps a run, long enough for a run in flight to be killed

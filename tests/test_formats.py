@@ -25,11 +25,13 @@ from pipeline.records import (
     Figure1Run,
     Manifest,
     Pca,
+    RunSettings,
     RunSpec,
     SweepRun,
     SweepTable,
     parse_metrics,
 )
+from pipeline.train.state import RunIdentity
 
 FIXTURE = Path(__file__).parent / "fixtures" / "formats-a88cf67"
 PROVENANCE = ("make.sh", "trim.py", "demo-data-mtimes.json")
@@ -92,7 +94,10 @@ def test_each_checkpoint_of_the_earlier_version_holds_a_spec_that_reads_and_writ
         state = torch.load(path, map_location="cpu", weights_only=True)
         spec = RunSpec.of_checkpoint(state)
         assert spec.to_json() == state["config"], path
-        assert spec.trajectory() == json.loads((path.parents[1] / "_run.json").read_text())["settings"], path
+        claimed = path.parents[1] / "_run.json"
+        settings = RunSettings.read(claimed)
+        assert canonical_json(settings.to_json()) == claimed.read_text()
+        assert spec.trajectory() == settings.settings and RunIdentity(spec.trajectory()).key == settings.key, path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,8 +109,8 @@ def rebuilt_checkpoint(skeleton: Path) -> Path:
     settings, zero momentum, everything else as written, saved as a run saves it (its digest beside it)."""
     import torch
 
-    from pipeline.checkpoints import save_checkpoint
     from pipeline.model import build_model
+    from pipeline.train.checkpoints import save_checkpoint
 
     state = torch.load(skeleton, map_location="cpu", weights_only=True)
     fresh = build_model(RunSpec.of_checkpoint(state).model, ["cpu"]).state_dict()

@@ -19,8 +19,8 @@ import torch
 from conftest import one_line_error
 from PIL import Image
 
-from pipeline.imagenet import sample_key
 from pipeline.records import METRICS, parse_metrics
+from pipeline.sources import sample_key
 
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
 

@@ -27,10 +27,10 @@ from pipeline.augment.loading import ShardSet, sample_index
 from pipeline.augment.order import SampleReader
 from pipeline.augment.reference import decode_rgb
 from pipeline.engine import QuietReporter, fingerprint_source, inspect
-from pipeline.imagenet import Member, ilsvrc2012_classes
 from pipeline.images import BadImage, prepare_image, resized_size
 from pipeline.records import PixelStats
 from pipeline.shards import assign_shards
+from pipeline.sources import Member, ilsvrc2012_classes
 from stages import shard as shard_stage
 
 CLI = str(Path(sys.executable).with_name("alexnet-pipe"))

@@ -113,8 +113,8 @@ def test_the_same_bad_inputs_in_two_places_give_byte_identical_manifests_with_st
 
 
 def test_a_file_that_vanishes_before_its_shard_is_written_is_skipped_without_an_absolute_path(tmp_path):
-    from pipeline.imagenet import Member
     from pipeline.shards import write_shard
+    from pipeline.sources import Member
 
     gone = Member("n01440764_9", TENCH, f"train/{TENCH}/n01440764_9.JPEG")
     record = write_shard(tmp_path / "out", "train-000000", [gone], tmp_path, {TENCH: 0}, short_side=256, quality=95)

@@ -11,7 +11,7 @@ import torch
 
 from pipeline.config import AlexNetConfig
 from pipeline.model import forward_flops
-from pipeline.speed import StepClock, mfu, peak_tflops, precision, set_tf32
+from pipeline.train.speed import Interval, StepClock, mfu, peak_tflops, precision, set_tf32
 
 
 def run_steps(clock: StepClock, steps: int, fetch_s: float, step_s: float) -> dict:
@@ -29,11 +29,11 @@ def run_steps(clock: StepClock, steps: int, fetch_s: float, step_s: float) -> di
 def test_the_clock_splits_an_interval_into_waiting_for_data_and_stepping():
     clock = StepClock(torch.device("cpu"))
     first = run_steps(clock, 5, fetch_s=0.03, step_s=0.01)  # 3/4 of the time waiting for data
-    assert first["steps"] == 5
-    assert 0.6 < first["data_wait"] < 0.85
-    assert 10 <= first["step_ms"] < 30
+    assert first.steps == 5
+    assert 0.6 < first.data_wait < 0.85
+    assert 10 <= first.step_ms < 30
     second = run_steps(clock, 3, fetch_s=0.0, step_s=0.03)  # the next interval starts afresh: little waiting
-    assert second["steps"] == 3 and second["data_wait"] < 0.2 and second["step_ms"] >= 30
+    assert second.steps == 3 and second.data_wait < 0.2 and second.step_ms >= 30
 
 
 def test_time_between_epochs_counts_neither_as_waiting_nor_as_stepping():
@@ -42,11 +42,11 @@ def test_time_between_epochs_counts_neither_as_waiting_nor_as_stepping():
     clock.fetch_started()
     time.sleep(0.2)  # the epoch's loader runs out; validation and a checkpoint follow, outside the steps
     figures = run_steps(clock, 2, fetch_s=0.01, step_s=0.01)
-    assert figures["steps"] == 2 and figures["step_ms"] < 100 and 0.3 < figures["data_wait"] < 0.7
+    assert figures.steps == 2 and figures.step_ms < 100 and 0.3 < figures.data_wait < 0.7
 
 
 def test_an_interval_without_steps_is_empty_not_an_error():
-    assert StepClock(torch.device("cpu")).interval() == {"data_wait": 0.0, "step_ms": 0.0, "steps": 0}
+    assert StepClock(torch.device("cpu")).interval() == Interval(0.0, 0.0, 0)
 
 
 def test_peaks_come_from_the_card_name_and_dtype():

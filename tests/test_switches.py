@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.config import TrainConfig
 from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters
 from pipeline.records import RunSpec
-from pipeline.train import TrainConfig, make_optimizer, train_step
+from pipeline.train.loop import train_step
+from pipeline.train.schedule import make_optimizer
 
 SMALL = 0.125
 

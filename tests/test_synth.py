@@ -16,7 +16,7 @@ from scipy.io import loadmat
 
 from pipeline import synth
 from pipeline.errors import PipeError
-from pipeline.imagenet import devkit_id_to_wnid, ilsvrc2012_classes, list_source
+from pipeline.sources import devkit_id_to_wnid, ilsvrc2012_classes, list_source
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = {"classes": 3, "train_per_class": 4, "val_per_class": 2}

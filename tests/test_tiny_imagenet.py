@@ -19,8 +19,8 @@ from conftest import REPO, manifest, samples, shard_set, shared_data
 from PIL import Image
 
 from pipeline.config import SETTINGS, default_of, load_recipe
-from pipeline.imagenet import TINY_TEST_IGNORED, find_layout, ilsvrc2012_classes, list_source
 from pipeline.shards import cap_members
+from pipeline.sources import TINY_TEST_IGNORED, find_layout, ilsvrc2012_classes, list_source
 from stages import pca as pca_stage
 from stages import shard as shard_stage
 

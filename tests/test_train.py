@@ -20,10 +20,11 @@ import pytest
 import torch
 from conftest import one_line_error
 
-from pipeline.classes import run_classes, val_class_problems
 from pipeline.config import TrainConfig
 from pipeline.records import Manifest, RunSpec, Topology
-from pipeline.train import at_chance, flat_loss, make_scheduler, schedule_epoch
+from pipeline.sources import run_classes, val_class_problems
+from pipeline.train.guard import flat_loss
+from pipeline.train.schedule import at_chance, make_scheduler, schedule_epoch
 
 TIMING = ("images_per_s", "data_wait", "step_ms", "time")  # the only fields of metrics.jsonl that may differ
 STEPS_PER_EPOCH, EPOCHS = 9, 2  # 36 images, batch 4 (conftest TINY_TRAIN)
@@ -444,11 +445,11 @@ def test_the_plateau_rule_never_drops_the_lr_at_chance_level_and_says_when_and_w
     chance = 1 - 1 / 1000
     for _ in range(6):  # §5's init: six epochs at chance, every one "not improving"
         record = schedule_epoch(scheduler, optimizer, chance, 1000)
-        assert "lr_held" in record and "lr_drop" not in record
+        assert record.lr_held and record.lr_drop is None
     assert optimizer.param_groups[0]["lr"] == 0.01
     drops = [schedule_epoch(scheduler, optimizer, error, 1000) for error in (0.9, 0.8, 0.8, 0.8)]
-    assert [("lr_drop" in r) for r in drops] == [False, False, False, True]
-    assert "0.01 → 0.001" in drops[-1]["lr_drop"] and "has not improved on 0.8000" in drops[-1]["lr_drop"]
+    assert [r.lr_drop is not None for r in drops] == [False, False, False, True]
+    assert "0.01 → 0.001" in drops[-1].lr_drop and "has not improved on 0.8000" in drops[-1].lr_drop
     assert at_chance(0.84, 6) and not at_chance(0.7, 6)
 
 
@@ -459,7 +460,7 @@ def test_the_step_schedule_divides_the_lr_by_ten_at_its_milestones_at_most_lr_dr
     for _ in range(8):
         optimizer.step()
         record = schedule_epoch(scheduler, optimizer, 0.999, 1000)  # a step schedule ignores the val error
-        lrs.append((optimizer.param_groups[0]["lr"], "lr_drop" in record))
+        lrs.append((optimizer.param_groups[0]["lr"], record.lr_drop is not None))
     assert [round(lr, 8) for lr, _ in lrs] == [0.01, 0.001, 0.001, 0.0001, 0.0001, 0.0001, 0.0001, 0.0001]
     assert [drop for _, drop in lrs] == [False, True, False, True, False, False, False, False]
 
@@ -517,7 +518,7 @@ def test_a_full_disk_in_train_is_one_line_naming_the_path_and_a_rerun_with_space
     args = train_cmd(tiny_data, run, max_steps=4, checkpoint_every=1)
     line = one_line_error(cli(*args, check=False), "no space left on the device", str(run / "checkpoints"))
     assert no_temp_files(run) and checkpoints(run) == ["step-000000001.pt", "step-000000002.pt"]
-    from pipeline.checkpoints import checkpoint_problem
+    from pipeline.train.checkpoints import checkpoint_problem
 
     assert all(checkpoint_problem(p) is None for p in (run / "checkpoints").glob("*.pt")), line
     small_disk("64m")

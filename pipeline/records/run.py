@@ -172,3 +172,22 @@ def read_metrics(run_dir: Path) -> Metrics:
     """A run folder's metrics (none yet: empty)."""
     path = run_dir / METRICS
     return parse_metrics(path.read_text().splitlines() if path.is_file() else ())
+
+
+@dataclass(frozen=True)
+class RunSettings(Record):
+    """_run.json: the settings a run folder's checkpoints belong to (`pipeline.train.state.RunIdentity`), written
+    when the folder is claimed; `key` is their digest."""
+
+    key: str
+    settings: dict
+
+
+@dataclass(frozen=True)
+class DivergedAt(Record):
+    """_diverged.json: the first step whose loss (or, before a checkpoint, whose weights) was not finite, the step
+    where it was seen, and the last finite checkpoint kept."""
+
+    step: int
+    detected_at: int
+    last_checkpoint: str | None

@@ -11,6 +11,7 @@ training work because the batch was not ready. On the CPU the same marks are hos
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -100,9 +101,8 @@ class StepClock:
         self._done = self._mark()
         self._fetches.append((self._start, self._done))
 
-    def interval(self) -> dict:
-        """{"data_wait": share of the interval spent waiting for data, "step_ms": mean time of a step without its
-        wait, "steps"} since the previous call (on CUDA this waits for the queued steps)."""
+    def interval(self) -> Interval:
+        """The steps since the previous call (on CUDA this waits for the queued steps)."""
         if self._done is not None:
             end = self._mark()
             self._steps.append((self._done, end))
@@ -112,8 +112,17 @@ class StepClock:
         waited, stepped, steps = self._seconds(self._fetches), self._seconds(self._steps), len(self._steps)
         self._fetches, self._steps = [], []
         total = waited + stepped
-        return {"data_wait": waited / total if total > 0 else 0.0,
-                "step_ms": 1000 * stepped / steps if steps else 0.0, "steps": steps}
+        return Interval(waited / total if total > 0 else 0.0, 1000 * stepped / steps if steps else 0.0, steps)
+
+
+@dataclass(frozen=True)
+class Interval:
+    """What `StepClock` measured over some steps: the share of the time spent waiting for data, the mean time of a
+    step without its wait, and how many steps."""
+
+    data_wait: float
+    step_ms: float
+    steps: int
 
 
 class TrainingSpeed:
@@ -127,9 +136,20 @@ class TrainingSpeed:
         self.forward_flops = forward_flops
         self.fetch_started, self.fetch_done = self.clock.fetch_started, self.clock.fetch_done
 
-    def fields(self, images_per_s: float) -> dict:
+    def fields(self, images_per_s: float) -> SpeedFields:
         """The interval since the last call; `images_per_s` is this rank's."""
         timing = self.clock.interval()
         utilization = mfu(images_per_s, self.forward_flops, self.peak)
-        return {"data_wait": round(timing["data_wait"], 4), "step_ms": round(timing["step_ms"], 3),
-                "mfu": None if utilization is None else round(utilization, 5), "precision": self.precision}
+        return SpeedFields(round(timing.data_wait, 4), round(timing.step_ms, 3),
+                           None if utilization is None else round(utilization, 5), self.precision)
+
+
+@dataclass(frozen=True)
+class SpeedFields:
+    """A logged step's speed: the share of time the device waited for data, the mean step time, the MFU (None
+    where the device's peak is unknown, as on a CPU) and the precision it refers to."""
+
+    data_wait: float
+    step_ms: float
+    mfu: float | None
+    precision: str
