@@ -23,10 +23,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.augment import load_pca, make_eval_loader, make_train_loader
+from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.augment.dali import DALI_IMPORT_ERROR
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.model import build_model, forward_flops
+from pipeline.records import Pca
 from pipeline.train.loop import train_step
 from pipeline.train.schedule import make_optimizer
 from pipeline.train.speed import StepClock, mfu, peak_tflops, set_tf32
@@ -53,7 +54,7 @@ def record(_: argparse.Namespace) -> dict:
 def pixels(args: argparse.Namespace) -> dict:
     """The largest difference between the same val samples decoded on `device` (DALI mixed: nvJPEG) and on the CPU
     (libjpeg-turbo), after the centre crop and mean subtraction, in 0-255 pixel levels."""
-    pca = load_pca(args.pca)
+    pca = Pca.read(args.pca)
     batches = {d: next(iter(make_eval_loader(args.val, pca, args.batch_size, device=d, num_threads=4)))[0].cpu()
                for d in (args.device, "cpu")}
     diff = (batches[args.device] - batches["cpu"]).abs()
@@ -115,7 +116,7 @@ def learning(args: argparse.Namespace) -> dict:
     """Does the paper recipe start learning? Steps of the paper's SGD (bf16 on a GPU, fp32 on the CPU) from the paper
     init and from PyTorch's default init, the same time each: the first step whose loss (mean of 10) is 0.5 below
     ln(C)."""
-    pca, device = load_pca(args.pca), torch.device(args.device)
+    pca, device = Pca.read(args.pca), torch.device(args.device)
     cfg = TrainConfig()
     rows = []
     for init in ("paper", "default"):

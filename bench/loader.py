@@ -32,8 +32,7 @@ import torch
 
 from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.engine import write_json
-from pipeline.records import MANIFEST, PixelStats
-from pipeline.shards import load_manifest
+from pipeline.records import MANIFEST, Manifest, PixelStats
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 # ImageNet's published RGB statistics (the rate does not depend on them)
@@ -43,7 +42,7 @@ PCA = PixelStats(mean=(0.485, 0.456, 0.406), eigvals=(0.2175, 0.0188, 0.0045),
 
 def repeated(shards: Path, out: Path, times: int) -> Path:
     """A shard folder listing `shards`' files `times` over (symlinks): a longer epoch of the same images."""
-    manifest = load_manifest(shards)
+    manifest = Manifest.read(shards)
     entries = []
     out.mkdir(parents=True)
     for r in range(times):

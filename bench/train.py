@@ -17,15 +17,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from pipeline.model import AlexNetConfig, AlexNetGrouped, build_model, count_parameters
+from pipeline.model import AlexNetConfig, build_model, count_parameters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the grouped twin lives beside its tests
+from alexnet_grouped import AlexNetGrouped  # noqa: E402
+
 from pipeline.train.speed import precision, set_tf32
 
 MODELS = ("two-tower", "grouped", "torchvision")

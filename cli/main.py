@@ -31,8 +31,8 @@ from cli.options import (
     task_flags,
     with_settings,
 )
-from pipeline.ablation import VARIANT_NAMES
 from pipeline.config import Crop, Loader
+from pipeline.experiments.claims import VARIANT_NAMES
 
 app = typer.Typer(
     name="alexnet-pipe",

@@ -9,11 +9,10 @@ integer below 2⁵³, then accumulated as Python/int64 integers; all of ImageNet
 from __future__ import annotations
 
 import io
-import json
 import math
 import tarfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -225,22 +224,3 @@ def subsample(shard_sizes: list[int], max_images: int | None, seed: int) -> list
     return [set((chosen[(chosen >= a) & (chosen < b)] - a).tolist()) for a, b in zip(starts, starts[1:])]
 
 
-def load_pca(path: Path) -> Pca:
-    """pca.json (written by pca-stats, or the published values in its format), checked (`check_pca`)."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise PipeError(f"{path}: no such file (expected pca.json from `alexnet-pipe pca-stats`)") from None
-    except (OSError, ValueError) as e:
-        raise PipeError(f"{path}: not readable as JSON ({e})") from None
-    try:
-        pca = Pca.from_json(data)
-    except (ValueError, TypeError) as e:
-        raise PipeError(f"{path}: expected pca.json from `alexnet-pipe pca-stats` (fields {', '.join(PCA_FIELDS)}), "
-                        f"found {type(e).__name__}: {e}") from None
-    check_pca(pca, path)
-    return pca
-
-
-PCA_FIELDS = tuple(f.name for f in fields(Pca))

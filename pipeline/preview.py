@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square, load_pca
+from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square
 from pipeline.engine import atomic_write
 from pipeline.errors import PipeError
-from pipeline.records import PixelStats
-from pipeline.shards import load_manifest
+from pipeline.records import Manifest, Pca, PixelStats
 
 ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)
 GAP, CAPTION, COLUMNS = 8, 20, 4
@@ -47,10 +46,10 @@ def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, cr
 def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,
                  loader: str = "dali") -> Path:
     """Write a grid of n augmented training samples beside their originals to `out_png`; return its path."""
-    pixels = load_pca(pca_path).stats
+    pixels = Pca.read(pca_path).stats
     mean = 255.0 * np.asarray(pixels.mean, dtype=np.float32)
     samples = augmented_samples(Path(shard_dir), pixels, n, seed, crop, loader)
-    names = {c.index: f"{c.wnid} {c.name}" for c in load_manifest(Path(shard_dir)).classes}
+    names = {c.index: f"{c.wnid} {c.name}" for c in Manifest.read(Path(shard_dir)).classes}
     font = ImageFont.load_default(size=14)
     cell_w, cell_h = ORIGINAL_BOX[0] + GAP + ORIGINAL_BOX[1], ORIGINAL_BOX[1] + 2 * CAPTION
     rows = -(-n // COLUMNS)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
-import json
 import tarfile
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.config import AlexNetConfig
-from pipeline.engine import atomic_write, stage_input_path
+from pipeline.engine import atomic_write, finished_marker, stage_input_path
+from pipeline.errors import PipeError
 from pipeline.record import read_events
 from pipeline.records import (
     EVAL,
@@ -208,15 +209,13 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
     """(where the val shards came from, whether the paper's errors compare), read from the shard set's manifest
     and done marker: the generated demo set (its source is a `synth` stage folder), a subset of ILSVRC-2012, or
     the full ILSVRC-2012 val. Never guessed from a sample count alone."""
-    from pipeline.engine import MARKER
-
     manifest = Manifest.read(val_dir)
     k, total = len(manifest.classes), manifest.num_classes_total
     source = stage_input_path(val_dir, "source") or Path("/nonexistent")
     for folder in (source, source.parent):
-        synth = folder / MARKER
-        if synth.is_file() and json.loads(synth.read_text()).get("stage") == "synth":
-            return f"the generated demo data set ({k} of {total:,} classes)", False
+        with contextlib.suppress(PipeError):  # a cut marker: not known to be the demo set
+            if (marker := finished_marker(folder)) is not None and marker.stage == "synth":
+                return f"the generated demo data set ({k} of {total:,} classes)", False
     if k == total == 1000 and manifest.samples == 50_000 and manifest.split == "val":
         return "the full ILSVRC-2012 val (50,000 images, 1,000 classes)", True
     return f"a subset of ILSVRC-2012 {manifest.split} ({k} of {total:,} classes)", False

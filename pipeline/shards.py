@@ -13,7 +13,7 @@ import json
 import random
 import tarfile
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from pipeline.engine import atomic_write, canonical_json, read_json, sha256_file, write_json
@@ -23,11 +23,12 @@ from pipeline.records import (
     MANIFEST,
     TIMM_INFO,
     ClassCount,
-    IgnoredEntry,
     Manifest,
     RepairedImage,
     ShardEntry,
+    ShardIndex,
     ShardParams,
+    ShardUnit,
     SkippedImage,
 )
 from pipeline.sources import ClassTable, Member
@@ -92,13 +93,15 @@ class ShardJob:
     def __call__(self, name: str) -> dict:
         members = read_member_list(Path(self.lists) / f"{name}.jsonl")
         return write_shard(Path(self.out), name, members, Path(self.source_root), dict(self.labels),
-                           short_side=self.short_side, quality=self.quality)
+                           short_side=self.short_side, quality=self.quality).to_json()
 
 
 def write_shard(out: Path, name: str, members: list[Member], source_root: Path, label_of: dict[str, int],
-                *, short_side: int, quality: int) -> dict:
+                *, short_side: int, quality: int) -> ShardUnit:
     """Write `<name>.tar` and `<name>.idx` atomically; return the unit record (counts, digest, skips, repairs)."""
-    skipped, repaired, index_lines = [], [], []
+    skipped: list[SkippedImage] = []
+    repaired: list[RepairedImage] = []
+    index_lines: list[str] = []
     classes: dict[str, int] = {}  # wnid → samples written
     tar_path = out / f"{name}.tar"
     with atomic_write(tar_path) as f, tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
@@ -106,11 +109,10 @@ def write_shard(out: Path, name: str, members: list[Member], source_root: Path, 
             try:
                 img = prepare_image(m.read(source_root), short_side=short_side, quality=quality)
             except BadImage as e:
-                skipped.append({"key": m.key, "wnid": m.wnid, "path": m.path, "reason": str(e)})
+                skipped.append(SkippedImage(m.key, m.wnid, m.path, str(e)))
                 continue
             except OSError as e:  # strerror only: the exception's own text holds this machine's absolute path
-                skipped.append({"key": m.key, "wnid": m.wnid, "path": m.path,
-                                "reason": f"unreadable: {e.strerror or e}"})
+                skipped.append(SkippedImage(m.key, m.wnid, m.path, f"unreadable: {e.strerror or e}"))
                 continue
             label = label_of[m.wnid]
             meta = {"key": m.key, "wnid": m.wnid, "label": label, **img.meta}
@@ -118,17 +120,16 @@ def write_shard(out: Path, name: str, members: list[Member], source_root: Path, 
             index_lines.append(" ".join(_add_member(tar, f"{m.key}.{ext}", parts[ext]) for ext in COMPONENTS))
             classes[m.wnid] = classes.get(m.wnid, 0) + 1
             if img.meta["repaired"]:
-                repaired.append({"key": m.key, "repaired": img.meta["repaired"]})
+                repaired.append(RepairedImage(m.key, tuple(img.meta["repaired"])))
     samples = len(index_lines)
-    record = {"name": f"{name}.tar", "samples": samples, "bytes": 0, "sha256": None, "classes": classes,
-              "skipped": skipped, "repaired": repaired}
+    record = ShardUnit(f"{name}.tar", samples, 0, None, classes, tuple(skipped), tuple(repaired))
     if samples == 0:  # every image was bad: DALI rejects an index with 0 samples, so no shard (and none listed)
         tar_path.unlink()
         (out / f"{name}.idx").unlink(missing_ok=True)
         return record
     with atomic_write(out / f"{name}.idx", "w") as f:
         f.write(f"{DALI_INDEX_VERSION} {samples}\n" + "".join(line + "\n" for line in index_lines))
-    return {**record, "bytes": tar_path.stat().st_size, "sha256": sha256_file(tar_path)}
+    return replace(record, bytes=tar_path.stat().st_size, sha256=sha256_file(tar_path))
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> str:
@@ -164,37 +165,33 @@ def dali_index(tar_path: Path) -> str:
     return f"{DALI_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def build_manifest(split: str, records: list[dict], classes: ClassTable, ignored: list[dict], params: dict,
-                   source_skipped: Iterable[dict] = ()) -> Manifest:
-    """The shard set's manifest from its shards' unit records. `source_skipped`: images the index lost to a
-    damaged class tar, listed before the shards' own."""
+def build_manifest(split: str, records: list[ShardUnit], classes: ClassTable, index: ShardIndex,
+                   params: dict) -> Manifest:
+    """The shard set's manifest from its shards' unit records; the images the index lost to a damaged class tar are
+    listed before the shards' own skips."""
     counts: dict[str, int] = {}
     for r in records:
-        for wnid, n in r["classes"].items():
+        for wnid, n in r.classes.items():
             counts[wnid] = counts.get(wnid, 0) + n
     present = sorted(counts, key=classes.label_of)
     return Manifest(
         split=split,
         params=ShardParams(**params),
-        samples=sum(r["samples"] for r in records),
-        bytes=sum(r["bytes"] for r in records),
-        shards=tuple(ShardEntry(r["name"], r["samples"], r["bytes"], r["sha256"]) for r in records if r["samples"]),
+        samples=sum(r.samples for r in records),
+        bytes=sum(r.bytes for r in records),
+        shards=tuple(ShardEntry(r.name, r.samples, r.bytes, r.sha256 or "") for r in records if r.samples),
         classes=tuple(ClassCount(classes.label_of(w), w, classes.names[classes.label_of(w)], counts[w])
                       for w in present),
         num_classes_total=len(classes.wnids),
-        skipped=tuple(SkippedImage(**s) for s in [*source_skipped, *(s for r in records for s in r["skipped"])]),
-        repaired=tuple(RepairedImage(s["key"], tuple(s["repaired"])) for r in records for s in r["repaired"]),
-        ignored_members=tuple(IgnoredEntry(**i) for i in ignored),
+        skipped=(*index.skipped, *(s for r in records for s in r.skipped)),
+        repaired=tuple(s for r in records for s in r.repaired),
+        ignored_members=index.ignored,
     )
-
-
-def load_manifest(shard_dir: Path) -> Manifest:
-    return Manifest.read(shard_dir)
 
 
 def shard_paths(shard_dir: Path, manifest: Manifest | None = None) -> list[tuple[Path, Path]]:
     """(tar, idx) of every shard in the manifest, in manifest order (we expand names ourselves; DALI does not)."""
-    manifest = manifest or load_manifest(shard_dir)
+    manifest = manifest or Manifest.read(shard_dir)
     return [(shard_dir / s.name, (shard_dir / s.name).with_suffix(".idx")) for s in manifest.shards]
 
 
@@ -239,7 +236,7 @@ def verify_shards(shard_dir: Path, *, decode: bool = False,
     from PIL import Image
 
     problems = []
-    for entry in load_manifest(shard_dir).shards:
+    for entry in Manifest.read(shard_dir).shards:
         path = shard_dir / entry.name
         idx = path.with_suffix(".idx")
         if not path.is_file():
@@ -286,7 +283,7 @@ def timm_info(manifest: Manifest) -> dict:
 def write_timm_info(shard_dir: Path) -> Path:
     """Write `_info.json` beside `manifest.json` (derived from it, so outside the stage's key and `VERSION`)."""
     path = shard_dir / TIMM_INFO
-    info = timm_info(load_manifest(shard_dir))
+    info = timm_info(Manifest.read(shard_dir))
     if not path.is_file() or read_json(path) != info:
         write_json(path, info)
     return path

@@ -14,9 +14,9 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
-from pipeline.engine import MARKER, PLAN, StageState, inspect, read_json
+from pipeline.engine import MARKER, PLAN, StageState, finished_marker, inspect
 from pipeline.errors import PipeError
-from pipeline.records import MANIFEST, RUN_SETTINGS, Manifest, read_metrics
+from pipeline.records import MANIFEST, RUN_SETTINGS, Manifest, StageMarker, StagePlan, read_metrics
 from pipeline.shards import damaged_shards
 from pipeline.train.state import diverged_record, final_checkpoint_problem
 
@@ -70,11 +70,11 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
     """`inspect`, plus the cheap integrity check of a finished shard set (sizes against the manifest) and the
     stage's VERSION (a folder finished by an earlier version is redone by the next run of its stage)."""
     state = inspect(folder)
-    marker = read_json(folder / MARKER) if state.state == "done" else {}
-    current = versions.get(marker.get("stage", ""))
-    if current is not None and marker.get("version") != current:
-        command = "shard" if marker["stage"].startswith("shard-") else marker["stage"]
-        return StageState("stale", f"written by stage version {marker.get('version')}, now {current}: the next "
+    marker = finished_marker(folder) if state.state == "done" else None
+    current = versions.get(marker.stage) if marker else None
+    if marker is not None and current is not None and marker.version != current:
+        command = "shard" if marker.stage.startswith("shard-") else marker.stage
+        return StageState("stale", f"written by stage version {marker.version}, now {current}: the next "
                                    f"`{command}` run redoes it")
     if state.state == "done" and _stage_name(folder).startswith("shard"):
         manifest = folder / MANIFEST
@@ -83,7 +83,7 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
             shown = ", ".join(damaged[:3]) + (f" and {len(damaged) - 3} more" if len(damaged) > 3 else "")
             return StageState("damaged", f"{len(damaged)} shard(s) missing or changed in size: {shown}; "
                                          f"`alexnet-pipe verify {folder}` checks them, `shard` rewrites them")
-    if state.state == "done" and marker.get("stage") == "train":
+    if marker is not None and marker.stage == "train":
         problem = final_checkpoint_problem(folder, marker)
         if problem:
             return StageState("damaged", f"the run finished but {problem}; `train` resumes it from the newest good "
@@ -97,10 +97,10 @@ def state_of(folder: Path, versions: dict[str, int]) -> StageState:
 
 
 def _stage_name(folder: Path) -> str:
-    for name in (MARKER, PLAN):
+    for name, kind in ((MARKER, StageMarker), (PLAN, StagePlan)):
         if (folder / name).is_file():
             with contextlib.suppress(PipeError):  # cut short: the next file, or the folder's path names the row
-                return str(read_json(folder / name).get("stage", ""))
+                return kind.read(folder / name).stage
     return "train" if (folder / RUN_SETTINGS).is_file() else ""
 
 

@@ -14,7 +14,10 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from pipeline.ablation import (
+from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
+from pipeline.errors import Diverged, PipeError
+from pipeline.experiments.claims import (
     VARIANT_NAMES,
     diverged_sweep_record,
     plot,
@@ -24,10 +27,7 @@ from pipeline.ablation import (
     table_markdown,
     unit_name,
 )
-from pipeline.ablation import variant_settings as settings_of
-from pipeline.config import AlexNetConfig, TrainConfig
-from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
-from pipeline.errors import Diverged, PipeError
+from pipeline.experiments.claims import variant_settings as settings_of
 from pipeline.records import ABLATIONS, EVAL, MANIFEST, Manifest, SweepRun
 from pipeline.train.setup import pca_input
 
@@ -97,7 +97,7 @@ def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | Non
         with atomic_write(out / "ablations.md", "w") as f:
             f.write(table_markdown(summary, summary.sweep))
 
-    finished = stage.finalize(write_products, extra={"runs": len(names)})
+    finished = stage.finalize(write_products, runs=len(names))
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 

@@ -25,7 +25,18 @@ from pipeline.engine import (
     write_json,
 )
 from pipeline.errors import PipeError
-from pipeline.figure1 import ACTIVATIONS, INITS, NAMES, Run, Setup, next_run, plot, summarize, table_markdown, train_run
+from pipeline.experiments.figure1 import (
+    ACTIVATIONS,
+    INITS,
+    NAMES,
+    Run,
+    Setup,
+    next_run,
+    plot,
+    summarize,
+    table_markdown,
+    train_run,
+)
 from pipeline.records import FIGURE1, EpochProgress, Figure1Run, to_plain
 from pipeline.sources.cifar import (
     CifarSource,
@@ -110,7 +121,7 @@ def _sweeps(stage: Stage, source: CifarSource, train_images: int | None, setup: 
         with atomic_write(out / "figure1.md", "w") as f:
             f.write(table_markdown(summary, records, described))
 
-    finished = stage.finalize(write_products, extra={"runs": len(records)})
+    finished = stage.finalize(write_products, runs=len(records))
     reporter.info(f"figure1: {len(records)} runs → {out / 'figure1.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 

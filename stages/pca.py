@@ -10,7 +10,6 @@ from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, 
 from pipeline.errors import PipeError
 from pipeline.pca import Moments, merge, pca_from_moments, shard_moments, subsample
 from pipeline.records import MANIFEST, PCA, Manifest
-from pipeline.shards import load_manifest
 
 # 2: eigen-pairs by a fixed-order Jacobi on Python floats (the same bytes on every CPU; 1 used LAPACK's eigh). The
 # per-shard partials are unchanged, so a folder finished at version 1 keeps them and only the reduce runs again.
@@ -37,7 +36,7 @@ def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int 
         reporter: Reporter | None = None) -> StageResult:
     """The product is the Pca (None when up to date, or when this array task left partials to others)."""
     reporter = reporter or QuietReporter()
-    manifest = load_manifest(shard_dir)
+    manifest = Manifest.read(shard_dir)
     if manifest.samples == 0:
         raise PipeError(f"{shard_dir}: expected shards holding images, found none (the shard stage wrote 0 samples: "
                         "see its skipped and ignored lists in manifest.json)")
@@ -75,7 +74,7 @@ def _moments_then_pca(stage: Stage, shard_dir: Path, manifest: Manifest, names: 
         return StageResult(stage.name, stage.out)
     total = merge(Moments.from_dict(r) for r in stage.records(names).values())
     pca = pca_from_moments(total, stage.inputs["shards"].digest.removeprefix("sha256:"))
-    finalized = stage.finalize(lambda: write_json(stage.out / PCA, pca.to_json()), extra={"images": pca.images})
+    finalized = stage.finalize(lambda: write_json(stage.out / PCA, pca.to_json()), images=pca.images)
     ev = ", ".join(f"{v:.4f}" for v in pca.eigvals)
     reporter.info(f"pca-stats: {pca.images} images, {pca.pixels} pixels; eigenvalues [{ev}] → {stage.out}")
     return StageResult(stage.name, stage.out, finished=finalized, product=pca)

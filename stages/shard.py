@@ -10,16 +10,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, read_json, task_slice, write_json
+from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, task_slice, write_json
 from pipeline.errors import PipeError
-from pipeline.records import MANIFEST, TIMM_INFO
+from pipeline.records import MANIFEST, TIMM_INFO, IgnoredEntry, Manifest, ShardIndex, ShardUnit, SkippedImage
 from pipeline.shards import (
     ShardJob,
     assign_shards,
     build_manifest,
     cap_members,
     damaged_shards,
-    load_manifest,
     shard_name,
     write_member_list,
     write_timm_info,
@@ -83,7 +82,7 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     damaged: list[str] = []  # found by the up-to-date check: rewritten, exactly those
 
     def find_damage() -> list[str]:
-        damaged[:] = [MANIFEST] if not (out / MANIFEST).is_file() else damaged_shards(out, load_manifest(out))
+        damaged[:] = [MANIFEST] if not (out / MANIFEST).is_file() else damaged_shards(out, Manifest.read(out))
         if not damaged:
             write_timm_info(out)  # a folder sharded before timm's _info.json existed gets it without re-sharding
         return damaged
@@ -119,23 +118,24 @@ def _shard(stage: Stage, index_job: _IndexJob, damaged: list[str], classes: Clas
         stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
     stage.run_units(["index"], index_job)
     index = _said_index(stage, caps, reporter)
-    names = [shard_name(split, i) for i in range(index["shards"])]
+    names = [shard_name(split, i) for i in range(index.shards)]
     stage.plan(["index", *names])
     mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
-    job = ShardJob(str(out), split, index["source_root"], str(out / LISTS), stage.params["short_side"],
-                   stage.params["quality"], tuple((w, classes.label_of(w)) for w in sorted(index["wnids"])))
+    job = ShardJob(str(out), split, index.source_root, str(out / LISTS), stage.params["short_side"],
+                   stage.params["quality"], tuple((w, classes.label_of(w)) for w in sorted(index.wnids)))
     todo = [n for n in mine if not stage.unit_done(n)]
     if len(todo) < len(mine):
         reporter.info(f"shard {split}: {len(mine) - len(todo)} of {len(mine)} shards already written, kept")
     result = ShardCounts(shards_total=len(names), rewritten=tuple(damaged))
-    with reporter.progress(f"shard {split}", total=sum(index["sizes"][names.index(n)] for n in todo)) as advance:
-        def on_done(unit: str, record: dict) -> None:
-            result.written += record["samples"]
-            result.skipped += len(record["skipped"])
-            result.repaired += len(record["repaired"])
-            for s in record["skipped"]:
-                reporter.warn(f"skipped {s['key']} ({s['path']}): {s['reason']}")
-            advance(record["samples"] + len(record["skipped"]))
+    with reporter.progress(f"shard {split}", total=sum(index.sizes[names.index(n)] for n in todo)) as advance:
+        def on_done(unit: str, written: dict) -> None:
+            record = ShardUnit.from_json(written)
+            result.written += record.samples
+            result.skipped += len(record.skipped)
+            result.repaired += len(record.repaired)
+            for s in record.skipped:
+                reporter.warn(f"skipped {s.key} ({s.path}): {s.reason}")
+            advance(record.samples + len(record.skipped))
 
         stage.run_units(todo, job, workers=workers, on_done=on_done, wait_for_others=task_index is None)
     result.shards_done = sum(stage.unit_done(n) for n in names)
@@ -146,30 +146,30 @@ def _shard(stage: Stage, index_job: _IndexJob, damaged: list[str], classes: Clas
     return _write_manifest(stage, names, index, classes, result, reporter)
 
 
-def _said_index(stage: Stage, caps: dict, reporter: Reporter) -> dict:
+def _said_index(stage: Stage, caps: dict, reporter: Reporter) -> ShardIndex:
     """The index unit's record, and what it kept, ignored and skipped said once."""
-    index = read_json(stage.unit_record_path("index"))
+    index = ShardIndex.read(stage.unit_record_path("index"))
     if caps:
-        reporter.info(f"{stage.label}: {index['images']:,} of {index.get('listed', index['images']):,} images "
+        reporter.info(f"{stage.label}: {index.images:,} of {index.listed or index.images:,} images "
                       f"kept ({', '.join(f'{k} {v}' for k, v in caps.items())})")
-    for item in index["ignored"]:
-        reporter.warn(f"ignored {item['name']}: {item['reason']}")
-    for item in index.get("skipped", []):
-        reporter.warn(f"skipped {item['path']}: {item['reason']}")
+    for ignored in index.ignored:
+        reporter.warn(f"ignored {ignored.name}: {ignored.reason}")
+    for skipped in index.skipped:
+        reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
     return index
 
 
-def _write_manifest(stage: Stage, names: list[str], index: dict, classes: ClassTable, result: ShardCounts,
+def _write_manifest(stage: Stage, names: list[str], index: ShardIndex, classes: ClassTable, result: ShardCounts,
                     reporter: Reporter) -> StageResult:
     out, split = stage.out, stage.params["split"]
-    records = list(stage.records(names).values())
-    manifest = build_manifest(split, records, classes, index["ignored"], stage.params, index.get("skipped", []))
+    records = [ShardUnit.from_json(r) for r in stage.records(names).values()]
+    manifest = build_manifest(split, records, classes, index, stage.params)
 
     def write_products() -> None:
         write_json(out / MANIFEST, manifest.to_json())
         write_timm_info(out)
 
-    finished = stage.finalize(write_products, extra={"samples": manifest.samples, "shards": len(names)})
+    finished = stage.finalize(write_products, samples=manifest.samples, shards=len(names))
     result.written, result.skipped, result.repaired = manifest.samples, len(manifest.skipped), len(manifest.repaired)
     reporter.info(f"shard {split}: {result.written} written, {result.repaired} repaired, {result.skipped} skipped, "
                   f"{len(manifest.ignored_members)} ignored in {len(manifest.shards)} shards → {out}")
@@ -199,6 +199,6 @@ class _IndexJob:
         shards = assign_shards(members, self.shard_size, self.seed)
         for i, shard in enumerate(shards):
             write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", shard)
-        return {"source_root": str(listing.root), "shards": len(shards), "sizes": [len(s) for s in shards],
-                "images": len(members), "listed": len(listing.members), "wnids": sorted({m.wnid for m in members}),
-                "ignored": listing.ignored, "skipped": listing.skipped}
+        return ShardIndex(str(listing.root), len(shards), tuple(len(s) for s in shards), len(members),
+                          tuple(sorted({m.wnid for m in members})), tuple(IgnoredEntry(**i) for i in listing.ignored),
+                          tuple(SkippedImage(**s) for s in listing.skipped), len(listing.members)).to_json()

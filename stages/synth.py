@@ -52,7 +52,7 @@ def _generate(stage: Stage, classes: int, train_per_class: int, val_per_class: i
             entry.rename(out / entry.name)
         tmp.rmdir()
 
-    finished = stage.finalize(move_into_place, extra={"images": total})
+    finished = stage.finalize(move_into_place, images=total)
     reporter.info(f"synth: {total} images, {classes} classes ({fmt}) → {out}"
                   + (f"; quirk files: {', '.join(summary.get('quirks', []))}" if summary.get("quirks") else ""))
     return StageResult(stage.name, out, finished=finished, product=summary)

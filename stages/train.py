@@ -7,13 +7,13 @@ highest checkpoint; more --epochs extend a finished run; other settings are refu
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import Diverged, Stopped
-from pipeline.records import DIVERGED
+from pipeline.records import DIVERGED, FinalCheckpoint
 from pipeline.train.setup import RunData
 from pipeline.train.state import RunIdentity, diverged_record, final_checkpoint_problem, run_trajectory
 
@@ -37,7 +37,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     problem: list[str] = []  # why a finished run is not done after all (its final checkpoint damaged or gone)
 
     def final_checkpoint_damaged() -> list[str]:
-        problem[:] = [p] if (p := final_checkpoint_problem(out, stage.marker() or {})) else []
+        problem[:] = [p] if (p := final_checkpoint_problem(out, stage.marker())) else []
         return problem
 
     return stage.execute(lambda: _train(stage, data, model, cfg, trajectory, pca_path, devices, force, problem,
@@ -69,8 +69,9 @@ def _train(stage: Stage, data: RunData, model: AlexNetConfig, cfg: TrainConfig, 
         job = prepare(model, cfg, data, session)
         outcome = _fit(job, out, say, reporter)
         if session.main and outcome.stopped is None:
-            final = {**asdict(outcome), "bytes": Path(outcome.checkpoint).stat().st_size}
-            stage.finalize(lambda: None, extra={"final": final})
+            final = FinalCheckpoint(outcome.epoch, outcome.step, outcome.checkpoint, outcome.stopped,
+                                    Path(outcome.checkpoint).stat().st_size)
+            stage.finalize(lambda: None, final=final)
     if outcome.stopped:  # on every rank: none goes on to what follows a finished run
         raise Stopped(f"train: stopped at step {outcome.step} ({outcome.stopped}), rerun to resume "
                       f"→ {outcome.checkpoint}", outcome.stopped)

@@ -7,13 +7,14 @@ from pathlib import Path
 
 from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import VerifyFailed
-from pipeline.shards import load_manifest, verify_shards
+from pipeline.records import Manifest
+from pipeline.shards import verify_shards
 
 
 def run(shard_dir: Path, *, decode: bool = False, reporter: Reporter | None = None) -> StageResult:
     """The product is the number of shards checked; any mismatch is a warning each, then VerifyFailed (exit 4)."""
     reporter = reporter or QuietReporter()
-    total = len(load_manifest(shard_dir).shards)
+    total = len(Manifest.read(shard_dir).shards)
     with reporter.progress("verify", total=total) as advance:
         problems = verify_shards(shard_dir, decode=decode, on_shard=lambda _: advance(1))
     for problem in problems:

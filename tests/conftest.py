@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.records import Pca
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ALEXNET_PIPE_SHARED", REPO.parent / "shared"))
 
@@ -178,7 +180,7 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
     copy of the run (with its digest beside it), so that the copy's report may quote its eval."""
     import torch
 
-    from pipeline.augment import load_pca, reference_eval_samples
+    from pipeline.augment import reference_eval_samples
     from pipeline.model import build_model
     from pipeline.records import RunSpec
 
@@ -186,7 +188,7 @@ def levelled_checkpoint(tiny_run, tiny_data, tmp_path_factory) -> Path:
     state = torch.load(original, map_location="cpu", weights_only=True)
     net = build_model(RunSpec.of_checkpoint(state).model, ["cpu"])
     net.load_state_dict(state["model"])
-    samples = list(reference_eval_samples(tiny_data["val"], load_pca(tiny_data["pca"]), crop=224))
+    samples = list(reference_eval_samples(tiny_data["val"], Pca.read(tiny_data["pca"]), crop=224))
     classes = sorted({label for _, _, label in samples})
     with torch.no_grad():
         logits = net.eval()(torch.stack([image for _, image, _ in samples]))

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from pipeline.ablation import summarize
+from pipeline.experiments.claims import summarize
 from pipeline.records import SweepRun
 
 SWEEP = ["--variants", "baseline,tanh", "--seeds", "2", "--threshold", "0.9", "--width", "0.125", "--init",

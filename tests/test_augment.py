@@ -24,7 +24,6 @@ from pipeline.augment import (
     centre_square,
     epoch_order,
     lighting_offset,
-    load_pca,
     make_eval_loader,
     make_train_loader,
     rank_range,
@@ -33,7 +32,7 @@ from pipeline.augment import (
 from pipeline.engine import write_json
 from pipeline.errors import PipeError
 from pipeline.preview import augmented_samples, preview_grid
-from pipeline.records import Pca
+from pipeline.records import Pca, ShardIndex
 from pipeline.shards import build_manifest, shard_name, write_shard
 from pipeline.sources import Member, ilsvrc2012_classes
 
@@ -77,7 +76,9 @@ def write_shard_set(out: Path, images: list[tuple[int, Image.Image]], shard_size
                for k, start in enumerate(range(0, len(members), shard_size))]
     params = {"split": split, "shard_size": shard_size, "short_side": 256, "quality": 95, "seed": 0,
               "classes": "ilsvrc2012"}
-    write_json(out / "manifest.json", build_manifest(split, records, classes, [], params).to_json())
+    index = ShardIndex(str(src), len(records), tuple(r.samples for r in records), len(members),
+                       tuple(sorted(set(labels))), ())
+    write_json(out / "manifest.json", build_manifest(split, records, classes, index, params).to_json())
     return out
 
 
@@ -141,24 +142,24 @@ def tar_labels(shard_dir: Path) -> list[int]:
 # pca.json and the pure math
 
 
-def test_load_pca_reads_exactly_the_fields_and_rejects_missing_or_malformed_ones(tmp_path):
+def test_pca_json_is_read_with_exactly_its_fields_and_missing_or_malformed_ones_are_refused(tmp_path):
     path = tmp_path / "pca.json"
     path.write_text(json.dumps({**pca_dict(), "extra": 1}))
-    assert load_pca(path) == Pca.from_json(pca_dict())
+    assert Pca.read(path) == Pca.from_json(pca_dict())
     with pytest.raises(PipeError, match="no such file"):
-        load_pca(tmp_path / "absent.json")
+        Pca.read(tmp_path / "absent.json")
     path.write_text("{not json")
     with pytest.raises(PipeError, match="not readable as JSON"):
-        load_pca(path)
+        Pca.read(path)
     path.write_text(json.dumps({k: v for k, v in pca_dict().items() if k != "eigvecs"}))
     with pytest.raises(PipeError, match="missing field.*eigvecs"):
-        load_pca(path)
+        Pca.read(path)
     path.write_text(json.dumps({**pca_dict(), "eigvals": [0.1, 0.2]}))
     with pytest.raises(PipeError, match="eigvals as 3 finite numbers"):
-        load_pca(path)
+        Pca.read(path)
     path.write_text(json.dumps({**pca_dict(), "eigvals": [0.0045, 0.0188, 0.2175]}))
     with pytest.raises(PipeError, match="descending"):
-        load_pca(path)
+        Pca.read(path)
 
 
 def test_crop_boxes_are_the_centre_and_corners_of_the_central_square():

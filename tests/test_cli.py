@@ -112,7 +112,7 @@ def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, samp
 def test_help_names_arguments_as_typed_shows_choices_and_wraps_at_any_width(width):
     """Usage lines show OUT (not {out}), flags show no <bool>, the choices of --split, --format and --recipe are
     listed, ablate lists its variants, and no line is wider than the terminal."""
-    from pipeline.ablation import VARIANT_NAMES
+    from pipeline.experiments.claims import VARIANT_NAMES
 
     env = {**os.environ, "COLUMNS": str(width), "TERM": "dumb"}
     pages = {c: cli(c, "--help", env=env).stdout for c in ("shard", "synth", "export", "train", "ablate", "status")}

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.augment import ReferenceEvalLoader, load_pca, make_eval_loader, reference_eval_samples
+from pipeline.augment import ReferenceEvalLoader, make_eval_loader, reference_eval_samples
 from pipeline.evaluate import class_probabilities, confused_pairs, errors, per_class_accuracy, view_probabilities
 from pipeline.model import build_model
-from pipeline.records import RunSpec
+from pipeline.records import Pca, RunSpec
 
 
 class LookupModel(torch.nn.Module):
@@ -119,7 +119,7 @@ def model(checkpoint) -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def expected(model, tiny_data) -> dict:
     """Probabilities computed here: centre crop one image at a time, 10-crop one view at a time."""
-    pca = load_pca(tiny_data["pca"])
+    pca = Pca.read(tiny_data["pca"])
     keys, centre, labels = [], [], []
     with torch.no_grad():
         for key, image, label in reference_eval_samples(tiny_data["val"], pca, crop=224):
@@ -179,7 +179,7 @@ def test_eval_json_errors_equal_those_computed_from_the_model_and_the_reference_
 def test_the_stages_loader_and_predict_give_each_images_probabilities_as_computed_here(model, expected, tiny_data,
                                                                                         loader):
     """Per image, not only the error rates: centre crop, and 10-crop as the mean of the ten views' softmaxes."""
-    pca = load_pca(tiny_data["pca"])
+    pca = Pca.read(tiny_data["pca"])
     for view in ("centre", "ten_crop"):
         batches = make_eval_loader(tiny_data["val"], pca, 7, loader=loader, crop=224, ten_crop=view == "ten_crop",
                                    num_threads=2 if loader == "dali" else 0)

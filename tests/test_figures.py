@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.config import AlexNetConfig
 from pipeline.figures import chroma_energy, nearest, neighbour_correlation
 from pipeline.model import build_model, initial_model
-from pipeline.records import RunSpec
+from pipeline.records import Pca, RunSpec
 
 NEIGHBOUR_LIMIT = 20
 
@@ -90,14 +90,14 @@ def test_eval_writes_conv1s_kernels_per_tower_with_their_chroma(figured, tiny_ru
 
 @pytest.mark.slow
 def test_eval_finds_the_nearest_training_images_of_a_brute_force_fc7_search(figured, tiny_run, tiny_data):
-    from pipeline.augment import load_pca, reference_eval_samples
+    from pipeline.augment import reference_eval_samples
 
     result = json.loads((figured / "eval" / "eval.json").read_text())["figure4"]
     state = torch.load(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
     net = build_model(RunSpec.of_checkpoint(state).model, ["cpu"])
     net.load_state_dict(state["model"])
     net.eval()
-    pca = load_pca(tiny_data["pca"])
+    pca = Pca.read(tiny_data["pca"])
     val = list(reference_eval_samples(tiny_data["val"], pca, limit=5))
     train = list(reference_eval_samples(tiny_data["train"], pca, limit=NEIGHBOUR_LIMIT))
     trained_on = list(reference_eval_samples(tiny_data["train"], pca, limit=18))  # as many as val holds

@@ -27,6 +27,10 @@ from pipeline.records import (
     Pca,
     RunSettings,
     RunSpec,
+    ShardIndex,
+    ShardUnit,
+    StageMarker,
+    StagePlan,
     SweepRun,
     SweepTable,
     parse_metrics,
@@ -60,13 +64,21 @@ def test_each_typed_record_of_the_earlier_version_reads_and_writes_back_the_same
             assert json.dumps(Event.from_json(json.loads(line)).to_json()) == line, path
 
 
-def test_the_sweeps_records_of_the_earlier_version_read_back_and_rebuild_their_tables_to_the_byte():
+def test_the_unit_records_of_the_earlier_version_read_back_and_rebuild_their_products_to_the_byte():
     from dataclasses import replace
 
-    from pipeline.ablation import summarize as summarize_sweep
-    from pipeline.figure1 import Setup
-    from pipeline.figure1 import summarize as summarize_figure1
+    from pipeline.experiments.claims import summarize as summarize_sweep
+    from pipeline.experiments.claims import table_markdown as table_markdown_sweep
+    from pipeline.experiments.figure1 import Setup
+    from pipeline.experiments.figure1 import summarize as summarize_figure1
+    from pipeline.experiments.figure1 import table_markdown as table_markdown_figure1
 
+    for pattern, kind in (("_stage.json", StageMarker), ("_plan.json", StagePlan)):
+        for path in fixture_files(pattern):
+            assert canonical_json(kind.read(path).to_json()) == path.read_text(), path
+    for path in fixture_files("shards/*/_units/*.json"):
+        kind = ShardIndex if path.stem == "index" else ShardUnit
+        assert canonical_json(kind.from_json(json.loads(path.read_text())).to_json()) == path.read_text(), path
     for name, kind in (("ablations", SweepRun), ("figure1", Figure1Run)):
         for path in fixture_files(f"{name}/_units/*.json"):
             assert canonical_json(kind.from_json(json.loads(path.read_text())).to_json()) == path.read_text(), path
@@ -76,6 +88,7 @@ def test_the_sweeps_records_of_the_earlier_version_read_back_and_rebuild_their_t
     units = [SweepRun.read(p) for p in sorted((FIXTURE / "ablations" / "_units").glob("*.json"))]
     rebuilt = replace(summarize_sweep(units, table.threshold), runs=table.runs, sweep=table.sweep)
     assert canonical_json(rebuilt.to_json()) == ablations.read_text()
+    assert table_markdown_sweep(table, table.sweep) == (FIXTURE / "ablations" / "ablations.md").read_text()
 
     figure1 = FIXTURE / "figure1" / "figure1.json"
     result = Figure1Result.read(figure1)
@@ -85,6 +98,9 @@ def test_the_sweeps_records_of_the_earlier_version_read_back_and_rebuild_their_t
     again = replace(summarize_figure1(list(result.runs), setup), setup=result.setup, description=result.description,
                     runs=result.runs)
     assert canonical_json(again.to_json()) == figure1.read_text()
+    assert result.description is not None
+    assert table_markdown_figure1(result, list(result.runs), result.description) == (
+        FIXTURE / "figure1" / "figure1.md").read_text()
 
 
 def test_each_checkpoint_of_the_earlier_version_holds_a_spec_that_reads_and_writes_back_unchanged():

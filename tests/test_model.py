@@ -10,21 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from alexnet_grouped import AlexNetGrouped, grouped_reference
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.ablation import VARIANTS
-from pipeline.model import (
-    AlexNet,
-    AlexNetConfig,
-    AlexNetGrouped,
-    build_model,
-    count_parameters,
-    forward_flops,
-    grouped_reference,
-    local_response_norm,
-)
+from pipeline.experiments.claims import VARIANTS
+from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters, forward_flops, local_response_norm
 
 SMALL = 0.125  # width for tests that do not need the paper's channel counts
 PIXEL_SCALE = 30  # inputs the size of mean-subtracted 0-255 pixels, so LRN's α term shapes the output

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from pipeline.pca import Moments, merge, pca_from_moments, pixel_moments, shard_images, shard_moments
-from pipeline.shards import load_manifest
+from pipeline.records import Manifest
 from stages import pca as pca_stage
 from stages import shard as shard_stage
 
@@ -32,7 +32,7 @@ def small_shards(tmp_path_factory, sample_tree) -> Path:
 
 
 def all_pixels(shard_dir: Path) -> np.ndarray:
-    return np.concatenate([px.T for s in load_manifest(shard_dir).shards for px in shard_images(shard_dir / s.name)])
+    return np.concatenate([px.T for s in Manifest.read(shard_dir).shards for px in shard_images(shard_dir / s.name)])
 
 
 @pytest.mark.slow
@@ -71,7 +71,7 @@ def test_pca_math_recovers_a_known_gaussian():
 
 @pytest.mark.slow
 def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
-    partials = [shard_moments(small_shards / s.name) for s in load_manifest(small_shards).shards]
+    partials = [shard_moments(small_shards / s.name) for s in Manifest.read(small_shards).shards]
     one_pass = pixel_moments(all_pixels(small_shards))
     assert merge(partials).sumsq == one_pass.sumsq and merge(partials).sum == one_pass.sum
     rnd = random.Random(1)
@@ -180,7 +180,7 @@ def test_pca_json_is_the_same_bytes_under_each_openblas_kernel(kernel, small_sha
     """pca.json keys every training run: its bytes must not depend on the CPU family a cluster node has. The
     sample shards' real partials and 200 random images' moments, reduced under a forced OpenBLAS kernel, give the
     same bytes as under this machine's own choice."""
-    partials = json.dumps([shard_moments(small_shards / s.name).to_dict() for s in load_manifest(small_shards).shards])
+    partials = json.dumps([shard_moments(small_shards / s.name).to_dict() for s in Manifest.read(small_shards).shards])
 
     def reduce(env: dict) -> str:
         out = subprocess.run([sys.executable, "-c", PROBE, partials], capture_output=True, text=True, timeout=120,

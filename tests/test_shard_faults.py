@@ -23,8 +23,8 @@ from PIL import Image
 from pipeline.errors import PipeError
 from pipeline.images import BadImage, prepare_image
 from pipeline.pca import check_pca
-from pipeline.records import Pca
-from pipeline.shards import check_shard_files, damaged_shards, load_manifest
+from pipeline.records import Manifest, Pca
+from pipeline.shards import check_shard_files, damaged_shards
 from pipeline.status import stage_rows
 from stages import shard as shard_stage
 from stages import versions
@@ -113,13 +113,13 @@ def test_the_same_bad_inputs_in_two_places_give_byte_identical_manifests_with_st
 
 
 def test_a_file_that_vanishes_before_its_shard_is_written_is_skipped_without_an_absolute_path(tmp_path):
+    from pipeline.records import SkippedImage
     from pipeline.shards import write_shard
     from pipeline.sources import Member
 
     gone = Member("n01440764_9", TENCH, f"train/{TENCH}/n01440764_9.JPEG")
     record = write_shard(tmp_path / "out", "train-000000", [gone], tmp_path, {TENCH: 0}, short_side=256, quality=95)
-    assert record["skipped"] == [{"key": "n01440764_9", "wnid": TENCH, "path": gone.path,
-                                  "reason": "unreadable: No such file or directory"}]
+    assert record.skipped == (SkippedImage("n01440764_9", TENCH, gone.path, "unreadable: No such file or directory"),)
 
 
 def test_extreme_aspect_ratios_are_refused_from_the_header_in_bounded_memory():
@@ -192,7 +192,7 @@ def test_a_damaged_class_tar_keeps_what_precedes_the_damage_and_the_split_goes_o
             outer.addfile(info, io.BytesIO(data))
     result = cli("shard", root, tmp_path / "out", "--split", "train", "--workers", 1)
     assert result.returncode == 0, result.stderr
-    m = load_manifest(tmp_path / "out")
+    m = Manifest.read(tmp_path / "out")
     assert m.samples == 3 and {c.wnid: c.samples for c in m.classes} == {TENCH: 1, "n01443537": 2}
     [lost] = m.skipped
     assert lost.path == f"ILSVRC2012_img_train.tar/{TENCH}.tar" and lost.wnid == TENCH
@@ -218,7 +218,7 @@ def test_a_truncated_or_deleted_shard_is_damaged_and_shard_rewrites_exactly_thos
     names = sorted(p.name for p in shard_copy.glob("*.tar"))
     (shard_copy / names[1]).write_bytes(original[names[1]][:5000])
     (shard_copy / names[2]).unlink()
-    manifest = load_manifest(shard_copy)
+    manifest = Manifest.read(shard_copy)
     assert damaged_shards(shard_copy, manifest) == [names[1], names[2]]
     with pytest.raises(PipeError, match=f"{names[1]}: expected a shard of .* bytes \\(manifest.json\\), found "
                                         "5,000 bytes \\(1 more shard\\(s\\) damaged\\); run `alexnet-pipe verify"):
@@ -233,14 +233,14 @@ def test_a_truncated_or_deleted_shard_is_damaged_and_shard_rewrites_exactly_thos
     assert {p.name: p.read_bytes() for p in shard_copy.glob("val-*")} == original
     assert {n: (shard_copy / n).stat().st_mtime_ns for n in untouched} == untouched
     assert "up to date" in cli("shard", sample_tree, shard_copy, "--split", "val", "--shard-size", 16).stderr
-    check_shard_files(shard_copy, load_manifest(shard_copy))
+    check_shard_files(shard_copy, Manifest.read(shard_copy))
 
 
 def test_a_missing_index_or_member_list_is_repaired_too(sample_tree, shard_copy):
     (shard_copy / "val-000000.idx").unlink()
     shutil.rmtree(shard_copy / "_lists")
     with pytest.raises(PipeError, match="found no index val-000000.idx beside it"):
-        check_shard_files(shard_copy, load_manifest(shard_copy))
+        check_shard_files(shard_copy, Manifest.read(shard_copy))
     result = shard_stage.run(sample_tree, shard_copy, split="val", shard_size=16, workers=1)
     assert result.product.rewritten == ("val-000000.tar",) and result.finished
     assert cli("verify", shard_copy).returncode == 0

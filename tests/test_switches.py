@@ -168,7 +168,7 @@ def test_training_error_survives_a_resume_mid_epoch(tiny_data, tiny_run, train_c
 
 
 def test_grouped_twin_refuses_the_switches_it_does_not_implement():
-    from pipeline.model import AlexNetGrouped
+    from alexnet_grouped import AlexNetGrouped
 
     for settings in ({"towers": 1}, {"norm": "batch"}):
         with pytest.raises(ValueError, match="grouped"):

@@ -41,7 +41,6 @@ from pipeline.augment.geometry import (
 from pipeline.augment.order import ORDER_VERSION, batch_draws, epoch_order
 from pipeline.config import LOADERS
 from pipeline.errors import PipeError
-from pipeline.pca import load_pca
 
 if TYPE_CHECKING:
     from pipeline.records import PixelStats
@@ -85,6 +84,6 @@ def make_eval_loader(shard_dir: Path, pixels: PixelStats, batch_size: int, *, lo
 __all__ = [
     "LIGHTING_ALPHA_STD", "LOADERS", "ORDER_VERSION", "TEN_CROP_VIEWS", "EvalLoader", "ReferenceEvalLoader",
     "ReferenceTrainLoader", "TrainLoader", "batch_draws", "centre_crop_box", "centre_square", "epoch_order",
-    "lighting_offset", "load_pca", "make_eval_loader", "make_train_loader", "rank_range", "reference_eval_samples",
+    "lighting_offset", "make_eval_loader", "make_train_loader", "rank_range", "reference_eval_samples",
     "ten_crop_boxes",
 ]

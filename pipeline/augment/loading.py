@@ -10,8 +10,8 @@ import torch
 
 from pipeline.augment.order import SampleIndex, TrainAugmentation, TrainSource, batches_per_epoch
 from pipeline.errors import PipeError
-from pipeline.records import PixelStats
-from pipeline.shards import check_shard_files, load_manifest, shard_paths
+from pipeline.records import Manifest, PixelStats
+from pipeline.shards import check_shard_files, shard_paths
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -38,7 +38,7 @@ class ShardSet:
     @classmethod
     def open(cls, shard_dir: Path) -> ShardSet:
         shard_dir = Path(shard_dir)
-        manifest = load_manifest(shard_dir)
+        manifest = Manifest.read(shard_dir)
         pairs = shard_paths(shard_dir, manifest)
         missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
         if missing:

@@ -37,12 +37,15 @@ from pipeline.engine.stage import (
     Stage,
     StageResult,
     StageState,
+    finished_marker,
     inspect,
     stage_input_path,
 )
 
-__all__ = ["MARKER", "PLAN", "Advance", "Input", "QuietReporter", "Reporter", "Stage", "StageResult", "StageState",
-           "append_line", "atomic_write", "canonical_json", "changed_fields", "describe_changes",
-           "disk_full_is_user_error", "exit_with_parent", "file_lock", "fingerprint_source", "inspect",
-           "output_digest", "read_json", "sha256_file", "stage_input_path", "stage_key", "task_slice",
-           "unwritable_is_user_error", "write_json"]
+__all__ = [
+    "MARKER", "PLAN", "Advance", "Input", "QuietReporter", "Reporter", "Stage", "StageResult", "StageState",
+    "append_line", "atomic_write", "canonical_json", "changed_fields", "describe_changes",
+    "disk_full_is_user_error", "exit_with_parent", "file_lock", "fingerprint_source", "finished_marker", "inspect",
+    "output_digest", "read_json", "sha256_file", "stage_input_path", "stage_key", "task_slice",
+    "unwritable_is_user_error", "write_json",
+]

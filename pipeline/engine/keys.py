@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.engine.files import canonical_json, sha256_file
 from pipeline.errors import PipeError
+from pipeline.records.stage import RecordedInput
 
 MARKER = "_stage.json"  # a stage folder's done marker (written last, atomically)
 
@@ -104,18 +105,17 @@ class Input:
         return Input(path, fingerprint_source(path))
 
 
-def recorded_input(inp: Input, out: Path) -> dict:
+def recorded_input(inp: Input, out: Path) -> RecordedInput:
     """How a done marker keeps an input: its digest and its path three ways, as typed, relative to the stage
     folder and absolute (see `recorded_input_path`)."""
     absolute = os.path.abspath(inp.path)
-    return {"path": str(inp.path), "from_stage": os.path.relpath(absolute, os.path.abspath(out)),
-            "absolute": absolute, "digest": inp.digest}
+    return RecordedInput(str(inp.path), inp.digest, os.path.relpath(absolute, os.path.abspath(out)), absolute)
 
 
-def recorded_input_path(folder: Path, inp: dict) -> Path:
+def recorded_input_path(folder: Path, inp: RecordedInput) -> Path:
     """Where a recorded input is now, from any working folder: relative to the stage folder first (a WORK moved
     or copied as a whole stays done), then the absolute path, then the path as typed (markers written before the
     other two were kept). The first that exists; the first tried when none does."""
-    tried = [folder / inp["from_stage"]] if "from_stage" in inp else []
-    tried += [Path(inp[k]) for k in ("absolute", "path") if k in inp]
+    tried = [folder / inp.from_stage] if inp.from_stage is not None else []
+    tried += [Path(p) for p in (inp.absolute, inp.path) if p is not None]
     return next((p for p in tried if p.exists()), tried[0])

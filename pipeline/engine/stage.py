@@ -36,6 +36,7 @@ from pipeline.engine.keys import (
 )
 from pipeline.engine.pool import LOCKS, UNITS, run_units, unit_record_path
 from pipeline.errors import PipeError, StageBusy
+from pipeline.records.stage import StageMarker, StagePlan
 
 PLAN = "_plan.json"
 
@@ -114,17 +115,17 @@ class Stage:
     def _key(self, version: int) -> str:
         return stage_key(self.name, version, self.params, {k: v.digest for k, v in self.inputs.items()})
 
-    def marker(self) -> dict | None:
+    def marker(self) -> StageMarker | None:
         """The done marker; None when there is none or it was cut short (then the stage is redone)."""
         p = self.out / MARKER
         try:
-            return read_json(p) if p.is_file() else None
+            return StageMarker.read(p) if p.is_file() else None
         except PipeError:
             return None
 
     def up_to_date(self) -> bool:
         m = self.marker()
-        return m is not None and m.get("key") == self.key
+        return m is not None and m.key == self.key
 
     def stale_reason(self) -> str | None:
         """Why a finished stage no longer matches this configuration, with the old and new values (None if it
@@ -132,14 +133,14 @@ class Stage:
         if (self.out / MARKER).is_file() and self.marker() is None:
             return f"its {MARKER} is damaged (not valid JSON)"
         m = self.marker()
-        if m is None or m.get("key") == self.key:
+        if m is None or m.key == self.key:
             return None
-        if m.get("version") != self.version:
-            return f"stage version {m.get('version')} → {self.version}"
-        changed = [k for k, v in self.inputs.items() if m.get("inputs", {}).get(k, {}).get("digest") != v.digest]
+        if m.version != self.version:
+            return f"stage version {m.version} → {self.version}"
+        changed = [k for k, v in self.inputs.items() if (k not in m.inputs or m.inputs[k].digest != v.digest)]
         if changed:
             return "input changed: " + ", ".join(changed)
-        diff = describe_changes(m.get("params", {}), self.params)
+        diff = describe_changes(m.params, self.params)
         return f"params changed: {diff}" if diff else "key changed"
 
     # -- running ---------------------------------------------------------------------------------------------
@@ -167,19 +168,19 @@ class Stage:
             self.out.mkdir(parents=True, exist_ok=True)
         with file_lock(self.out / LOCKS / "finalize", blocking=True):
             p = self.out / PLAN
-            old = read_json(p) if p.is_file() else None
+            old = StagePlan.read(p) if p.is_file() else None
             marker = self.marker()
-            old_key = (old or {}).get("key") or (marker or {}).get("key")
+            old_key = old.key if old else marker.key if marker else None
             reusable = {self.key, *(self._key(v) for v in self.unit_versions)}
             if force or (old_key is not None and old_key not in reusable):
                 self.clear()
                 old = None
             elif old_key is not None and old_key != self.key:
                 (self.out / MARKER).unlink(missing_ok=True)  # an earlier version's product: not done any more
-            known = list((old or {}).get("units", [])) if (old or {}).get("key") in reusable else []
+            known = list(old.units) if old is not None and old.key in reusable else []
             merged = known + [u for u in units if u not in known]
-            if old is None or merged != known or old.get("key") != self.key:
-                write_json(p, {"stage": self.name, "key": self.key, "units": merged})
+            if old is None or merged != known or old.key != self.key:
+                write_json(p, StagePlan(self.name, self.key, tuple(merged)).to_json())
 
     def reopen(self, units: Iterable[str]) -> None:
         """Finished units whose files were found damaged become to-do again: their records and the done marker
@@ -210,23 +211,18 @@ class Stage:
         """`pipeline.engine.pool.run_units` in this stage's folder."""
         run_units(self.out, units, work, workers=workers, on_done=on_done, wait_for_others=wait_for_others)
 
-    def finalize(self, write_products: Callable[[], object], *, extra: dict | None = None) -> bool:
-        """Under the finalize lock: write the products, then the done marker last. False if already done."""
+    def finalize(self, write_products: Callable[[], object], **counted: Any) -> bool:
+        """Under the finalize lock: write the products, then the done marker last (with what the stage `counted`:
+        images, samples, shards, runs, final). False if already done."""
         with file_lock(self.out / LOCKS / "finalize", blocking=True):
             if self.up_to_date():
                 return False
             write_products()
             remove_temp_files(self.out)
-            write_json(self.out / MARKER, {
-                "stage": self.name,
-                "key": self.key,
-                "version": self.version,
-                "params": self.params,
-                "inputs": {k: recorded_input(v, self.out) for k, v in self.inputs.items()},
-                "product": self.product,
-                "seconds": round(time.time() - self.started, 3),
-                **(extra or {}),
-            })
+            write_json(self.out / MARKER, StageMarker(
+                self.name, self.key, self.version, self.params,
+                {k: recorded_input(v, self.out) for k, v in self.inputs.items()}, self.product,
+                round(time.time() - self.started, 3), **counted).to_json())
             return True
 
     # -- the preamble every stage shares -----------------------------------------------------------------------
@@ -264,12 +260,12 @@ def inspect(folder: Path) -> StageState:
     """What a stage folder holds, re-checking recorded input digests (used by `alexnet-pipe status`)."""
     marker_path, plan_path = folder / MARKER, folder / PLAN
     if marker_path.is_file():
-        marker = read_json(marker_path)
-        for name, inp in marker.get("inputs", {}).items():
+        marker = StageMarker.read(marker_path)
+        for name, inp in marker.inputs.items():
             path = recorded_input_path(folder, inp)
             if not path.exists():
                 return StageState("stale", f"input {name} missing: {path}")
-            if inp["digest"].startswith("fp:"):
+            if inp.digest.startswith("fp:"):
                 digest = fingerprint_source(path)
             elif path.is_file():
                 digest = "sha256:" + sha256_file(path)
@@ -277,26 +273,30 @@ def inspect(folder: Path) -> StageState:
                 digest = "sha256:" + sha256_file(path / _product_of(path))
             else:
                 return StageState("stale", f"input {name} is no longer a finished stage: {path}")
-            if digest != inp["digest"]:
+            if digest != inp.digest:
                 return StageState("stale", f"input {name} changed ({path})")
-        return StageState("done", f"key {marker['key']}, {marker.get('seconds', 0):.1f} s")
+        return StageState("done", f"key {marker.key}, {marker.seconds:.1f} s")
     if plan_path.is_file():
-        units = read_json(plan_path)["units"]
+        units = StagePlan.read(plan_path).units
         done = sum((folder / UNITS / f"{u}.json").is_file() for u in units)
         return StageState("partial", f"{done} of {len(units)} units")
     return StageState("missing")
 
 
+def finished_marker(folder: Path) -> StageMarker | None:
+    """The done marker of the stage in `folder` (None: not finished)."""
+    return StageMarker.read(folder / MARKER) if (folder / MARKER).is_file() else None
+
+
 def stage_input_path(folder: Path, name: str) -> Path | None:
     """Where input `name` of the finished stage in `folder` is now (`recorded_input_path`); None if not recorded."""
-    marker = read_json(folder / MARKER) if (folder / MARKER).is_file() else {}
-    recorded = marker.get("inputs", {}).get(name)
+    marker = finished_marker(folder)
+    recorded = marker.inputs.get(name) if marker else None
     return recorded_input_path(folder, recorded) if recorded else None
 
 
 def _product_of(folder: Path) -> str:
-    marker = read_json(folder / MARKER) if (folder / MARKER).is_file() else {}
-    product = marker.get("product")
-    if not product:
+    marker = finished_marker(folder)
+    if marker is None or not marker.product:
         raise PipeError(f"{folder}: no finished stage with a product file")
-    return product
+    return marker.product

@@ -16,7 +16,9 @@ from pipeline.records.data import (
     PixelStats,
     RepairedImage,
     ShardEntry,
+    ShardIndex,
     ShardParams,
+    ShardUnit,
     SkippedImage,
 )
 from pipeline.records.evaluation import (
@@ -71,14 +73,16 @@ from pipeline.records.run import (
     parse_metrics,
     read_metrics,
 )
+from pipeline.records.stage import FinalCheckpoint, RecordedInput, StageMarker, StagePlan
 
 __all__ = [
     "ABLATIONS", "CHECKPOINTS_DIR", "DIVERGED", "EVAL", "EVENTS", "FIGURE1", "MANIFEST", "METRICS", "PCA",
     "REPORT", "RUN_SETTINGS", "TIMM_INFO", "CheckpointRef", "Chosen", "ClassAccuracy", "ClassCount",
     "ConfusedPair", "Difference", "DivergedAt", "DivergedSeed", "EpochProgress", "EpochRecord", "Errors",
     "EvalResult", "Event", "Example", "Factor", "Figure1Result", "Figure1Run", "Figure3", "Figure4",
-    "IgnoredEntry", "Manifest", "MeanSd", "Metrics", "Neighbour", "Part", "Pca", "PixelStats", "Query", "Record",
-    "RepairedImage", "RunClasses", "RunInputs", "RunSettings", "RunSpec", "SeedFactor", "ShardEntry",
-    "ShardParams", "SkippedImage", "StepRecord", "SweepRun", "SweepTable", "Topology", "TowerKernels", "ValRef",
-    "VariantRow", "absent_when_none", "build", "parse_metrics", "read_metrics", "to_plain",
+    "FinalCheckpoint", "IgnoredEntry", "Manifest", "MeanSd", "Metrics", "Neighbour", "Part", "Pca", "PixelStats",
+    "Query", "Record", "RecordedInput", "RepairedImage", "RunClasses", "RunInputs", "RunSettings", "RunSpec",
+    "SeedFactor", "ShardEntry", "ShardIndex", "ShardParams", "ShardUnit", "SkippedImage", "StageMarker",
+    "StagePlan", "StepRecord", "SweepRun", "SweepTable", "Topology", "TowerKernels", "ValRef", "VariantRow",
+    "absent_when_none", "build", "parse_metrics", "read_metrics", "to_plain",
 ]

@@ -4,6 +4,7 @@ key the stages downstream."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -63,6 +64,36 @@ class RepairedImage:
 class IgnoredEntry:
     name: str
     reason: str
+
+
+@dataclass(frozen=True)
+class ShardIndex(Record):
+    """The shard stage's first unit: the source listed once, and the seeded assignment of its images to shards
+    (their member lists lie beside it, one file a shard)."""
+
+    source_root: str  # member paths are relative to it
+    shards: int
+    sizes: tuple[int, ...]  # images assigned to each shard
+    images: int  # kept (a capped split keeps fewer than it lists)
+    wnids: tuple[str, ...]
+    ignored: tuple[IgnoredEntry, ...]
+    skipped: tuple[SkippedImage, ...] = ()  # lost to a damaged class tar while listing
+    listed: int | None = None  # None: written before caps existed (then all `images` were kept)
+
+
+@dataclass(frozen=True)
+class ShardUnit(Record):
+    """A written shard's unit record: its file, sample count per class, digest, and the images it skipped or
+    repaired. A shard whose every image was bad is not written (DALI rejects an empty index): 0 samples, no
+    digest."""
+
+    name: str
+    samples: int
+    bytes: int
+    sha256: str | None
+    classes: dict[str, int]  # wnid → samples
+    skipped: tuple[SkippedImage, ...]
+    repaired: tuple[RepairedImage, ...]
 
 
 @dataclass(frozen=True)
@@ -126,6 +157,28 @@ class Pca(Record):
         """pca.json; other keys beside its fields (published statistics may carry notes) are passed over."""
         names = {f.name for f in fields(cls)}
         return super().from_json({k: v for k, v in data.items() if k in names} if isinstance(data, dict) else data)
+
+    @classmethod
+    def read(cls, path: Path) -> Pca:
+        """pca.json (written by pca-stats, or the published values in its format), checked as the lighting
+        augmentation relies on it (`pipeline.pca.check_pca`)."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PipeError(f"{path}: no such file (expected pca.json from `alexnet-pipe pca-stats`)") from None
+        except (OSError, ValueError) as e:
+            raise PipeError(f"{path}: not readable as JSON ({e})") from None
+        try:
+            pca = cls.from_json(data)
+        except (ValueError, TypeError) as e:
+            names = ", ".join(f.name for f in fields(cls))
+            raise PipeError(f"{path}: expected pca.json from `alexnet-pipe pca-stats` (fields {names}), found "
+                            f"{type(e).__name__}: {e}") from None
+        from pipeline.pca import check_pca  # numpy: only where the statistics are used
+
+        check_pca(pca, path)
+        return pca
 
     @property
     def stats(self) -> PixelStats:

@@ -13,7 +13,7 @@ from pipeline.cluster import Placement, placement, resolve_devices
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import Input
 from pipeline.errors import PipeError
-from pipeline.records import MANIFEST, Manifest, RunClasses, RunInputs, RunSpec
+from pipeline.records import MANIFEST, Manifest, Pca, RunClasses, RunInputs, RunSpec
 from pipeline.sources import run_classes, val_class_problems
 from pipeline.train.state import topology
 
@@ -66,9 +66,7 @@ class RunData:
 def pca_input(pca_path: Path, train_dir: Path, train: Input, from_elsewhere: bool) -> Input:
     """pca.json as a run's input: computed by pca-stats from these training shards (its source_manifest_sha256 is
     their manifest's), unless `from_elsewhere` allows another (published values, a PCA of other data)."""
-    from pipeline.pca import load_pca
-
-    source = load_pca(pca_path).source_manifest_sha256
+    source = Pca.read(pca_path).source_manifest_sha256
     ours = train.digest.removeprefix("sha256:")
     if from_elsewhere:
         return Input.of_file(pca_path)
@@ -164,13 +162,11 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
 
     from pipeline.augment import make_eval_loader, make_train_loader
     from pipeline.model import build_model
-    from pipeline.pca import load_pca
-
     torch.manual_seed(cfg.seed)  # the initial weights (pipeline.model.initial_model draws the same)
     net = build_model(model, session.devices)
     if cfg.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    pixels = load_pca(data.pca_path).stats
+    pixels = Pca.read(data.pca_path).stats
     place = session.place
     common: dict[str, Any] = {"crop": model.crop, "rank": place.rank, "world_size": place.world_size,
                               "device": session.devices[0], "num_threads": cfg.loader_threads, "loader": cfg.loader}

@@ -34,8 +34,10 @@ from pipeline.records import (
     CheckpointRef,
     DivergedAt,
     EpochRecord,
+    Pca,
     RunSettings,
     RunSpec,
+    StageMarker,
     StepRecord,
     Topology,
 )
@@ -248,15 +250,15 @@ class RunIdentity:
         write_json(path, RunSettings(self.key, self.trajectory).to_json())
 
 
-def final_checkpoint_problem(out: Path, marker: dict) -> str | None:
+def final_checkpoint_problem(out: Path, marker: StageMarker | None) -> str | None:
     """Why a finished run is not done after all: its final checkpoint (recorded in the done marker) is missing or
     not the size it was written with (set aside as damaged, cut, replaced). A stat, no hashing: the up-to-date
     check stays instant."""
-    final = marker.get("final", {})
-    path, size = final.get("checkpoint"), final.get("bytes")
-    if not path:
+    final = marker.final if marker else None
+    if final is None:
         return None
-    checkpoint = out / CHECKPOINTS_DIR / Path(path).name
+    size = final.bytes
+    checkpoint = out / CHECKPOINTS_DIR / Path(final.checkpoint).name
     if not checkpoint.is_file():
         return f"its final checkpoint {checkpoint.name} is missing"
     if size is not None and checkpoint.stat().st_size != size:
@@ -273,12 +275,12 @@ def diverged_record(out: Path) -> DivergedAt | None:
 def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
     """Why this run may go on with `pca_path` although its digest is not the run's: its mean and eigen-pairs equal
     those in the run's newest checkpoint to PCA_SAME_TOL (or no checkpoint exists yet). None: they differ."""
-    from pipeline.pca import PCA_SAME_TOL, load_pca, pca_difference
+    from pipeline.pca import PCA_SAME_TOL, pca_difference
     from pipeline.records import RunSpec
     from pipeline.train.checkpoints import latest_checkpoint, load_checkpoint
 
     checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
-    new = load_pca(pca_path).stats
+    new = Pca.read(pca_path).stats
     if checkpoint is not None:
         difference = pca_difference(RunSpec.of_checkpoint(load_checkpoint(checkpoint)).pixels, new)
         if difference > PCA_SAME_TOL:

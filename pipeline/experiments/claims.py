@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.documents import markdown_table, saved_figure
 from pipeline.records import (
     EVAL,
     Difference,
@@ -191,10 +192,15 @@ def speedup(summary: SweepTable, fast: str = BASELINE, slow: str = "tanh") -> fl
         b.epochs_to_threshold_mean else None
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
+
+
 def table_markdown(summary: SweepTable, description: str) -> str:
     """ablations.md: the table and what it can and cannot tell."""
-    pct = lambda x: "-" if x is None else f"{100 * x:.1f}"  # noqa: E731
     threshold = summary.threshold
+    header = ["variant", "what changes", "paper (section)", "top-1 error", "top-5 error", "Δ top-1", "Δ top-5",
+              "train–val gap (top-1)", f"epochs to {threshold:.0%} train error"]
     lines = ["# Ablations: the paper's claims, measured", "", description, "",
              f"Val error in %, mean ± sd over {summary.seeds} seed(s), the paper's test (10-crop) unless marked. "
              "Difference = variant − baseline ± its standard error (positive: the variant is worse, i.e. the "
@@ -202,42 +208,7 @@ def table_markdown(summary: SweepTable, description: str) -> str:
              f"{threshold:.0%}, mean over seeds (— when a seed never did). Train–val gap: val top-1 error − "
              "training top-1 error, both in eval mode with the centre crop on as many images (the training error "
              "counted during training has dropout and augmentation on); a larger gap is more overfitting.", "",
-             "| variant | what changes | paper (section) | top-1 error | top-5 error | Δ top-1 | Δ top-5 | "
-             f"train–val gap (top-1) | epochs to {threshold:.0%} train error |", "|---" * 9 + "|"]
-    for row in summary.rows:
-        cells = [row.variant, row.what, f"{row.paper} ({row.section})"]
-        for m, top1 in ((row.top1_error, True), (row.top5_error, False)):
-            cell = "diverged" if m.mean is None else (
-                f"{pct(m.mean)} ± {pct(m.sd)}" + ("" if row.test == "ten_crop" else " (centre)"))
-            if row.diverged and top1:
-                cell += " (" + ", ".join(f"seed {d.seed} diverged at step {d.step}" for d in row.diverged) + ")"
-            cells.append(cell)
-        for d in (row.top1_error_diff, row.top5_error_diff):
-            if d is None:
-                cells.append("-")
-            elif d.se is None:
-                cells.append(f"{100 * d.mean:+.1f} (one seed: no noise estimate)")
-            else:
-                verdict = "within the noise" if d.within_noise else "beyond 2 s.e."
-                cells.append(f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({verdict})")
-        gap = row.gap_top1
-        cells.append("-" if gap.mean is None else f"{pct(gap.mean)} ± {pct(gap.sd)}")
-        reached = row.epochs_to_threshold_mean
-        cells.append("—" if reached is None else f"{reached:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    detectable = summary.smallest_detectable_top1
-    if detectable is None:
-        lines.append("One seed per variant: the sweep cannot tell an effect from seed noise; run with more seeds.")
-    else:
-        sd = pct(summary.pooled_sd_top1)
-        lines.append(f"Seed noise: the seeds' top-1 error sd, pooled over the variants, is {sd} points, so with "
-                     f"{summary.seeds} seeds the smallest top-1 difference this sweep can "
-                     f"detect (2 standard errors) is about {pct(detectable)} points. The paper's effects are "
-                     "0.3–1.7 points on ImageNet's 50,000 val images; a smaller measured difference here says "
-                     "nothing either way." + (" With 2 seeds each sd is itself a rough estimate (one degree of "
-                                              "freedom): read these verdicts as a first look." if summary.seeds < 3
-                                              else ""))
+             *markdown_table(header, [_row_cells(row) for row in summary.rows]), "", _noise_note(summary)]
     factor = speedup(summary)
     if factor is not None:
         lines += ["", f"ReLU vs tanh in this recipe: tanh needed {factor:.1f}× the epochs of ReLU to reach "
@@ -247,39 +218,63 @@ def table_markdown(summary: SweepTable, description: str) -> str:
     return "\n".join(lines)
 
 
+def _row_cells(row: VariantRow) -> list[str]:
+    cells = [row.variant, row.what, f"{row.paper} ({row.section})"]
+    for m, top1 in ((row.top1_error, True), (row.top5_error, False)):
+        cell = "diverged" if m.mean is None else (
+            f"{_pct(m.mean)} ± {_pct(m.sd)}" + ("" if row.test == "ten_crop" else " (centre)"))
+        if row.diverged and top1:
+            cell += " (" + ", ".join(f"seed {d.seed} diverged at step {d.step}" for d in row.diverged) + ")"
+        cells.append(cell)
+    for d in (row.top1_error_diff, row.top5_error_diff):
+        if d is None:
+            cells.append("-")
+        elif d.se is None:
+            cells.append(f"{100 * d.mean:+.1f} (one seed: no noise estimate)")
+        else:
+            verdict = "within the noise" if d.within_noise else "beyond 2 s.e."
+            cells.append(f"{100 * d.mean:+.1f} ± {100 * d.se:.1f} ({verdict})")
+    gap = row.gap_top1
+    cells.append("-" if gap.mean is None else f"{_pct(gap.mean)} ± {_pct(gap.sd)}")
+    reached = row.epochs_to_threshold_mean
+    cells.append("—" if reached is None else f"{reached:.1f}")
+    return cells
+
+
+def _noise_note(summary: SweepTable) -> str:
+    """How big a difference the seeds let this sweep tell from noise."""
+    detectable = summary.smallest_detectable_top1
+    if detectable is None:
+        return "One seed per variant: the sweep cannot tell an effect from seed noise; run with more seeds."
+    return (f"Seed noise: the seeds' top-1 error sd, pooled over the variants, is {_pct(summary.pooled_sd_top1)} "
+            f"points, so with {summary.seeds} seeds the smallest top-1 difference this sweep can "
+            f"detect (2 standard errors) is about {_pct(detectable)} points. The paper's effects are "
+            "0.3–1.7 points on ImageNet's 50,000 val images; a smaller measured difference here says "
+            "nothing either way." + (" With 2 seeds each sd is itself a rough estimate (one degree of "
+                                     "freedom): read these verdicts as a first look." if summary.seeds < 3 else ""))
+
+
 def plot(summary: SweepTable, out: Path) -> list[str]:
     """training-error.png (training error against epochs, ReLU vs tanh, mean over seeds; not named figure1: that
     is `alexnet-pipe figure1`'s CIFAR-10 experiment) and ablations.png (val top-1 error per variant, mean ± sd)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = {r.variant: r for r in summary.rows}
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, label, style in ((BASELINE, "ReLU", "-"), ("tanh", "tanh", "--")):
-        if name in rows:
-            curve = [math.nan if e is None else e for e in rows[name].train_top1_error_mean]
-            ax.plot(range(1, len(curve) + 1), curve, style, marker=".", label=f"{label} (mean of seeds)")
-    ax.axhline(summary.threshold, color="grey", lw=0.8, label=f"threshold {summary.threshold:.0%}")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("training top-1 error")
-    ax.set_title("ReLU vs tanh in this recipe")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "training-error.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    errors = {n: r.top1_error for n, r in rows.items() if r.top1_error.mean is not None}  # not only diverged
-    names = list(errors)
-    means = [100 * (errors[n].mean or 0) for n in names]
-    sds = [100 * (errors[n].sd or 0) for n in names]
-    ax.bar(names, means, yerr=sds, capsize=3, color=["tab:grey" if n == BASELINE else "tab:blue" for n in names])
-    ax.set_ylabel("val top-1 error, % (mean ± sd)")
-    ax.tick_params(axis="x", rotation=35)
-    fig.tight_layout()
-    fig.savefig(out / "ablations.png", dpi=100)
-    plt.close(fig)
+    with saved_figure(out / "training-error.png", (6, 3.5)) as (_, ax):
+        for name, label, style in ((BASELINE, "ReLU", "-"), ("tanh", "tanh", "--")):
+            if name in rows:
+                curve = [math.nan if e is None else e for e in rows[name].train_top1_error_mean]
+                ax.plot(range(1, len(curve) + 1), curve, style, marker=".", label=f"{label} (mean of seeds)")
+        ax.axhline(summary.threshold, color="grey", lw=0.8, label=f"threshold {summary.threshold:.0%}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("training top-1 error")
+        ax.set_title("ReLU vs tanh in this recipe")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    with saved_figure(out / "ablations.png", (7, 3.5)) as (_, ax):
+        errors = {n: r.top1_error for n, r in rows.items() if r.top1_error.mean is not None}  # not only diverged
+        names = list(errors)
+        means = [100 * (errors[n].mean or 0) for n in names]
+        sds = [100 * (errors[n].sd or 0) for n in names]
+        ax.bar(names, means, yerr=sds, capsize=3, color=["tab:grey" if n == BASELINE else "tab:blue" for n in names])
+        ax.set_ylabel("val top-1 error, % (mean ± sd)")
+        ax.tick_params(axis="x", rotation=35)
     return ["training-error.png", "ablations.png"]

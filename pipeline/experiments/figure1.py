@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from pipeline.documents import markdown_table, saved_figure
 from pipeline.records import Chosen, EpochProgress, Factor, Figure1Result, Figure1Run, Part, SeedFactor, build, to_plain
 
 ACTIVATIONS = ("relu", "tanh")
@@ -327,66 +328,58 @@ def factor_words(f: Factor) -> str:
 def table_markdown(summary: Figure1Result, records: list[Figure1Run], description: str) -> str:
     """figure1.md: the headline, the chosen runs and the whole sweep."""
     threshold = f"{summary.threshold:.0%}"
-    lines = ["# Figure 1: ReLU against tanh on CIFAR-10", "", description, "",
-             f"**tanh / ReLU, training images to {threshold} training error: {factor_words(summary.factor)}.** "
-             "The paper (§3.1, Figure 1): about 6×.", "",
-             f"| neurons | learning rate | seed | epochs to {threshold} | images to {threshold} | seconds |",
-             "|---|---|---|---|---|---|"]
     by_run: dict[tuple[str, float | None, int], Figure1Run] = {(r.activation, r.lr, r.seed): r for r in records}
+    chosen = []
     for activation in ACTIVATIONS:
         c = summary.chosen[activation]
         for seed in c.seeds:
             r = by_run[activation, c.lr, seed]
             if r.images_to_threshold is not None:
-                when = f"{r.epochs_to_threshold:.1f} | {r.images_to_threshold:,}"
+                when = [f"{r.epochs_to_threshold:.1f}", f"{r.images_to_threshold:,}"]
             else:  # never reached: all we know is that it takes longer than the run trained
-                when = f"> {r.images_trained / r.images_per_epoch:.1f} | > {r.images_trained:,}"
-            lines.append(f"| {NAMES[activation]} | {c.lr:g} | {seed} | {when} | {r.seconds:.0f} |")
-    lines += ["", "The learning-rate sweep (seed 0; the chosen rate in bold):", "",
-              "| neurons | learning rate | how it ended | epochs trained | lowest training error |",
-              "|---|---|---|---|---|"]
+                when = [f"> {r.images_trained / r.images_per_epoch:.1f}", f"> {r.images_trained:,}"]
+            chosen.append([NAMES[activation], f"{c.lr:g}", str(seed), *when, f"{r.seconds:.0f}"])
+    sweep = []
     for activation in ACTIVATIONS:
         lr = summary.chosen[activation].lr
-        for r in sorted((r for r in records if r.activation == activation and r.seed == 0),
-                        key=lambda r: r.lr):
+        for r in sorted((r for r in records if r.activation == activation and r.seed == 0), key=lambda r: r.lr):
             trained = r.images_trained / r.images_per_epoch
             how = {"reached": f"reached {threshold} at epoch {trained:.1f}", "behind": "stopped: behind the best",
                    "cap": "the cap, never reached", "diverged": "diverged"}[r.end]
             rate = f"**{r.lr:g}**" if r.lr == lr else f"{r.lr:g}"
             low = "—" if r.lowest_error is None else f"{r.lowest_error:.1%}"
-            lines.append(f"| {NAMES[activation]} | {rate} | {how} | {trained:.1f} | {low} |")
-    lines += ["", "![Figure 1: training error rate against epochs](figure1.png)", ""]
-    return "\n".join(lines)
+            sweep.append([NAMES[activation], rate, how, f"{trained:.1f}", low])
+    return "\n".join([
+        "# Figure 1: ReLU against tanh on CIFAR-10", "", description, "",
+        f"**tanh / ReLU, training images to {threshold} training error: {factor_words(summary.factor)}.** "
+        "The paper (§3.1, Figure 1): about 6×.", "",
+        *markdown_table(["neurons", "learning rate", "seed", f"epochs to {threshold}", f"images to {threshold}",
+                         "seconds"], chosen),
+        "", "The learning-rate sweep (seed 0; the chosen rate in bold):", "",
+        *markdown_table(["neurons", "learning rate", "how it ended", "epochs trained", "lowest training error"], sweep),
+        "", "![Figure 1: training error rate against epochs](figure1.png)", ""])
 
 
 def plot(summary: Figure1Result, records: list[Figure1Run], path: Path) -> None:
     """figure1.png as the paper draws it: training error rate against epochs, ReLU solid, tanh dashed, the threshold
     line; each activation's chosen rate, seed 0 dark and the other seeds light; the factor in the legend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for activation, style in (("relu", "-"), ("tanh", "--")):
-        c = summary.chosen[activation]
-        for r in records:
-            if r.activation == activation and r.lr == c.lr and r.parts:
-                x = [0.0] + [p.images / r.images_per_epoch for p in r.parts]
-                y = [0.9] + [p.error for p in r.parts]  # chance for ten classes before the first step
-                first = r.seed == c.seeds[0]
-                ax.plot(x, y, style, color="black", lw=1.4 if first else 0.8, alpha=1.0 if first else 0.35,
-                        label=f"{NAMES[activation]} (lr {c.lr:g})" if first else None)
-    ax.axhline(summary.threshold, color="grey", lw=0.8)
-    ax.plot([], [], " ", label=f"tanh / ReLU to {summary.threshold:.0%}: {_short(summary.factor)}")
-    ax.set_xlabel("Epochs")
-    ax.set_ylabel("Training error rate")
-    ax.set_ylim(0, 0.95)
-    ax.set_xlim(left=0)
-    ax.legend(frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with saved_figure(path, (5, 4), dpi=120) as (_, ax):
+        for activation, style in (("relu", "-"), ("tanh", "--")):
+            c = summary.chosen[activation]
+            for r in records:
+                if r.activation == activation and r.lr == c.lr and r.parts:
+                    x = [0.0] + [p.images / r.images_per_epoch for p in r.parts]
+                    y = [0.9] + [p.error for p in r.parts]  # chance for ten classes before the first step
+                    first = r.seed == c.seeds[0]
+                    ax.plot(x, y, style, color="black", lw=1.4 if first else 0.8, alpha=1.0 if first else 0.35,
+                            label=f"{NAMES[activation]} (lr {c.lr:g})" if first else None)
+        ax.axhline(summary.threshold, color="grey", lw=0.8)
+        ax.plot([], [], " ", label=f"tanh / ReLU to {summary.threshold:.0%}: {_short(summary.factor)}")
+        ax.set_xlabel("Epochs")
+        ax.set_ylabel("Training error rate")
+        ax.set_ylim(0, 0.95)
+        ax.set_xlim(left=0)
+        ax.legend(frameon=False)
 
 
 def _short(f: Factor) -> str:
