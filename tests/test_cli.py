@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_cli, run_cli_here
 
-CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
 
-
-def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=300, env=env)
+def cli(*args: str, env: dict | None = None):
+    """In this process: these tests are of arguments, messages and exit codes."""
+    return run_cli_here(*args, check=False, env=env)
 
 
 def commands() -> list[str]:
@@ -77,7 +76,7 @@ def test_usage_errors_exit_2_without_a_traceback():
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    out = cli("--debug", "verify", str(tmp_path))
+    out = run_cli("--debug", "verify", str(tmp_path), check=False)  # the interpreter prints the traceback: a process
     assert out.returncode != 0 and "Traceback" in out.stderr and "PipeError" in out.stderr
 
 

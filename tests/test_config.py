@@ -101,13 +101,14 @@ def test_the_command_line_overrides_the_recipe_and_lrn_is_an_alias():
     ("[optim]\nlr = 0.1\n", r"unknown table or key 'optim'; a recipe holds the tables \[model\], \[train\]"),
     ("[train\n", r"not a valid TOML recipe"),
 ])
-def test_a_bad_recipe_is_one_line_naming_the_key_and_the_file(text, says, tmp_path, tiny_data, cli):
+def test_a_bad_recipe_is_one_line_naming_the_key_and_the_file(text, says, tmp_path, cli_here):
     recipe = tmp_path / "bad.toml"
     recipe.write_text(text)
     with pytest.raises(PipeError, match=says):
         load_recipe(recipe)
-    out = cli("train", "--train", tiny_data["train"], "--val", tiny_data["val"], "--pca", tiny_data["pca"],
-              "--out", tmp_path / "run", "--recipe", recipe, check=False)
+    data = tmp_path / "not-read"  # the recipe is refused before any data is opened
+    out = cli_here("train", "--train", data, "--val", data, "--pca", data / "pca.json", "--out", tmp_path / "run",
+                   "--recipe", recipe, check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert str(recipe) in out.stderr and re.search(says, out.stderr)
     assert not (tmp_path / "run").exists()

@@ -225,13 +225,13 @@ def test_centre_only_eval_has_no_ten_crop_entry(evaluated, tiny_data, checkpoint
 
 
 @pytest.mark.parametrize("what", ["missing checkpoint", "run without checkpoints"])
-def test_eval_of_a_missing_checkpoint_is_a_one_line_error(tiny_data, cli, tmp_path, what):
+def test_eval_of_a_missing_checkpoint_is_a_one_line_error(tiny_data, cli_here, tmp_path, what):
     target = tmp_path / "run" / "checkpoints" / "step-000000099.pt"
     if what == "run without checkpoints":
         target.parent.mkdir(parents=True)
         target = tmp_path / "run"
-    out = cli("eval", target, "--val", tiny_data["val"], "--out", tmp_path / "eval", "--devices", "cpu",
-              check=False)
+    out = cli_here("eval", target, "--val", tiny_data["val"], "--out", tmp_path / "eval", "--devices", "cpu",
+                   check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and str(target) in lines[0], out.stderr

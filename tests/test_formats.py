@@ -164,11 +164,11 @@ def old_work(tmp_path_factory, cli) -> Path:
     return work
 
 
-@pytest.mark.slow
 def said(out) -> str:
     return out.stdout + out.stderr
 
 
+@pytest.mark.slow
 def test_an_earlier_versions_work_folder_rebuilds_its_shards_and_resumes_and_evaluates_its_runs(old_work, cli):
     from pipeline.status import stage_rows
     from stages import versions

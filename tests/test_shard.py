@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import manifest, samples, shard_set
+from conftest import manifest, run_cli_here, samples, shard_set
 from PIL import Image
 
 from pipeline.augment import ReferenceEvalLoader, centre_crop_box
@@ -52,7 +52,13 @@ VAL_1 = "ILSVRC2012_val_00000001"  # devkit ID 490 = n01751748, sorted index 65
 VAL_IMAGES = 50 + 2
 
 
-def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The shard and verify commands' arguments, messages and exit codes: run inside this process."""
+    return run_cli_here(*args, check=False, env=env)
+
+
+def cli_process(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """As a separate process, where a test needs its own environment, working folder or signals."""
     return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
 
 
@@ -651,7 +657,8 @@ def test_nothing_is_written_outside_out(layout, quirk_tree, official, tmp_path):
     before_source, before_here = snapshot(source), snapshot(tmp_path)
     env = {**os.environ, "HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache")}
     out = tmp_path / "shards" / "val"
-    result = cli("shard", source, out, "--split", "val", "--shard-size", "16", "--workers", "2", env=env, cwd=cwd)
+    result = cli_process("shard", source, out, "--split", "val", "--shard-size", "16", "--workers", "2", env=env,
+                         cwd=cwd)
     assert result.returncode == 0, result.stderr
     assert snapshot(source) == before_source
     after = snapshot(tmp_path)

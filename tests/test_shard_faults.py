@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli, run_cli_here
 from PIL import Image
 
 from pipeline.errors import PipeError
@@ -33,8 +34,9 @@ CLI = str(Path(sys.executable).with_name("alexnet-pipe"))
 TENCH = "n01440764"
 
 
-def cli(*args, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([CLI, *map(str, args)], capture_output=True, text=True, timeout=300, **kwargs)
+def cli(*args) -> subprocess.CompletedProcess:
+    """In this process (arguments, messages, exit codes); a training run is a process of its own (`run_cli`)."""
+    return run_cli_here(*args, check=False)
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -289,7 +291,7 @@ def test_train_on_a_cut_shard_or_a_wrong_pca_json_is_one_line_not_a_dali_error(t
     shutil.copytree(tiny_data["pca"].parent, data["pca"].parent)
     tar = sorted(data["train"].glob("*.tar"))[0]
     tar.write_bytes(tar.read_bytes()[:3000])
-    out = cli(*train_cmd(data, tmp_path / "run", max_steps=1))
+    out = run_cli(*train_cmd(data, tmp_path / "run", max_steps=1), check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert f"{tar.name}: expected a shard of" in out.stderr and "alexnet-pipe verify" in out.stderr
     assert "Malformed" not in out.stderr
@@ -298,7 +300,7 @@ def test_train_on_a_cut_shard_or_a_wrong_pca_json_is_one_line_not_a_dali_error(t
     shutil.copytree(tiny_data["train"], data["train"])
     pca = json.loads(tiny_data["pca"].read_text())
     data["pca"].write_text(json.dumps({**pca, "eigvals": [1e9, 0.01, -5]}))
-    out = cli(*train_cmd(data, tmp_path / "run2", max_steps=1))
+    out = run_cli(*train_cmd(data, tmp_path / "run2", max_steps=1), check=False)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert f"{data['pca']}: expected" in out.stderr and "non-negative" in out.stderr
 

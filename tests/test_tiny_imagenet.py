@@ -205,19 +205,19 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-def test_a_layout_that_is_neither_ilsvrc_nor_tiny_imagenet_is_one_line(tiny_folder, tmp_path, cli):
+def test_a_layout_that_is_neither_ilsvrc_nor_tiny_imagenet_is_one_line(tiny_folder, tmp_path, cli_here):
     other = tmp_path / "photos"
     (other / "holidays").mkdir(parents=True)
-    line = one_line_error(cli("shard", other, tmp_path / "out", "--split", "train", check=False))
+    line = one_line_error(cli_here("shard", other, tmp_path / "out", "--split", "train", check=False))
     assert f"{other}: no ImageNet train split found" in line and "Tiny ImageNet" in line and "wnids.txt" in line
     not_tiny = tmp_path / "photos.zip"
     with zipfile.ZipFile(not_tiny, "w") as z:
         z.writestr("holidays/beach.JPEG", (tiny_folder / "test" / "images" / "test_0.JPEG").read_bytes())
-    line = one_line_error(cli("shard", not_tiny, tmp_path / "out", "--split", "train", check=False))
+    line = one_line_error(cli_here("shard", not_tiny, tmp_path / "out", "--split", "train", check=False))
     assert f"{not_tiny}: a zip without wnids.txt" in line and "tiny-imagenet-200.zip" in line
     no_val = tmp_path / "tiny-train-only"
     shutil.copytree(tiny_folder, no_val, ignore=shutil.ignore_patterns("val"))
-    line = one_line_error(cli("shard", no_val, tmp_path / "out", "--split", "val", check=False))
+    line = one_line_error(cli_here("shard", no_val, tmp_path / "out", "--split", "val", check=False))
     assert f"{no_val}: Tiny ImageNet (wnids.txt) without val/" in line
 
 
