@@ -47,7 +47,7 @@ def record(_: argparse.Namespace) -> dict:
     except (OSError, subprocess.SubprocessError):
         driver = None
     return {"check": "record", "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            **run_record(), "dali_import_error": DALI_IMPORT_ERROR, "driver": driver,
+            **run_record().to_json(), "dali_import_error": DALI_IMPORT_ERROR, "driver": driver,
             "tf32_default": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}}
 
 

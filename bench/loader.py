@@ -32,7 +32,7 @@ import torch
 
 from pipeline.augment import make_eval_loader, make_train_loader
 from pipeline.engine import write_json
-from pipeline.records import MANIFEST, Manifest, PixelStats
+from pipeline.records import MANIFEST, LoaderPosition, Manifest, PixelStats
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "imagenet-sample"
 # ImageNet's published RGB statistics (the rate does not depend on them)
@@ -148,7 +148,7 @@ def resume_times(args: argparse.Namespace) -> None:
             for r in range(args.rounds):
                 for batch in (sorted(at) if r % 2 == 0 else sorted(at, reverse=True)):
                     loader.set_epoch(r)
-                    loader.load_state_dict({"epoch": r, "batches": batch})
+                    loader.load_state_dict(LoaderPosition(r, batch))
                     started = time.perf_counter()
                     next(iter(loader))
                     at[batch].append(time.perf_counter() - started)

@@ -19,6 +19,7 @@ from pipeline.engine import atomic_write, canonical_json
 from pipeline.errors import PipeError
 from pipeline.images import prepare_image
 from pipeline.predict import Classifier
+from pipeline.records import ClassEntry, ExportedFrom, Preprocessing
 
 FORMATS = ("pt2", "onnx")
 PREPROCESSING = "preprocessing.json"
@@ -27,22 +28,22 @@ MAX_BATCH = 1 << 16
 SHORT_SIDE = inspect.signature(prepare_image).parameters["short_side"].default  # the shard stage's, not a copy
 
 
-def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> dict:
+def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> Preprocessing:
     """What an exported file's input must be, and what its outputs index."""
     config = classifier.spec.model
     classes = classifier.classes
-    return {
-        "input": "float32 [batch, 3, crop, crop], RGB on the 0-255 scale minus mean_255 (no division by a std)",
-        "output": "logits [batch, num_classes]; softmax for probabilities (10-crop: average the 10 softmaxes)",
-        "short_side": SHORT_SIDE, "crop": config.crop,
-        "test_crop": "centre crop×crop of the central short_side square, or the 4 corners + centre and mirrors",
-        "mean_255": [round(255.0 * m, 6) for m in classifier.mean],
-        "num_classes": config.num_classes,
-        "classes": [{"index": i, "wnid": classes.wnids[i], "name": classes.names[i]}
-                    for i in range(min(config.num_classes, len(classes.wnids)))],
-        "model": config.to_dict(),
-        "checkpoint": {"sha256": checkpoint_sha256, "step": classifier.step, "epoch": classifier.epoch},
-    }
+    return Preprocessing(
+        input="float32 [batch, 3, crop, crop], RGB on the 0-255 scale minus mean_255 (no division by a std)",
+        output="logits [batch, num_classes]; softmax for probabilities (10-crop: average the 10 softmaxes)",
+        short_side=SHORT_SIDE, crop=config.crop,
+        test_crop="centre crop×crop of the central short_side square, or the 4 corners + centre and mirrors",
+        mean_255=tuple(round(255.0 * m, 6) for m in classifier.mean),
+        num_classes=config.num_classes,
+        classes=tuple(ClassEntry(i, classes.wnids[i], classes.names[i])
+                      for i in range(min(config.num_classes, len(classes.wnids)))),
+        model=config,
+        checkpoint=ExportedFrom(checkpoint_sha256, classifier.step, classifier.epoch),
+    )
 
 
 def _example(classifier: Classifier) -> tuple[tuple[torch.Tensor], tuple[dict]]:
@@ -57,7 +58,7 @@ def export_program(classifier: Classifier) -> torch.export.ExportedProgram:
     return torch.export.export(classifier.model.eval(), args, dynamic_shapes=dynamic)
 
 
-def onnx_model_bytes(classifier: Classifier, metadata: dict):
+def onnx_model_bytes(classifier: Classifier, metadata: Preprocessing):
     """The ONNX model (input `image`, output `logits`) with `metadata` under PREPROCESSING, serialized."""
     try:
         import onnx
@@ -70,7 +71,7 @@ def onnx_model_bytes(classifier: Classifier, metadata: dict):
                                 input_names=["image"], output_names=["logits"], verbose=False)
     assert program is not None  # dynamo=True returns the program
     proto = program.model_proto
-    onnx.helper.set_model_props(proto, {PREPROCESSING: canonical_json(metadata)})
+    onnx.helper.set_model_props(proto, {PREPROCESSING: canonical_json(metadata.to_json())})
     return proto.SerializeToString()
 
 
@@ -95,20 +96,21 @@ def export(classifier: Classifier, out: Path, fmt: str, checkpoint_sha256: str) 
         data = onnx_model_bytes(classifier, metadata)
     else:
         buffer = io.BytesIO()
-        torch.export.save(export_program(classifier), buffer, extra_files={PREPROCESSING: canonical_json(metadata)})
+        torch.export.save(export_program(classifier), buffer,
+                          extra_files={PREPROCESSING: canonical_json(metadata.to_json())})
         data = buffer.getvalue()
     with atomic_write(out) as f:
         f.write(data)
     return out
 
 
-def load_preprocessing(path: Path) -> dict:
+def load_preprocessing(path: Path) -> Preprocessing:
     """The PREPROCESSING record stored in an exported `.pt2` or `.onnx` file."""
     if path.suffix == ".onnx":
         import onnx
 
         props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-        return json.loads(props[PREPROCESSING])
+        return Preprocessing.from_json(json.loads(props[PREPROCESSING]))
     extra = {PREPROCESSING: ""}
     torch.export.load(path, extra_files=extra)
-    return json.loads(extra[PREPROCESSING])
+    return Preprocessing.from_json(json.loads(extra[PREPROCESSING]))

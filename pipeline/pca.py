@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipeError
-from pipeline.records import Pca, PixelStats
+from pipeline.records import Pca, PixelStats, Record
 
 
 @dataclass
-class Moments:
-    """Exact integer moments of uint8 RGB pixels."""
+class Moments(Record):
+    """Exact integer moments of uint8 RGB pixels (a pca-stats unit record: one per shard)."""
 
     images: int = 0
     pixels: int = 0
@@ -39,13 +39,6 @@ class Moments:
                                                                                        strict=True)),
         )
 
-    def to_dict(self) -> dict:
-        return {"images": self.images, "pixels": self.pixels, "sum": list(self.sum),
-                "sumsq": [list(r) for r in self.sumsq]}
-
-    @staticmethod
-    def from_dict(d: dict) -> Moments:
-        return Moments(d["images"], d["pixels"], tuple(d["sum"]), tuple(tuple(r) for r in d["sumsq"]))
 
 
 def plane_moments(planes: np.ndarray) -> Moments:

@@ -53,13 +53,8 @@ def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> C
     """The model of `checkpoint` on `devices` (a --devices spec or a resolved list), in eval mode."""
     from pipeline.train.checkpoints import load_checkpoint, non_finite_tensors
 
-    state = load_checkpoint(checkpoint)
-    try:
-        spec = RunSpec.of_checkpoint(state)
-        step, epoch, weights = state["step"], state["epoch"], state["model"]
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise PipeError(f"{checkpoint}: expected a checkpoint written by `alexnet-pipe train`, "
-                        f"found {type(e).__name__}: {e}") from None
+    saved = load_checkpoint(checkpoint)
+    spec, step, epoch, weights = saved.spec, saved.step, saved.epoch, saved.model
     bad = non_finite_tensors(weights)
     if bad:
         raise PipeError(f"{checkpoint}: expected finite weights, found {len(bad)} tensor(s) with nan or inf (first: "

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.records import EVENTS, Event
+from pipeline.records import EVENTS, CodeDiff, Event, GitCommit, PillowBuild, RunRecord
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def _dali_version() -> str | None:
         return None
 
 
-def _git_commit(root: Path | None = None) -> dict | None:
+def _git_commit(root: Path | None = None) -> GitCommit | None:
     """The checkout's commit and whether files differ from it; None when not run from a git checkout."""
     root = root or PROJECT_ROOT
     if not (root / ".git").exists():
@@ -45,7 +45,7 @@ def _git_commit(root: Path | None = None) -> dict | None:
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
-    return {"commit": head, "modified": bool(dirty)}
+    return GitCommit(head, bool(dirty))
 
 
 CODE_DIRS = ("pipeline", "stages", "cli", "bench", "cluster", "tools")  # where an untracked file is code that ran
@@ -75,30 +75,30 @@ def code_diff(root: Path | None = None) -> bytes:
     return diff
 
 
-def run_record() -> dict:
-    """Software, hardware, code version and command line of this process (plain JSON types)."""
+def run_record() -> RunRecord:
+    """Software, hardware, code version and command line of this process."""
     import PIL
     import torch
     import torchvision
 
     cuda = torch.cuda.is_available()
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "dali": _dali_version(),
-        "cuda": torch.version.cuda if cuda else None,
-        "cudnn": torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
-        "pillow": {"version": PIL.__version__, "simd": PIL.__version__.endswith("+simd")},
-        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
-        "cpus": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "host": platform.node(),
-        "git": _git_commit(),
-        "command": shlex.join(sys.argv),
-    }
+    return RunRecord(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        torchvision=torchvision.__version__,
+        dali=_dali_version(),
+        cuda=torch.version.cuda if cuda else None,
+        cudnn=torch.backends.cudnn.version() if cuda and torch.backends.cudnn.is_available() else None,
+        pillow=PillowBuild(PIL.__version__, PIL.__version__.endswith("+simd")),
+        gpus=tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())) if cuda else (),
+        cpus=os.cpu_count(),
+        cpus_usable=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        platform=platform.platform(),
+        host=platform.node(),
+        git=_git_commit(),
+        command=shlex.join(sys.argv),
+    )
 
 
 def append_event(run_dir: Path, event: str, **fields) -> Event:
@@ -107,14 +107,14 @@ def append_event(run_dir: Path, event: str, **fields) -> Event:
     from pipeline.engine import append_line, atomic_write
 
     record = run_record()
-    diff = code_diff() if record["git"] else b""
+    diff = code_diff() if record.git else b""
     if diff:  # uncommitted code: keep what it differed by, so that the run can be rebuilt
         digest = hashlib.sha256(diff).hexdigest()
         path = run_dir / f"code-{digest[:16]}.diff"
         if not path.is_file():
             with atomic_write(path) as f:
                 f.write(diff)
-        fields["code_diff"] = {"file": path.name, "sha256": digest}
+        fields["code_diff"] = CodeDiff(path.name, digest)
     line = Event(time=round(time.time(), 3), event=event, record=record, **fields)
     append_line(run_dir / EVENTS, json.dumps(line.to_json()))
     return line

@@ -22,9 +22,11 @@ from pipeline.records import (
     Figure3,
     Figure4,
     Manifest,
+    RunRecord,
     StepRecord,
     TowerKernels,
     read_metrics,
+    to_plain,
 )
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
@@ -185,10 +187,10 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     return path
 
 
-def environment_table(events: list[Event], eval_record: dict | None) -> list[str]:
+def environment_table(events: list[Event], eval_record: RunRecord | None) -> list[str]:
     """The run records (pipeline.record) of the training run's last start and of the eval, side by side."""
-    columns = [(f"training ({e.event} at step {e.step})", e.record) for e in events[-1:]]
-    columns += [("evaluation", eval_record)] if eval_record else []
+    columns = [(f"training ({e.event} at step {e.step})", to_plain(e.record)) for e in events[-1:]]
+    columns += [("evaluation", to_plain(eval_record))] if eval_record else []
     if not columns:
         return []
 

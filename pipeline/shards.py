@@ -90,10 +90,10 @@ class ShardJob:
     quality: int
     labels: tuple[tuple[str, int], ...]  # wnid → global label, for the wnids of this split
 
-    def __call__(self, name: str) -> dict:
+    def __call__(self, name: str) -> ShardUnit:
         members = read_member_list(Path(self.lists) / f"{name}.jsonl")
         return write_shard(Path(self.out), name, members, Path(self.source_root), dict(self.labels),
-                           short_side=self.short_side, quality=self.quality).to_json()
+                           short_side=self.short_side, quality=self.quality)
 
 
 def write_shard(out: Path, name: str, members: list[Member], source_root: Path, label_of: dict[str, int],

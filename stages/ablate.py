@@ -138,7 +138,7 @@ class _UnitWork:
     train_stage: Callable[..., StageResult]
     eval_stage: Callable[..., StageResult]
 
-    def __call__(self, unit: str) -> dict:
+    def __call__(self, unit: str) -> SweepRun:
         name, seed = self.units[unit]
         model, cfg = settings_of(name, AlexNetConfig.from_dict(self.model), TrainConfig(**self.cfg), seed)
         run_dir, eval_dir = Path(self.out) / "runs" / unit, Path(self.out) / "eval" / unit
@@ -148,12 +148,12 @@ class _UnitWork:
                              force=self.force, reporter=self.reporter)
         except Diverged as e:  # a result of the sweep, not a failure of it: recorded, and the sweep goes on
             self.reporter.warn(f"ablate: {unit} diverged at step {e.step}; recorded as diverged")
-            return diverged_sweep_record(name, seed, run_dir, e.step).to_json()
+            return diverged_sweep_record(name, seed, run_dir, e.step)
         self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
                         devices=one_device(self.devices), loader=cfg.loader, train_dir=Path(self.train_dir),
                         neighbour_train_images=0, force=self.force, reporter=self.reporter)
         record = sweep_record(name, seed, run_dir, eval_dir)
-        return replace(record, eval_sha256=Input.of_stage(eval_dir, EVAL).digest).to_json()
+        return replace(record, eval_sha256=Input.of_stage(eval_dir, EVAL).digest)
 
 
 def one_device(devices: str) -> str:

@@ -177,8 +177,8 @@ class _Sweep:
                 data = data or self._data()
                 self.stage.plan([run.name])
 
-                def train(_: str, run: Run = run, data: tuple = data) -> dict:
-                    return self._train(run, *data).to_json()
+                def train(_: str, run: Run = run, data: tuple = data) -> Figure1Run:
+                    return self._train(run, *data)
 
                 self.stage.run_units([run.name], train)
                 (self.stage.out / "runs" / f"{run.name}.pt").unlink(missing_ok=True)

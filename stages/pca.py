@@ -26,9 +26,9 @@ class _PartialJob:
     shard_dir: str
     keep: tuple[tuple[str, tuple[int, ...] | None], ...]  # shard name → sample positions (None: all)
 
-    def __call__(self, unit: str) -> dict:
+    def __call__(self, unit: str) -> Moments:
         keep = dict(self.keep)[unit]
-        return shard_moments(Path(self.shard_dir) / f"{unit}.tar", None if keep is None else set(keep)).to_dict()
+        return shard_moments(Path(self.shard_dir) / f"{unit}.tar", None if keep is None else set(keep))
 
 
 def run(shard_dir: Path, out: Path, *, max_images: int | None = None, seed: int = 0, workers: int | None = None,
@@ -72,7 +72,7 @@ def _moments_then_pca(stage: Stage, shard_dir: Path, manifest: Manifest, names: 
     if done < len(names):
         reporter.info(f"pca-stats: task done; {done} of {len(names)} partials exist, pca.json is written when all do")
         return StageResult(stage.name, stage.out)
-    total = merge(Moments.from_dict(r) for r in stage.records(names).values())
+    total = merge(Moments.from_json(r) for r in stage.records(names).values())
     pca = pca_from_moments(total, stage.inputs["shards"].digest.removeprefix("sha256:"))
     finalized = stage.finalize(lambda: write_json(stage.out / PCA, pca.to_json()), images=pca.images)
     ev = ", ".join(f"{v:.4f}" for v in pca.eigvals)

@@ -189,7 +189,7 @@ class _IndexJob:
     max_classes: int | None = None
     per_class: int | None = None
 
-    def __call__(self, unit: str) -> dict:
+    def __call__(self, unit: str) -> ShardIndex:
         listing = list_source(Path(self.source), self.split, Path(self.labels) if self.labels else None)
         if not listing.members:
             raise PipeError(f"{self.source}: no {self.split} images found")
@@ -201,4 +201,4 @@ class _IndexJob:
             write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", shard)
         return ShardIndex(str(listing.root), len(shards), tuple(len(s) for s in shards), len(members),
                           tuple(sorted({m.wnid for m in members})), tuple(IgnoredEntry(**i) for i in listing.ignored),
-                          tuple(SkippedImage(**s) for s in listing.skipped), len(listing.members)).to_json()
+                          tuple(SkippedImage(**s) for s in listing.skipped), len(listing.members))

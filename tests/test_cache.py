@@ -18,8 +18,14 @@ from pipeline.errors import PipeError, StageBusy
 # A toy stage with slow units, run as a separate process: `toy.py OUT PARAM UNITS DELAY [UPSTREAM]`.
 TOY = textwrap.dedent("""
     import hashlib, sys, time
+    from dataclasses import dataclass
     from pathlib import Path
     from pipeline.engine import Input, QuietReporter, Stage, StageResult, atomic_write, write_json
+    from pipeline.records import Record
+
+    @dataclass(frozen=True)
+    class Written(Record):
+        bytes: int
 
     out, param, n_units, delay = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
     inputs = {"up": Input.of_stage(Path(sys.argv[5]), "product.json")} if len(sys.argv) > 5 else {}
@@ -30,7 +36,7 @@ TOY = textwrap.dedent("""
         data = hashlib.sha256(f"{param}/{unit}".encode()).digest() * 4096
         with atomic_write(out / f"{unit}.bin") as f:
             f.write(data[: len(data) // 2]); f.flush(); time.sleep(delay / 2); f.write(data[len(data) // 2 :])
-        return {"bytes": len(data)}
+        return Written(len(data))
 
     def body():
         stage.run_units(units, work, on_done=lambda u, r: print("done", u, flush=True))
@@ -219,8 +225,14 @@ def test_task_slices_partition_the_units(units, tasks):
 # A job that counts, in the parent (where all pickling happens), how often it is pickled: `counted.py OUT UNITS`.
 COUNTED = textwrap.dedent("""
     import sys
+    from dataclasses import dataclass
     from pathlib import Path
     from pipeline.engine import Stage
+    from pipeline.records import Record
+
+    @dataclass(frozen=True)
+    class Done(Record):
+        unit: str
 
     class CountedJob:
         pickled = 0
@@ -230,7 +242,7 @@ COUNTED = textwrap.dedent("""
             return {}
 
         def __call__(self, unit):
-            return {"unit": unit}
+            return Done(unit)
 
     if __name__ == "__main__":
         stage = Stage("counted", 1, Path(sys.argv[1]), {})

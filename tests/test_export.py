@@ -100,8 +100,8 @@ def test_pt2_program_gives_the_models_logits_at_any_batch_with_its_preprocessing
         assert within_tolerance(program(images[:1]), logits[:1])  # the batch dimension is dynamic
     stored = load_preprocessing(path)
     assert stored == preprocessing(classifier, sha256_file(checkpoint))
-    assert stored["mean_255"] == pytest.approx([255 * m for m in classifier.mean]) and stored["crop"] == 224
-    assert [c["wnid"] for c in stored["classes"]] == list(classifier.classes.wnids) and stored["short_side"] == 256
+    assert stored.mean_255 == pytest.approx([255 * m for m in classifier.mean]) and stored.crop == 224
+    assert [c.wnid for c in stored.classes] == list(classifier.classes.wnids) and stored.short_side == 256
 
 
 @pytest.mark.slow

@@ -82,7 +82,7 @@ def test_partials_merge_bit_identically_in_any_order_and_grouping(small_shards):
         grouped = merge([merge(shuffled[:cut]), merge(shuffled[cut:])])
         assert grouped == merge(partials)
         assert pca_from_moments(grouped, "") == pca_from_moments(merge(partials), "")
-    assert Moments.from_dict(json.loads(json.dumps(merge(partials).to_dict()))) == merge(partials)
+    assert Moments.from_json(json.loads(json.dumps(merge(partials).to_json()))) == merge(partials)
 
 
 @pytest.mark.slow
@@ -157,7 +157,7 @@ import numpy as np
 from pipeline.engine import canonical_json
 from pipeline.pca import Moments, pca_from_moments, pixel_moments
 rng = np.random.default_rng(0)
-moments = [Moments.from_dict(d) for d in json.loads(sys.argv[1])]
+moments = [Moments.from_json(d) for d in json.loads(sys.argv[1])]
 for _ in range(200):  # random colour images: every covariance shape, correlated channels included
     mix = rng.normal(size=(3, 3)) * rng.uniform(0, 1, size=3)
     pixels = np.clip(rng.normal(size=(500, 3)) @ mix * 60 + rng.uniform(40, 200, size=3), 0, 255)
@@ -180,7 +180,7 @@ def test_pca_json_is_the_same_bytes_under_each_openblas_kernel(kernel, small_sha
     """pca.json keys every training run: its bytes must not depend on the CPU family a cluster node has. The
     sample shards' real partials and 200 random images' moments, reduced under a forced OpenBLAS kernel, give the
     same bytes as under this machine's own choice."""
-    partials = json.dumps([shard_moments(small_shards / s.name).to_dict() for s in Manifest.read(small_shards).shards])
+    partials = json.dumps([shard_moments(small_shards / s.name).to_json() for s in Manifest.read(small_shards).shards])
 
     def reduce(env: dict) -> str:
         out = subprocess.run([sys.executable, "-c", PROBE, partials], capture_output=True, text=True, timeout=120,

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.record import append_event, read_events, run_record
+from pipeline.records import PillowBuild, RunRecord
 from pipeline.status import run_progress
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,15 +26,15 @@ def test_run_record_names_this_machines_software_hardware_and_checkout():
     import torchvision
 
     record = run_record()
-    assert record["python"] == platform.python_version() and record["torch"] == torch.__version__
-    assert record["torchvision"] == torchvision.__version__
-    assert record["dali"] == nvidia.dali.__version__ and record["cpus"] == os.cpu_count()
-    assert record["pillow"] == {"version": PIL.__version__, "simd": "+simd" in PIL.__version__}
-    assert record["gpus"] == [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    assert (record["cuda"] is None) == (not torch.cuda.is_available())
+    assert record.python == platform.python_version() and record.torch == torch.__version__
+    assert record.torchvision == torchvision.__version__
+    assert record.dali == nvidia.dali.__version__ and record.cpus == os.cpu_count()
+    assert record.pillow == PillowBuild(PIL.__version__, "+simd" in PIL.__version__)
+    assert record.gpus == tuple(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    assert (record.cuda is None) == (not torch.cuda.is_available())
     head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-    assert record["git"]["commit"] == head.strip() and len(head.strip()) == 40
-    json.dumps(record)  # plain JSON types
+    assert record.git is not None and record.git.commit == head.strip() and len(head.strip()) == 40
+    assert RunRecord.from_json(json.loads(json.dumps(record.to_json()))) == record  # plain JSON, read back whole
 
 
 def test_a_torn_last_event_line_is_skipped(tmp_path):
@@ -122,13 +123,14 @@ def test_a_run_from_uncommitted_code_keeps_the_diff_that_rebuilds_it(tmp_path, m
     (repo / "pipeline" / "new.py").write_text("NEW = True\n")
     (repo / "notes.txt").write_text("not code\n")
     event = record.append_event(run, "resume", step=3, epoch=0)
-    diff = (run / event.code_diff["file"]).read_bytes()
-    assert event.code_diff["sha256"] == hashlib.sha256(diff).hexdigest() and event.record["git"]["modified"]
+    assert event.code_diff is not None and event.record.git is not None
+    diff = (run / event.code_diff.file).read_bytes()
+    assert event.code_diff.sha256 == hashlib.sha256(diff).hexdigest() and event.record.git.modified
     assert read_events(run)[-1].code_diff == event.code_diff
 
     rebuilt = tmp_path / "rebuilt"
     git("clone", "-q", str(repo), str(rebuilt), cwd=tmp_path)
-    subprocess.run(["git", "-C", str(rebuilt), "apply", str(run / event.code_diff["file"])], check=True)
+    subprocess.run(["git", "-C", str(rebuilt), "apply", str(run / event.code_diff.file)], check=True)
     assert (rebuilt / "pipeline" / "model.py").read_text() == "WIDTH = 0.5\n"
     assert (rebuilt / "pipeline" / "new.py").read_text() == "NEW = True\n"
     assert not (rebuilt / "notes.txt").exists()  # not under a code folder

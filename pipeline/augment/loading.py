@@ -10,7 +10,7 @@ import torch
 
 from pipeline.augment.order import SampleIndex, TrainAugmentation, TrainSource, batches_per_epoch
 from pipeline.errors import PipeError
-from pipeline.records import Manifest, PixelStats
+from pipeline.records import LoaderPosition, Manifest, PixelStats
 from pipeline.shards import check_shard_files, shard_paths
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -140,10 +140,10 @@ class TrainEpochs:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._resume_at, self._position = epoch, 0, 0
 
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "batches": self._position}
+    def state_dict(self) -> LoaderPosition:
+        return LoaderPosition(self.epoch, self._position)
 
-    def load_state_dict(self, state: dict) -> None:
-        if not 0 <= state["batches"] <= len(self):
+    def load_state_dict(self, state: LoaderPosition) -> None:
+        if not 0 <= state.batches <= len(self):
             raise PipeError(f"loader state {state} does not fit an epoch of {len(self)} batches")
-        self.epoch, self._resume_at, self._position = state["epoch"], state["batches"], state["batches"]
+        self.epoch, self._resume_at, self._position = state.epoch, state.batches, state.batches

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pipeline.engine.files import file_lock, read_json, write_json
 from pipeline.errors import PipeError
+from pipeline.records.base import Record
 
 UNITS = "_units"
 LOCKS = ".locks"
@@ -27,7 +28,7 @@ class _UnitJob:
     """Runs one unit under its lock and writes its record; picklable so worker processes can run it."""
 
     out: str
-    work: Callable[[str], dict]
+    work: Callable[[str], Record]
 
     def __call__(self, unit: str) -> tuple[str, dict | None]:
         out = Path(self.out)
@@ -37,7 +38,7 @@ class _UnitJob:
                 return unit, None
             if record_path.is_file():  # finished by another process between our check and our lock
                 return unit, read_json(record_path)
-            record = self.work(unit)
+            record = self.work(unit).to_json()
             write_json(record_path, record)
             return unit, record
 
@@ -80,11 +81,12 @@ def _report(results: Iterable[tuple[str, dict | None]], on_done) -> Iterator[tup
         yield unit, rec
 
 
-def run_units(out: Path, units: list[str], work: Callable[[str], dict], *, workers: int = 1,
+def run_units(out: Path, units: list[str], work: Callable[[str], Record], *, workers: int = 1,
               on_done: Callable[[str, dict], None] | None = None, wait_for_others: bool = True) -> None:
     """Run every unit of `units` whose record is not written yet. `work(unit)` writes the unit's files atomically
-    and returns its record (picklable; a top-level function when workers > 1). A unit locked by another process is
-    left to it; with `wait_for_others`, this run then waits for those units to appear."""
+    and returns its record, written as JSON after them (`work` picklable: a top-level callable when workers > 1).
+    A unit locked by another process is left to it; with `wait_for_others`, this run then waits for those units
+    to appear."""
     todo = [u for u in units if not unit_record_path(out, u).is_file()]
     job = _UnitJob(str(out), work)
     if workers > 1 and len(todo) > 1:

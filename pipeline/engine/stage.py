@@ -36,6 +36,7 @@ from pipeline.engine.keys import (
 )
 from pipeline.engine.pool import LOCKS, UNITS, run_units, unit_record_path
 from pipeline.errors import PipeError, StageBusy
+from pipeline.records.base import Record
 from pipeline.records.stage import StageMarker, StagePlan
 
 PLAN = "_plan.json"
@@ -206,7 +207,7 @@ class Stage:
     def records(self, units: Iterable[str]) -> dict[str, dict]:
         return {u: read_json(self.unit_record_path(u)) for u in units}
 
-    def run_units(self, units: list[str], work: Callable[[str], dict], *, workers: int = 1,
+    def run_units(self, units: list[str], work: Callable[[str], Record], *, workers: int = 1,
                   on_done: Callable[[str, dict], None] | None = None, wait_for_others: bool = True) -> None:
         """`pipeline.engine.pool.run_units` in this stage's folder."""
         run_units(self.out, units, work, workers=workers, on_done=on_done, wait_for_others=wait_for_others)

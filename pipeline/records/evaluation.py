@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from pipeline.config import AlexNetConfig
 from pipeline.records.base import Record, absent_when_none
+from pipeline.records.run import RunRecord
 
 EVAL = "eval.json"  # eval's product
 REPORT = "report.md"  # report's product
@@ -125,7 +126,7 @@ class EvalResult(Record):
     train_centre: Errors | None = absent_when_none()  # eval mode, centre crop, as many training images as val
     figure3: Figure3 | None = absent_when_none()
     figure4: Figure4 | None = absent_when_none()
-    run_record: dict | None = absent_when_none()
+    run_record: RunRecord | None = absent_when_none()
 
     @property
     def test(self) -> str:
@@ -135,3 +136,34 @@ class EvalResult(Record):
     @property
     def paper_test(self) -> Errors:
         return self.ten_crop if self.ten_crop is not None else self.centre
+
+
+@dataclass(frozen=True)
+class ClassEntry:
+    index: int
+    wnid: str
+    name: str
+
+
+@dataclass(frozen=True)
+class ExportedFrom:
+    sha256: str
+    step: int
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Preprocessing(Record):
+    """What an exported network's input must be and what its outputs index, stored inside the .pt2 or .onnx file
+    (preprocessing.json): another runtime needs nothing else."""
+
+    input: str
+    output: str
+    short_side: int
+    crop: int
+    test_crop: str
+    mean_255: tuple[float, ...]
+    num_classes: int
+    classes: tuple[ClassEntry, ...]
+    model: AlexNetConfig
+    checkpoint: ExportedFrom

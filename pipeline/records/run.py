@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -98,6 +98,15 @@ class RunSpec(Record):
 
 
 @dataclass(frozen=True)
+class LoaderPosition(Record):
+    """Where a training loader stands: the epoch and the global batches of it already consumed (a checkpoint's
+    `loader`; the loader resumes at the next batch)."""
+
+    epoch: int
+    batches: int
+
+
+@dataclass(frozen=True)
 class StepRecord(Record):
     """A logged training step. The speed fields are absent in runs from before they were measured."""
 
@@ -132,6 +141,54 @@ class EpochRecord(Record):
 
 
 @dataclass(frozen=True)
+class PillowBuild:
+    version: str
+    simd: bool  # pillow-simd's build (its version ends in +simd)
+
+
+@dataclass(frozen=True)
+class GitCommit:
+    commit: str
+    modified: bool  # tracked files differ from the commit (events.jsonl's code_diff holds how)
+
+
+@dataclass(frozen=True)
+class CodeDiff:
+    """The file beside events.jsonl that holds `git diff` of uncommitted code that ran, and its sha256."""
+
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class RunRecord(Record):
+    """What a process ran on: the software, the hardware, the code's commit and the command line (in every line of
+    events.jsonl and in eval.json). A field an earlier version did not record is None; one it recorded that this
+    version does not know is passed over."""
+
+    python: str | None = None
+    torch: str | None = None
+    torchvision: str | None = None
+    dali: str | None = None
+    cuda: str | None = None
+    cudnn: int | None = None
+    pillow: PillowBuild | None = None
+    gpus: tuple[str, ...] = ()
+    cpus: int | None = None
+    cpus_usable: int | None = None
+    torch_threads: int | None = None
+    platform: str | None = None
+    host: str | None = None
+    git: GitCommit | None = None
+    command: str | None = None
+
+    @classmethod
+    def from_json(cls, data: dict) -> RunRecord:
+        names = {f.name for f in fields(cls)}
+        return super().from_json({k: v for k, v in data.items() if k in names} if isinstance(data, dict) else data)
+
+
+@dataclass(frozen=True)
 class Event(Record):
     """A line of events.jsonl: a start or resume of a training run, with what it ran on (pipeline/record.py)."""
 
@@ -139,11 +196,11 @@ class Event(Record):
     event: str  # start | resume
     step: int
     epoch: int
-    record: dict  # the run record: software, hardware, git commit, command line
+    record: RunRecord  # what it ran on
     total_steps: int | None = None
     resumed_from: str | None = None
     world_size: int = 1
-    code_diff: dict | None = absent_when_none()  # {file, sha256}: what uncommitted code differed from the commit
+    code_diff: CodeDiff | None = absent_when_none()  # what uncommitted code differed from the commit
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.engine import atomic_write, sha256_file
 from pipeline.errors import PipeError
-from pipeline.records import CHECKPOINTS_DIR, DIVERGED
+from pipeline.records import CHECKPOINTS_DIR, DIVERGED, LoaderPosition, RunSpec
 
 CHECKPOINT_GLOB = "step-*.pt"
 DIGEST_SUFFIX = ".sha256"  # the sidecar: the checkpoint's sha256 in hex, written after it
@@ -118,8 +119,39 @@ def non_finite_tensors(weights: dict) -> list[str]:
     return [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint dict; a file torch cannot read (truncated, not a checkpoint) is a one-line error."""
+@dataclass
+class TrainCheckpoint:
+    """What a checkpoint holds: the weights, the optimizer's and schedule's state (torch's state dicts), where the
+    run stood (epoch, step, the loader's position, the epoch's logged losses and [top-1 mistakes, images] so far)
+    and the run's spec (what the weights mean). On disk a plain dict `torch.load(weights_only=True)` reads."""
+
+    model: dict
+    optimizer: dict
+    scheduler: dict
+    epoch: int
+    step: int
+    loader: LoaderPosition
+    spec: RunSpec
+    epoch_losses: list[float] = field(default_factory=list)
+    epoch_mistakes: list[int] = field(default_factory=lambda: [0, 0])
+
+    @classmethod
+    def from_state(cls, state: dict) -> TrainCheckpoint:
+        """A loaded checkpoint dict (checkpoints written before the epoch's losses and mistakes were kept read as
+        none so far)."""
+        return cls(state["model"], state.get("optimizer", {}), state.get("scheduler", {}), state["epoch"],
+                   state["step"], LoaderPosition.from_json(state["loader"]), RunSpec.of_checkpoint(state),
+                   list(state.get("epoch_losses", [])), list(state.get("epoch_mistakes", [0, 0])))
+
+    def to_state(self) -> dict:
+        """The dict torch.save writes."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "epoch": self.epoch,
+                "step": self.step, "loader": self.loader.to_json(), "epoch_losses": self.epoch_losses,
+                "epoch_mistakes": self.epoch_mistakes, "config": self.spec.to_json()}
+
+
+def load_checkpoint(path: Path) -> TrainCheckpoint:
+    """The checkpoint in `path`; a file torch cannot read (truncated, not a checkpoint) is a one-line error."""
     import pickle
     import zipfile
 
@@ -144,7 +176,11 @@ def load_checkpoint(path: Path) -> dict:
         found = f"a dict of {', '.join(map(str, list(state)[:5]))}" if isinstance(state, dict) else \
             f"a saved {type(state).__module__}.{type(state).__name__}"
         raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found {found}")
-    return state
+    try:
+        return TrainCheckpoint.from_state(state)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise PipeError(f"{path}: expected a checkpoint written by `alexnet-pipe train`, found {type(e).__name__}: "
+                        f"{e}") from None
 
 
 def resolve_checkpoint(run_or_checkpoint: Path, warn: Callable[[str], None]) -> Path:

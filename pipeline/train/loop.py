@@ -23,7 +23,7 @@ from pipeline.cluster import Placement, summed
 from pipeline.engine import append_line
 from pipeline.model import AlexNet, dropout_masks, forward_flops
 from pipeline.record import append_event
-from pipeline.records import EpochRecord, Errors, RunSpec, StepRecord
+from pipeline.records import EpochRecord, Errors, LoaderPosition, RunSpec, StepRecord
 from pipeline.train.checkpoints import latest_checkpoint
 from pipeline.train.guard import FLAT_LOSS, Health, StopFlag, check_health, flat_loss
 from pipeline.train.schedule import make_optimizer, make_scheduler, schedule_epoch
@@ -77,7 +77,7 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     cfg = run.cfg
     assert at.health is not None  # fit sets it before the first epoch
     train_loader.set_epoch(at.epoch)
-    resuming = at.loader is not None and at.loader.get("epoch") == at.epoch
+    resuming = at.loader is not None and at.loader.epoch == at.epoch
     if resuming:
         train_loader.load_state_dict(at.loader)
     if not resuming:
@@ -170,7 +170,7 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
                           "learning (try --init default, a higher --lr, or check the labels)")
     at.epoch += 1
     at.epoch_losses, at.epoch_mistakes = [], [0, 0]
-    save(run, at, {"epoch": at.epoch, "batches": 0})
+    save(run, at, LoaderPosition(at.epoch, 0))
 
 
 @torch.no_grad()

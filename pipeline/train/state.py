@@ -34,6 +34,7 @@ from pipeline.records import (
     CheckpointRef,
     DivergedAt,
     EpochRecord,
+    LoaderPosition,
     Pca,
     RunSettings,
     RunSpec,
@@ -41,7 +42,13 @@ from pipeline.records import (
     StepRecord,
     Topology,
 )
-from pipeline.train.checkpoints import load_checkpoint, newest_good_checkpoint, non_finite_tensors, save_checkpoint
+from pipeline.train.checkpoints import (
+    TrainCheckpoint,
+    load_checkpoint,
+    newest_good_checkpoint,
+    non_finite_tensors,
+    save_checkpoint,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +66,7 @@ class Position:
 
     epoch: int = 0
     step: int = 0
-    loader: dict | None = None
+    loader: LoaderPosition | None = None
     epoch_losses: list = field(default_factory=list)
     stopped: str | None = None  # the signal that stopped the run (its checkpoint is written)
     resumed_from: str | None = None  # the checkpoint this start resumed from
@@ -136,23 +143,22 @@ def resume(run: Run) -> Position:
         if run.main_rank:
             _truncate_metrics(run.metrics, -1)
         return Position()
-    state = load_checkpoint(chosen)
-    saved = RunSpec.of_checkpoint(state)
-    check_resumable(saved, run.spec, chosen, state)
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    saved = load_checkpoint(chosen)
+    check_resumable(saved, run.spec, chosen)
+    run.model.load_state_dict(saved.model)
+    run.optimizer.load_state_dict(saved.optimizer)
+    run.scheduler.load_state_dict(saved.scheduler)
     if run.main_rank:
-        _truncate_metrics(run.metrics, state["step"])
-        ranks = f" on {run.place.world_size} rank(s), written by {saved.topology.world_size}" \
-            if saved.topology.world_size != run.place.world_size else ""
-        run.progress.info(f"train: resuming from step {state['step']}, epoch {state['epoch']} ({chosen}){ranks}")
-    mistakes = state.get("epoch_mistakes", [0, 0])  # the epoch's global sums so far: counted once, by rank 0
-    return Position(state["epoch"], state["step"], state["loader"], list(state.get("epoch_losses", [])),
-                    epoch_mistakes=list(mistakes) if run.main_rank else [0, 0], resumed_from=str(chosen))
+        _truncate_metrics(run.metrics, saved.step)
+        ranks = f" on {run.place.world_size} rank(s), written by {saved.spec.topology.world_size}" \
+            if saved.spec.topology.world_size != run.place.world_size else ""
+        run.progress.info(f"train: resuming from step {saved.step}, epoch {saved.epoch} ({chosen}){ranks}")
+    # the epoch's global mistake sums so far: counted once, by rank 0
+    return Position(saved.epoch, saved.step, saved.loader, list(saved.epoch_losses),
+                    epoch_mistakes=list(saved.epoch_mistakes) if run.main_rank else [0, 0], resumed_from=str(chosen))
 
 
-def save(run: Run, at: Position, loader_state: dict) -> None:
+def save(run: Run, at: Position, loader: LoaderPosition) -> None:
     """A checkpoint of the run at `at`, its weights finite (rank 0 writes; the epoch's mistakes so far are summed
     over the ranks, so a resume on any number of ranks counts them once)."""
     from pipeline.train.guard import check_health  # torch: only a training process saves
@@ -160,12 +166,10 @@ def save(run: Run, at: Position, loader_state: dict) -> None:
     check_health(run, at, weights=True)
     mistakes = summed([float(n) for n in at.epoch_mistakes], run.place)
     if run.main_rank:
-        save_checkpoint(run.checkpoints, at.step, {
-            "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "epoch": at.epoch, "step": at.step, "loader": loader_state,
-            "epoch_losses": list(at.epoch_losses), "epoch_mistakes": [int(n) for n in mistakes],
-            "config": run.spec.to_json()},
-            run.cfg.keep_checkpoints)
+        checkpoint = TrainCheckpoint(run.model.state_dict(), run.optimizer.state_dict(), run.scheduler.state_dict(),
+                                     at.epoch, at.step, loader, run.spec, list(at.epoch_losses),
+                                     [int(n) for n in mistakes])
+        save_checkpoint(run.checkpoints, at.step, checkpoint.to_state(), run.cfg.keep_checkpoints)
     at.epoch_mistakes = [int(n) for n in mistakes] if run.main_rank else [0, 0]
 
 
@@ -174,10 +178,11 @@ def topology(cfg: TrainConfig, place: Placement) -> Topology:
     return Topology(ORDER_VERSION, cfg.batch_size, place.world_size)
 
 
-def check_resumable(saved: RunSpec, now: RunSpec, path: Path, state: dict) -> None:
+def check_resumable(checkpoint: TrainCheckpoint, now: RunSpec, path: Path) -> None:
     """A checkpoint resumes only this run: its identity (pca.json's numbers were compared when the folder was
     claimed, its digest may change with pca-stats' version), the same epoch order and global batch (any number of
     ranks), finite weights."""
+    saved = checkpoint.spec
     RunIdentity(now.trajectory()).check(saved.trajectory(), f"{path} was written with other settings than this "
                                         "run's", ignore=("inputs.pca",))
     if saved.topology.order != now.topology.order:
@@ -185,7 +190,7 @@ def check_resumable(saved: RunSpec, now: RunSpec, path: Path, state: dict) -> No
                         f"part of DALI's reader); this version computes every epoch's order from (seed, epoch) and "
                         "cannot continue a run halfway through another order: finish it with the version that started "
                         "it, or rerun with --force to start over")
-    bad = non_finite_tensors(state["model"])
+    bad = non_finite_tensors(checkpoint.model)
     if bad:
         raise PipeError(f"{path}: expected finite weights, found {len(bad)} tensor(s) with nan or inf (first: "
                         f"{bad[0]}); the run diverged: --force to start over (with a lower --lr)")
@@ -276,13 +281,12 @@ def _recomputed_pca(out: Path, pca_path: Path) -> str | None:
     """Why this run may go on with `pca_path` although its digest is not the run's: its mean and eigen-pairs equal
     those in the run's newest checkpoint to PCA_SAME_TOL (or no checkpoint exists yet). None: they differ."""
     from pipeline.pca import PCA_SAME_TOL, pca_difference
-    from pipeline.records import RunSpec
     from pipeline.train.checkpoints import latest_checkpoint, load_checkpoint
 
     checkpoint = latest_checkpoint(out / CHECKPOINTS_DIR)
     new = Pca.read(pca_path).stats
     if checkpoint is not None:
-        difference = pca_difference(RunSpec.of_checkpoint(load_checkpoint(checkpoint)).pixels, new)
+        difference = pca_difference(load_checkpoint(checkpoint).spec.pixels, new)
         if difference > PCA_SAME_TOL:
             return None
         said = (f"its mean and eigen-pairs equal those {checkpoint.name} trained with (largest difference "
