@@ -30,6 +30,7 @@ LOADERS: tuple[Loader, ...] = typing.get_args(Loader)  # DALI, or the plain torc
 LR_SCHEDULES = ("plateau", "step")
 
 # What a setting is to a run (metadata "role"):
+SettingValue = bool | int | float | str | None  # what a setting holds (a recipe's TOML value, a flag's)
 RESULT = "result"    # changes the weights: a run's checkpoints are resumed only with the same value
 EXTENT = "extent"    # how long to train (epochs, max_steps): part of the cache key, may grow on resume
 RUNTIME = "runtime"  # does not change results (logging, checkpoint cadence, threads): never compared
@@ -89,7 +90,7 @@ class _Settings:
             raise ValueError(f"{cls.__name__}: unknown keys {sorted(unknown)}; expected a subset of {sorted(names)}")
         return cls(**d)
 
-    def section(self, role: str) -> dict:
+    def section(self, role: str) -> dict[str, SettingValue]:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.metadata.get("role", RESULT) == role}
 
 
@@ -183,13 +184,9 @@ class TrainConfig(_Settings):
                                   "(0: the training process; a few on a GPU, so that reading never waits on a "
                                   "step).", minimum=0, role=RUNTIME)
 
-    def trajectory(self) -> dict:
+    def trajectory(self) -> dict[str, SettingValue]:
         """The settings a checkpoint must agree with to be resumed (epochs/max_steps may grow)."""
         return self.section(RESULT)
-
-    @property
-    def augment(self) -> dict:
-        return {"random_crop": self.random_crop, "mirror": self.mirror, "lighting": self.lighting}
 
 
 SETTINGS = {"model": AlexNetConfig, "train": TrainConfig}  # a recipe's tables and the run's trajectory sections

@@ -6,6 +6,7 @@ import contextlib
 import io
 import tarfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from pipeline.records import (
     read_metrics,
     to_plain,
 )
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
          "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
@@ -71,13 +75,13 @@ def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], 
     return figures
 
 
-def shard_samples_by_key(shard_dir: Path, keys: set[str]) -> dict:
+def shard_samples_by_key(shard_dir: Path, keys: set[str]) -> dict[str, PILImage]:
     """{key: PIL RGB image} for the samples named, read from the shards (stops once all are found)."""
     from PIL import Image
 
     from pipeline.shards import shard_paths
 
-    images = {}
+    images: dict[str, PILImage] = {}
     for tar_path, _ in shard_paths(shard_dir):
         with tarfile.open(tar_path) as tar:
             for m in tar:

@@ -30,6 +30,8 @@ from pipeline.records import (
     ShardParams,
     ShardUnit,
     SkippedImage,
+    TimmInfo,
+    TimmSplit,
 )
 from pipeline.sources import ClassTable, Member
 
@@ -270,20 +272,17 @@ def verify_shards(shard_dir: Path, *, decode: bool = False,
 # ---------------------------------------------------------------------------------------------------------------
 # metadata other libraries read
 
-def timm_info(manifest: Manifest) -> dict:
-    """The split's entry in timm's `_info.json` (`timm/data/readers/reader_wds.py` parses exactly these fields), so
-    that `timm.data.create_dataset("wds/…", root=DIR, split=SPLIT)` needs no shard list or size."""
+def timm_info(manifest: Manifest) -> TimmInfo:
+    """The split's entry in timm's `_info.json`."""
     split, shards = manifest.split, manifest.shards
-    return {"name": manifest.params.classes,
-            "splits": {split: {"name": split, "num_samples": manifest.samples,
-                               "filenames": [s.name for s in shards],
-                               "shard_lengths": [s.samples for s in shards]}}}
+    return TimmInfo(manifest.params.classes, {split: TimmSplit(split, manifest.samples, tuple(s.name for s in shards),
+                                                               tuple(s.samples for s in shards))})
 
 
 def write_timm_info(shard_dir: Path) -> Path:
     """Write `_info.json` beside `manifest.json` (derived from it, so outside the stage's key and `VERSION`)."""
     path = shard_dir / TIMM_INFO
-    info = timm_info(Manifest.read(shard_dir))
+    info = timm_info(Manifest.read(shard_dir)).to_json()
     if not path.is_file() or read_json(path) != info:
         write_json(path, info)
     return path

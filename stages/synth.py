@@ -54,7 +54,7 @@ def _generate(stage: Stage, classes: int, train_per_class: int, val_per_class: i
 
     finished = stage.finalize(move_into_place, images=total)
     reporter.info(f"synth: {total} images, {classes} classes ({fmt}) → {out}"
-                  + (f"; quirk files: {', '.join(summary.get('quirks', []))}" if summary.get("quirks") else ""))
+                  + (f"; quirk files: {', '.join(summary.quirks)}" if summary.quirks else ""))
     return StageResult(stage.name, out, finished=finished, product=summary)
 
 

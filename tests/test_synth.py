@@ -1,4 +1,4 @@
-"""The embedded default data set (pipeline/synth.py): real files, read back the way ImageNet's are."""
+"""The embedded default data set (pipeline/synth/): real files, read back the way ImageNet's are."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from scipy.io import loadmat
 from pipeline import synth
 from pipeline.errors import PipeError
 from pipeline.sources import devkit_id_to_wnid, ilsvrc2012_classes, list_source
+from pipeline.synth.archives import TAR_MTIME
+from pipeline.synth.drawing import class_family, render_file
+from pipeline.synth.plan import QUIRKS, ImageSpec
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = {"classes": 3, "train_per_class": 4, "val_per_class": 2}
@@ -108,8 +111,8 @@ def test_any_image_renders_alone_to_the_bytes_written(tree):
     wnids = ilsvrc2012_classes().wnids
     for label, index in ((2, 3), (0, 0), (1, 2)):
         written = (tree / "train" / wnids[label] / f"{wnids[label]}_{index + 1}.JPEG").read_bytes()
-        spec = synth.ImageSpec(0, "train", label, index, index + 1, _sniff_kind(written))
-        assert synth.render_file(spec)[0] == written
+        spec = ImageSpec(0, "train", label, index, index + 1, _sniff_kind(written))
+        assert render_file(spec)[0] == written
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -153,7 +156,7 @@ def test_val_csv_label_is_the_class_whose_family_was_drawn(tree):
         written = (tree / "val" / f"{image_id}.JPEG").read_bytes()
         kind = _sniff_kind(written)
         matches = {(label, index) for label in range(3) for index in range(2)
-                   if synth.render_file(synth.ImageSpec(0, "val", label, index, number, kind))
+                   if render_file(ImageSpec(0, "val", label, index, number, kind))
                    == (written, tuple(map(int, box)))}
         assert len(matches) == 1 and wnids[matches.pop()[0]] == wnid
 
@@ -195,7 +198,7 @@ def test_train_tar_nests_one_uncompressed_tar_per_class(tars):
             with tarfile.open(fileobj=outer.extractfile(m)) as inner:
                 assert inner.getnames() == [f"{wnid}_{n}.JPEG" for n in range(1, 5)]
                 headers = {(i.uid, i.gid, i.uname, i.mtime, i.mode) for i in inner}
-                assert headers == {(0, 0, "", synth.TAR_MTIME, 0o644)}
+                assert headers == {(0, 0, "", TAR_MTIME, 0o644)}
 
 
 def test_devkit_ground_truth_holds_devkit_ids_of_the_csv_wnids(tree, tars):
@@ -249,13 +252,13 @@ def test_each_split_holds_one_png_one_cmyk_and_one_grayscale_file_named_jpeg(tre
 def test_summary_names_the_quirk_files_and_counts(tmp_path, tree):
     summary = synth.generate(tmp_path, **TINY)
     assert _digests(tmp_path) == _digests(tree)
-    assert summary["images"] == 18 and summary["train_images"] == 12 and summary["val_images"] == 6
-    assert summary["wnids"] == list(ilsvrc2012_classes().wnids[:3])
+    assert summary.images == 18 and summary.train_images == 12 and summary.val_images == 6
+    assert summary.wnids == tuple(ilsvrc2012_classes().wnids[:3])
     for split in ("train", "val"):
-        assert set(summary["quirk_files"][split]) == set(synth.QUIRKS)
-        for kind, name in summary["quirk_files"][split].items():
+        assert set(summary.quirk_files[split]) == set(QUIRKS)
+        for kind, name in summary.quirk_files[split].items():
             assert _sniff_kind(next((tmp_path / split).rglob(name)).read_bytes()) == kind
-    assert sorted(summary["quirks"]) == sorted(n for s in summary["quirk_files"].values() for n in s.values())
+    assert sorted(summary.quirks) == sorted(n for s in summary.quirk_files.values() for n in s.values())
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -298,7 +301,7 @@ def test_class_signal_survives_the_central_crop(tmp_path):
 
 
 def test_class_families_differ_for_the_first_classes():
-    families = [synth.class_family(label) for label in range(12)]
+    families = [class_family(label) for label in range(12)]
     assert len({f.shape for f in families}) == 12
     hues = sorted(f.hue for f in families[:10])
     assert min(b - a for a, b in zip(hues, hues[1:], strict=False)) > 0.05
@@ -339,7 +342,7 @@ def test_progress_reports_every_image_once(tmp_path):
 
 def test_a_split_smaller_than_three_images_holds_as_many_odd_files_as_fit(tmp_path):
     summary = synth.generate(tmp_path, classes=1, train_per_class=2, val_per_class=1)
-    assert {split: sorted(files) for split, files in summary["quirk_files"].items()} == {
+    assert {split: sorted(files) for split, files in summary.quirk_files.items()} == {
         "train": ["cmyk", "grayscale"], "val": ["grayscale"]}
     kinds = sorted(_sniff_kind(p.read_bytes()) for p in tmp_path.rglob("*.JPEG"))
     assert kinds == ["cmyk", "grayscale", "grayscale"]

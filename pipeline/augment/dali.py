@@ -190,7 +190,7 @@ def _run(pipe, device: torch.device) -> tuple:
     return pipe.run(torch.cuda.current_stream(device)) if device.type == "cuda" else pipe.run()
 
 
-def _placement(device: torch.device) -> dict:
+def _placement(device: torch.device) -> dict[str, str | int | None]:
     """The pipeline arguments that say where it runs: its operators' `device` and DALI's `device_id`."""
     on_gpu = device.type == "cuda"
     return {"device": "gpu" if on_gpu else "cpu", "device_id": device.index if on_gpu else None}

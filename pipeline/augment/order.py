@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -152,8 +152,8 @@ class SampleReader:
         jpg = data[int(index.jpg_offset[i]) - start:]
         return jpg, int(label)
 
-    def __getstate__(self) -> dict:  # descriptors stay with their process
-        return {"index": self.index, "_fds": {}}
+    def __reduce__(self) -> tuple[type[SampleReader], tuple[SampleIndex]]:  # descriptors stay with their process
+        return SampleReader, (self.index,)
 
     def __del__(self) -> None:
         for (pid, _), fd in self._fds.items():
@@ -235,10 +235,10 @@ class TrainSource:
                 column.append(value)
         return columns
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_order"] = None  # recomputed in the worker: cheaper to draw than to pickle
-        return state
+    def __reduce__(self) -> tuple[type[TrainSource], tuple]:
+        """Its fields only: the order is recomputed in the worker (cheaper to draw than to pickle), the reader
+        opens its own descriptors."""
+        return TrainSource, tuple(getattr(self, f.name) for f in fields(self))
 
 
 def centre_anchor(jpg: bytes, crop: int) -> tuple[int, int]:

@@ -20,6 +20,8 @@ from pipeline.records.data import (
     ShardParams,
     ShardUnit,
     SkippedImage,
+    TimmInfo,
+    TimmSplit,
 )
 from pipeline.records.evaluation import (
     EVAL,
@@ -92,6 +94,6 @@ __all__ = [
     "Neighbour", "Part", "Pca", "PillowBuild", "PixelStats", "Preprocessing", "Query", "Record", "RecordedInput",
     "RepairedImage", "RunClasses", "RunInputs", "RunRecord", "RunSettings", "RunSpec", "SeedFactor", "ShardEntry",
     "ShardIndex", "ShardParams", "ShardUnit", "SkippedImage", "StageMarker", "StagePlan", "StepRecord", "SweepRun",
-    "SweepTable", "Topology", "TowerKernels", "ValRef", "VariantRow", "absent_when_none", "build", "parse_metrics",
-    "read_metrics", "to_plain",
+    "SweepTable", "TimmInfo", "TimmSplit", "Topology", "TowerKernels", "ValRef", "VariantRow", "absent_when_none",
+    "build", "parse_metrics", "read_metrics", "to_plain",
 ]

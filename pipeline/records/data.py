@@ -183,3 +183,20 @@ class Pca(Record):
     @property
     def stats(self) -> PixelStats:
         return PixelStats(self.mean, self.eigvals, self.eigvecs)
+
+
+@dataclass(frozen=True)
+class TimmSplit:
+    name: str
+    num_samples: int
+    filenames: tuple[str, ...]
+    shard_lengths: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TimmInfo(Record):
+    """timm's `_info.json` beside the shards (`timm/data/readers/reader_wds.py` parses exactly these fields), so
+    that `timm.data.create_dataset("wds/…", root=DIR, split=SPLIT)` needs no shard list or size."""
+
+    name: str
+    splits: dict[str, TimmSplit]

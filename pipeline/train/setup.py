@@ -172,7 +172,8 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
                               "device": session.devices[0], "num_threads": cfg.loader_threads, "loader": cfg.loader}
     workers: dict[str, Any] = {"workers": cfg.loader_workers} if cfg.loader == "dali" else {}
     train_loader = make_train_loader(data.train_dir, pixels, cfg.batch_size // place.world_size, seed=cfg.seed,
-                                     channels_last=cfg.channels_last, **cfg.augment, **workers, **common)
+                                     channels_last=cfg.channels_last, random_crop=cfg.random_crop, mirror=cfg.mirror,
+                                     lighting=cfg.lighting, **workers, **common)
     val_loader = make_eval_loader(data.val_dir, pixels, cfg.eval_batch_size, ten_crop=False, **common)
     spec = RunSpec(model=model, train=cfg, pixels=pixels, classes=data.classes, inputs=data.digests,
                    val_classes=len(data.val.classes), topology=topology(cfg, place), devices=session.devices)
