@@ -17,6 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 if TYPE_CHECKING:
     from pipeline.engine import Advance
+    from pipeline.records import Prediction
 
 console = Console(stderr=True)
 
@@ -130,12 +131,12 @@ def one_line(e: BaseException) -> tuple[int, str | None]:
     return 1, f"error: unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)"
 
 
-def print_prediction(record: dict, json_lines: bool) -> None:
+def print_prediction(record: Prediction, json_lines: bool) -> None:
     """One image's record from `predict`: a JSON line, or its path and top-k lines (an unreadable file was warned
     about already)."""
     if json_lines:
-        print(json.dumps(record), flush=True)
-    elif "top" in record:
-        print(record["path"])
-        for rank, c in enumerate(record["top"], 1):
-            print(f"  {rank}. {c['probability']:.4f}  {c['wnid']}  {c['name']}")
+        print(json.dumps(record.to_json()), flush=True)
+    elif record.top is not None:
+        print(record.path)
+        for rank, c in enumerate(record.top, 1):
+            print(f"  {rank}. {c.probability:.4f}  {c.wnid}  {c.name}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,18 +38,11 @@ def topk_correct(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Te
     return (scores.topk(min(k, scores.shape[1]), dim=1).indices == labels[:, None]).any(dim=1)
 
 
-class ErrorCounts(TypedDict):
-    """`errors`' result: the fields of `Errors` it measures."""
-
-    top1_error: float
-    top5_error: float
-    samples: int
-
-
-def errors(scores: torch.Tensor, labels: torch.Tensor) -> ErrorCounts:
+def errors(scores: torch.Tensor, labels: torch.Tensor, seconds: float | None = None) -> Errors:
+    """Top-1 and top-5 error of `scores` (and the images a second, when it took `seconds`)."""
     n = len(labels)
-    return {"top1_error": 1 - topk_correct(scores, labels, 1).sum().item() / n,
-            "top5_error": 1 - topk_correct(scores, labels, 5).sum().item() / n, "samples": n}
+    return Errors(1 - topk_correct(scores, labels, 1).sum().item() / n,
+                  1 - topk_correct(scores, labels, 5).sum().item() / n, n, round(n / seconds, 1) if seconds else 0.0)
 
 
 def view_probabilities(model: torch.nn.Module, images: torch.Tensor, amp: bool = False) -> torch.Tensor:
@@ -80,19 +74,20 @@ def per_class_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> dict[int, f
     return {int(c): correct[labels == c].float().mean().item() for c in labels.unique()}
 
 
-def confused_pairs(probs: torch.Tensor, labels: torch.Tensor, top: int = 10) -> list[dict]:
-    """The most frequent (true → predicted) mistakes."""
+def confused_pairs(probs: torch.Tensor, labels: torch.Tensor, top: int = 10) -> list[tuple[int, int, int]]:
+    """The most frequent mistakes: (true, predicted, count)."""
     predicted = probs.argmax(dim=1)
     wrong = predicted != labels
     pairs, counts = torch.stack([labels[wrong], predicted[wrong]], 1).unique(dim=0, return_counts=True)
     order = counts.argsort(descending=True, stable=True)[:top]
-    return [{"true": int(pairs[i, 0]), "predicted": int(pairs[i, 1]), "count": int(counts[i])} for i in order]
+    return [(int(pairs[i, 0]), int(pairs[i, 1]), int(counts[i])) for i in order]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # a checkpoint on the val shards: what eval.json holds
 
 EXAMPLES = 16  # val images shown with their top-5 in the report's grid
+CENTRE, TEN_CROP = "centre", "ten_crop"  # the tests, as eval.json names them
 
 
 def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_dir: Path, manifest: Manifest, *,
@@ -111,7 +106,7 @@ def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_d
     tests: dict[str, Errors] = {}
     per_class: tuple[ClassAccuracy, ...] = ()
     confused: tuple[ConfusedPair, ...] = ()
-    for name, ten in {"centre": False, **({"ten_crop": True} if ten_crop else {})}.items():
+    for name, ten in {CENTRE: False, **({TEN_CROP: True} if ten_crop else {})}.items():
         batches = make_eval_loader(val_dir, pixels, batch_size, crop=crop, ten_crop=ten, device=device,
                                    num_threads=loader_threads, loader=loader)
         with progress(f"eval {name.replace('_', '-')}", len(batches)) as advance:
@@ -120,22 +115,20 @@ def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_d
             seconds = time.perf_counter() - started
         if len(labels) != manifest.samples:
             raise PipeError(f"eval saw {len(labels)} samples but {val_dir} holds {manifest.samples}")
-        tests[name] = Errors(**errors(probs, labels), images_per_s=round(len(labels) / seconds, 1))
-        if name == "centre":
+        tests[name] = errors(probs, labels, seconds)
+        if name == CENTRE:
             counts = {int(c): int((labels == c).sum()) for c in labels.unique()}
             per_class = tuple(ClassAccuracy(c, classes.wnids[c], classes.names[c], counts[c], round(a, 6))
                               for c, a in sorted(per_class_accuracy(probs, labels).items()))
-            confused = tuple(ConfusedPair(**pair, true_wnid=classes.wnids[pair["true"]],
-                                          true_name=classes.names[pair["true"]],
-                                          predicted_wnid=classes.wnids[pair["predicted"]],
-                                          predicted_name=classes.names[pair["predicted"]])
-                             for pair in confused_pairs(probs, labels))
-    examples = tuple(Example(**e, name=classes.names[e["label"]], top5_names=tuple(classes.names[c] for c in e["top5"]))
+            confused = tuple(ConfusedPair(true, predicted, count, classes.wnids[true], classes.names[true],
+                                          classes.wnids[predicted], classes.names[predicted])
+                             for true, predicted, count in confused_pairs(probs, labels))
+    examples = tuple(replace(e, name=classes.names[e.label], top5_names=tuple(classes.names[c] for c in e.top5))
                      for e in example_predictions(classifier.model, val_dir, pixels, crop, device))
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return EvalResult(checkpoint=checkpoint, val=ValRef(str(val_dir), manifest.split), model=classifier.spec.model,
-                      centre=tests["centre"], ten_crop=tests.get("ten_crop"), samples=manifest.samples,
+                      centre=tests[CENTRE], ten_crop=tests.get(TEN_CROP), samples=manifest.samples,
                       per_class=per_class, confused=confused, examples=examples)
 
 
@@ -152,7 +145,7 @@ def training_subset_errors(classifier: Classifier, train_dir: Path, images: int,
                for chunk in batched(samples, batch_size))
     started = time.perf_counter()
     probs, labels = class_probabilities(classifier.model, batches)
-    return Errors(**errors(probs, labels), images_per_s=round(len(labels) / (time.perf_counter() - started), 1))
+    return errors(probs, labels, time.perf_counter() - started)
 
 
 def _counting(batches, advance):
@@ -162,7 +155,7 @@ def _counting(batches, advance):
 
 
 def example_predictions(model: torch.nn.Module, val_dir: Path, pixels: PixelStats, crop: int, device: str
-                        ) -> list[dict]:
+                        ) -> list[Example]:
     """Top-5 predictions for the first val samples (for the report's image grid), via the reference transform."""
     from pipeline.augment import reference_eval_samples
 
@@ -171,6 +164,6 @@ def example_predictions(model: torch.nn.Module, val_dir: Path, pixels: PixelStat
         with torch.no_grad():
             probs = torch.softmax(model(image[None].to(device)).float(), dim=1)[0].cpu()
         top = probs.topk(5)
-        examples.append({"key": key, "label": int(label), "top5": tuple(top.indices.tolist()),
-                         "top5_prob": tuple(round(p, 4) for p in top.values.tolist())})
+        examples.append(Example(key, int(label), tuple(top.indices.tolist()),
+                                tuple(round(p, 4) for p in top.values.tolist())))
     return examples

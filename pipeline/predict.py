@@ -22,7 +22,7 @@ from pipeline.errors import PipeError
 from pipeline.evaluate import view_probabilities
 from pipeline.images import BadImage, prepare_image
 from pipeline.model import AlexNet, build_model
-from pipeline.records import RunSpec
+from pipeline.records import ClassProbability, Prediction, RunSpec
 from pipeline.sources import IMAGE_SUFFIXES, ClassTable, class_table
 
 
@@ -98,12 +98,12 @@ def image_files(paths: Sequence[Path]) -> Iterator[tuple[Path, str | None]]:
 
 
 def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten_crop: bool = False,
-             batch_size: int = 32) -> Iterator[dict]:
-    """One record per image, in order: {"path", "top": [{"index", "wnid", "name", "probability"}…]} or, for a file
-    that cannot be read, {"path", "error"}. Images go through the network `batch_size` at a time."""
+             batch_size: int = 32) -> Iterator[Prediction]:
+    """One prediction per image, in order: its top classes or, for a file that cannot be read, why. Images go
+    through the network `batch_size` at a time."""
     pending: list[tuple[Path, torch.Tensor | str]] = []  # an image's views, or why it could not be read
 
-    def flush() -> Iterator[dict]:
+    def flush() -> Iterator[Prediction]:
         images = [views for _, views in pending if isinstance(views, torch.Tensor)]
         best = None
         if images:
@@ -112,13 +112,13 @@ def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten
             best = iter(zip(*probs.topk(min(top, probs.shape[1]), dim=1), strict=True))
         for path, views in pending:
             if isinstance(views, str):
-                yield {"path": str(path), "error": views}
+                yield Prediction(str(path), error=views)
                 continue
             assert best is not None  # a tensor of views: `images` was not empty
             values, indices = next(best)
-            yield {"path": str(path), "top": [{"index": i, "wnid": classifier.classes.wnids[i],
-                                               "name": classifier.classes.names[i], "probability": round(p, 6)}
-                                              for i, p in zip(indices.tolist(), values.tolist(), strict=True)]}
+            names, wnids = classifier.classes.names, classifier.classes.wnids
+            yield Prediction(str(path), tuple(ClassProbability(i, wnids[i], names[i], round(p, 6))
+                                              for i, p in zip(indices.tolist(), values.tolist(), strict=True)))
         pending.clear()
 
     readable = 0

@@ -6,7 +6,9 @@ with the label, the mirror flag and the lighting offset in 0–255 units.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -20,11 +22,22 @@ ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)
 GAP, CAPTION, COLUMNS = 8, 20, 4
 
 
+@dataclass(frozen=True)
+class AugmentedSample:
+    """A training sample as the network sees it, with what its augmentation drew."""
+
+    augmented: Any  # float [3, crop, crop], the mean subtracted (a torch tensor)
+    label: int
+    original: np.ndarray  # uint8 [H, W, 3]
+    crop_at: tuple[int, int]  # (left, top)
+    mirrored: bool
+    offset: np.ndarray  # the lighting offset [3], 0-255 units
+
+
 def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, crop: int = 224,
-                      loader: str = "dali") -> list[dict]:
-    """The first n training samples of epoch 0 as the loader makes them, with their augmentation: augmented [3, crop,
-    crop] float (mean subtracted), label, original uint8 [H, W, 3], crop (left, top), mirrored, lighting offset [3]
-    (the draws are computed, so the loader's source says what each one was)."""
+                      loader: str = "dali") -> list[AugmentedSample]:
+    """The first n training samples of epoch 0 as the loader makes them, with their augmentation (the draws are
+    computed, so the loader's source says what each one was)."""
     from pipeline.augment.reference import decode_rgb
 
     make = {"dali": TrainLoader, "torch": ReferenceTrainLoader}.get(loader)
@@ -38,8 +51,7 @@ def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, cr
     for image, i, draw in zip(images, source.positions(0), source.draws(0), strict=True):
         jpg, label, crop_at, flip, pixel_mean = source.sample(int(i), draw)
         offset = 255.0 * np.asarray(pixels.mean, dtype=np.float64) - pixel_mean
-        samples.append({"augmented": image, "label": label, "original": decode_rgb(jpg).permute(1, 2, 0).numpy(),
-                        "crop_at": crop_at, "mirrored": flip, "offset": offset})
+        samples.append(AugmentedSample(image, label, decode_rgb(jpg).permute(1, 2, 0).numpy(), crop_at, flip, offset))
     return samples
 
 
@@ -65,28 +77,34 @@ def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, se
     for i, s in enumerate(samples):
         x0 = GAP + (i % COLUMNS) * (cell_w + 2 * GAP)
         y0 = header + GAP + (i // COLUMNS) * (cell_h + 2 * GAP)
-        original = Image.fromarray(s["original"])
-        scale = min(ORIGINAL_BOX[0] / original.width, ORIGINAL_BOX[1] / original.height)
-        shown = original.resize((max(1, round(original.width * scale)), max(1, round(original.height * scale))),
-                                Image.Resampling.BILINEAR)
-        grid.paste(shown, (x0, y0))
-        left, top, side = centre_square(original.width, original.height)
-        draw.rectangle(_scaled((left, top, left + side, top + side), scale, x0, y0), outline=(160, 160, 160),
-                       width=1)
-        cx, cy = s["crop_at"]
-        draw.rectangle(_scaled((cx, cy, cx + crop, cy + crop), scale, x0, y0), outline=(230, 0, 0), width=2)
-        augmented = (s["augmented"].permute(1, 2, 0).numpy() + mean).clip(0, 255).round().astype(np.uint8)
-        shown = Image.fromarray(augmented).resize((ORIGINAL_BOX[1], ORIGINAL_BOX[1]), Image.Resampling.BILINEAR)
-        grid.paste(shown, (x0 + ORIGINAL_BOX[0] + GAP, y0))
-        offset = ", ".join(f"{v:+.1f}" for v in s["offset"])
-        draw.text((x0, y0 + ORIGINAL_BOX[1] + 3), f"{s['label']}: {names.get(s['label'], '?')}"[:64], fill="black",
-                  font=font)
-        draw.text((x0, y0 + ORIGINAL_BOX[1] + 3 + CAPTION), f"{'MIRRORED' if s['mirrored'] else 'not mirrored'}   "
-                  f"crop at ({cx}, {cy})   offset ({offset})", fill="black", font=font)
+        _draw_cell(grid, draw, font, s, names, mean, crop, x0, y0)
     out_png = Path(out_png)
     with atomic_write(out_png) as f:
         grid.save(f, "PNG")
     return out_png
+
+
+def _draw_cell(grid: Image.Image, draw: ImageDraw.ImageDraw, font, s: AugmentedSample, names: dict[int, str],
+               mean: np.ndarray, crop: int, x0: int, y0: int) -> None:
+    """One sample: its original with the central square and the crop box, the network's input, the caption."""
+    original = Image.fromarray(s.original)
+    scale = min(ORIGINAL_BOX[0] / original.width, ORIGINAL_BOX[1] / original.height)
+    shown = original.resize((max(1, round(original.width * scale)), max(1, round(original.height * scale))),
+                            Image.Resampling.BILINEAR)
+    grid.paste(shown, (x0, y0))
+    left, top, side = centre_square(original.width, original.height)
+    draw.rectangle(_scaled((left, top, left + side, top + side), scale, x0, y0), outline=(160, 160, 160),
+                   width=1)
+    cx, cy = s.crop_at
+    draw.rectangle(_scaled((cx, cy, cx + crop, cy + crop), scale, x0, y0), outline=(230, 0, 0), width=2)
+    augmented = (s.augmented.permute(1, 2, 0).numpy() + mean).clip(0, 255).round().astype(np.uint8)
+    shown = Image.fromarray(augmented).resize((ORIGINAL_BOX[1], ORIGINAL_BOX[1]), Image.Resampling.BILINEAR)
+    grid.paste(shown, (x0 + ORIGINAL_BOX[0] + GAP, y0))
+    offset = ", ".join(f"{v:+.1f}" for v in s.offset)
+    draw.text((x0, y0 + ORIGINAL_BOX[1] + 3), f"{s.label}: {names.get(s.label, '?')}"[:64], fill="black",
+              font=font)
+    draw.text((x0, y0 + ORIGINAL_BOX[1] + 3 + CAPTION), f"{'MIRRORED' if s.mirrored else 'not mirrored'}   "
+              f"crop at ({cx}, {cy})   offset ({offset})", fill="black", font=font)
 
 
 def _scaled(box: tuple[int, int, int, int], scale: float, x0: int, y0: int) -> tuple[int, int, int, int]:

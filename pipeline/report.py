@@ -5,12 +5,14 @@ from __future__ import annotations
 import contextlib
 import io
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipeline.config import AlexNetConfig
+from pipeline.documents import markdown_table
 from pipeline.engine import atomic_write, finished_marker, stage_input_path
 from pipeline.errors import PipeError
 from pipeline.record import read_events
@@ -23,6 +25,7 @@ from pipeline.records import (
     Figure3,
     Figure4,
     Manifest,
+    Metrics,
     RunRecord,
     StepRecord,
     TowerKernels,
@@ -33,10 +36,19 @@ from pipeline.records import (
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
-PAPER = {"name": "Krizhevsky et al. 2012, one CNN", "top1_error": 0.407, "top5_error": 0.182,
-         "protocol": "ILSVRC-2012 val, the paper's test procedure (10-crop)"}
-TORCHVISION = {"name": "torchvision AlexNet (one-column model)", "top1_error": 0.435, "top5_error": 0.209,
-               "protocol": "ILSVRC-2012 val, centre 224 crop"}
+@dataclass(frozen=True)
+class Reference:
+    """A published result the report sets a run beside, with the protocol it was measured under."""
+
+    name: str
+    top1_error: float
+    top5_error: float
+    protocol: str
+
+
+PAPER = Reference("Krizhevsky et al. 2012, one CNN", 0.407, 0.182,
+                  "ILSVRC-2012 val, the paper's test procedure (10-crop)")
+TORCHVISION = Reference("torchvision AlexNet (one-column model)", 0.435, 0.209, "ILSVRC-2012 val, centre 224 crop")
 
 
 def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], out: Path) -> list[str]:
@@ -137,21 +149,30 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     result = EvalResult.read(eval_dir / EVAL)
     metrics = read_metrics(run_dir)
-    steps, epochs = metrics.steps, metrics.epochs
-    figures = plot_curves(steps, epochs, out)
+    figures = plot_curves(metrics.steps, metrics.epochs, out)
     val_dir = stage_input_path(eval_dir, "val") or Path(result.val.dir)  # from any working folder
     prediction_grid(result, val_dir, out / "predictions.png")
-    origin, comparable = val_data_origin(val_dir)
+    md = [*_error_section(result, *val_data_origin(val_dir)), *_training_section(metrics, figures),
+          *_class_sections(result), *environment_table(read_events(run_dir), result.run_record),
+          *figure_sections(result, out, val_dir, stage_input_path(eval_dir, "train"))]
+    path = out / REPORT
+    with atomic_write(path, "w") as f:
+        f.write("\n".join(md))
+    return path
+
+
+def _error_section(result: EvalResult, origin: str, comparable: bool) -> list[str]:
+    """What was evaluated on which data, and its errors beside the paper's and torchvision's."""
     checkpoint = result.checkpoint
     rows = [("this run, " + Path(checkpoint.path).name, result.centre, "centre 224 crop")]
     if result.ten_crop is not None:
         rows.append(("this run, " + Path(checkpoint.path).name, result.ten_crop, "10-crop"))
-    table = ["| model | top-1 error | top-5 error | protocol |", "|---|---|---|---|"]
-    for name, errs, protocol in rows:
-        data = f"{result.samples} images of {result.val.dir}"
-        table.append(f"| {name} | {errs.top1_error:.2%} | {errs.top5_error:.2%} | {protocol}, {data} |")
-    for ref in (PAPER, TORCHVISION):
-        table.append(f"| {ref['name']} | {ref['top1_error']:.1%} | {ref['top5_error']:.1%} | {ref['protocol']} |")
+    data = f"{result.samples} images of {result.val.dir}"
+    table = markdown_table(["model", "top-1 error", "top-5 error", "protocol"],
+                           [[name, f"{errs.top1_error:.2%}", f"{errs.top5_error:.2%}", f"{protocol}, {data}"]
+                            for name, errs, protocol in rows]
+                           + [[ref.name, f"{ref.top1_error:.1%}", f"{ref.top5_error:.1%}", ref.protocol]
+                              for ref in (PAPER, TORCHVISION)])
     chance = 1 / len(result.per_class) if result.per_class else 0
     md = [
         "# AlexNet run report", "",
@@ -164,31 +185,34 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
         md += [f"> **Different data.** This run used {origin}, not the full ILSVRC-2012: its errors are not "
                f"comparable with the paper's. Chance top-1 error here is {1 - chance:.1%} "
                f"({len(result.per_class)} classes present, top-1 over all 1,000 outputs).", ""]
-    md += ["## Error", "", *table, "",
-           f"Evaluation throughput: centre {result.centre.images_per_s:.0f} images/s"
-           + (f", 10-crop {result.ten_crop.images_per_s:.0f} images/s" if result.ten_crop else "") + ".",
-           "", "## Training", ""]
-    if epochs:
-        last = epochs[-1]
-        md += [f"{len(epochs)} epochs, {last.step} steps; last epoch: val top-1 error {last.val_top1_error:.2%}, "
-               f"top-5 {last.val_top5_error:.2%}, lr {last.lr:g}.", ""]
-    if steps:
-        md += [_speed_line(steps), ""]
-    md += [f"![{f}]({f})" for f in figures] + [""]
-    md += ["## Per class (centre crop)", "", "| label | wnid | name | images | top-1 accuracy |",
-           "|---|---|---|---|---|"]
-    md += [f"| {c.index} | {c.wnid} | {c.name} | {c.samples} | {c.top1_accuracy:.1%} |" for c in result.per_class]
-    md += ["", "## Most confused pairs", "", "| true | predicted | count |", "|---|---|---|"]
-    md += [f"| {p.true_wnid} {p.true_name} | {p.predicted_wnid} {p.predicted_name} | {p.count} |"
-           for p in result.confused]
-    md += ["", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class; "
-           "Figure 4, left).", "", "![predictions](predictions.png)", ""]
-    md += environment_table(read_events(run_dir), result.run_record)
-    md += figure_sections(result, out, val_dir, stage_input_path(eval_dir, "train"))
-    path = out / REPORT
-    with atomic_write(path, "w") as f:
-        f.write("\n".join(md))
-    return path
+    return md + ["## Error", "", *table, "",
+                 f"Evaluation throughput: centre {result.centre.images_per_s:.0f} images/s"
+                 + (f", 10-crop {result.ten_crop.images_per_s:.0f} images/s" if result.ten_crop else "") + ".", ""]
+
+
+def _training_section(metrics: Metrics, figures: list[str]) -> list[str]:
+    md = ["## Training", ""]
+    if metrics.epochs:
+        last = metrics.epochs[-1]
+        md += [f"{len(metrics.epochs)} epochs, {last.step} steps; last epoch: val top-1 error "
+               f"{last.val_top1_error:.2%}, top-5 {last.val_top5_error:.2%}, lr {last.lr:g}.", ""]
+    if metrics.steps:
+        md += [_speed_line(metrics.steps), ""]
+    return md + [f"![{f}]({f})" for f in figures] + [""]
+
+
+def _class_sections(result: EvalResult) -> list[str]:
+    """Per-class accuracy, the most confused pairs and the predictions grid."""
+    return ["## Per class (centre crop)", "",
+            *markdown_table(["label", "wnid", "name", "images", "top-1 accuracy"],
+                            [[str(c.index), c.wnid, c.name, str(c.samples), f"{c.top1_accuracy:.1%}"]
+                             for c in result.per_class]),
+            "", "## Most confused pairs", "",
+            *markdown_table(["true", "predicted", "count"],
+                            [[f"{p.true_wnid} {p.true_name}", f"{p.predicted_wnid} {p.predicted_name}", str(p.count)]
+                             for p in result.confused]),
+            "", "## Predictions", "", "Top-5 predictions for the first validation images (✓ marks the true class; "
+            "Figure 4, left).", "", "![predictions](predictions.png)", ""]
 
 
 def environment_table(events: list[Event], eval_record: RunRecord | None) -> list[str]:

@@ -30,6 +30,7 @@ from pipeline.experiments.figure1 import (
     INITS,
     NAMES,
     Run,
+    RunCheckpoint,
     Setup,
     next_run,
     plot,
@@ -37,7 +38,7 @@ from pipeline.experiments.figure1 import (
     table_markdown,
     train_run,
 )
-from pipeline.records import FIGURE1, EpochProgress, Figure1Run, to_plain
+from pipeline.records import FIGURE1, Figure1Run, to_plain
 from pipeline.sources.cifar import (
     CifarSource,
     balanced_subset,
@@ -199,13 +200,15 @@ class _Sweep:
         import torch
 
         checkpoint = self.stage.out / "runs" / f"{run.name}.pt"
-        state = torch.load(checkpoint, map_location=self.device, weights_only=True) if checkpoint.is_file() else None
+        state = RunCheckpoint.from_state(torch.load(checkpoint, map_location=self.device, weights_only=True)) \
+            if checkpoint.is_file() else None
         if state is not None:
-            self.reporter.info(f"figure1: {run.name}: resuming after epoch {state['epoch']}")
+            self.reporter.info(f"figure1: {run.name}: resuming after epoch {state.epoch}")
 
-        def end_of_epoch(state: dict, e: EpochProgress) -> None:
+        def end_of_epoch(state: RunCheckpoint) -> None:
             with atomic_write(checkpoint) as f:
-                torch.save(state, f)
+                torch.save(state.to_state(), f)
+            e = state.epochs[-1]
             self.reporter.info(f"figure1: {run.name} epoch {e.epoch}: training error {e.training_error:.1%} "
                                f"({e.seconds:.1f} s)")
 

@@ -8,10 +8,12 @@ from pathlib import Path
 
 from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
+from pipeline.records import Prediction
 
 
 def run(run_or_checkpoint: Path, images: list[Path], *, top: int = 5, ten_crop: bool = False,
-        devices: str = "auto", batch_size: int = 32, on_record: Callable[[dict], None] = lambda record: None,
+        devices: str = "auto", batch_size: int = 32,
+        on_record: Callable[[Prediction], None] = lambda record: None,
         reporter: Reporter | None = None) -> StageResult:
     """Each image's record ({"path", "top": [...]} or {"path", "error"}) goes to `on_record`; a file that cannot be
     read is a warning and the others go on. The product is (classified, not classified); none classified is an
@@ -29,9 +31,9 @@ def run(run_or_checkpoint: Path, images: list[Path], *, top: int = 5, ten_crop: 
                       f"put in one of them, whatever it shows")
     classified = failed = 0
     for record in classify(classifier, images, top=top, ten_crop=ten_crop, batch_size=batch_size):
-        if "error" in record:
+        if record.error is not None:
             failed += 1
-            reporter.warn(f"{record['path']}: not classified: {record['error']}")
+            reporter.warn(f"{record.path}: not classified: {record.error}")
         else:
             classified += 1
         on_record(record)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, task_slice, write_json
 from pipeline.errors import PipeError
-from pipeline.records import MANIFEST, TIMM_INFO, IgnoredEntry, Manifest, ShardIndex, ShardUnit, SkippedImage
+from pipeline.records import MANIFEST, TIMM_INFO, Manifest, ShardIndex, ShardUnit
 from pipeline.shards import (
     ShardJob,
     assign_shards,
@@ -200,5 +200,5 @@ class _IndexJob:
         for i, shard in enumerate(shards):
             write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", shard)
         return ShardIndex(str(listing.root), len(shards), tuple(len(s) for s in shards), len(members),
-                          tuple(sorted({m.wnid for m in members})), tuple(IgnoredEntry(**i) for i in listing.ignored),
-                          tuple(SkippedImage(**s) for s in listing.skipped), len(listing.members))
+                          tuple(sorted({m.wnid for m in members})), tuple(listing.ignored),
+                          tuple(listing.skipped), len(listing.members))

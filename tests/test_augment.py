@@ -434,14 +434,14 @@ def test_loaders_are_chosen_by_name_and_refuse_impossible_settings(sample_shards
 
 def test_preview_reports_the_crop_flip_and_offset_that_made_each_augmented_image(sample_shards, pca, tmp_path):
     for s in augmented_samples(sample_shards["train"], pca, 8, seed=0):
-        x, y = s["crop_at"]
-        left, top, side = centre_square(s["original"].shape[1], s["original"].shape[0])
+        x, y = s.crop_at
+        left, top, side = centre_square(s.original.shape[1], s.original.shape[0])
         assert left <= x <= left + side - 224 and top <= y <= top + side - 224
-        patch = torch.from_numpy(s["original"][y:y + 224, x:x + 224]).permute(2, 0, 1).float()
-        if s["mirrored"]:
+        patch = torch.from_numpy(s.original[y:y + 224, x:x + 224]).permute(2, 0, 1).float()
+        if s.mirrored:
             patch = patch.flip(-1)
-        pixel_mean = torch.tensor(255 * np.array(MEAN) - s["offset"], dtype=torch.float32)
-        assert torch.allclose(s["augmented"], patch - pixel_mean[:, None, None], atol=1e-3)
+        pixel_mean = torch.tensor(255 * np.array(MEAN) - s.offset, dtype=torch.float32)
+        assert torch.allclose(s.augmented, patch - pixel_mean[:, None, None], atol=1e-3)
     path = tmp_path / "pca.json"
     path.write_text(json.dumps(pca.to_json()))
     out = preview_grid(sample_shards["train"], path, tmp_path / "grid.png", n=6)

@@ -47,10 +47,10 @@ def test_hand_made_logits_give_the_hand_computed_top1_and_top5_error():
     labels = [0, 1, 2, 3]
     probs, got = class_probabilities(LookupModel(table), batches(4, labels, 3))
     result = errors(probs, got)
-    assert result == {"top1_error": 0.75, "top5_error": 0.25, "samples": 4}
+    assert (result.top1_error, result.top5_error, result.samples) == (0.75, 0.25, 4)
     assert per_class_accuracy(probs, got) == {0: 1.0, 1: 0.0, 2: 0.0, 3: 0.0}
-    assert confused_pairs(probs, got)[0]["count"] == 1
-    assert {(p["true"], p["predicted"]) for p in confused_pairs(probs, got)} == {(1, 2), (2, 0), (3, 0)}
+    assert confused_pairs(probs, got)[0][2] == 1
+    assert {(true, predicted) for true, predicted, _ in confused_pairs(probs, got)} == {(1, 2), (2, 0), (3, 0)}
 
 
 def test_ten_crop_equals_the_mean_of_ten_separate_softmaxes():

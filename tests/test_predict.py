@@ -77,6 +77,7 @@ def expected_probabilities(classifier: Classifier, path: Path, ten_crop: bool) -
 
 
 def check_probabilities(classifier: Classifier, records: list[dict], ten_crop: bool) -> None:
+    """`records` as predict's --json writes them (`Prediction.to_json`)."""
     for record in records:
         if "top" in record:
             probs = expected_probabilities(classifier, Path(record["path"]), ten_crop)
@@ -111,7 +112,7 @@ def test_predict_cli_classifies_every_readable_format_and_reports_each_unreadabl
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_centre_crop_probabilities_are_the_models_whatever_the_batch(classifier, photos, one_thread, batch_size):
-    records = list(classify(classifier, [photos["text"].parent], top=1000, batch_size=batch_size))
+    records = [p.to_json() for p in classify(classifier, [photos["text"].parent], top=1000, batch_size=batch_size)]
     assert sum("top" in r for r in records) == 4
     check_probabilities(classifier, records, ten_crop=False)
 

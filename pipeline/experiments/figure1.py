@@ -115,13 +115,36 @@ def part_ends(batches: int) -> list[int]:
     return [round(k * batches / parts) for k in range(1, parts + 1)]
 
 
-def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | None = None,
-              on_epoch: Callable[[dict, EpochProgress], None] | None = None) -> Figure1Run:
+@dataclass
+class RunCheckpoint:
+    """A run after a finished epoch it goes on from: weights, optimizer, and its progress so far. On disk a plain
+    dict (runs/<run>.pt) that `torch.load(weights_only=True)` reads."""
+
+    run: Run
+    epoch: int
+    model: dict  # torch's state dicts
+    optimizer: dict
+    parts: list[Part]
+    epochs: list[EpochProgress]
+
+    @classmethod
+    def from_state(cls, state: dict) -> RunCheckpoint:
+        progress = state["progress"]
+        return cls(Run(**state["run"]), state["epoch"], state["model"], state["optimizer"],
+                   list(build(tuple[Part, ...], progress["parts"])),
+                   list(build(tuple[EpochProgress, ...], progress["epochs"])))
+
+    def to_state(self) -> dict:
+        return {"run": asdict(self.run), "epoch": self.epoch, "model": self.model, "optimizer": self.optimizer,
+                "progress": {"parts": to_plain(self.parts), "epochs": to_plain(self.epochs)}}
+
+
+def train_run(run: Run, setup: Setup, images, labels, mean, *, state: RunCheckpoint | None = None,
+              on_epoch: Callable[[RunCheckpoint], None] | None = None) -> Figure1Run:
     """Train one net with SGD + momentum until it reaches the threshold, falls behind the best, diverges or hits the
     cap; returns its record. `images` uint8 (N, 3, 32, 32) and `labels` on the device; `mean` the per-channel pixel
-    mean. `on_epoch` gets the state after every finished epoch the run goes on from (plain types: a checkpoint
-    `torch.load(weights_only=True)` reads) and that epoch's progress; given back as `state`, the run resumes there
-    and ends exactly as if it had not stopped."""
+    mean. `on_epoch` gets the run's checkpoint after every finished epoch it goes on from; given back as `state`,
+    the run resumes there and ends exactly as if it had not stopped."""
     import torch
 
     device = images.device
@@ -131,11 +154,9 @@ def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | Non
     epochs: list[EpochProgress] = []
     first = 1
     if state is not None:
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        parts = list(build(tuple[Part, ...], state["progress"]["parts"]))
-        epochs = list(build(tuple[EpochProgress, ...], state["progress"]["epochs"]))
-        first = state["epoch"] + 1
+        net.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        parts, epochs, first = list(state.parts), list(state.epochs), state.epoch + 1
     shift = torch.tensor(mean, device=device).view(1, 3, 1, 1)
     batches = len(labels) // setup.batch_size  # the last partial batch is dropped: every step the same size
     end = None
@@ -148,9 +169,7 @@ def train_run(run: Run, setup: Setup, images, labels, mean, *, state: dict | Non
         if end:
             break
         if on_epoch is not None and epoch < setup.epochs:
-            on_epoch({"run": asdict(run), "epoch": epoch, "model": net.state_dict(), "optimizer":
-                      optimizer.state_dict(), "progress": {"parts": to_plain(parts), "epochs": to_plain(epochs)}},
-                     progress)
+            on_epoch(RunCheckpoint(run, epoch, net.state_dict(), optimizer.state_dict(), list(parts), list(epochs)))
     return run_record(run, batches * setup.batch_size, parts, epochs, end or "cap")
 
 

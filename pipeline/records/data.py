@@ -49,7 +49,7 @@ class ClassCount:
 @dataclass(frozen=True)
 class SkippedImage:
     key: str | None  # None: lost with a damaged class tar before it was listed
-    wnid: str
+    wnid: str | None  # None: a zip member whose val label could not be read either
     path: str
     reason: str
 

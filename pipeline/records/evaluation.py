@@ -167,3 +167,21 @@ class Preprocessing(Record):
     classes: tuple[ClassEntry, ...]
     model: AlexNetConfig
     checkpoint: ExportedFrom
+
+
+@dataclass(frozen=True)
+class ClassProbability:
+    index: int
+    wnid: str
+    name: str
+    probability: float
+
+
+@dataclass(frozen=True)
+class Prediction(Record):
+    """`predict`'s answer for one image (a line of its --json output): the top classes, or why the file could not
+    be read."""
+
+    path: str
+    top: tuple[ClassProbability, ...] | None = absent_when_none()
+    error: str | None = absent_when_none()

@@ -10,6 +10,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from pipeline.errors import PipeError
+from pipeline.records import IgnoredEntry, SkippedImage
 from pipeline.sources.labels import no_val_labels, val_ground_truth
 from pipeline.sources.listing import (
     COMPRESSED_MAGIC,
@@ -56,7 +57,7 @@ def list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sour
     members, ignored = [], []
 
     def ignore(p: Path, reason: str) -> None:
-        ignored.append({"name": str(p.relative_to(root)) + ("/" if p.is_dir() else ""), "reason": reason})
+        ignored.append(IgnoredEntry(str(p.relative_to(root)) + ("/" if p.is_dir() else ""), reason))
 
     def looks_like_image(f: Path) -> bool:
         if f.suffix.lower() not in IMAGE_SUFFIXES:
@@ -89,7 +90,7 @@ def list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sour
         if f.stem in truth:
             members.append(Member(sample_key(f.name, None), truth[f.stem], str(f.relative_to(root))))
         else:
-            ignored.append({"name": f.name, "reason": "no label in " + labels.name})
+            ignored.append(IgnoredEntry(f.name, "no label in " + labels.name))
     return SourceListing(root, members, ignored)
 
 
@@ -106,7 +107,7 @@ def list_archive(archive: Path, split: str, labels: Path | None) -> SourceListin
                     continue
                 reason = _unsafe(m)
                 if reason:
-                    listing.ignored.append({"name": m.name, "reason": reason})
+                    listing.ignored.append(IgnoredEntry(m.name, reason))
                     continue
                 name = PurePosixPath(m.name)
                 if name.suffix == ".tar":  # the train tar: one uncompressed tar per class
@@ -115,12 +116,12 @@ def list_archive(archive: Path, split: str, labels: Path | None) -> SourceListin
                 elif name.suffix.lower() in IMAGE_SUFFIXES:
                     wnid = truth.get(name.stem) if split == "val" else name.parent.name
                     if wnid is None or (split == "train" and not is_wnid(wnid)):
-                        listing.ignored.append({"name": m.name, "reason": "no label"})
+                        listing.ignored.append(IgnoredEntry(m.name, "no label"))
                         continue
                     key = sample_key(name.name, name.parent.name if split == "train" else None)
                     listing.members.append(Member(key, wnid, archive.name, m.offset_data, m.size))
                 else:
-                    listing.ignored.append({"name": m.name, "reason": "neither an image nor a class tar"})
+                    listing.ignored.append(IgnoredEntry(m.name, "neither an image nor a class tar"))
     except tarfile.TarError as e:
         raise PipeError(f"{archive}: not a readable tar archive ({e})") from None
     listing.members.sort(key=lambda m: m.key)
@@ -140,20 +141,20 @@ def _list_class_tar(f: IO[bytes], m: tarfile.TarInfo, archive: Path, listing: So
                                             "past the end of the class tar")
                 reason = None if im.isdir() else _unsafe(im)
                 if reason:
-                    listing.ignored.append({"name": f"{m.name}/{im.name}", "reason": reason})
+                    listing.ignored.append(IgnoredEntry(f"{m.name}/{im.name}", reason))
                 elif PurePosixPath(im.name).suffix.lower() in IMAGE_SUFFIXES:
                     listing.members.append(Member(sample_key(PurePosixPath(im.name).name, wnid), wnid, archive.name,
                                                   m.offset_data + im.offset_data, im.size))
                     kept += 1
                 elif not im.isdir():
-                    listing.ignored.append({"name": f"{m.name}/{im.name}", "reason": "not an image file name"})
+                    listing.ignored.append(IgnoredEntry(f"{m.name}/{im.name}", "not an image file name"))
             end = inner.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not read
             if _ByteRange(f, m.offset_data + end, min(tarfile.BLOCKSIZE, m.size - end)).read().strip(b"\0"):
                 raise tarfile.ReadError(f"unreadable member header at byte {end}")
     except tarfile.TarError as e:
-        listing.skipped.append({"key": None, "wnid": wnid, "path": f"{archive.name}/{m.name}",
-                                "reason": f"damaged class tar {m.name} ({e}): the rest of it is lost, "
-                                          f"{kept} complete images before the damage kept"})
+        listing.skipped.append(SkippedImage(None, wnid, f"{archive.name}/{m.name}",
+                                            f"damaged class tar {m.name} ({e}): the rest of it is lost, "
+                                            f"{kept} complete images before the damage kept"))
 
 
 def _unsafe(m: tarfile.TarInfo) -> str | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import PipeError
+from pipeline.records import IgnoredEntry, SkippedImage
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
@@ -65,8 +66,8 @@ class Member:
 class SourceListing:
     root: Path  # member paths are relative to it
     members: list[Member]
-    ignored: list[dict]  # {name, reason}: unsafe or non-file members, unlabelled or misplaced files, unread splits
-    skipped: list[dict] = field(default_factory=list)  # images lost to a damaged class tar: {key, wnid, path, reason}
+    ignored: list[IgnoredEntry]  # unsafe or non-file members, unlabelled or misplaced files, unread splits
+    skipped: list[SkippedImage] = field(default_factory=list)  # images lost to a damaged class tar
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from pipeline.errors import PipeError
+from pipeline.records import IgnoredEntry, SkippedImage
 from pipeline.sources.listing import IMAGE_SUFFIXES, Layout, Member, SourceListing, is_wnid, sample_key
 
 # Tiny ImageNet-200 (CS231n): 64x64 photos of 200 ILSVRC-2012 classes, as the extracted tiny-imagenet-200/ or its zip
@@ -30,7 +31,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 ZIP_LOCAL_HEADER = struct.Struct("<4s5H3I2H")  # signature … name length, extra length: 30 bytes before the name
 
 
-TINY_TEST_IGNORED = {"name": "test/", "reason": "Tiny ImageNet's test split: unlabelled, so neither split reads it"}
+TINY_TEST_IGNORED = IgnoredEntry("test/", "Tiny ImageNet's test split: unlabelled, so neither split reads it")
 
 
 TINY_LAYOUT = (f"expected Tiny ImageNet's train/<wnid>/images/*.JPEG and val/images/*.JPEG with "
@@ -117,16 +118,16 @@ def list_tiny_tree(root: Path, split: str, labels: Path | None) -> SourceListing
             if place == "folder":
                 visit(p, here)
             elif place == "image" and not p.is_file():
-                listing.ignored.append({"name": "/".join(here), "reason": "not a regular file"})
+                listing.ignored.append(IgnoredEntry("/".join(here), "not a regular file"))
             elif place == "image":
                 _add_tiny_image(listing, here, truth, Member(_tiny_key(here), "", str(p.relative_to(root))))
             elif place != "annotation":
-                listing.ignored.append({"name": "/".join(here) + "/" * p.is_dir(), "reason": place})
+                listing.ignored.append(IgnoredEntry("/".join(here) + "/" * p.is_dir(), place))
 
     visit(root / split, (split,))
     if (root / "test").is_dir():
         listing.ignored.append(TINY_TEST_IGNORED)
-    listing.ignored.sort(key=lambda item: item["name"])
+    listing.ignored.sort(key=lambda item: item.name)
     return listing
 
 
@@ -154,8 +155,8 @@ def list_tiny_zip(archive: Path, split: str, labels: Path | None) -> SourceListi
                 if not info.filename.startswith(top):
                     continue
                 parts = tuple(p for p in info.filename[len(top):].split("/") if p)
-                if parts[:1] == ("test",) and TINY_TEST_IGNORED["name"] not in reported:
-                    reported.add(TINY_TEST_IGNORED["name"])
+                if parts[:1] == ("test",) and TINY_TEST_IGNORED.name not in reported:
+                    reported.add(TINY_TEST_IGNORED.name)
                     listing.ignored.append(TINY_TEST_IGNORED)
                 if parts[:1] != (split,):
                     continue
@@ -164,10 +165,10 @@ def list_tiny_zip(archive: Path, split: str, labels: Path | None) -> SourceListi
                     _add_tiny_zip_image(f, info, parts, archive, truth, listing)
                 elif place not in ("folder", "annotation") and name not in reported:
                     reported.add(name)
-                    listing.ignored.append({"name": name, "reason": place})
+                    listing.ignored.append(IgnoredEntry(name, place))
     except zipfile.BadZipFile as e:
         raise PipeError(f"{archive}: not a readable zip archive ({e}); a download cut short?") from None
-    listing.ignored.sort(key=lambda item: item["name"])
+    listing.ignored.sort(key=lambda item: item.name)
     return listing
 
 
@@ -207,8 +208,8 @@ def _add_tiny_zip_image(f: IO[bytes], info: zipfile.ZipInfo, parts: tuple[str, .
     key = _tiny_key(parts)
     offset = _zip_data_offset(f, info)
     if offset is None:
-        listing.skipped.append({"key": key, "wnid": _tiny_wnid(parts, truth), "path": f"{archive.name}/{info.filename}",
-                                "reason": f"no zip local header at byte {info.header_offset}"})
+        listing.skipped.append(SkippedImage(key, _tiny_wnid(parts, truth), f"{archive.name}/{info.filename}",
+                                            f"no zip local header at byte {info.header_offset}"))
         return
     deflated = info.compress_type == zipfile.ZIP_DEFLATED
     _add_tiny_image(listing, parts, truth, Member(key, "", archive.name, offset, info.compress_size,
@@ -223,7 +224,7 @@ def _tiny_key(parts: tuple[str, ...]) -> str:
 def _add_tiny_image(listing: SourceListing, parts: tuple[str, ...], truth: dict[str, str], member: Member) -> None:
     wnid = _tiny_wnid(parts, truth)
     if wnid is None:
-        listing.ignored.append({"name": "/".join(parts), "reason": f"no label in {TINY_VAL_ANNOTATIONS}"})
+        listing.ignored.append(IgnoredEntry("/".join(parts), f"no label in {TINY_VAL_ANNOTATIONS}"))
     else:
         listing.members.append(replace(member, wnid=wnid))
 

@@ -58,20 +58,20 @@ def generate(out: Path, *, classes: int = 10, train_per_class: int = 100, val_pe
     table = ilsvrc2012_classes()
     wnids = table.wnids[:classes]
     plan = plan_images(seed, classes, train_per_class, val_per_class)
-    total = len(plan["train"]) + len(plan["val"])
+    total = len(plan.train) + len(plan.val)
     done = progress or (lambda n: None)
     if fmt == "tree":
         boxes = write_tree(out, plan, wnids, done)
-        write_val_csv(out / KAGGLE_VAL_CSV, plan["val"], wnids, boxes)
+        write_val_csv(out / KAGGLE_VAL_CSV, plan.val, wnids, boxes)
         (out / "LOC_synset_mapping.txt").write_text(
             "".join(f"{w} {n}\n" for w, n in zip(wnids, table.names[:classes], strict=True)))
     else:
-        write_train_tar(out, plan["train"], wnids, done)
-        write_val_tar(out / VAL_TAR, plan["val"], done)
-        write_devkit(out / DEVKIT_TAR, plan["val"], wnids, train_per_class)
-    quirk_files = {split: {kind: file_name(spec, wnids) for kind in QUIRKS for spec in plan[split]
+        write_train_tar(out, plan.train, wnids, done)
+        write_val_tar(out / VAL_TAR, plan.val, done)
+        write_devkit(out / DEVKIT_TAR, plan.val, wnids, train_per_class)
+    quirk_files = {split: {kind: file_name(spec, wnids) for kind in QUIRKS for spec in plan.split(split)
                            if spec.kind == kind} for split in SPLITS}
-    return SynthSummary(fmt, seed, classes, tuple(wnids), len(plan["train"]), len(plan["val"]), total,
+    return SynthSummary(fmt, seed, classes, tuple(wnids), len(plan.train), len(plan.val), total,
                         tuple(name for split in SPLITS for name in quirk_files[split].values()), quirk_files,
                         {w: class_family(i).describe() for i, w in enumerate(wnids)})
 

@@ -20,7 +20,7 @@ from pipeline.sources import (
     ilsvrc2012_classes,
 )
 from pipeline.synth.drawing import class_family, render_file
-from pipeline.synth.plan import ImageSpec, file_name
+from pipeline.synth.plan import ImageSpec, Plan, file_name
 
 TAR_MTIME = 1339632000  # 2012-06-14, the ILSVRC-2012 release; any constant keeps archives byte-identical
 
@@ -31,15 +31,15 @@ DEVKIT_DIR = "ILSVRC2012_devkit_t12"
 MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: GLNXA64, Created by: alexnet-pipe synth (no date)"
 
 
-def write_tree(out: Path, plan: dict, wnids, done) -> dict[int, tuple[int, int, int, int]]:
+def write_tree(out: Path, plan: Plan, wnids, done) -> dict[int, tuple[int, int, int, int]]:
     for wnid in wnids:
         (out / "train" / wnid).mkdir(parents=True)
-    for spec, (data, _box) in zip(plan["train"], map(render_file, plan["train"]), strict=True):
+    for spec, (data, _box) in zip(plan.train, map(render_file, plan.train), strict=True):
         (out / "train" / wnids[spec.label] / file_name(spec, wnids)).write_bytes(data)
         done(1)
     (out / "val").mkdir()
     boxes = {}
-    for spec, (data, box) in zip(plan["val"], map(render_file, plan["val"]), strict=True):
+    for spec, (data, box) in zip(plan.val, map(render_file, plan.val), strict=True):
         (out / "val" / file_name(spec, wnids)).write_bytes(data)
         boxes[spec.number] = box
         done(1)

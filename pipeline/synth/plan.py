@@ -28,20 +28,29 @@ class ImageSpec:
     kind: str = "rgb"  # or one of QUIRKS
 
 
-def plan_images(seed: int, classes: int, train_per_class: int, val_per_class: int) -> dict[str, list[ImageSpec]]:
+@dataclass(frozen=True)
+class Plan:
+    """Every image of the set, per split, in writing order."""
+
+    train: list[ImageSpec]
+    val: list[ImageSpec]
+
+    def split(self, name: str) -> list[ImageSpec]:
+        return self.train if name == "train" else self.val
+
+
+def plan_images(seed: int, classes: int, train_per_class: int, val_per_class: int) -> Plan:
     train = [ImageSpec(seed, "train", c, i, i + 1)
              for c in range(classes) for i in range(train_per_class)]
     pairs = [(c, i) for c in range(classes) for i in range(val_per_class)]
     order = np.random.default_rng([seed, _SEED_VAL_ORDER]).permutation(len(pairs))  # val mixes the classes
     val = [ImageSpec(seed, "val", pairs[j][0], pairs[j][1], n) for n, j in enumerate(order.tolist(), 1)]
-    plan = {}
-    for split_id, (split, specs) in enumerate((("train", train), ("val", val))):
+    for split_id, specs in enumerate((train, val)):
         picks = np.random.default_rng([seed, _SEED_QUIRKS, split_id]).choice(len(specs), min(3, len(specs)),
                                                                                replace=False)
         for kind, k in zip(QUIRKS, picks.tolist(), strict=False):
             specs[k] = replace(specs[k], kind=kind)
-        plan[split] = specs
-    return plan
+    return Plan(train, val)
 
 
 def file_name(spec: ImageSpec, wnids: tuple[str, ...]) -> str:
