@@ -166,7 +166,7 @@ class TrainConfig(_Settings):
                          "cuDNN do so by default; metrics.jsonl says precision tf32); off: true fp32. bf16 (--amp) "
                          "steps and the CPU are unaffected.")
     peak_tflops: float | None = setting(None, "This device's dense peak TFLOPS for the precision in use, for mfu in "
-                                        "metrics.jsonl (default: pipeline/speed.py's table of known cards).",
+                                        "metrics.jsonl (default: pipeline/train/speed.py's table of known cards).",
                                         minimum=0.0, role=RUNTIME)
     loader: str = setting("dali", "dali, or torch (the plain torchvision/webdataset reference path).",
                           choices=LOADERS)

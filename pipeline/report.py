@@ -252,7 +252,7 @@ def val_data_origin(val_dir: Path) -> tuple[str, bool]:
 
 
 def _speed_line(steps: tuple[StepRecord, ...]) -> str:
-    """Medians of the logged steps' speed fields (pipeline/speed.py; runs from before it lack step_ms and mfu)."""
+    """Medians of the logged steps' speed fields (pipeline/train/speed.py; runs from before it lack step_ms and mfu)."""
     def median(key: str) -> float | None:
         values = sorted(v for s in steps if (v := getattr(s, key)) is not None)
         return values[len(values) // 2] if values else None

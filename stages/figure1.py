@@ -1,4 +1,4 @@
-"""Stage `figure1`: §3.1's Figure 1 on CIFAR-10 (`pipeline/figure1.py`) → figure1.png, figure1.json, figure1.md.
+"""Stage `figure1`: §3.1's Figure 1 on CIFAR-10 (`pipeline/experiments/`) → figure1.png, figure1.json, figure1.md.
 
 Units: one per run, `<activation>-lr<rate>-seed<k>`, learned as the sweep goes (the protocol picks the next run from
 the finished ones, so a rerun replays the same choices from the records). A run in flight saves runs/<unit>.pt after
@@ -25,19 +25,8 @@ from pipeline.engine import (
     write_json,
 )
 from pipeline.errors import PipeError
-from pipeline.experiments.figure1 import (
-    ACTIVATIONS,
-    INITS,
-    NAMES,
-    Run,
-    RunCheckpoint,
-    Setup,
-    next_run,
-    plot,
-    summarize,
-    table_markdown,
-    train_run,
-)
+from pipeline.experiments.figure1 import ACTIVATIONS, NAMES, next_run, plot, summarize, table_markdown
+from pipeline.experiments.figure1_net import INITS, Run, RunCheckpoint, Setup, train_run
 from pipeline.records import FIGURE1, Figure1Run, to_plain
 from pipeline.sources.cifar import (
     CifarSource,

@@ -1,4 +1,4 @@
-"""Stage `synth`: the embedded default data set (pipeline/synth.py), generated into a temp folder and moved into
+"""Stage `synth`: the embedded default data set (pipeline/synth/), generated into a temp folder and moved into
 place whole, then marked done; so a killed run leaves nothing that looks finished and a rerun is up to date."""
 
 from __future__ import annotations

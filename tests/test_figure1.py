@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 from conftest import shared_data
 
-from pipeline.experiments.figure1 import Run, Setup, factor_words, four_layer_net, next_run, summarize
+from pipeline.experiments.figure1 import factor_words, next_run, summarize
+from pipeline.experiments.figure1_net import Run, Setup, four_layer_net
 from pipeline.records import Factor, Figure1Run
 from pipeline.sources.cifar import CLASSES, balanced_subset, find_source, read_training_split
 

@@ -69,9 +69,9 @@ def test_the_unit_records_of_the_earlier_version_read_back_and_rebuild_their_pro
 
     from pipeline.experiments.claims import summarize as summarize_sweep
     from pipeline.experiments.claims import table_markdown as table_markdown_sweep
-    from pipeline.experiments.figure1 import Setup
     from pipeline.experiments.figure1 import summarize as summarize_figure1
     from pipeline.experiments.figure1 import table_markdown as table_markdown_figure1
+    from pipeline.experiments.figure1_net import Setup
 
     for pattern, kind in (("_stage.json", StageMarker), ("_plan.json", StagePlan)):
         for path in fixture_files(pattern):

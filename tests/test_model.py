@@ -1,4 +1,5 @@
-"""pipeline/model.py: the paper's two-tower AlexNet, its groups=2 twin, the device map, LRN, init."""
+"""pipeline/model.py: the paper's two-tower AlexNet, its groups=2 twin (tests/alexnet_grouped.py), the device map,
+LRN, init."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipeline/speed.py: data-wait share and step time of a log interval, peak table, MFU, TF32 labelling (CPU twin;
+"""pipeline/train/speed.py: data-wait share and step time of a log interval, peak table, MFU, TF32 labelling (CPU twin;
 the CUDA-event path runs in bench/gpu.sh)."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 beside it (`step-%09d.pt.sha256`) so that a damaged copy is found before torch reads it.
 
 Finding a run's newest checkpoint needs no torch (an up-to-date `eval` answers at once); saving and loading import
-it when called. A checkpoint is a plain dict loadable with `torch.load(weights_only=True)` (see pipeline/train.py).
+it when called. A checkpoint is a plain dict loadable with `torch.load(weights_only=True)` (`TrainCheckpoint`).
 """
 
 from __future__ import annotations
