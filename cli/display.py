@@ -4,7 +4,9 @@ logs), the runs table of `status` and the out-of-memory line."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import os
 import re
 import sys
 import time
@@ -22,12 +24,28 @@ if TYPE_CHECKING:
 console = Console(stderr=True)
 
 
+def output_closed() -> None:
+    """The reader of our output went away (`train … | head`): from here on every line goes nowhere, the interpreter's
+    flush at exit included, and the work goes on (a run's metrics.jsonl and events.jsonl keep its record)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
 class CliReporter:
     def info(self, message: str) -> None:
-        console.print(message, highlight=False, soft_wrap=True)
+        self._say(message)
 
     def warn(self, message: str) -> None:
-        console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        self._say(f"[yellow]warning:[/] {message}")
+
+    @staticmethod
+    def _say(line: str) -> None:
+        try:
+            console.print(line, highlight=False, soft_wrap=True)
+        except BrokenPipeError:
+            output_closed()
 
     @contextlib.contextmanager
     def progress(self, description: str, total: int) -> Iterator[Advance]:
@@ -49,7 +67,10 @@ class CliReporter:
             done += n
             if time.monotonic() - last > 5 or done == total:
                 last = time.monotonic()
-                print(f"{description}: {done}/{total}{' ' + note if note else ''}", file=sys.stderr, flush=True)
+                try:
+                    print(f"{description}: {done}/{total}{' ' + note if note else ''}", file=sys.stderr, flush=True)
+                except BrokenPipeError:
+                    output_closed()
 
         yield advance
 
@@ -58,6 +79,13 @@ class CliReporter:
 def print_status(work: Path) -> None:
     """The stages table (one row per stage folder) and the runs table."""
     from rich.table import Table
+
+    from pipeline.errors import PipeError
+
+    if work.exists() and not work.is_dir():
+        raise PipeError(f"{work}: expected a work folder (make's WORK), found a file")
+    if not work.exists():  # before the first stage, or a mistyped WORK: the table alone would not tell them apart
+        print(f"warning: {work} does not exist yet: nothing has run there (is WORK right?)", file=sys.stderr)
 
     from pipeline.status import stage_rows
     from stages import versions
@@ -102,10 +130,12 @@ OUT_OF_MEMORY = ("out of memory: lower --batch-size (or --eval-batch-size, --wid
 
 def is_out_of_memory(e: BaseException) -> bool:
     """torch's allocators raise RuntimeError (CPU: "DefaultCPUAllocator: can't allocate memory", C++'s
-    std::bad_alloc) or torch.OutOfMemoryError (CUDA); DALI raises RuntimeError with bad_alloc or out of memory."""
+    std::bad_alloc) or torch.OutOfMemoryError (CUDA); DALI raises RuntimeError with bad_alloc or out of memory; the
+    loader raises ImportError when a library's segments cannot be mapped (an address-space limit, `ulimit -v`)."""
     text = str(e)
     return type(e).__name__ == "OutOfMemoryError" or any(
-        s in text for s in ("can't allocate memory", "std::bad_alloc", "out of memory", "CUDA out of memory"))
+        s in text for s in ("can't allocate memory", "std::bad_alloc", "out of memory", "CUDA out of memory",
+                            "failed to map segment", "cannot allocate memory"))
 
 
 def one_line(e: BaseException) -> tuple[int, str | None]:
@@ -122,6 +152,11 @@ def one_line(e: BaseException) -> tuple[int, str | None]:
     if isinstance(e, PermissionError):  # a folder or file of the user's that this user may not read or write
         return 2, (f"error: {e.filename or ''}: permission denied (expected a path this user may read, and write for "
                    "outputs; check its mode and owner)")
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:  # a path the user typed, anywhere it is used
+        path = Path(str(e.filename or ""))
+        folder = next((p for p in path.parents if p.is_dir()), Path("."))
+        return 2, (f"error: {path}: expected a file name of at most {os.pathconf(folder, 'PC_NAME_MAX')} bytes (this "
+                   f"file system's limit), found {len(path.name.encode())}; choose a shorter name")
     if isinstance(e, MemoryError):
         return 2, f"error: {OUT_OF_MEMORY}"
     if is_out_of_memory(e):

@@ -14,7 +14,7 @@ from typing import Annotated, cast
 
 import typer
 
-from cli.display import CliReporter, one_line, print_prediction, print_status
+from cli.display import CliReporter, one_line, output_closed, print_prediction, print_status
 from cli.options import (
     RECIPES,
     Commands,
@@ -25,6 +25,7 @@ from cli.options import (
     RunOrCheckpoint,
     Seed,
     TaskIndex,
+    UntrainedValClasses,
     Workers,
     numbers,
     out_folder,
@@ -180,12 +181,13 @@ def eval_(
     devices: Annotated[str, typer.Option(help="Same device map as train: auto, cuda:0,cuda:1, cpu, …")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per batch (does not change the result).", min=1)] = 64,
     loader: Annotated[Loader, typer.Option(help="dali, or torch (the reference path).")] = "dali",
-    train: Annotated[Path | None, typer.Option("--train", help="Training shard folder: also the training error "
-                                               "measured as val's (eval mode, centre crop, as many images as val: "
-                                               "the train–val gap) and Figure 4's six nearest training images (fc7 "
-                                               "features) of five val images.")] = None,
+    train: Annotated[Path | None, typer.Option("--train", help="The run's own training shards: also the training "
+                                               "error measured as val's (eval mode, centre crop, as many images as "
+                                               "val: the train–val gap) and Figure 4's six nearest training images "
+                                               "(fc7 features) of five val images.")] = None,
     neighbour_train_images: Annotated[int | None, typer.Option(help="Search only the first N training images "
                                                                "(default 10,000; 0: no Figure 4).", min=0)] = None,
+    untrained_val_classes: UntrainedValClasses = False,
     force: Force = False,
 ):
     """Top-1/top-5 error of a checkpoint on every val image: centre crop and 10-crop, per-class accuracy, the most
@@ -194,7 +196,8 @@ def eval_(
     from stages import evaluate as stage
 
     stage.run(run_or_checkpoint, val, out, ten_crop=ten_crop, devices=devices, batch_size=batch_size, loader=loader,
-              train_dir=train, neighbour_train_images=neighbour_train_images, force=force, reporter=CliReporter())
+              train_dir=train, neighbour_train_images=neighbour_train_images,
+              untrained_val_classes=untrained_val_classes, force=force, reporter=CliReporter())
 
 
 @app.command()
@@ -215,7 +218,7 @@ def report(
 def preview(
     shard_dir: Annotated[Path, typer.Argument(metavar="SHARD_DIR", help="Training shard folder.")],
     pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
-    out: Annotated[Path, typer.Option("--out", help="The PNG to write.")] = Path("preview.png"),
+    out: Annotated[Path, typer.Option("--out", help="The image to write: .png, or .jpg/.jpeg.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
     seed: Seed = 0,
     crop: Annotated[Crop, typer.Option(help="224, or 227 (Caffe's crop).")] = 224,
@@ -242,13 +245,7 @@ def verify(
 @app.command()
 def status(work: Annotated[Path, typer.Argument(metavar="WORK", help="The work folder.")] = Path("work")):
     """One row per stage folder under WORK: done, stale (and why), partial (k of n units), damaged (shards missing
-    or resized: run verify) or missing."""
-    from pipeline.errors import PipeError
-
-    if work.exists() and not work.is_dir():
-        raise PipeError(f"{work}: expected a work folder (make's WORK), found a file")
-    if not work.exists():  # before the first stage, or a mistyped WORK: the table alone would not tell them apart
-        print(f"warning: {work} does not exist yet: nothing has run there (is WORK right?)", file=sys.stderr)
+    or resized: run verify) or missing; then one row per training run."""
     print_status(work)
 
 
@@ -382,6 +379,9 @@ def main() -> None:
 
     try:
         app()  # typer handles usage errors (exit 2), --help and Ctrl-C (exit 130) itself
+    except BrokenPipeError:  # the reader went away (`status | head`): nothing more is wanted, nothing went wrong
+        output_closed()
+        sys.exit(0)
     except Exception as e:  # noqa: BLE001 - the last line of defence
         if _debug and not isinstance(e, Stopped | Diverged):
             raise

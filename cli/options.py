@@ -82,6 +82,9 @@ Force = Annotated[bool, typer.Option("--force", help="Redo the stage even if it 
 
 
 Seed = Annotated[int, typer.Option(help="Seed: the same seed gives byte-identical outputs.")]
+UntrainedValClasses = Annotated[bool, typer.Option("--untrained-val-classes", help="Accept val shards holding classes "
+                                                   "the run never trained on (they count as errors); without it "
+                                                   "they are refused.")]
 
 
 def task_flags(task_index: int | None, num_tasks: int | None) -> tuple[int | None, int | None]:

@@ -180,6 +180,9 @@ class TrainConfig(_Settings):
     pca_from_elsewhere: bool = setting(False, "Train with a pca.json not computed from --train's shards (published "
                                        "values, a PCA of other data); without it such a file is refused.",
                                        role=RUNTIME)
+    untrained_val_classes: bool = setting(False, "Accept val shards holding classes the training shards lack (they "
+                                          "count as errors); without it such val shards are refused.",
+                                          role=RUNTIME)
     loader_workers: int = setting(0, "DALI loader: Python worker processes that read the samples in the epoch's order "
                                   "(0: the training process; a few on a GPU, so that reading never waits on a "
                                   "step).", minimum=0, role=RUNTIME)

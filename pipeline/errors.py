@@ -24,6 +24,13 @@ class VerifyFailed(PipeError):
     exit_code = 4
 
 
+class PeerLost(PipeError):
+    """Another rank of a multi-rank run died (killed, its node lost): this rank stops too. Nothing is lost: the run
+    resumes from its newest checkpoint, on any number of ranks."""
+
+    exit_code = 6
+
+
 class Diverged(Exception):
     """A training loss that was not finite ended the run at `step` (its last finite checkpoint kept): exit 5."""
 

@@ -93,15 +93,16 @@ CENTRE, TEN_CROP = "centre", "ten_crop"  # the tests, as eval.json names them
 def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_dir: Path, manifest: Manifest, *,
                         ten_crop: bool, batch_size: int, loader: str, loader_threads: int,
                         progress: Callable[[str, int], contextlib.AbstractContextManager[Callable[..., None]]],
-                        warn: Callable[[str], None]) -> EvalResult:
+                        warn: Callable[[str], None], untrained_val_classes: bool = False) -> EvalResult:
     """The errors of `classifier` on every image of the val shards in `val_dir`: centre crop (and the paper's
     10-crop), per class, the most confused pairs and the first images' top-5. Batches go to the device of its
     first tower; `progress(description, total)` is the reporter's progress bar."""
     from pipeline.augment import make_eval_loader
 
     device, classes = str(classifier.device), classifier.classes
-    for problem in val_class_problems(classifier.spec.classes, manifest, val_dir):
-        warn(problem)  # a mismatch raised; a val class never trained on is only a warning
+    for problem in val_class_problems(classifier.spec.classes, manifest, val_dir,
+                                      untrained_allowed=untrained_val_classes):
+        warn(problem)  # a mismatch is refused; val classes never trained on too, unless accepted
     pixels, crop = classifier.spec.pixels, classifier.spec.model.crop
     tests: dict[str, Errors] = {}
     per_class: tuple[ClassAccuracy, ...] = ()

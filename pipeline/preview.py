@@ -19,6 +19,7 @@ from pipeline.errors import PipeError
 from pipeline.records import Manifest, Pca, PixelStats
 
 ORIGINAL_BOX = (300, 224)  # an original is scaled to fit this (w, h)
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # the file's suffix names the format it is in
 GAP, CAPTION, COLUMNS = 8, 20, 4
 
 
@@ -80,7 +81,7 @@ def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, se
         _draw_cell(grid, draw, font, s, names, mean, crop, x0, y0)
     out_png = Path(out_png)
     with atomic_write(out_png) as f:
-        grid.save(f, "PNG")
+        grid.save(f, IMAGE_FORMATS.get(out_png.suffix.lower(), "PNG"), quality=95)
     return out_png
 
 

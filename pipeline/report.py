@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipeline.config import AlexNetConfig
-from pipeline.documents import markdown_table
+from pipeline.documents import markdown_table, saved_figure
 from pipeline.engine import atomic_write, finished_marker, stage_input_path
 from pipeline.errors import PipeError
 from pipeline.record import read_events
@@ -36,6 +36,9 @@ from pipeline.records import (
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
 
+    from pipeline.records import Example
+    from pipeline.sources import ClassTable
+
 @dataclass(frozen=True)
 class Reference:
     """A published result the report sets a run beside, with the protocol it was measured under."""
@@ -52,11 +55,6 @@ TORCHVISION = Reference("torchvision AlexNet (one-column model)", 0.435, 0.209, 
 
 
 def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], out: Path) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figures = []
     # (file, title, [(field plotted, its records, field on the x axis)])
     panels: list[tuple[str, str, list[tuple[str, tuple[object, ...], str]]]] = [
@@ -66,23 +64,20 @@ def plot_curves(steps: tuple[StepRecord, ...], epochs: tuple[EpochRecord, ...], 
          [("val_top1_error", epochs, "epoch"), ("val_top5_error", epochs, "epoch")]),
         ("images_per_s.png", "training images/s", [("images_per_s", steps, "step")])]
     for name, title, series in panels:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, records, x in series:
-            if records:
-                ax.plot([getattr(r, x) for r in records], [getattr(r, key) for r in records],
-                        marker="." if x == "epoch" else None, label=key.replace("_", " "))
-        ax.set_title(title)
-        ax.set_xlabel(series[0][2])
-        if not ax.get_lines():  # e.g. no epoch finished yet: say so (a legend or log axis of nothing warns)
-            ax.text(0.5, 0.5, f"no {series[0][2]} logged yet", ha="center", va="center", transform=ax.transAxes)
-        elif name == "lr.png":
-            ax.set_yscale("log")
-        if len(series) > 1 and ax.get_lines():
-            ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=100)
-        plt.close(fig)
+        with saved_figure(out / name, (6, 3.5)) as (_, ax):
+            for key, records, x in series:
+                if records:
+                    ax.plot([getattr(r, x) for r in records], [getattr(r, key) for r in records],
+                            marker="." if x == "epoch" else None, label=key.replace("_", " "))
+            ax.set_title(title)
+            ax.set_xlabel(series[0][2])
+            if not ax.get_lines():  # e.g. no epoch finished yet: say so (a legend or log axis of nothing warns)
+                ax.text(0.5, 0.5, f"no {series[0][2]} logged yet", ha="center", va="center", transform=ax.transAxes)
+            elif name == "lr.png":
+                ax.set_yscale("log")
+            if len(series) > 1 and ax.get_lines():
+                ax.legend()
+            ax.grid(alpha=0.3)
         figures.append(name)
     return figures
 
@@ -109,11 +104,6 @@ def shard_samples_by_key(shard_dir: Path, keys: set[str]) -> dict[str, PILImage]
 
 def prediction_grid(eval_result: EvalResult, val_dir: Path, out_png: Path) -> None:
     """Val images with their top-5 predictions; a correct top-1 in green, a correct top-5 in orange."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from pipeline.sources import ilsvrc2012_classes
 
     builtin = ilsvrc2012_classes()
@@ -121,27 +111,28 @@ def prediction_grid(eval_result: EvalResult, val_dir: Path, out_png: Path) -> No
     images = shard_samples_by_key(val_dir, set(wanted))
     cols = 4
     rows = max(1, -(-len(wanted) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.4 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, (key, example) in zip(axes.flat, wanted.items()):
-        ax.imshow(images[key])
-        # names from the checkpoint's class table (eval.json); an eval.json from before it: the built-in list
-        truth = (example.name or builtin.names[example.label]).split(",")[0]
-        names = example.top5_names or [builtin.names[c] for c in example.top5]
-        lines = []
-        for rank, (c, name, p) in enumerate(zip(example.top5, names, example.top5_prob)):
-            mark = "✓ " if c == example.label else "  "
-            lines.append(f"{mark}{name.split(',')[0][:22]} {p:.2f}")
-            if c == example.label:
-                colour = "green" if rank == 0 else "darkorange"
-        hit = example.label in example.top5
-        ax.set_title(f"{key}\ntrue: {truth}", fontsize=8, color=colour if hit else "red")
-        ax.text(0, 1.0, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="top", family="monospace",
-                bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    with saved_figure(out_png, (4.2 * cols, 4.4 * rows), dpi=80, nrows=rows, ncols=cols, squeeze=False) as (_, axes):
+        for ax in axes.flat:
+            ax.axis("off")
+        for ax, (key, example) in zip(axes.flat, wanted.items()):
+            _prediction_cell(ax, key, example, images[key], builtin)
+
+
+def _prediction_cell(ax, key: str, example: Example, image: PILImage, builtin: ClassTable) -> None:
+    ax.imshow(image)
+    # names from the checkpoint's class table (eval.json); an eval.json from before it: the built-in list
+    truth = (example.name or builtin.names[example.label]).split(",")[0]
+    names = example.top5_names or [builtin.names[c] for c in example.top5]
+    lines = []
+    for rank, (c, name, p) in enumerate(zip(example.top5, names, example.top5_prob)):
+        mark = "✓ " if c == example.label else "  "
+        lines.append(f"{mark}{name.split(',')[0][:22]} {p:.2f}")
+        if c == example.label:
+            colour = "green" if rank == 0 else "darkorange"
+    hit = example.label in example.top5
+    ax.set_title(f"{key}\ntrue: {truth}", fontsize=8, color=colour if hit else "red")
+    ax.text(0, 1.0, "\n".join(lines), transform=ax.transAxes, fontsize=7, va="top", family="monospace",
+            bbox={"facecolor": "white", "alpha": 0.75, "edgecolor": "none"})
 
 
 def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
@@ -152,7 +143,8 @@ def write_report(run_dir: Path, eval_dir: Path, out: Path) -> Path:
     figures = plot_curves(metrics.steps, metrics.epochs, out)
     val_dir = stage_input_path(eval_dir, "val") or Path(result.val.dir)  # from any working folder
     prediction_grid(result, val_dir, out / "predictions.png")
-    md = [*_error_section(result, *val_data_origin(val_dir)), *_training_section(metrics, figures),
+    md = [*_error_section(result, *val_data_origin(val_dir)),
+          *_training_section(metrics, figures, metrics_cut_short(metrics, result.checkpoint.step)),
           *_class_sections(result), *environment_table(read_events(run_dir), result.run_record),
           *figure_sections(result, out, val_dir, stage_input_path(eval_dir, "train"))]
     path = out / REPORT
@@ -190,8 +182,17 @@ def _error_section(result: EvalResult, origin: str, comparable: bool) -> list[st
                  + (f", 10-crop {result.ten_crop.images_per_s:.0f} images/s" if result.ten_crop else "") + ".", ""]
 
 
-def _training_section(metrics: Metrics, figures: list[str]) -> list[str]:
-    md = ["## Training", ""]
+def metrics_cut_short(metrics: Metrics, checkpoint_step: int) -> str | None:
+    """Why the curves stop before the evaluated checkpoint (lines lost to a crash or a full disk), or None."""
+    logged = max([s.step for s in metrics.steps] + [e.step for e in metrics.epochs], default=0)
+    if logged >= checkpoint_step:
+        return None
+    return (f"metrics.jsonl ends at step {logged}, before the evaluated checkpoint's step {checkpoint_step}: its "
+            "later lines were lost (cut short), so the curves and counts below stop there")
+
+
+def _training_section(metrics: Metrics, figures: list[str], cut_short: str | None) -> list[str]:
+    md = ["## Training", ""] + ([f"> **Cut short:** {cut_short}.", ""] if cut_short else [])
     if metrics.epochs:
         last = metrics.epochs[-1]
         md += [f"{len(metrics.epochs)} epochs, {last.step} steps; last epoch: val top-1 error "
@@ -296,23 +297,15 @@ def tower_caption(index: int, tower: TowerKernels) -> str:
 
 def kernel_figure(figure3: Figure3, step: int, out_png: Path) -> None:
     """figure3.png: each tower's kernels under its own caption (which tower, its numbers), the step in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     blocks = [tower_mosaic(t) for t in figure3.towers]
     heights = [b.shape[0] for b in blocks]
-    fig, axes = plt.subplots(len(blocks), 1, figsize=(8, 0.5 + 0.09 * sum(heights) + 0.4 * len(blocks)),
-                             gridspec_kw={"height_ratios": heights}, squeeze=False)
-    for i, (ax, block, tower) in enumerate(zip(axes[:, 0], blocks, figure3.towers)):
-        ax.imshow(block, interpolation="nearest")
-        ax.set_title(tower_caption(i, tower), fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"conv1 kernels at step {step:,}, each scaled for display", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    with saved_figure(out_png, (8, 0.5 + 0.09 * sum(heights) + 0.4 * len(blocks)), nrows=len(blocks), ncols=1,
+                      gridspec_kw={"height_ratios": heights}, squeeze=False) as (fig, axes):
+        for i, (ax, block, tower) in enumerate(zip(axes[:, 0], blocks, figure3.towers)):
+            ax.imshow(block, interpolation="nearest")
+            ax.set_title(tower_caption(i, tower), fontsize=9)
+            ax.axis("off")
+        fig.suptitle(f"conv1 kernels at step {step:,}, each scaled for display", fontsize=10)
 
 
 def _structure_lines(figure: Figure3) -> list[str]:
@@ -330,28 +323,21 @@ def _structure_lines(figure: Figure3) -> list[str]:
 
 def neighbour_grid(figure4: Figure4, val_dir: Path, train_dir: Path, out_png: Path) -> None:
     """Figure 4 (right): each val image, then its six nearest training images by fc7 distance."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     queries = figure4.queries
     val = shard_samples_by_key(val_dir, {q.key for q in queries})
     train = shard_samples_by_key(train_dir, {n.key for q in queries for n in q.neighbours})
     cols = 1 + max(len(q.neighbours) for q in queries)
-    fig, axes = plt.subplots(len(queries), cols, figsize=(1.8 * cols, 1.9 * len(queries)), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for row, query in zip(axes, queries):
-        row[0].imshow(val[query.key])
-        row[0].set_title(f"val {query.label}", fontsize=7, color="blue")
-        for ax, n in zip(row[1:], query.neighbours):
-            ax.imshow(train[n.key])
-            ax.set_title(f"{n.label} d={n.distance:.3g}", fontsize=7,
-                         color="green" if n.label == query.label else "black")
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
+    with saved_figure(out_png, (1.8 * cols, 1.9 * len(queries)), dpi=80, nrows=len(queries), ncols=cols,
+                      squeeze=False) as (_, axes):
+        for ax in axes.flat:
+            ax.axis("off")
+        for row, query in zip(axes, queries):
+            row[0].imshow(val[query.key])
+            row[0].set_title(f"val {query.label}", fontsize=7, color="blue")
+            for ax, n in zip(row[1:], query.neighbours):
+                ax.imshow(train[n.key])
+                ax.set_title(f"{n.label} d={n.distance:.3g}", fontsize=7,
+                             color="green" if n.label == query.label else "black")
 
 
 def figure_sections(result: EvalResult, out: Path, val_dir: Path, train_dir: Path | None) -> list[str]:

@@ -53,11 +53,13 @@ def assign_shards(members: list[Member], shard_size: int, seed: int) -> list[lis
     return [order[i : i + shard_size] for i in range(0, len(order), shard_size)]
 
 
-def cap_members(members: list[Member], max_classes: int | None, per_class: int | None, seed: int) -> list[Member]:
-    """A smaller split for short experiments (overfitting shows soonest on few images): the first `max_classes`
-    wnids (sorted) and, of each, `per_class` images chosen by a seeded shuffle of its sorted keys. Nothing depends on
-    the listing order, so the same source and seed give the same choice."""
-    kept = set(sorted({m.wnid for m in members})[:max_classes] if max_classes else {m.wnid for m in members})
+def cap_members(members: list[Member], classes: list[str], max_classes: int | None, per_class: int | None,
+                seed: int) -> list[Member]:
+    """A smaller split for short experiments (overfitting shows soonest on few images): the first `max_classes` of
+    the source's `classes` (sorted wnids: the same for both splits, so train and val agree) and, of each,
+    `per_class` images chosen by a seeded shuffle of its sorted keys. Nothing depends on the listing order, so the
+    same source and seed give the same choice."""
+    kept = set(classes[:max_classes] if max_classes else {m.wnid for m in members})
     by_class: dict[str, list[Member]] = {}
     for m in sorted(members, key=lambda m: m.key):
         if m.wnid in kept:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from pipeline.engine import MARKER, PLAN, StageState, finished_marker, inspect
 from pipeline.errors import PipeError
-from pipeline.records import MANIFEST, RUN_SETTINGS, Manifest, StageMarker, StagePlan, read_metrics
+from pipeline.records import CHECKPOINTS_DIR, MANIFEST, RUN_SETTINGS, Manifest, StageMarker, StagePlan, read_metrics
 from pipeline.shards import damaged_shards
+from pipeline.train.checkpoints import checkpoint_step, newest_verified
 from pipeline.train.state import diverged_record, final_checkpoint_problem
 
 STAGE_FILES = (MARKER, PLAN, RUN_SETTINGS)
@@ -119,11 +120,12 @@ def _row_name(folder: Path, work: Path) -> str:
 
 @dataclass(frozen=True)
 class RunProgress:
-    """Where a training run stands: step reached, epochs finished (as `train`'s epoch lines count them), the last
-    val error and, while it advances, its rate and an estimate of the time left."""
+    """Where a training run stands: the step of its newest checkpoint that verifies (what a resume or an eval takes;
+    while it runs, the step it logged last), epochs finished (as `train`'s epoch lines count them), the last val
+    error and, while it advances, its rate and an estimate of the time left."""
 
     run: str
-    state: str  # done | stopped | running
+    state: str  # done | damaged (its final checkpoint no longer verifies) | stopped | running | diverged
     step: int
     total_steps: int | None
     epochs_done: int
@@ -150,11 +152,16 @@ def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
         total = int(events[-1].total_steps) if events and events[-1].total_steps is not None else None
         step = steps[-1].step if steps else events[-1].step
         epochs_done = epochs[-1].epoch + 1 if epochs else (events[-1].epoch if events else 0)
-        row = RunProgress(str(run.relative_to(work)), "done", step, total, epochs_done,
+        newest = newest_verified(run / CHECKPOINTS_DIR)
+        kept = checkpoint_step(newest) if newest else 0  # the truth on disk, not the last line logged
+        row = RunProgress(str(run.relative_to(work)), "done", kept, total, epochs_done,
                           epochs[-1].val_top1_error if epochs else None)
+        marker = finished_marker(run) if (run / MARKER).is_file() else None
         if diverged_record(run) is not None:
             row = replace(row, state="diverged")
-        elif step < total if total is not None else not (run / MARKER).is_file():
+        elif marker is not None and final_checkpoint_problem(run, marker) is not None:
+            row = replace(row, state="damaged")
+        elif marker is None or (total is not None and kept < total):
             # the step records of the latest start or resume, with their wall-clock times
             since = events[-1].time if events else 0
             recent = [s for s in steps if (s.time or 0) >= since][-20:]
@@ -164,7 +171,8 @@ def run_progress(work: Path, now: float | None = None) -> list[RunProgress]:
                 rate = (last.step - first.step) / (last.time - first.time)
                 interval = (last.time - first.time) / (len(recent) - 1)
                 if now - last.time < max(60.0, 10 * interval):  # still logging: in progress
-                    row = replace(row, state="running", steps_per_s=round(rate, 3), images_per_s=last.images_per_s,
+                    row = replace(row, state="running", step=step, steps_per_s=round(rate, 3),
+                                  images_per_s=last.images_per_s,
                                   eta_s=round((total - step) / rate) if total and rate > 0 else None)
         rows.append(row)
     return rows

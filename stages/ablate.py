@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
-from pipeline.config import AlexNetConfig, TrainConfig
+from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
 from pipeline.errors import Diverged, PipeError
 from pipeline.experiments.claims import (
@@ -28,8 +28,9 @@ from pipeline.experiments.claims import (
     unit_name,
 )
 from pipeline.experiments.claims import variant_settings as settings_of
-from pipeline.records import ABLATIONS, EVAL, MANIFEST, Manifest, SweepRun
+from pipeline.records import ABLATIONS, EVAL, MANIFEST, RUN_SETTINGS, Manifest, RunSettings, SweepRun
 from pipeline.train.setup import pca_input
+from pipeline.train.state import RunIdentity, run_trajectory
 
 # 2: the ReLU-vs-tanh plot is training-error.png (figure1.png is `alexnet-pipe figure1`'s).
 # 3: each run's eval also measures the training error as val's (the train–val gap): every unit is evaluated again;
@@ -64,6 +65,8 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
               "seeds": seeds, "threshold": threshold, "ten_crop": ten_crop}
     stage = Stage("ablate", VERSION, out, params, inputs, product=ABLATIONS,
                   outputs=(ABLATIONS, "ablations.md", "*.png"))
+    if not force:  # before "redoing": a run of the sweep that other settings made is refused, not half-redone
+        _refuse_runs_of_other_settings(out, units, model, cfg, inputs, Manifest.read(train_dir).num_classes_total)
     job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
                     dict(units_by_name(units)), ten_crop, devices, force, reporter, train_stage, eval_stage)
     description = partial(_sweep_description, train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
@@ -100,6 +103,18 @@ def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | Non
     finished = stage.finalize(write_products, runs=len(names))
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
+
+
+def _refuse_runs_of_other_settings(out: Path, units: list[tuple[str, int]], model: AlexNetConfig, cfg: TrainConfig,
+                                   inputs: dict[str, Input], num_classes: int) -> None:
+    """Each run folder already in the sweep must belong to the run its unit would train (`RunIdentity`)."""
+    for name, seed in units:
+        run_dir = out / "runs" / unit_name(name, seed)
+        if (run_dir / RUN_SETTINGS).is_file():
+            variant_model, variant_cfg = settings_of(name, replace(model, num_classes=num_classes), cfg, seed)
+            recorded = RunSettings.read(run_dir / RUN_SETTINGS).settings
+            RunIdentity(run_trajectory(variant_model, variant_cfg, inputs)).check(
+                upgrade_trajectory(recorded), f"{run_dir} holds a run of this sweep with other settings")
 
 
 def outcome(record: SweepRun) -> str:
@@ -151,7 +166,8 @@ class _UnitWork:
             return diverged_sweep_record(name, seed, run_dir, e.step)
         self.eval_stage(run_dir, Path(self.val_dir), eval_dir, ten_crop=self.ten_crop,
                         devices=one_device(self.devices), loader=cfg.loader, train_dir=Path(self.train_dir),
-                        neighbour_train_images=0, force=self.force, reporter=self.reporter)
+                        neighbour_train_images=0, untrained_val_classes=cfg.untrained_val_classes, force=self.force,
+                        reporter=self.reporter)
         record = sweep_record(name, seed, run_dir, eval_dir)
         return replace(record, eval_sha256=Input.of_stage(eval_dir, EVAL).digest)
 

@@ -6,13 +6,13 @@ Everything the model needs (width, crop, classes, mean, LRN convention) comes fr
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, write_json
 from pipeline.errors import PipeError
 from pipeline.record import run_record
-from pipeline.records import EVAL, MANIFEST, CheckpointRef, EvalResult, Manifest
+from pipeline.records import EVAL, MANIFEST, CheckpointRef, EvalResult, Manifest, RunSpec
 from pipeline.train.checkpoints import CheckpointGone, resolve_checkpoint
 
 VERSION = 3  # 2: the paper's Figure 3 (and Figure 4 with --train); 3: Figure 3's neighbour correlation (also at
@@ -21,22 +21,37 @@ ROTATION_RETRIES = 3  # a run that rotates its checkpoints may delete the newest
 NEIGHBOUR_TRAIN_IMAGES = 10_000  # Figure 4's default bound on the pass over the training shards
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How to evaluate (none of it changes which checkpoint or val shards are evaluated)."""
+
+    ten_crop: bool = True
+    devices: str = "auto"
+    batch_size: int = 64
+    loader: str = "dali"
+    loader_threads: int = 2
+    train_dir: Path | None = None
+    neighbour_train_images: int | None = None
+    untrained_val_classes: bool = False  # accept val classes the run never trained on
+
+
 def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = True, devices: str = "auto",
         batch_size: int = 64, loader: str = "dali", loader_threads: int = 2, train_dir: Path | None = None,
-        neighbour_train_images: int | None = None, force: bool = False,
+        neighbour_train_images: int | None = None, untrained_val_classes: bool = False, force: bool = False,
         reporter: Reporter | None = None) -> StageResult:
-    """With `train_dir`, also the training error measured as val's (eval mode, centre crop, on as many training
-    images as val holds: the train–val gap) and Figure 4's nearest training images of five val images, over the
-    first `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES; 0: no Figure 4) training images. The product is
-    the EvalResult."""
+    """With `train_dir` (the run's own training shards), also the training error measured as val's (eval mode,
+    centre crop, on as many training images as val holds: the train–val gap) and Figure 4's nearest training images
+    of five val images, over the first `neighbour_train_images` (default NEIGHBOUR_TRAIN_IMAGES; 0: no Figure 4)
+    training images. The product is the EvalResult."""
     reporter = reporter or QuietReporter()
+    options = EvalOptions(ten_crop, devices, batch_size, loader, loader_threads, train_dir,
+                          NEIGHBOUR_TRAIN_IMAGES if train_dir is not None and neighbour_train_images is None
+                          else neighbour_train_images, untrained_val_classes)
     retries = 0
     while True:
         checkpoint = resolve_checkpoint(run_or_checkpoint, reporter.warn)
         try:
-            return _evaluate(checkpoint, val_dir, out, ten_crop=ten_crop, devices=devices, batch_size=batch_size,
-                             loader=loader, loader_threads=loader_threads, train_dir=train_dir,
-                             neighbour_train_images=neighbour_train_images, force=force, reporter=reporter)
+            return _evaluate(checkpoint, val_dir, out, options, force, reporter)
         except CheckpointGone:
             retries += 1
             if run_or_checkpoint.is_file() or retries > ROTATION_RETRIES:
@@ -45,9 +60,8 @@ def run(run_or_checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool = T
                           "newest again")
 
 
-def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, devices: str, batch_size: int,
-              loader: str, loader_threads: int, train_dir: Path | None, neighbour_train_images: int | None,
-              force: bool, reporter: Reporter) -> StageResult:
+def _evaluate(checkpoint: Path, val_dir: Path, out: Path, options: EvalOptions, force: bool,
+              reporter: Reporter) -> StageResult:
     try:
         checkpoint_input = Input.of_file(checkpoint)
     except (PipeError, FileNotFoundError):
@@ -55,24 +69,23 @@ def _evaluate(checkpoint: Path, val_dir: Path, out: Path, *, ten_crop: bool, dev
             raise
         raise CheckpointGone(f"{checkpoint}: deleted before it was read") from None
     inputs = {"checkpoint": checkpoint_input, "val": Input.of_stage(val_dir, MANIFEST)}
-    params: dict = {"ten_crop": ten_crop}
-    if train_dir is not None:
-        inputs["train"] = Input.of_stage(train_dir, MANIFEST)
-        if neighbour_train_images is None:
-            neighbour_train_images = NEIGHBOUR_TRAIN_IMAGES
-        params |= {"neighbour_train_images": neighbour_train_images, "train_error": True}
+    params: dict = {"ten_crop": options.ten_crop}
+    if options.train_dir is not None:
+        inputs["train"] = Input.of_stage(options.train_dir, MANIFEST)
+        params |= {"neighbour_train_images": options.neighbour_train_images, "train_error": True}
     stage = Stage("eval", VERSION, out, params, inputs, product=EVAL, outputs=(EVAL,))
-    return stage.execute(lambda: _errors_and_figures(stage, checkpoint, val_dir, train_dir, neighbour_train_images,
-                                                     ten_crop, devices, batch_size, loader, loader_threads, reporter),
+    return stage.execute(lambda: _errors_and_figures(stage, checkpoint, val_dir, options, reporter),
                          say=reporter, force=force, shown=out / EVAL, units=["eval"])
 
 
-def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, train_dir: Path | None,
-                        neighbour_train_images: int | None, ten_crop: bool, devices: str, batch_size: int,
-                        loader: str, loader_threads: int, reporter: Reporter) -> StageResult:
+def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, options: EvalOptions,
+                        reporter: Reporter) -> StageResult:
     """One load of the checkpoint for the errors (centre, 10-crop, per class), the training error measured as val's,
     and Figures 3 and 4 → eval.json."""
+    train_dir = options.train_dir
     manifest = Manifest.read(val_dir).require_split("val", val_dir, option="val")  # before torch and the load
+    if train_dir is not None:
+        Manifest.read(train_dir).require_split("train", train_dir, option="train")
     from pipeline.cluster import resolve_devices
     from pipeline.evaluate import evaluate_classifier
     from pipeline.figures import figure3, figure4
@@ -80,22 +93,25 @@ def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, train_dir
     from pipeline.predict import load_classifier
 
     inputs = stage.inputs
-    classifier = load_classifier(checkpoint, resolve_devices(devices))  # one load for errors and figures
+    classifier = load_classifier(checkpoint, resolve_devices(options.devices))  # one load for errors and figures
+    if train_dir is not None:
+        _require_its_training_set(classifier.spec, checkpoint, train_dir, inputs["train"].digest)
     ref = CheckpointRef(str(checkpoint), classifier.step, classifier.epoch,
                         inputs["checkpoint"].digest.removeprefix("sha256:"))
-    result = evaluate_classifier(classifier, ref, val_dir, manifest, ten_crop=ten_crop, batch_size=batch_size,
-                                 loader=loader, loader_threads=loader_threads, warn=reporter.warn,
-                                 progress=reporter.progress)
+    result = evaluate_classifier(classifier, ref, val_dir, manifest, ten_crop=options.ten_crop,
+                                 batch_size=options.batch_size, loader=options.loader,
+                                 loader_threads=options.loader_threads, warn=reporter.warn,
+                                 progress=reporter.progress, untrained_val_classes=options.untrained_val_classes)
     neighbours, train_errors = None, None
     if train_dir is not None:
         from pipeline.evaluate import training_subset_errors
 
-        train_errors = training_subset_errors(classifier, train_dir, manifest.samples, batch_size)
+        train_errors = training_subset_errors(classifier, train_dir, manifest.samples, options.batch_size)
         reporter.info(f"eval: {train_errors.samples} training images (eval mode, centre crop): top-1/top-5 "
                       f"error {train_errors.top1_error:.4f}/{train_errors.top5_error:.4f}")
-    if train_dir is not None and neighbour_train_images:
+    if train_dir is not None and options.neighbour_train_images:
         neighbours = figure4(classifier.model, val_dir, train_dir, classifier.spec.pixels,
-                             classifier.spec.model.crop, limit=neighbour_train_images)
+                             classifier.spec.model.crop, limit=options.neighbour_train_images)
         reporter.info(f"eval: nearest training images of {len(neighbours.queries)} val images over "
                       f"{neighbours.train_images} training images")
     result = replace(result, val=replace(result.val, manifest_sha256=inputs["val"].digest.removeprefix("sha256:")),
@@ -105,6 +121,16 @@ def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, train_dir
     stage.finalize(lambda: write_json(stage.out / EVAL, result.to_json()))
     reporter.info(summary(result) + f" → {stage.out / EVAL}")
     return StageResult("eval", stage.out, finished=True, product=result)
+
+
+def _require_its_training_set(spec: RunSpec, checkpoint: Path, train_dir: Path, digest: str) -> None:
+    """The training error and Figure 4 are of the shards the run trained on (its spec records their manifest)."""
+    trained = spec.inputs.train if spec.inputs else None
+    if trained is not None and trained != digest:
+        raise PipeError(f"{train_dir}: expected the training shards {checkpoint} was trained on (manifest "
+                        f"{trained.removeprefix('sha256:')[:12]}…), found other shards (manifest "
+                        f"{digest.removeprefix('sha256:')[:12]}…); give `--train` the run's own training shards",
+                        option="train")
 
 
 def summary(result: EvalResult) -> str:

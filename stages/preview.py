@@ -1,4 +1,4 @@
-"""`preview`: a PNG grid of the first training samples as the network sees them, beside their originals (not
+"""`preview`: a PNG (or JPEG) grid of the first training samples as the network sees them, beside their originals (not
 cached: a picture to look at, written atomically)."""
 
 from __future__ import annotations
@@ -21,7 +21,11 @@ def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 
         raise PipeError(f"expected at least 1 sample, got {n}", option="n")
     if out.is_dir():
         raise PipeError(f"{out}: expected a PNG file to write, found a folder", option="out")
-    from pipeline.preview import preview_grid
+    from pipeline.preview import IMAGE_FORMATS, preview_grid
+
+    if out.suffix.lower() not in IMAGE_FORMATS:
+        raise PipeError(f"{out}: expected a file name ending in {', '.join(IMAGE_FORMATS)} (the format it is written "
+                        f"in), found {out.suffix or 'no suffix'!r}", option="out")
 
     written = preview_grid(shard_dir, pca_path, out, n, seed, crop=crop, loader=loader)
     reporter.info(f"preview: {written}")

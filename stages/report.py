@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult
 from pipeline.errors import PipeError
-from pipeline.records import EVAL, METRICS, REPORT, EvalResult
+from pipeline.records import EVAL, METRICS, REPORT, EvalResult, read_metrics
 from pipeline.train.state import eval_is_of_run
 
 VERSION = 1
@@ -27,8 +27,10 @@ def run(run_dir: Path, eval_dir: Path, out: Path, *, force: bool = False,
     stage = Stage("report", VERSION, out, {}, inputs, product=REPORT, outputs=(REPORT, "*.png"))
 
     def write() -> StageResult:
-        from pipeline.report import write_report
+        from pipeline.report import metrics_cut_short, write_report
 
+        if cut_short := metrics_cut_short(read_metrics(run_dir), EvalResult.read(eval_dir / EVAL).checkpoint.step):
+            reporter.warn(f"report: {cut_short}")
         finished = stage.finalize(lambda: write_report(run_dir, eval_dir, out))
         reporter.info(f"report: {out / REPORT}")
         return StageResult(stage.name, out, finished=finished, product=out / REPORT)

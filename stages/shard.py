@@ -82,7 +82,10 @@ def run(source: Path, out: Path, *, split: str, labels: Path | None = None, clas
     damaged: list[str] = []  # found by the up-to-date check: rewritten, exactly those
 
     def find_damage() -> list[str]:
-        damaged[:] = [MANIFEST] if not (out / MANIFEST).is_file() else damaged_shards(out, Manifest.read(out))
+        try:
+            damaged[:] = damaged_shards(out, Manifest.read(out))
+        except PipeError:  # missing or cut short: written again from the shards' unit records
+            damaged[:] = [MANIFEST]
         if not damaged:
             write_timm_info(out)  # a folder sharded before timm's _info.json existed gets it without re-sharding
         return damaged
@@ -110,9 +113,12 @@ def _shard(stage: Stage, index_job: _IndexJob, damaged: list[str], classes: Clas
            workers: int, task_index: int | None, num_tasks: int | None, reporter: Reporter) -> StageResult:
     """The index unit (the listing, once), then this task's shards; once every shard exists, the manifest."""
     out, split = stage.out, index_job.split
-    if damaged:
+    if damaged == [MANIFEST]:
+        reporter.warn(f"shard {split}: {MANIFEST} is missing or damaged; writing it again from the shards' records")
+    elif damaged:
         reporter.warn(f"shard {split}: {len(damaged)} shard(s) missing or changed in size ({', '.join(damaged)}); "
                       "rewriting exactly those")
+    if damaged:
         units = [name.removesuffix(".tar") for name in damaged if name.endswith(".tar")]
         lists_lost = any(not (out / LISTS / f"{u}.jsonl").is_file() for u in units)
         stage.reopen(units + ["index"] * lists_lost)  # a lost member list: the index unit writes them again
@@ -156,6 +162,10 @@ def _said_index(stage: Stage, caps: dict, reporter: Reporter) -> ShardIndex:
         reporter.warn(f"ignored {ignored.name}: {ignored.reason}")
     for skipped in index.skipped:
         reporter.warn(f"skipped {skipped.path}: {skipped.reason}")
+    if index.missing_classes:
+        shown = ", ".join(index.missing_classes[:5]) + (" …" if len(index.missing_classes) > 5 else "")
+        reporter.warn(f"{stage.label}: {len(index.missing_classes)} class(es) the source names have no images in "
+                      f"this split: {shown}")
     return index
 
 
@@ -193,12 +203,17 @@ class _IndexJob:
         listing = list_source(Path(self.source), self.split, Path(self.labels) if self.labels else None)
         if not listing.members:
             raise PipeError(f"{self.source}: no {self.split} images found")
-        members = listing.members
+        members, classes = listing.members, listing.classes()
         if self.max_classes or self.per_class:
-            members = cap_members(members, self.max_classes, self.per_class, self.seed)
+            members = cap_members(members, classes, self.max_classes, self.per_class, self.seed)
+            if not members:
+                raise PipeError(f"{self.source}: the first {self.max_classes} classes of its list hold no "
+                                f"{self.split} images ({', '.join(classes[:self.max_classes][:5])}…)")
+        present = {m.wnid for m in members}
+        missing = [w for w in (classes[:self.max_classes] if self.max_classes else classes) if w not in present]
         shards = assign_shards(members, self.shard_size, self.seed)
         for i, shard in enumerate(shards):
             write_member_list(Path(self.out) / LISTS / f"{shard_name(self.split, i)}.jsonl", shard)
         return ShardIndex(str(listing.root), len(shards), tuple(len(s) for s in shards), len(members),
-                          tuple(sorted({m.wnid for m in members})), tuple(listing.ignored),
-                          tuple(listing.skipped), len(listing.members))
+                          tuple(sorted(present)), tuple(listing.ignored), tuple(listing.skipped),
+                          len(listing.members), tuple(missing) or None)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from pipeline.config import AlexNetConfig, TrainConfig
 from pipeline.engine import QuietReporter, Reporter, Stage, StageResult
-from pipeline.errors import Diverged, Stopped
-from pipeline.records import DIVERGED, FinalCheckpoint
+from pipeline.errors import Diverged, PeerLost, Stopped
+from pipeline.records import CHECKPOINTS_DIR, DIVERGED, FinalCheckpoint
+from pipeline.train.checkpoints import latest_checkpoint
 from pipeline.train.setup import RunData
 from pipeline.train.state import RunIdentity, diverged_record, final_checkpoint_problem, run_trajectory
 
@@ -67,7 +68,15 @@ def _train(stage: Stage, data: RunData, model: AlexNetConfig, cfg: TrainConfig, 
         say = reporter if session.main else QuietReporter()  # rank 0 speaks for the run
         RunIdentity(trajectory).claim(out, force, session.main, pca_path, say.info)
         job = prepare(model, cfg, data, session)
-        outcome = _fit(job, out, say, reporter)
+        try:
+            outcome = _fit(job, out, say, reporter)
+        except RuntimeError as e:  # gloo/NCCL: a collective whose peer is gone
+            if not session.place.distributed or (why := peer_lost(e)) is None:
+                raise
+            newest = latest_checkpoint(out / CHECKPOINTS_DIR)
+            raise PeerLost(f"train: rank {session.place.rank} of {session.place.world_size} lost another rank "
+                           f"({why}); nothing is lost: rerun the same command to resume "
+                           + (f"from {newest}" if newest else "from the start")) from None
         if session.main and outcome.stopped is None:
             final = FinalCheckpoint(outcome.epoch, outcome.step, outcome.checkpoint, outcome.stopped,
                                     Path(outcome.checkpoint).stat().st_size)
@@ -99,3 +108,12 @@ def _fit(job, out: Path, reporter: Reporter, every_rank: Reporter):
 
         return fit(job.net, job.spec, job.train_loader, job.val_loader, out, job.session.place,
                    Progress(lambda: every_rank.info(job.describe()), on_step, on_epoch, reporter.info, reporter.warn))
+
+
+def peer_lost(e: BaseException) -> str | None:
+    """What in a collective's error says another rank went away (gloo: the connection reset or closed by the peer;
+    NCCL: the communicator aborted or a remote process exited), or None."""
+    text = str(e)
+    return next((s for s in ("Connection reset by peer", "Connection closed by peer", "Broken pipe",
+                             "remote process exited", "NCCL communicator was aborted", "Connection refused")
+                 if s in text), None)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
+from pipeline.config import TrainConfig
 from pipeline.engine import canonical_json
 from pipeline.records import (
     EvalResult,
@@ -109,7 +111,10 @@ def test_each_checkpoint_of_the_earlier_version_holds_a_spec_that_reads_and_writ
     for path in fixture_files("skeleton-step-*.pt"):
         state = torch.load(path, map_location="cpu", weights_only=True)
         spec = RunSpec.of_checkpoint(state)
-        assert spec.to_json() == state["config"], path
+        written, now = state["config"], spec.to_json()
+        added = {k: v for k, v in now["train"].items() if k not in written["train"]}  # settings added since
+        assert {**now, "train": {k: v for k, v in now["train"].items() if k not in added}} == written, path
+        assert added == {k: v for k, v in asdict(TrainConfig()).items() if k in added}, path  # at their defaults
         claimed = path.parents[1] / "_run.json"
         settings = RunSettings.read(claimed)
         assert canonical_json(settings.to_json()) == claimed.read_text()

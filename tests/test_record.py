@@ -44,13 +44,6 @@ def test_a_torn_last_event_line_is_skipped(tmp_path):
     assert [(e.event, e.step) for e in read_events(tmp_path)] == [("start", 0)]
 
 
-def copy_run(run: Path, to: Path) -> None:
-    """A run folder's records (not its checkpoints)."""
-    to.mkdir(parents=True)
-    for name in ("_run.json", "_stage.json", "metrics.jsonl", "events.jsonl"):
-        shutil.copy(run / name, to / name)
-
-
 def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
     run.mkdir(parents=True)
     (run / "_run.json").write_text("{}")  # what makes a folder a run for status
@@ -62,7 +55,7 @@ def write_run(run: Path, events: list[dict], metrics: list[dict]) -> None:
 def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
-    copy_run(tiny_run, work / "runs" / "finished")
+    shutil.copytree(tiny_run, work / "runs" / "finished")  # with its checkpoints: their newest that verifies counts
     # resumed at step 10 at t=1000 s, then 2 steps a second (64 images/s) for 20 steps, of 100
     step = {"epoch": 0, "loss": 1.0, "lr": 0.01, "images_per_s": 64.0}
     steps = [{"step": s, **step, "time": 900.0 + s} for s in range(1, 11)]
@@ -90,7 +83,7 @@ def test_status_shows_each_runs_progress_rate_and_time_left(tiny_run, tmp_path):
 def test_status_cli_prints_the_runs_table(tiny_run, cli, tmp_path):
     work = tmp_path / "work"
     (work / "runs").mkdir(parents=True)
-    copy_run(tiny_run, work / "runs" / "tiny")
+    shutil.copytree(tiny_run, work / "runs" / "tiny")
     out = cli("status", work).stdout
     lines = out.splitlines()
     runs = "\n".join(lines[next(i for i, line in enumerate(lines) if line.strip() == "runs"):])  # the 2nd table

@@ -309,25 +309,6 @@ def test_train_on_a_cut_shard_or_a_wrong_pca_json_is_one_line_not_a_dali_error(t
 # 8: a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs of 1 MiB at tmp_path/disk (root only); `grow()` makes it 64 MiB. Always unmounted."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill ({mounted.stderr.strip() or 'mount failed'})")
-
-    def grow() -> None:
-        subprocess.run(["mount", "-o", "remount,size=64m", str(disk)], check=True)
-
-    try:
-        yield disk, grow
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_during_shard_is_one_line_and_a_rerun_completes_identically(small_disk, sample_tree,
                                                                                sample_shards):

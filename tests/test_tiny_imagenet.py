@@ -15,7 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 import pytest
-from conftest import REPO, manifest, samples, shard_set, shared_data
+from conftest import REPO, manifest, one_line_error, samples, shard_set, shared_data
 from PIL import Image
 
 from pipeline.config import SETTINGS, default_of, load_recipe
@@ -109,13 +109,14 @@ def folder_shards(tmp_path_factory, tiny_folder) -> dict[str, Path]:
 # layouts and labels
 
 def test_a_capped_split_keeps_the_first_classes_and_a_seeded_choice_of_each_whatever_the_listing_order(tiny_folder):
-    listed = list_source(tiny_folder, "train").members
-    capped = cap_members(listed, max_classes=2, per_class=5, seed=0)
+    listing = list_source(tiny_folder, "train")
+    listed, classes = listing.members, listing.classes()
+    capped = cap_members(listed, classes, max_classes=2, per_class=5, seed=0)
     per_class = {w: [m.key for m in capped if m.wnid == w] for w in sorted({m.wnid for m in listed})}
     assert [len(keys) for keys in per_class.values()] == [5, 5, 0] and capped == cap_members(
-        list(reversed(listed)), max_classes=2, per_class=5, seed=0)
-    assert cap_members(listed, max_classes=2, per_class=5, seed=1) != capped
-    assert cap_members(listed, None, None, seed=0) == sorted(listed, key=lambda m: (m.wnid, m.key))
+        list(reversed(listed)), classes, max_classes=2, per_class=5, seed=0)
+    assert cap_members(listed, classes, max_classes=2, per_class=5, seed=1) != capped
+    assert cap_members(listed, classes, None, None, seed=0) == sorted(listed, key=lambda m: (m.wnid, m.key))
 
 
 def test_shard_with_a_cap_writes_only_the_chosen_images_and_says_so(tiny_folder, tmp_path, cli):
@@ -199,13 +200,6 @@ def test_a_zip_member_that_fails_its_crc_is_skipped_and_the_rest_written(tiny_zi
         "reason": f"unreadable: {damaged.name}: member {victim.key} fails its CRC-32 check"}]
 
 
-def one_line_error(result) -> str:
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
 def test_a_layout_that_is_neither_ilsvrc_nor_tiny_imagenet_is_one_line(tiny_folder, tmp_path, cli_here):
     other = tmp_path / "photos"
     (other / "holidays").mkdir(parents=True)
@@ -260,3 +254,24 @@ def test_the_docs_table_states_the_tiny_recipe():
     assert set(rows) == set(recipe)
     for key, (tiny_cell, paper_cell) in rows.items():
         assert (tiny_cell, paper_cell) == (str(recipe[key]), str(defaults[key])), key
+
+
+def test_a_capped_pair_of_splits_takes_the_same_first_classes_of_wnids_txt_and_train_refuses_val_classes_it_lacks(
+        tmp_path, cli_here):
+    """One class folder missing from train/ (wnids.txt still names it): `--max-classes 2` takes the first two wnids
+    of the list in both splits, so train has one class and val two; shard says which class train lacks, and train
+    refuses val classes the training shards lack unless accepted on purpose."""
+    source = cut_of_tiny_imagenet(tmp_path / "tiny-imagenet-200", keep=())
+    first, second = sorted(CLASSES)[:2]
+    shutil.rmtree(source / "train" / first)
+    train = cli_here("shard", source, tmp_path / "train", "--split", "train", "--shard-size", 8, "--max-classes", 2)
+    assert f"shard train: 1 class(es) the source names have no images in this split: {first}" in train.stderr
+    cli_here("shard", source, tmp_path / "val", "--split", "val", "--shard-size", 8, "--max-classes", 2)
+    assert [c["wnid"] for c in manifest(tmp_path / "train")["classes"]] == [second]
+    assert [c["wnid"] for c in manifest(tmp_path / "val")["classes"]] == [first, second]
+    cli_here("pca-stats", tmp_path / "train", tmp_path / "pca")
+    args = ["train", "--train", tmp_path / "train", "--val", tmp_path / "val", "--pca", tmp_path / "pca" / "pca.json",
+            "--out", tmp_path / "run", "--recipe", "demo", "--batch-size", 4, "--max-steps", 1, "--devices", "cpu"]
+    line = one_line_error(cli_here(*args, check=False))
+    assert f"--val: {tmp_path / 'val'}: expected val classes the training shards hold, found 1 they lack ({first})" \
+        in line and "--untrained-val-classes" in line and not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ import torch
 from conftest import one_line_error
 
 from pipeline.config import TrainConfig
+from pipeline.errors import PipeError
 from pipeline.records import Manifest, RunSpec, Topology
 from pipeline.sources import run_classes, val_class_problems
 from pipeline.train.guard import flat_loss
@@ -425,12 +426,14 @@ def test_val_shards_made_with_another_class_list_are_refused_naming_the_first_di
     one_line_error(cli(*train_cmd({**tiny_data, "val": other}, tmp_path / "run"), check=False), expected)
 
 
-def test_a_val_class_never_trained_on_is_a_warning_not_an_error(tiny_data):
+def test_a_val_class_never_trained_on_is_refused_unless_accepted_then_a_warning(tiny_data):
     from dataclasses import replace
 
     val, train = Manifest.read(tiny_data["val"]), Manifest.read(tiny_data["train"])
     table = run_classes(replace(train, classes=train.classes[1:]), val)  # train lacks the first val class
-    problems = val_class_problems(table, val, tiny_data["val"])
+    with pytest.raises(PipeError, match=f"found 1 they lack \\({val.classes[0].wnid}\\); shard both splits"):
+        val_class_problems(table, val, tiny_data["val"])
+    problems = val_class_problems(table, val, tiny_data["val"], untrained_allowed=True)
     assert len(problems) == 1 and val.classes[0].wnid in problems[0] and "never trained on" in problems[0]
     assert val_class_problems(run_classes(train, val), val, tiny_data["val"]) == []
 

@@ -44,11 +44,13 @@ def unwritable_is_user_error(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            limit = os.pathconf(_existing(path.parent), "PC_NAME_MAX")
+            raise PipeError(f"{path}: expected a file name of at most {limit} bytes (this file system's limit), found "
+                            f"{len(path.name.encode())}; choose a shorter name") from None
         if e.errno not in _UNWRITABLE:
             raise
-        blocker = path.parent  # the nearest place that exists: what stands in the way
-        while not blocker.exists() and blocker != blocker.parent:
-            blocker = blocker.parent
+        blocker = _existing(path.parent)  # the nearest place that exists: what stands in the way
         found = "a file"
         if blocker.is_dir():
             assert e.strerror is not None  # an OSError with an errno has its message
@@ -57,10 +59,25 @@ def unwritable_is_user_error(path: Path) -> Iterator[None]:
                         "path") from None
 
 
+def _existing(folder: Path) -> Path:
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder
+
+
+def temp_name(path: Path) -> Path:
+    """`path`'s temp name in the same folder: `.NAME.tmp-PID`, NAME shortened (a digest of it kept) when the whole
+    would pass the file system's limit, so that any name that fits has a temp name that fits."""
+    suffix, name = f"{TMP_TAG}{os.getpid()}", path.name
+    if len(f".{name}{suffix}".encode()) > 255:  # NAME_MAX of the Linux file systems
+        name = name.encode()[:180].decode(errors="ignore") + "~" + hashlib.sha256(path.name.encode()).hexdigest()[:16]
+    return path.with_name(f".{name}{suffix}")
+
+
 @contextlib.contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO]:
     """Write `path` under a temp name in the same folder; fsync and rename only when the block succeeds."""
-    tmp = path.with_name(f".{path.name}{TMP_TAG}{os.getpid()}")
+    tmp = temp_name(path)
     with disk_full_is_user_error(path):
         with unwritable_is_user_error(path):
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -79,6 +79,7 @@ class ShardIndex(Record):
     ignored: tuple[IgnoredEntry, ...]
     skipped: tuple[SkippedImage, ...] = ()  # lost to a damaged class tar while listing
     listed: int | None = None  # None: written before caps existed (then all `images` were kept)
+    missing_classes: tuple[str, ...] | None = absent_when_none()  # named by the source, without images here
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,11 @@ class Manifest(Record):
         file = path / MANIFEST if path.is_dir() or not path.name.endswith(".json") else path
         if not file.is_file():
             raise PipeError(f"{path}: no {MANIFEST} (expected a finished `alexnet-pipe shard` output folder)")
-        return super().read(file)
+        try:
+            return super().read(file)
+        except PipeError as e:  # cut short or edited: the shard stage writes it again from its unit records
+            raise PipeError(f"{e}; rerun `alexnet-pipe shard` with the same arguments to write it again (no image "
+                            "is sharded again)") from None
 
 
 @dataclass(frozen=True)

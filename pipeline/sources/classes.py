@@ -104,9 +104,11 @@ def class_table(classes: RunClasses | None) -> ClassTable:
     return ilsvrc2012_classes() if classes is None else ClassTable(classes.wnids, classes.names)
 
 
-def val_class_problems(classes: RunClasses | None, val: Manifest, val_dir: Path) -> list[str]:
+def val_class_problems(classes: RunClasses | None, val: Manifest, val_dir: Path, *,
+                       untrained_allowed: bool = False) -> list[str]:
     """Refuse val shards whose (index, wnid) differ from the model's class table (made with another class list),
-    naming the first difference; the warnings for val classes the model never trained on."""
+    naming the first difference, and val shards holding classes the model never trained on (they would count as
+    errors it could not avoid) unless `untrained_allowed`; then the warning for them."""
     wnids = class_table(classes).wnids
     trained = set(classes.trained) if classes is not None else set(range(len(wnids)))
     for entry in val.classes:
@@ -117,6 +119,11 @@ def val_class_problems(classes: RunClasses | None, val: Manifest, val_dir: Path)
                             f"is {found}; expected val shards made with the class list of the training shards "
                             "(--classes)")
     untrained = [e.wnid for e in val.classes if e.index not in trained]
+    if untrained and not untrained_allowed:
+        raise PipeError(f"{val_dir}: expected val classes the training shards hold, found {len(untrained)} they lack "
+                        f"({', '.join(untrained[:5])}{' …' if len(untrained) > 5 else ''}); shard both splits with the "
+                        "same --max-classes, or accept them on purpose (--untrained-val-classes: they count as "
+                        "errors)", option="val")
     if untrained:
         return [f"{val_dir}: {len(untrained)} val class(es) the model never trained on (first: {untrained[0]}); "
                 "they count as errors"]

@@ -81,7 +81,7 @@ def list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sour
             for f in sorted(d.iterdir()):
                 if looks_like_image(f):
                     members.append(Member(sample_key(f.name, d.name), d.name, str(f.relative_to(root))))
-        return SourceListing(root, members, ignored)
+        return SourceListing(root, members, ignored, class_list=_train_classes(root))
     truth = val_ground_truth(labels, folder)
     assert labels is not None  # val_ground_truth refuses None
     for f in entries:
@@ -91,7 +91,13 @@ def list_tree(folder: Path, split: str, labels: Path | None, root: Path) -> Sour
             members.append(Member(sample_key(f.name, None), truth[f.stem], str(f.relative_to(root))))
         else:
             ignored.append(IgnoredEntry(f.name, "no label in " + labels.name))
-    return SourceListing(root, members, ignored)
+    return SourceListing(root, members, ignored, class_list=_train_classes(root))
+
+
+def _train_classes(root: Path) -> tuple[str, ...] | None:
+    """An extracted tree's classes: its train/ class folders, the same list for both splits (None: no train/)."""
+    train = root / "train"
+    return tuple(sorted(p.name for p in train.iterdir() if p.is_dir() and is_wnid(p.name))) if train.is_dir() else None
 
 
 def list_archive(archive: Path, split: str, labels: Path | None) -> SourceListing:

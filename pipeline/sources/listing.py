@@ -68,6 +68,13 @@ class SourceListing:
     members: list[Member]
     ignored: list[IgnoredEntry]  # unsafe or non-file members, unlabelled or misplaced files, unread splits
     skipped: list[SkippedImage] = field(default_factory=list)  # images lost to a damaged class tar
+    # the classes the source names for both splits (Tiny ImageNet's wnids.txt, an extracted tree's train/ class
+    # folders); None: the classes of the split's own images (the official archives hold all 1,000 in each)
+    class_list: tuple[str, ...] | None = None
+
+    def classes(self) -> list[str]:
+        """The source's classes in sorted-wnid order: `--max-classes N` takes the first N, in both splits alike."""
+        return sorted(self.class_list if self.class_list is not None else {m.wnid for m in self.members})
 
 
 @dataclass(frozen=True)

@@ -98,6 +98,14 @@ def _tiny_place(parts: tuple[str, ...], is_dir: bool) -> str:
     return TINY_LAYOUT
 
 
+def _wnids(path: Path, text: str) -> tuple[str, ...]:
+    """wnids.txt: one wnid a line (in no particular order)."""
+    wnids = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not wnids or not all(is_wnid(w) for w in wnids):
+        raise PipeError(f"{path}: expected one wnid (nXXXXXXXX) a line, found {text[:40]!r}")
+    return wnids
+
+
 def _tiny_wnid(parts: tuple[str, ...], truth: dict[str, str]) -> str | None:
     """train: the class folder names the wnid; val: val_annotations.txt does (None: no line for this image)."""
     return parts[1] if parts[0] == "train" else truth.get(PurePosixPath(parts[-1]).stem)
@@ -125,6 +133,7 @@ def list_tiny_tree(root: Path, split: str, labels: Path | None) -> SourceListing
                 listing.ignored.append(IgnoredEntry("/".join(here) + "/" * p.is_dir(), place))
 
     visit(root / split, (split,))
+    listing.class_list = _wnids(root / TINY_WNIDS, (root / TINY_WNIDS).read_text())
     if (root / "test").is_dir():
         listing.ignored.append(TINY_TEST_IGNORED)
     listing.ignored.sort(key=lambda item: item.name)
@@ -150,6 +159,7 @@ def list_tiny_zip(archive: Path, split: str, labels: Path | None) -> SourceListi
                 if inside not in names:
                     raise PipeError(f"{archive}: no {inside} (Tiny ImageNet's val labels); pass --labels with one")
                 truth = _tiny_val_annotations(z.read(inside).decode(), f"{archive}/{inside}")
+            listing.class_list = _wnids(archive / f"{top}{TINY_WNIDS}", z.read(f"{top}{TINY_WNIDS}").decode())
             reported: set[str] = set()
             for info in infos:
                 if not info.filename.startswith(top):

@@ -7,13 +7,15 @@ it when called. A checkpoint is a plain dict loadable with `torch.load(weights_o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.engine import atomic_write, sha256_file
+from pipeline.engine import atomic_write, finished_marker, sha256_file
 from pipeline.errors import PipeError
 from pipeline.records import CHECKPOINTS_DIR, DIVERGED, LoaderPosition, RunSpec
 
@@ -24,6 +26,11 @@ DAMAGED_SUFFIX = ".damaged"  # a checkpoint that failed its check, set aside (ne
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return folder / f"step-{step:09d}.pt"
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step in a checkpoint's name (step-%09d.pt)."""
+    return int(checkpoint.name.removeprefix("step-").split(".")[0])
 
 
 def digest_path(checkpoint: Path) -> Path:
@@ -80,6 +87,38 @@ def checkpoint_problem(path: Path) -> str | None:
     except PipeError as e:
         return ROTATED_AWAY if not path.exists() else str(e).removeprefix(f"{path}: ")
     return None
+
+
+VERDICTS = ".verified.json"  # beside the checkpoints: name → [size, mtime_ns, sha256 matched]
+
+
+def verifies(path: Path) -> bool:
+    """Whether `path` matches the sha256 beside it (no sidecar: whether torch reads it), the verdict cached by the
+    file's size and mtime: `status` and an up-to-date `train` hash a 0.5 GB checkpoint once, not on every call."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return False
+    cache = path.parent / VERDICTS
+    try:
+        verdicts = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        verdicts = {}
+    seen = verdicts.get(path.name)
+    if isinstance(seen, list) and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
+        return bool(seen[2])
+    good = checkpoint_problem(path) is None
+    verdicts = {k: v for k, v in verdicts.items() if (path.parent / k).exists()}
+    verdicts[path.name] = [stat.st_size, stat.st_mtime_ns, good]
+    with contextlib.suppress(OSError, PipeError):  # a read-only disk: the verdict is not kept, only recomputed
+        with atomic_write(cache, "w") as f:
+            json.dump(verdicts, f)
+    return good
+
+
+def newest_verified(folder: Path) -> Path | None:
+    """The newest checkpoint that verifies, found without changing anything (for `status`)."""
+    return next((p for p in reversed(checkpoints(folder)) if verifies(p)), None)
 
 
 def newest_good_checkpoint(folder: Path, warn: Callable[[str], None]) -> Path | None:
@@ -200,4 +239,21 @@ def resolve_checkpoint(run_or_checkpoint: Path, warn: Callable[[str], None]) -> 
     if found is None:
         raise PipeError(f"{run_or_checkpoint}: expected a checkpoint file or a run folder holding "
                         f"{CHECKPOINTS_DIR}/{CHECKPOINT_GLOB}")
+    if why := _not_the_newest(run_or_checkpoint, found):
+        warn(f"{run_or_checkpoint}: taking {found.name} (step {checkpoint_step(found)}), its newest checkpoint that "
+             f"verifies: {why}")
     return found
+
+
+def _not_the_newest(run: Path, found: Path) -> str | None:
+    """Why a run folder's checkpoint is not its last one: a newer one set aside as damaged, or the final checkpoint
+    its done marker names gone (None: it is the last)."""
+    newer = sorted(p.name for p in (run / CHECKPOINTS_DIR).glob(CHECKPOINT_GLOB + DAMAGED_SUFFIX)
+                   if checkpoint_step(p) > checkpoint_step(found))
+    if newer:
+        return f"the newer {', '.join(newer)} {'was' if len(newer) == 1 else 'were'} set aside as damaged"
+    with contextlib.suppress(PipeError):
+        marker = finished_marker(run)
+        if marker is not None and marker.final is not None and marker.final.step > checkpoint_step(found):
+            return f"the run's final checkpoint (step {marker.final.step}) is gone"
+    return None

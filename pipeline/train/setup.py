@@ -57,7 +57,7 @@ class RunData:
             raise PipeError(f"{train_dir} holds {train.samples} samples, fewer than one global batch "
                             f"({cfg.batch_size})", option="batch_size")
         classes = run_classes(train, val)
-        warnings = tuple(val_class_problems(classes, val, val_dir))
+        warnings = tuple(val_class_problems(classes, val, val_dir, untrained_allowed=cfg.untrained_val_classes))
         inputs = {"train": Input.of_stage(train_dir, MANIFEST), "val": Input.of_stage(val_dir, MANIFEST)}
         inputs["pca"] = pca_input(pca_path, train_dir, inputs["train"], cfg.pca_from_elsewhere)
         return cls(train_dir, val_dir, pca_path, train, val, classes, inputs, place, warnings)

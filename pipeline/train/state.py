@@ -48,6 +48,7 @@ from pipeline.train.checkpoints import (
     newest_good_checkpoint,
     non_finite_tensors,
     save_checkpoint,
+    verifies,
 )
 
 if TYPE_CHECKING:
@@ -256,9 +257,9 @@ class RunIdentity:
 
 
 def final_checkpoint_problem(out: Path, marker: StageMarker | None) -> str | None:
-    """Why a finished run is not done after all: its final checkpoint (recorded in the done marker) is missing or
-    not the size it was written with (set aside as damaged, cut, replaced). A stat, no hashing: the up-to-date
-    check stays instant."""
+    """Why a finished run is not done after all: its final checkpoint (recorded in the done marker) is missing, not
+    the size it was written with (set aside as damaged, cut, replaced) or damaged in place (its sha256; the verdict
+    is cached by size and mtime, so an up-to-date check hashes it once)."""
     final = marker.final if marker else None
     if final is None:
         return None
@@ -268,6 +269,8 @@ def final_checkpoint_problem(out: Path, marker: StageMarker | None) -> str | Non
         return f"its final checkpoint {checkpoint.name} is missing"
     if size is not None and checkpoint.stat().st_size != size:
         return f"its final checkpoint {checkpoint.name} is {checkpoint.stat().st_size:,} bytes, not {size:,}"
+    if not verifies(checkpoint):
+        return f"its final checkpoint {checkpoint.name} does not match its sha256 (damaged in place)"
     return None
 
 
