@@ -21,8 +21,6 @@ if TYPE_CHECKING:
     from pipeline.engine import Advance
     from pipeline.records import Prediction
 
-console = Console(stderr=True)
-
 
 def output_closed() -> None:
     """The reader of our output went away (`train … | head`): from here on every line goes nowhere, the interpreter's
@@ -31,6 +29,16 @@ def output_closed() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
+
+
+class _Console(Console):
+    def on_broken_pipe(self) -> None:
+        """rich's own answer is SystemExit(1), which would end a training run because `| head` stopped reading."""
+        self.quiet = True
+        output_closed()
+
+
+console = _Console(stderr=True)
 
 
 class CliReporter:
@@ -97,7 +105,7 @@ def print_status(work: Path) -> None:
                "diverged": "red"}
     for name, folder, state in stage_rows(work, versions()):
         table.add_row(name, str(folder), f"[{colours[state.state]}]{state.state}[/]", state.detail)
-    out = Console(width=None if sys.stdout.isatty() else 160)
+    out = _Console(width=None if sys.stdout.isatty() else 160)
     out.print(table)
     print_runs(out, work)
 

@@ -40,8 +40,9 @@ def cli(*args) -> subprocess.CompletedProcess:
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
+    """The one error line (warnings about the data before it, such as classes a split lacks, are not errors)."""
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 

@@ -31,6 +31,7 @@ SHARD_SBATCH = REPO / "cluster" / "slurm" / "shard.sbatch"
 CLI = Path(sys.executable).parent / "alexnet-pipe"  # the venv running the tests; no resolve(): keep the venv's bin/
 SHARD_SIZE = 32  # train: 210 images → 7 shards, val: 50 → 2; 3 tasks own [0,2) [2,4) [4,7) and [0,0) [0,1) [1,2)
 TASKS = 3
+UNTRAINED = "--untrained-val-classes"  # the samples' val images are of classes their train images lack
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
 
@@ -209,9 +210,9 @@ def test_two_rank_training_through_srun_and_torchrun_then_eval(slurm, prepared):
     work, _, _ = prepared
     jobs = submit(slurm, "train", "eval", WORK=str(work), RUN="slurm", NODES="1", GPUS_PER_NODE="0",
                   NPROC_PER_NODE="2", TRAIN_CPUS="2", DEVICES="cpu", RDZV_PORT=str(free_port()),
-                  TRAIN_ARGS="--max-steps 2 --batch-size 8 --width 0.25 --loader torch --loader-threads 1 "
-                             "--checkpoint-every 2",
-                  EVAL_ARGS="--loader torch --batch-size 25")
+                  TRAIN_ARGS=f"--max-steps 2 --batch-size 8 --width 0.25 --loader torch --loader-threads 1 "
+                             f"--checkpoint-every 2 {UNTRAINED}",
+                  EVAL_ARGS=f"--loader torch --batch-size 25 {UNTRAINED}")
     assert list(jobs) == ["train", "eval"]
     states = wait(slurm, *jobs.values(), timeout=300)
     assert states == {jobs["train"]: "COMPLETED", jobs["eval"]: "COMPLETED"}, logs(work)
@@ -230,8 +231,8 @@ def test_a_train_job_signalled_usr1_checkpoints_requeues_itself_and_completes_wi
     work, _, _ = prepared
     jobs = submit(slurm, "train", WORK=str(work), RUN="preempted", NODES="1", GPUS_PER_NODE="0",
                   NPROC_PER_NODE="1", TRAIN_CPUS="1", DEVICES="cpu", RDZV_PORT=str(free_port()),
-                  TRAIN_ARGS="--max-steps 30 --batch-size 8 --width 0.25 --loader torch --loader-threads 1 "
-                             "--log-every 1 --checkpoint-every 1000")
+                  TRAIN_ARGS=f"--max-steps 30 --batch-size 8 --width 0.25 --loader torch --loader-threads 1 "
+                             f"--log-every 1 --checkpoint-every 1000 {UNTRAINED}")
     job, metrics = jobs["train"], work / "runs" / "preempted" / "metrics.jsonl"
     deadline = time.monotonic() + 180
     while not metrics.is_file() or len(metrics.read_text().splitlines()) < 3:  # training, not yet at step 30
@@ -265,7 +266,7 @@ def test_ablations_run_as_an_array_a_task_signalled_usr1_requeues_and_the_last_t
                   DEVICES="cpu",
                   ABLATION_ARGS="--variants baseline,tanh --seeds 1 --width 0.125 --epochs 2 --max-steps 30 "
                                 "--batch-size 8 --loader torch --loader-threads 1 --no-ten-crop --threshold 0.9 "
-                                "--log-every 1 --checkpoint-every 1000")
+                                f"--log-every 1 --checkpoint-every 1000 {UNTRAINED}")
     array = jobs["ablations"]
     metrics = work / "ablations" / "runs" / "baseline-seed0" / "metrics.jsonl"  # task 0's run
     deadline = time.monotonic() + 180

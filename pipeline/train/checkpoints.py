@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,6 +62,7 @@ def save_checkpoint(folder: Path, step: int, state: dict, keep: int) -> Path:
     for old in checkpoints(folder)[:-keep]:
         old.unlink()
         digest_path(old).unlink(missing_ok=True)
+    remember_verdict(path, path.stat(), good=True)  # just written from these bytes: a rerun need not hash it
     return path
 
 
@@ -99,21 +101,30 @@ def verifies(path: Path) -> bool:
         stat = path.stat()
     except FileNotFoundError:
         return False
-    cache = path.parent / VERDICTS
-    try:
-        verdicts = json.loads(cache.read_text()) if cache.is_file() else {}
-    except (OSError, ValueError):
-        verdicts = {}
+    verdicts = _verdicts(path.parent)
     seen = verdicts.get(path.name)
     if isinstance(seen, list) and seen[:2] == [stat.st_size, stat.st_mtime_ns]:
         return bool(seen[2])
     good = checkpoint_problem(path) is None
-    verdicts = {k: v for k, v in verdicts.items() if (path.parent / k).exists()}
+    remember_verdict(path, stat, good, verdicts)
+    return good
+
+
+def _verdicts(folder: Path) -> dict:
+    try:
+        return json.loads((folder / VERDICTS).read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: every verdict is recomputed
+        return {}
+
+
+def remember_verdict(path: Path, stat: os.stat_result, good: bool, verdicts: dict | None = None) -> None:
+    """Keep `path`'s verdict in the cache beside it (entries of deleted checkpoints dropped)."""
+    verdicts = {k: v for k, v in (_verdicts(path.parent) if verdicts is None else verdicts).items()
+                if (path.parent / k).exists()}
     verdicts[path.name] = [stat.st_size, stat.st_mtime_ns, good]
     with contextlib.suppress(OSError, PipeError):  # a read-only disk: the verdict is not kept, only recomputed
-        with atomic_write(cache, "w") as f:
+        with atomic_write(path.parent / VERDICTS, "w") as f:
             json.dump(verdicts, f)
-    return good
 
 
 def newest_verified(folder: Path) -> Path | None:
