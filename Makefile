@@ -62,12 +62,17 @@ CIFAR          ?= ../shared/data/cifar10-jpeg
 FIGURE1_DIR    := $(WORK)/figure1
 FIGURE1_ARGS   ?=
 
+# TensorBoard over every events folder under WORK (runs, evals, the claims sweep, Figure 1): http://TENSORBOARD_HOST:PORT
+# (localhost: only this machine; 0.0.0.0 to reach it from another, e.g. a cluster's login node through ssh -L).
+TENSORBOARD_PORT ?= 6006
+TENSORBOARD_HOST ?= localhost
+
 # Slurm (cluster/submit.sh --help): the same stages as array jobs and a multi-node torchrun job.
 NUM_TASKS      ?= 8
 CLUSTER_ENV     = WORK=$(abspath $(WORK)) RUN=$(RUN) DEVICES=$(DEVICES) SEED=$(SEED) SHARD_SIZE=$(SHARD_SIZE) \
                   NUM_TASKS=$(NUM_TASKS) ALEXNET_PIPE=$(abspath $(CLI))
 
-.PHONY: setup test test-fast lint synth prepare shard-train shard-val pca train eval report preview status clean bench \
+.PHONY: setup test test-fast lint synth prepare shard-train shard-val pca train eval report preview status tensorboard clean bench \
         cluster-prepare cluster-train ablations cluster-ablations figure1
 
 setup: $(STAMP)
@@ -83,7 +88,7 @@ $(STAMP): pyproject.toml tools/build-pillow-simd.sh
 test: $(STAMP)
 	$(VENV)/bin/pytest -q
 
-# The fast tier: every test not marked slow (no training run, no Slurm, no long sweep), about 2 minutes on 2 cores.
+# The fast tier: every test not marked slow (no training run, no Slurm, no long sweep), about a minute on 2 cores.
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -m "not slow"
 
@@ -144,11 +149,15 @@ cluster-ablations: $(STAMP)
 status: $(STAMP)
 	$(CLI) status $(WORK)
 
+tensorboard: $(STAMP)
+	$(VENV)/bin/tensorboard --logdir $(WORK) --port $(TENSORBOARD_PORT) --host $(TENSORBOARD_HOST)
+
 bench: $(STAMP)
 	$(PY) bench/shard.py
 	$(PY) bench/pca.py
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
+	$(PY) bench/events.py
 
 clean:
 	rm -rf $(WORK)

@@ -108,6 +108,18 @@ def print_status(work: Path) -> None:
     out = _Console(width=None if sys.stdout.isatty() else 160)
     out.print(table)
     print_runs(out, work)
+    print_boards(out, work)
+
+
+def print_boards(console, work: Path) -> None:
+    """Where the TensorBoard events are and how to see them."""
+    from pipeline.board import board_folders
+
+    folders = [str(f) for f in board_folders(work)]
+    if folders:
+        shown = ", ".join(folders[:4]) + (f" and {len(folders) - 4} more" if len(folders) > 4 else "")
+        console.print(f"TensorBoard events in {work}: {shown}. See them: make tensorboard WORK={work} (or "
+                      f"tensorboard --logdir {work})", soft_wrap=True)
 
 
 def print_runs(console, work: Path) -> None:

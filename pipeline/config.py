@@ -174,6 +174,8 @@ class TrainConfig(_Settings):
                                     role=RUNTIME)
     keep_checkpoints: int = setting(3, "Keep the last K checkpoints.", minimum=1, role=RUNTIME)
     log_every: int = setting(10, "Log to metrics.jsonl every N steps.", minimum=1, role=RUNTIME)
+    tensorboard: bool = setting(True, "Also write TensorBoard events into the run folder's tb/ (`make tensorboard` "
+                                "shows them); off: metrics.jsonl alone.", role=RUNTIME)
     eval_batch_size: int = setting(128, "Images per validation batch (does not change the result).", minimum=1,
                                    role=RUNTIME)
     loader_threads: int = setting(2, "Loader threads/workers per rank.", minimum=1, role=RUNTIME)

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
+from pipeline.board import BOARD, sweep_events
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, atomic_write, task_slice, write_json
 from pipeline.errors import Diverged, PipeError
@@ -24,6 +25,7 @@ from pipeline.experiments.claims import (
     summarize,
     sweep_record,
     sweep_units,
+    switches,
     table_markdown,
     unit_name,
 )
@@ -70,14 +72,17 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, model: Ale
     job = _UnitWork(str(train_dir), str(val_dir), str(pca_path), str(out), model.to_dict(), asdict(cfg),
                     dict(units_by_name(units)), ten_crop, devices, force, reporter, train_stage, eval_stage)
     description = partial(_sweep_description, train_dir, val_dir, recipe, model, cfg, seeds, ten_crop)
-    return stage.execute(lambda: _sweep(stage, names, job, task_index, num_tasks, threshold, description, reporter),
+    hparams_of = partial(switches, model=model, cfg=cfg)
+    return stage.execute(lambda: _sweep(stage, names, job, task_index, num_tasks, threshold, description, hparams_of,
+                                        reporter),
                          say=reporter, force=force, shown=out / "ablations.md", units=names,
                          exclusive=task_index is None, splittable=True)
 
 
 def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | None, num_tasks: int | None,
-           threshold: float, description: Callable[[], str], reporter: Reporter) -> StageResult:
-    """This task's (variant, seed) units; once all are done, the table and its plots."""
+           threshold: float, description: Callable[[], str], hparams_of: Callable[[str, int], dict],
+           reporter: Reporter) -> StageResult:
+    """This task's (variant, seed) units; once all are done, the table, its plots and its HParams view."""
     out = stage.out
     mine = [names[i] for i in task_slice(len(names), task_index, num_tasks)]
     todo = [n for n in mine if not stage.unit_done(n)]
@@ -101,6 +106,7 @@ def _sweep(stage: Stage, names: list[str], job: _UnitWork, task_index: int | Non
             f.write(table_markdown(summary, summary.sweep))
 
     finished = stage.finalize(write_products, runs=len(names))
+    sweep_events(out / BOARD, records, hparams_of, reporter.warn)
     reporter.info(f"ablate: {len(names)} runs → {out / 'ablations.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 

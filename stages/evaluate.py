@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.board import BOARD, eval_events
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, write_json
 from pipeline.errors import PipeError
 from pipeline.record import run_record
@@ -119,6 +120,7 @@ def _errors_and_figures(stage: Stage, checkpoint: Path, val_dir: Path, options: 
                          classifier.spec.model, classifier.spec.train.seed)), figure4=neighbours,
                      run_record=run_record())  # what it ran on: in eval.json, outside the stage's key
     stage.finalize(lambda: write_json(stage.out / EVAL, result.to_json()))
+    eval_events(stage.out / BOARD, result, reporter.warn)  # a view of eval.json, written once it is
     reporter.info(summary(result) + f" → {stage.out / EVAL}")
     return StageResult("eval", stage.out, finished=True, product=result)
 

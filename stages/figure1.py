@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from pipeline.board import BOARD, figure1_events
 from pipeline.engine import (
     Input,
     QuietReporter,
@@ -112,6 +113,7 @@ def _sweeps(stage: Stage, source: CifarSource, train_images: int | None, setup: 
             f.write(table_markdown(summary, records, described))
 
     finished = stage.finalize(write_products, runs=len(records))
+    figure1_events(out / BOARD, records, reporter.warn)
     reporter.info(f"figure1: {len(records)} runs → {out / 'figure1.md'}")
     return StageResult(stage.name, out, finished=finished, product=summary)
 
@@ -202,6 +204,7 @@ class _Sweep:
                                f"({e.seconds:.1f} s)")
 
         record = train_run(run, self.setup, images, labels, mean, state=state, on_epoch=end_of_epoch)
+        figure1_events(self.stage.out / BOARD, [record], self.reporter.warn)
         reached = record.epochs_to_threshold
         self.reporter.info(f"figure1: {NAMES[run.activation]} lr {run.lr:g} seed {run.seed}: " + (
             f"{self.setup.threshold:.0%} at epoch {reached:.1f}" if reached is not None else

@@ -283,3 +283,30 @@ def small_disk(tmp_path):
         yield disk, grow
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def event_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in a TensorBoard events folder as TensorBoard's own reader gives it: tag → [(step, value)],
+    stale steps purged as TensorBoard purges them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def hparams_sessions(folder: Path) -> dict[str, tuple[dict, dict[str, float]]]:
+    """The HParams plugin's sessions under `folder`: session name → (hparams, {metric tag: value})."""
+    from google.protobuf.json_format import MessageToDict
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions = {}
+    for run in sorted(p for p in folder.iterdir() if p.is_dir()):
+        events = EventAccumulator(str(run), size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        start = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info
+        hparams = {k: MessageToDict(v) for k, v in start.hparams.items()}  # a protobuf Value: its Python value
+        sessions[run.name] = (hparams, {t: events.Scalars(t)[-1].value for t in events.Tags()["scalars"]})
+    return sessions

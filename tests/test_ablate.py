@@ -12,6 +12,7 @@ import statistics
 import time
 
 import pytest
+from conftest import hparams_sessions
 
 from pipeline.experiments.claims import summarize
 from pipeline.records import SweepRun
@@ -73,6 +74,22 @@ def test_every_number_in_the_table_equals_its_runs_eval_json(sweep):
     # the switch is in the run's checkpoint config, so eval (and the report) know it
     assert evals["tanh-seed0"]["model"]["activation"] == "tanh" and evals["baseline-seed0"]["model"]["activation"] \
         == "relu"
+
+
+@pytest.mark.slow
+def test_the_hparams_view_lists_every_variant_and_seed_with_its_settings_and_errors(sweep):
+    table = json.loads((sweep / "ablations.json").read_text())
+    sessions = hparams_sessions(sweep / "tb")
+    assert sorted(sessions) == sorted(UNITS)
+    for record in table["runs"]:
+        hparams, metrics = sessions[f"{record['variant']}-seed{record['seed']}"]
+        assert (hparams["variant"], hparams["seed"]) == (record["variant"], record["seed"])
+        assert hparams["activation"] == ("tanh" if record["variant"] == "tanh" else "relu")
+        assert hparams["dropout"] == 0.5 and hparams["towers"] == 2 and hparams["mirror"] == "true"
+        assert metrics["hparams/top1_error"] == pytest.approx(record["top1_error"])
+        assert metrics["hparams/gap_top1"] == pytest.approx(record["gap_top1"])
+    # every run of the sweep has its own training curves beside its eval's errors
+    assert all((sweep / kind / unit / "tb").is_dir() for kind in ("runs", "eval") for unit in UNITS)
 
 
 @pytest.mark.slow

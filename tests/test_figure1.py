@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import event_scalars, shared_data
 
 from pipeline.experiments.figure1 import factor_words, next_run, summarize
 from pipeline.experiments.figure1_net import Run, Setup, four_layer_net
@@ -178,6 +178,12 @@ def test_a_tiny_sweep_writes_the_figure_its_data_and_its_table_and_a_rerun_does_
         assert run["images_to_threshold"] == (reached[0] if reached else None)
     md = (sweep / "figure1.md").read_text()
     assert "The paper (§3.1, Figure 1): about 6×" in md and "![Figure 1" in md
+    # TensorBoard: one run per (activation, lr, seed), each its curve under one tag, so that they overlay
+    curves = {r["activation"] + f"-lr{r['lr']:g}-seed{r['seed']}": [(p["images"], pytest.approx(p["error"]))
+                                                                      for p in r["parts"]] for r in table["runs"]}
+    assert {p.name for p in (sweep / "tb").iterdir()} == set(curves)
+    for name, curve in curves.items():
+        assert event_scalars(sweep / "tb" / name) == {"figure1/training_error": curve}
 
     before = {p: p.stat().st_mtime_ns for p in sweep.rglob("*") if p.is_file()}
     again = cli(*sweep_args(layouts["batches"], sweep))

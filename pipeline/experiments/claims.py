@@ -85,6 +85,15 @@ def variant_settings(name: str, model: AlexNetConfig, cfg: TrainConfig, seed: in
             replace(cfg, seed=seed, **{k: v for k, v in changes.items() if k not in model_names}))
 
 
+SWITCHES = tuple(dict.fromkeys(k for v in VARIANTS for k in v.changes))  # the settings some variant changes
+
+
+def switches(name: str, seed: int, model: AlexNetConfig, cfg: TrainConfig) -> dict[str, bool | int | float | str]:
+    """The value of each setting a variant may change, in variant `name`'s run (the HParams view's columns)."""
+    variant_model, variant_cfg = variant_settings(name, model, cfg, seed)
+    return {k: getattr(variant_model if hasattr(variant_model, k) else variant_cfg, k) for k in SWITCHES}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the table
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.board import TrainingBoard
 from pipeline.cluster import Placement, summed
 from pipeline.engine import append_line
 from pipeline.model import AlexNet, dropout_masks, forward_flops
@@ -55,6 +56,8 @@ def fit(model: AlexNet, spec: RunSpec, train_loader, val_loader, out: Path, plac
     try:
         at = resume(run)
         at.health = Health(next(model.parameters()).device, at.step)
+        run.board = TrainingBoard.of_run(out, at.step if at.resumed_from else None, run.progress.warn,
+                                         enabled=run.main_rank and cfg.tensorboard)
         run.progress.on_start()
         total = min(cfg.epochs * len(train_loader), cfg.max_steps or math.inf)
         if run.main_rank:  # where this start or resume begins, and what it runs on
@@ -67,6 +70,7 @@ def fit(model: AlexNet, spec: RunSpec, train_loader, val_loader, out: Path, plac
             at.stopped = run.stop.now()  # sync: ranks agree on a signal during validation (its checkpoint is written)
     finally:
         run.stop.restore()
+        run.board.close()
     return Outcome(at.epoch, at.step, str(latest_checkpoint(run.checkpoints)), at.stopped)
 
 
@@ -89,6 +93,8 @@ def train_epoch(run: Run, step_fn, train_loader, at: Position, total: float) -> 
     run.speed.fetch_started()
     for images, labels in train_loader:
         run.speed.fetch_done()
+        if at.step == 0 and run.board.enabled:  # a fresh start: what the run is and what it sees
+            run.board.started(run.spec.to_json(), images, run.spec.pixels.mean)
         masks = dropout_masks(run.model, cfg.seed, at.step, run.rows, cfg.batch_size)
         loss, mistakes = train_step(step_fn, run.optimizer, images, labels, cfg.amp, masks)
         at.health.note(loss)  # on the device: no sync per step
@@ -141,6 +147,7 @@ def log_step(run: Run, at: Position, loss: torch.Tensor, images: int, elapsed: f
                         time=round(time.time(), 3))
     if run.main_rank:
         append_metrics(run.metrics, record)
+        run.board.step(record)
     run.progress.on_step(at.step, total, record)
 
 
@@ -159,6 +166,7 @@ def end_of_epoch(run: Run, val_loader, at: Position) -> None:
                          else None, time=round(time.time(), 3))
     if run.main_rank:
         append_metrics(run.metrics, record)
+        run.board.epoch(record, run.model)
     run.progress.on_epoch(record)
     said = f"epoch {at.epoch + 1}/{run.cfg.epochs}"  # counted from 1, as the epoch lines and `status` count them
     for note in (record.lr_drop, record.lr_held):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.augment.order import ORDER_VERSION, rank_slice
+from pipeline.board import TrainingBoard
 from pipeline.cluster import Placement, broadcast, summed
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_trajectory
 from pipeline.engine import (
@@ -100,6 +101,7 @@ class Run:
     progress: Progress
     speed: TrainingSpeed  # data_wait, step_ms, mfu of the logged steps
     stop: StopFlag | None = None
+    board: TrainingBoard = field(default_factory=TrainingBoard.off)  # TensorBoard events: fit opens them
 
     @property
     def cfg(self) -> TrainConfig:
