@@ -32,7 +32,7 @@ from cli.options import (
     task_flags,
     with_settings,
 )
-from pipeline.config import Crop, Loader
+from pipeline.config import SMALLEST_CROP, AlexNetConfig, Loader
 from pipeline.experiments.claims import VARIANT_NAMES
 
 app = typer.Typer(
@@ -221,7 +221,8 @@ def preview(
     out: Annotated[Path, typer.Option("--out", help="The image to write: .png, or .jpg/.jpeg.")] = Path("preview.png"),
     n: Annotated[int, typer.Option("--n", help="Samples in the grid.", min=1)] = 16,
     seed: Seed = 0,
-    crop: Annotated[Crop, typer.Option(help="224, or 227 (Caffe's crop).")] = 224,
+    crop: Annotated[int, typer.Option(help="The patch side: the run's --crop (224; 227 is Caffe's).",
+                                      min=SMALLEST_CROP)] = AlexNetConfig.crop,
     loader: Annotated[Loader, typer.Option(help="dali, or torch (the reference path).")] = "dali",
 ):
     """A PNG grid of the first training samples as the network sees them (random crop, mirror, PCA lighting) beside

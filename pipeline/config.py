@@ -15,10 +15,9 @@ from pathlib import Path
 
 from pipeline.errors import PipeError
 
-# An 11x11 stride-4 conv gives 55x55 only from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
-CONV1_PADDING = {224: 2, 227: 0}
-CROPS = tuple(CONV1_PADDING)
-Crop = typing.Literal[224, 227]  # CROPS as a type (the CLI's choices)
+# An 11x11 stride-4 conv gives the paper's 55x55 from 224 with padding 2 (torchvision) or from 227 unpadded (Caffe).
+CAFFE_CROP = 227  # the one crop conv1 reads unpadded; every other crop is padded by 2, as torchvision pads 224
+SMALLEST_CROP = 63  # the smallest crop whose pool5 maps are not empty (conv1 15, pools 7, 3, 1)
 LRN_CONVENTIONS = ("paper", "caffe")
 INITS = ("paper", "default")
 ACTIVATIONS = ("relu", "tanh")  # §3.1
@@ -35,6 +34,21 @@ RESULT = "result"    # changes the weights: a run's checkpoints are resumed only
 EXTENT = "extent"    # how long to train (epochs, max_steps): part of the cache key, may grow on resume
 RUNTIME = "runtime"  # does not change results (logging, checkpoint cadence, threads): never compared
 DATA = "data"        # comes from the shards (num_classes), not from a recipe or the command line
+
+
+def conv1_padding(crop: int) -> int:
+    return 0 if crop == CAFFE_CROP else 2
+
+
+def map_sides(crop: int, pool: str) -> dict[str, int]:
+    """The side of each layer's output maps for a `crop`-pixel input (§3.5: 55, 27, 13, 6 at 224). conv2–conv5 keep
+    their input's size; each pool (overlap z=3, plain z=2, both s=2) roughly halves it."""
+    z = 3 if pool == "overlap" else 2
+    conv1 = (crop + 2 * conv1_padding(crop) - 11) // 4 + 1
+    pool1 = (conv1 - z) // 2 + 1
+    pool2 = (pool1 - z) // 2 + 1
+    return {"conv1": conv1, "pool1": pool1, "conv2": pool1, "pool2": pool2, "conv3-5": pool2,
+            "pool5": (pool2 - z) // 2 + 1}
 
 
 def setting(default, help: str, *, choices: tuple | None = None, minimum: float | None = None, role: str = RESULT,
@@ -99,8 +113,10 @@ class AlexNetConfig(_Settings):
     num_classes: int = setting(1000, "Outputs of fc8 (§2: ILSVRC's 1000 categories); set from the train manifest.",
                                minimum=1, role=DATA)
     width: float = setting(1.0, "Channel multiplier, not in the paper (1.0 is the paper's net; demo runs use less).")
-    crop: int = setting(224, "Training/test patch (§4.1: 224). 224 uses conv1 padding 2 (torchvision); 227 is "
-                        "Caffe's unpadded crop. Both give the paper's 55x55 conv1 maps.", choices=CROPS)
+    crop: int = setting(224, "Training/test patch (§4.1: 224), cut from the shards' short side (256). 227 is Caffe's "
+                        "unpadded crop; every other size pads conv1 by 2 as torchvision's 224 does. Smaller crops "
+                        "(from smaller shards) train faster; docs/paper.md lists each layer's size.",
+                        minimum=SMALLEST_CROP)
     dropout: float = setting(0.5, "Probability of zeroing each hidden neuron of fc6 and fc7 (§4.2).", minimum=0.0)
     lrn_size: int = setting(5, "LRN window n: adjacent kernel maps summed over (§3.3).", minimum=1)
     lrn_alpha: float = setting(1e-4, "LRN α (§3.3), as printed; see --lrn-convention.", minimum=0.0)
@@ -130,7 +146,12 @@ class AlexNetConfig(_Settings):
 
     @property
     def conv1_padding(self) -> int:
-        return CONV1_PADDING[self.crop]
+        return conv1_padding(self.crop)
+
+    @property
+    def pool5_side(self) -> int:
+        """The side of the pooled conv5 maps fc6 reads (6 at 224 and 227)."""
+        return map_sides(self.crop, self.pool)["pool5"]
 
     def channels(self, paper: int) -> int:
         """A tower's channel count for `paper` channels in §3.5, scaled by width."""
@@ -156,7 +177,8 @@ class TrainConfig(_Settings):
                                choices=LR_SCHEDULES)
     lr_step_epochs: int = setting(30, "Epochs between the drops of --lr-schedule step (torchvision: 30).", minimum=1)
     seed: int = setting(0, "Seed of the initial weights, the loader order and the augmentation.")
-    random_crop: bool = setting(True, "Random 224 patches of the 256 square (§4.1); off: the centre patch.")
+    random_crop: bool = setting(True, "Random --crop patches of the short-side square (§4.1: 224 of 256); off: the "
+                                "centre patch.")
     mirror: bool = setting(True, "Horizontal reflections with p=0.5 (§4.1).")
     lighting: bool = setting(True, "PCA lighting noise, α ~ N(0, 0.1) per image (§4.1).")
     amp: bool = setting(False, "bf16 autocast.")
@@ -253,14 +275,15 @@ def load_recipe(recipe: str | Path) -> dict[str, dict]:
         for key, value in table.items():
             if key not in allowed:
                 raise PipeError(f"{path}: unknown key {section}.{key}; valid keys: {', '.join(allowed)}")
-            problem = _type_problem(value, hints[key], allowed[key].metadata.get("choices"))
+            problem = _type_problem(value, hints[key], allowed[key].metadata)
             if problem:
                 raise PipeError(f"{path}: {section}.{key} = {value!r}: {problem}")
         resolved[section] = dict(table)
     return resolved
 
 
-def _type_problem(value, hint, choices) -> str | None:
+def _type_problem(value, hint, metadata) -> str | None:
+    choices, minimum = metadata.get("choices"), metadata.get("minimum")
     expected = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     base = next(t for t in (bool, int, float, str) if hint is t or hint == t | None)
     ok = isinstance(value, bool) if base is bool else (
@@ -269,6 +292,8 @@ def _type_problem(value, hint, choices) -> str | None:
         return f"expected {expected[base]}"
     if choices and value not in choices:
         return f"expected one of {', '.join(map(str, choices))}"
+    if minimum is not None and value < minimum:
+        return f"expected at least {minimum}"
     return None
 
 

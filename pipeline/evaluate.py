@@ -103,7 +103,10 @@ def evaluate_classifier(classifier: Classifier, checkpoint: CheckpointRef, val_d
     for problem in val_class_problems(classifier.spec.classes, manifest, val_dir,
                                       untrained_allowed=untrained_val_classes):
         warn(problem)  # a mismatch is refused; val classes never trained on too, unless accepted
-    pixels, crop = classifier.spec.pixels, classifier.spec.model.crop
+    pixels, crop, side = classifier.spec.pixels, classifier.spec.model.crop, classifier.spec.short_side
+    if manifest.params.short_side != side:
+        raise PipeError(f"{val_dir}: expected val shards of short side {side} (the run's training shards'), found "
+                        f"{manifest.params.short_side}; shard val with --short-side {side}")
     tests: dict[str, Errors] = {}
     per_class: tuple[ClassAccuracy, ...] = ()
     confused: tuple[ConfusedPair, ...] = ()

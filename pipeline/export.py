@@ -8,7 +8,6 @@ model expects in front of it (short side, crop, the mean to subtract, the class 
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 from pathlib import Path
@@ -17,7 +16,6 @@ import torch
 
 from pipeline.engine import atomic_write, canonical_json
 from pipeline.errors import PipeError
-from pipeline.images import prepare_image
 from pipeline.predict import Classifier
 from pipeline.records import ClassEntry, ExportedFrom, Preprocessing
 
@@ -25,7 +23,6 @@ FORMATS = ("pt2", "onnx")
 PREPROCESSING = "preprocessing.json"
 ONNX_EXTRA = "pip install 'alexnet-pipe[export]' (onnx, onnxscript, onnxruntime)"
 MAX_BATCH = 1 << 16
-SHORT_SIDE = inspect.signature(prepare_image).parameters["short_side"].default  # the shard stage's, not a copy
 
 
 def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> Preprocessing:
@@ -35,7 +32,7 @@ def preprocessing(classifier: Classifier, checkpoint_sha256: str) -> Preprocessi
     return Preprocessing(
         input="float32 [batch, 3, crop, crop], RGB on the 0-255 scale minus mean_255 (no division by a std)",
         output="logits [batch, num_classes]; softmax for probabilities (10-crop: average the 10 softmaxes)",
-        short_side=SHORT_SIDE, crop=config.crop,
+        short_side=classifier.spec.short_side, crop=config.crop,
         test_crop="centre crop×crop of the central short_side square, or the 4 corners + centre and mirrors",
         mean_255=tuple(round(255.0 * m, 6) for m in classifier.mean),
         num_classes=config.num_classes,

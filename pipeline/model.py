@@ -54,7 +54,7 @@ def norm_layer(config: AlexNetConfig, channels: int) -> nn.Module:
 
 
 def max_pool(config: AlexNetConfig) -> nn.MaxPool2d:
-    """§3.4: overlapping z=3, s=2, or plain z=2, s=2; both take 55 → 27 → 13 → 6."""
+    """§3.4: overlapping z=3, s=2, or plain z=2, s=2; both take 55 → 27 → 13 → 6 (other crops: `map_sides`)."""
     return nn.MaxPool2d(3, stride=2) if config.pool == "overlap" else nn.MaxPool2d(2, stride=2)
 
 
@@ -73,7 +73,7 @@ class Tower(nn.Module):
         self.conv3 = nn.Conv2d(n * c(128), c(192), 3, padding=1)  # over every tower's conv2 maps
         self.conv4 = nn.Conv2d(c(192), c(192), 3, padding=1)
         self.conv5 = nn.Conv2d(c(192), conv5, 3, padding=1)
-        self.fc6 = nn.Linear(n * conv5 * 6 * 6, fc)  # over every tower's pooled conv5 maps
+        self.fc6 = nn.Linear(n * conv5 * config.pool5_side**2, fc)  # every tower's pooled conv5 maps (6x6 at 224)
         self.fc7 = nn.Linear(n * fc, fc)  # over every tower's fc6
         self.norm1, self.norm2 = norm_layer(config, c(48)), norm_layer(config, c(128))  # §3.3: after the ReLU
         self.pool = max_pool(config)

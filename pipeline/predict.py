@@ -1,7 +1,7 @@
 """Classify one's own images with a trained checkpoint: the paper's test procedure (§4.1), top-k classes.
 
 No third copy of the preprocessing: an image goes through the shard stage's `prepare_image` (sniff the real format,
-repair to RGB, short side 256, the shard's baseline JPEG) and then the eval path's crops (`centre_crop_box` /
+repair to RGB, the run's short side, the shard's baseline JPEG) and then the eval path's crops (`centre_crop_box` /
 `ten_crop_boxes`, `reference_patch`) minus the checkpoint's mean. The JPEG round trip is kept on purpose: a photo
 then reaches the network exactly as a val image does through its shard, so `predict` and `eval` agree to the bit.
 Crop, width, LRN convention and mean all come from the checkpoint.
@@ -69,10 +69,11 @@ def load_classifier(checkpoint: Path, devices: str | Sequence[str] = "cpu") -> C
     return Classifier(model.eval(), spec, step, epoch)
 
 
-def image_views(data: bytes, mean: Sequence[float], crop: int, ten_crop: bool) -> torch.Tensor:
-    """The network's input for one image file's bytes: [3, crop, crop] (centre) or [10, 3, crop, crop] (the 10
-    views in `TEN_CROP_VIEWS` order). Raises `BadImage` for bytes the shard stage would skip."""
-    image = decode_rgb(prepare_image(data).jpeg)
+def image_views(data: bytes, mean: Sequence[float], crop: int, ten_crop: bool, short_side: int) -> torch.Tensor:
+    """The network's input for one image file's bytes, resized as the run's shards were: [3, crop, crop] (centre)
+    or [10, 3, crop, crop] (the 10 views in `TEN_CROP_VIEWS` order). Raises `BadImage` for bytes the shard stage
+    would skip."""
+    image = decode_rgb(prepare_image(data, short_side=short_side).jpeg)
     width, height = image.shape[2], image.shape[1]
     pixel_mean = 255.0 * torch.tensor(mean, dtype=torch.float64)
     if ten_crop:
@@ -126,7 +127,7 @@ def classify(classifier: Classifier, paths: Sequence[Path], *, top: int = 5, ten
         if problem is None:
             try:
                 pending.append((path, image_views(path.read_bytes(), classifier.mean, classifier.spec.model.crop,
-                                                  ten_crop)))
+                                                  ten_crop, classifier.spec.short_side)))
                 readable += 1
             except (BadImage, OSError) as e:
                 problem = str(e)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.augment import LOADERS, ReferenceTrainLoader, TrainLoader, centre_square
+from pipeline.augment.geometry import CROP
 from pipeline.engine import atomic_write
 from pipeline.errors import PipeError
 from pipeline.records import Manifest, Pca, PixelStats
@@ -35,7 +36,7 @@ class AugmentedSample:
     offset: np.ndarray  # the lighting offset [3], 0-255 units
 
 
-def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, crop: int = 224,
+def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, crop: int = CROP,
                       loader: str = "dali") -> list[AugmentedSample]:
     """The first n training samples of epoch 0 as the loader makes them, with their augmentation (the draws are
     computed, so the loader's source says what each one was)."""
@@ -56,7 +57,7 @@ def augmented_samples(shard_dir: Path, pixels: PixelStats, n: int, seed: int, cr
     return samples
 
 
-def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = 224,
+def preview_grid(shard_dir: Path, pca_path: Path, out_png: Path, n: int = 16, seed: int = 0, *, crop: int = CROP,
                  loader: str = "dali") -> Path:
     """Write a grid of n augmented training samples beside their originals to `out_png`; return its path."""
     pixels = Pca.read(pca_path).stats

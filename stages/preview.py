@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.augment.geometry import CROP
 from pipeline.engine import QuietReporter, Reporter, StageResult
 from pipeline.errors import PipeError
 from pipeline.records import MANIFEST
 
 
-def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 0, crop: int = 224,
+def run(shard_dir: Path, pca_path: Path, out: Path, *, n: int = 16, seed: int = 0, crop: int = CROP,
         loader: str = "dali", reporter: Reporter | None = None) -> StageResult:
     """The product is the PNG's path."""
     reporter = reporter or QuietReporter()

@@ -28,7 +28,7 @@ def run(train_dir: Path, val_dir: Path, pca_path: Path, out: Path, *, cfg: Train
     The product is the `pipeline.train.Outcome` of this start (None when the run was already finished)."""
     reporter = reporter or QuietReporter()
     cfg, model = cfg or TrainConfig(), model or AlexNetConfig()
-    data = RunData.open(train_dir, val_dir, pca_path, cfg)  # refused here, before the run folder is claimed
+    data = RunData.open(train_dir, val_dir, pca_path, cfg, model.crop)  # refused here, before the run folder is claimed
     for warning in data.warnings:
         reporter.warn(warning)
     model = replace(model, num_classes=data.train.num_classes_total)

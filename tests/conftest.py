@@ -107,6 +107,20 @@ def sample_shards(tmp_path_factory, sample_tree) -> dict[str, Path]:
     return {"train": out / "train", "val": out / "val"}
 
 
+SMALL_SIZE = (128, 112)  # a second image size (short side, crop): every size-dependent path is tested at it too
+
+
+@pytest.fixture(scope="session")
+def small_sample_shards(tmp_path_factory, sample_tree) -> dict[str, Path]:
+    """The real samples' shards at short side 128, as `sample_shards` (the crop that fits: 112)."""
+    from stages import shard
+
+    out = tmp_path_factory.mktemp("shards-128")
+    for split, size in (("train", 64), ("val", 16)):
+        shard.run(sample_tree, out / split, split=split, shard_size=size, workers=2, short_side=SMALL_SIZE[0])
+    return {"train": out / "train", "val": out / "val"}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # a tiny generated data set and a short training run, made through the real CLI (train / eval / report / e2e tests)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL_SIZE
 from PIL import Image
 from scipy import stats
 
@@ -260,19 +261,22 @@ def test_the_global_batches_are_the_epochs_computed_order_whatever_the_number_of
 
 
 @pytest.mark.slow
-def test_the_dali_loader_and_the_torch_reference_give_the_same_training_batches_pixel_for_pixel(sample_shards, pca):
+@pytest.mark.parametrize("size", [(256, 224), SMALL_SIZE], ids=lambda s: f"{s[0]}-{s[1]}")
+def test_the_dali_loader_and_the_torch_reference_give_the_same_training_batches_pixel_for_pixel(
+        sample_shards, small_sample_shards, pca, size):
     """The draws are computed, not DALI's: its window decode, flip and lighting equal Pillow's crop, flip and
-    subtraction exactly, batch after batch (and in a channels-last layout)."""
-    dali = epoch(train_loader("dali", sample_shards["train"], pca, 10, seed=1), 0)
-    reference = epoch(train_loader("torch", sample_shards["train"], pca, 10, seed=1), 0)
+    subtraction exactly, batch after batch (and in a channels-last layout), at the paper's size and a smaller one."""
+    shards, crop = (sample_shards if size[0] == 256 else small_sample_shards)["train"], size[1]
+    dali = epoch(train_loader("dali", shards, pca, 10, seed=1, crop=crop), 0)
+    reference = epoch(train_loader("torch", shards, pca, 10, seed=1, crop=crop), 0)
     assert len(dali) == len(reference) == 21
     for (a, la), (b, lb) in zip(dali, reference, strict=True):
-        assert a.shape == (10, 3, 224, 224) and a.dtype == torch.float32 and la.dtype == torch.int64
+        assert a.shape == (10, 3, crop, crop) and a.dtype == torch.float32 and la.dtype == torch.int64
         assert torch.equal(la, lb) and torch.equal(a, b), f"max |Δ| {(a - b).abs().max().item()}"
     for kind in LOADERS:
-        first = next(iter(train_loader(kind, sample_shards["train"], pca, 10, seed=1, channels_last=True)))[0]
+        first = next(iter(train_loader(kind, shards, pca, 10, seed=1, crop=crop, channels_last=True)))[0]
         assert first.is_contiguous(memory_format=torch.channels_last) and torch.equal(first, dali[0][0])
-    assert sorted(torch.cat([y for _, y in dali]).tolist()) == sorted(tar_labels(sample_shards["train"]))
+    assert sorted(torch.cat([y for _, y in dali]).tolist()) == sorted(tar_labels(shards))
 
 
 @pytest.mark.slow
@@ -397,15 +401,16 @@ def test_lighting_offsets_have_the_papers_covariance_and_are_exactly_zero_when_o
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("crop", [224, 227])
-def test_val_centre_crop_and_all_ten_crop_views_equal_the_torch_reference_pixel_for_pixel(sample_shards, pca, crop):
+@pytest.mark.parametrize("size", [(256, 224), (256, 227), SMALL_SIZE], ids=lambda s: f"{s[0]}-{s[1]}")
+def test_val_centre_crop_and_all_ten_crop_views_equal_the_torch_reference_pixel_for_pixel(
+        sample_shards, small_sample_shards, pca, size):
     """Measured tolerance: 0. DALI's CPU decode (libjpeg-turbo in nvImageCodec, fancy upsampling) gives the same
     bytes as Pillow-SIMD's on every real val image, so the outputs are equal, not merely within ±1."""
+    val, crop = (sample_shards if size[0] == 256 else small_sample_shards)["val"], size[1]
     outputs = {}
     for ten_crop in (False, True):
-        dali = list(EvalLoader(sample_shards["val"], pca, 16, crop=crop, ten_crop=ten_crop, num_threads=2))
-        reference = list(ReferenceEvalLoader(sample_shards["val"], pca, 16, crop=crop, ten_crop=ten_crop,
-                                             num_threads=0))
+        dali = list(EvalLoader(val, pca, 16, crop=crop, ten_crop=ten_crop, num_threads=2))
+        reference = list(ReferenceEvalLoader(val, pca, 16, crop=crop, ten_crop=ten_crop, num_threads=0))
         assert [len(lb) for _, lb in dali] == [len(lb) for _, lb in reference] == [16, 16, 16, 2]
         for (a, la), (b, lb) in zip(dali, reference, strict=True):
             assert a.shape == b.shape == ((len(la), 10, 3, crop, crop) if ten_crop else (len(la), 3, crop, crop))

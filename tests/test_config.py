@@ -97,7 +97,8 @@ def test_the_command_line_overrides_the_recipe_and_lrn_is_an_alias():
     ("[train]\nlearning_rate = 0.1\n", r"unknown key train\.learning_rate; valid keys: epochs, max_steps, "),
     ("[train]\nlr = \"fast\"\n", r"train\.lr = 'fast': expected a number"),
     ("[train]\nmirror = 1\n", r"train\.mirror = 1: expected true or false"),
-    ("[model]\ncrop = 225\n", r"model\.crop = 225: expected one of 224, 227"),
+    ("[model]\ncrop = 62\n", r"model\.crop = 62: expected at least 63"),
+    ("[model]\npool = \"max\"\n", r"model\.pool = 'max': expected one of overlap, plain"),
     ("[optim]\nlr = 0.1\n", r"unknown table or key 'optim'; a recipe holds the tables \[model\], \[train\]"),
     ("[train\n", r"not a valid TOML recipe"),
 ])

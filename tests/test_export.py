@@ -46,7 +46,7 @@ def trained(request, tiny_run) -> tuple[Path, Classifier]:
 def images(sample_dir, tiny_run) -> torch.Tensor:
     """Three real files through predict's preprocessing (the mean is the same in both runs: one pca.json)."""
     mean = load_classifier(sorted((tiny_run / "checkpoints").glob("step-*.pt"))[-1], "cpu").mean
-    return torch.stack([image_views((sample_dir / f).read_bytes(), mean, 224, False) for f in FILES])
+    return torch.stack([image_views((sample_dir / f).read_bytes(), mean, 224, False, 256) for f in FILES])
 
 
 def within_tolerance(theirs, logits: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.config import map_sides
 from pipeline.experiments.claims import VARIANTS
 from pipeline.model import AlexNet, AlexNetConfig, build_model, count_parameters, forward_flops, local_response_norm
 
@@ -61,9 +62,31 @@ def test_both_crops_give_55_27_13_6_maps_and_9216_fc6_inputs(crop, padding):
     assert logits.shape == (1, 10)
 
 
-@pytest.mark.parametrize("crop", [0, 223, 225, 256])
-def test_a_crop_other_than_224_or_227_is_refused(crop):
-    with pytest.raises(ValueError, match="224.*227"):
+@pytest.mark.parametrize(("crop", "pool", "conv1", "pools"), [
+    (112, "overlap", 27, [13, 6, 2]), (112, "plain", 27, [13, 6, 3]),  # plain pooling keeps a larger pool5
+    (128, "overlap", 31, [15, 7, 3]), (63, "overlap", 15, [7, 3, 1]), (63, "plain", 15, [7, 3, 1]),
+    (256, "overlap", 63, [31, 15, 7]),
+])
+def test_any_crop_from_63_builds_the_net_its_layers_measure_and_fc6_reads_the_pooled_maps(crop, pool, conv1, pools):
+    config = AlexNetConfig(crop=crop, pool=pool, num_classes=10, width=0.25)
+    sides = map_sides(crop, pool)
+    assert (sides["conv1"], [sides["pool1"], sides["pool2"], sides["pool5"]]) == (conv1, pools)  # what docs state
+    model = AlexNet(config).eval()
+    tower = model.towers[0]
+    assert tower.conv1.padding == (2, 2)
+    seen: dict[str, list] = {"conv1": [], "pool": [], "fc6": []}
+    tower.conv1.register_forward_hook(lambda m, args, out: seen["conv1"].append(out.shape[-1]))
+    tower.pool.register_forward_hook(lambda m, args, out: seen["pool"].append(out.shape[-1]))
+    with torch.no_grad():
+        logits = model(torch.randn(2, 3, crop, crop))
+    assert seen == {"conv1": [conv1], "pool": pools, "fc6": []} and logits.shape == (2, 10)
+    assert tower.fc6.in_features == 2 * config.channels(128) * pools[-1] ** 2
+    assert (forward_flops(config) < forward_flops(replace(config, crop=224))) == (crop < 224)  # MFU's divisor
+
+
+@pytest.mark.parametrize("crop", [0, 62])
+def test_a_crop_whose_pool5_maps_would_vanish_is_refused(crop):
+    with pytest.raises(ValueError, match="crop must be >= 63"):
         AlexNetConfig(crop=crop)
 
 
@@ -283,7 +306,8 @@ MODEL_FIELDS = {f.name for f in fields(AlexNetConfig)}
 MODEL_SWITCHES = [v.changes for v in VARIANTS if v.changes and set(v.changes) <= MODEL_FIELDS]
 
 
-@pytest.mark.parametrize("changes", [{}, {"crop": 227}, {"width": 0.25, "num_classes": 10}, *MODEL_SWITCHES],
+@pytest.mark.parametrize("changes", [{}, {"crop": 227}, {"crop": 112}, {"width": 0.25, "num_classes": 10},
+                                     *MODEL_SWITCHES],
                          ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "paper")
 def test_forward_flops_of_every_switch_agree_with_torchs_flop_counter(changes):
     """MFU divides by these: counted from the built module, so the one-tower net (§3.2) gets its own 783 MFLOPs."""

@@ -57,7 +57,7 @@ def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the
     keys = list(sample_index(shards).keys)
     assert len(keys) == len(files) == len(theirs)
     for key, expected in zip(keys, theirs, strict=True):
-        ours = image_views(files[key].read_bytes(), classifier.mean, 224, ten_crop)
+        ours = image_views(files[key].read_bytes(), classifier.mean, 224, ten_crop, 256)
         assert torch.equal(ours, expected), key
 
 
@@ -65,12 +65,12 @@ def test_network_input_is_bit_identical_to_the_eval_paths_from_the_shards_of_the
 def test_unreadable_bytes_raise_bad_image(photos, classifier):
     for name in ("truncated", "text"):
         with pytest.raises(BadImage):
-            image_views(photos[name].read_bytes(), classifier.mean, 224, False)
+            image_views(photos[name].read_bytes(), classifier.mean, 224, False, 256)
 
 
 def expected_probabilities(classifier: Classifier, path: Path, ten_crop: bool) -> torch.Tensor:
     """The model's softmax, computed here one view at a time (10-crop: the mean of the ten softmaxes)."""
-    views = image_views(path.read_bytes(), classifier.mean, 224, ten_crop)
+    views = image_views(path.read_bytes(), classifier.mean, 224, ten_crop, 256)
     views = views if ten_crop else views[None]
     with torch.no_grad():
         return torch.stack([torch.softmax(classifier.model(v[None]), dim=1)[0] for v in views]).mean(dim=0)

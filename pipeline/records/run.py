@@ -11,7 +11,7 @@ from typing import ClassVar
 
 from pipeline.config import AlexNetConfig, TrainConfig, upgrade_train_settings
 from pipeline.records.base import Record, absent_when_none, to_plain
-from pipeline.records.data import PixelStats
+from pipeline.records.data import PixelStats, ShardParams
 
 RUN_SETTINGS = "_run.json"  # a run folder: the settings its checkpoints belong to
 METRICS = "metrics.jsonl"  # a run folder: one line per logged step and per epoch
@@ -54,7 +54,7 @@ class RunSpec(Record):
     the class table, the data it came from and the topology that wrote it. Eval, predict and export need nothing
     else. Format 1 was one flat dict (`config`) beside a separate `topology`."""
 
-    FORMAT: ClassVar[int] = 3
+    FORMAT: ClassVar[int] = 4
     model: AlexNetConfig
     train: TrainConfig
     pixels: PixelStats
@@ -63,10 +63,12 @@ class RunSpec(Record):
     val_classes: int
     topology: Topology
     devices: tuple[str, ...] = ()
+    short_side: int = ShardParams.short_side  # the training shards': eval, predict and export resize to it
 
     @classmethod
     def migrate(cls, data: dict, format: int) -> dict:
-        """Format 1: a flat dict (its topology beside it); 2: topology (world_size, per_rank_batch) of epoch order 1."""
+        """Format 1: a flat dict (its topology beside it); 2: topology (world_size, per_rank_batch) of epoch order 1;
+        3: no short side (every run then trained on shards of short side 256)."""
         if format == 1:
             world_size = data.get("world_size", 1)
             train = upgrade_train_settings(data["train"])
@@ -78,9 +80,11 @@ class RunSpec(Record):
                     "topology": data.get("topology") or {"world_size": world_size,
                                                          "per_rank_batch": batch // world_size},
                     "devices": data.get("devices", [])}
-        old = data["topology"]
-        return {**data, "topology": {"order": 1, "global_batch": old["world_size"] * old["per_rank_batch"],
-                                     "world_size": old["world_size"]}}
+        if format <= 2:
+            old = data["topology"]
+            data = {**data, "topology": {"order": 1, "global_batch": old["world_size"] * old["per_rank_batch"],
+                                         "world_size": old["world_size"]}}
+        return {**data, "short_side": 256}
 
     def trajectory(self) -> dict:
         """What a run's checkpoints must agree with to be resumed: the model, the result-changing training settings

@@ -43,16 +43,24 @@ class RunData:
         return RunInputs(**{name: i.digest for name, i in self.inputs.items()})
 
     @classmethod
-    def open(cls, train_dir: Path, val_dir: Path, pca_path: Path, cfg: TrainConfig) -> RunData:
+    def open(cls, train_dir: Path, val_dir: Path, pca_path: Path, cfg: TrainConfig, crop: int) -> RunData:
         """What can be refused before the run folder is claimed (so that the corrected command is not refused as
         "other settings"): each shard folder holds its split, the data holds a global batch that the ranks can
-        share, the val shards use the training shards' class list."""
+        share, the val shards use the training shards' class list and short side, the crop fits in it."""
         place = placement()
         if cfg.batch_size % place.world_size:
             raise PipeError(f"{cfg.batch_size} (global) must divide evenly over {place.world_size} ranks",
                             option="batch_size")
         train = Manifest.read(train_dir).require_split("train", train_dir, option="train")
         val = Manifest.read(val_dir).require_split("val", val_dir, option="val")
+        side = train.params.short_side
+        if val.params.short_side != side:
+            raise PipeError(f"{val_dir}: expected val shards of the training shards' short side {side}, found "
+                            f"{val.params.short_side}; shard val with --short-side {side}", option="val")
+        if crop > side:
+            raise PipeError(f"expected a crop of at most the short side of the training shards {train_dir} ({side}), "
+                            f"found {crop}; train with a smaller --crop or shard with a larger --short-side",
+                            option="crop")
         if train.samples < cfg.batch_size:
             raise PipeError(f"{train_dir} holds {train.samples} samples, fewer than one global batch "
                             f"({cfg.batch_size})", option="batch_size")
@@ -176,7 +184,8 @@ def prepare(model: AlexNetConfig, cfg: TrainConfig, data: RunData, session: Sess
                                      lighting=cfg.lighting, **workers, **common)
     val_loader = make_eval_loader(data.val_dir, pixels, cfg.eval_batch_size, ten_crop=False, **common)
     spec = RunSpec(model=model, train=cfg, pixels=pixels, classes=data.classes, inputs=data.digests,
-                   val_classes=len(data.val.classes), topology=topology(cfg, place), devices=session.devices)
+                   val_classes=len(data.val.classes), topology=topology(cfg, place), devices=session.devices,
+                   short_side=data.train.params.short_side)
     return Job(net, train_loader, val_loader, spec, session)
 
 
