@@ -21,10 +21,16 @@ DEMO_CLASSES   ?= 10
 DEMO_TRAIN     ?= 60
 DEMO_VAL       ?= 10
 DEMO_DATA      := $(WORK)/$(DEMO_DATA_DIR)
-TRAIN_SHARDS   := $(WORK)/$(TRAIN_SHARDS_DIR)
-VAL_SHARDS     := $(WORK)/$(VAL_SHARDS_DIR)
-PCA_OUT        := $(WORK)/$(PCA_DIR)
-PCA_JSON       := $(PCA_OUT)/pca.json
+# The image size: the shards' short side is the recipe's (`alexnet-pipe recipe RECIPE`: [shards] short_side, else the
+# paper's 256; read once, when first needed), the crop its model.crop. Another side than 256 has folders of its own
+# (shards-72/, pca-72/), so that two sizes never overwrite each other in one WORK.
+SHORT_SIDE     ?= $(eval SHORT_SIDE := $$(or $$(shell $(CLI) recipe $(RECIPE) --get shards.short_side),$$(error \
+                  RECIPE=$(RECIPE): no short side (the line above says why))))$(SHORT_SIDE)
+SIZED           = $(if $(filter 256,$(SHORT_SIDE)),,-$(SHORT_SIDE))
+TRAIN_SHARDS    = $(WORK)/$(subst shards/,shards$(SIZED)/,$(TRAIN_SHARDS_DIR))
+VAL_SHARDS      = $(WORK)/$(subst shards/,shards$(SIZED)/,$(VAL_SHARDS_DIR))
+PCA_OUT         = $(WORK)/$(PCA_DIR)$(SIZED)
+PCA_JSON        = $(PCA_OUT)/pca.json
 DATA           := $(if $(IMAGENET),$(IMAGENET),$(DEMO_DATA))
 
 SHARD_SIZE     ?= $(if $(IMAGENET),1000,100)
@@ -102,11 +108,13 @@ synth: $(STAMP)
 prepare: shard-train shard-val pca
 
 shard-train: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(TRAIN_SHARDS) --split train --shard-size $(SHARD_SIZE) --seed $(SEED) $(CAP_ARGS) \
+	$(CLI) shard $(DATA) $(TRAIN_SHARDS) --split train --short-side $(SHORT_SIDE) --shard-size $(SHARD_SIZE) \
+		--seed $(SEED) $(CAP_ARGS) \
 		$(if $(PER_CLASS),--per-class $(PER_CLASS))
 
 shard-val: $(STAMP) $(if $(IMAGENET),,synth)
-	$(CLI) shard $(DATA) $(VAL_SHARDS) --split val --shard-size $(SHARD_SIZE) --seed $(SEED) $(CAP_ARGS)
+	$(CLI) shard $(DATA) $(VAL_SHARDS) --split val --short-side $(SHORT_SIDE) --shard-size $(SHARD_SIZE) \
+		--seed $(SEED) $(CAP_ARGS)
 
 pca: shard-train
 	$(CLI) pca-stats $(TRAIN_SHARDS) $(PCA_OUT)
@@ -132,7 +140,8 @@ figure1: $(STAMP)
 	$(CLI) figure1 $(CIFAR) --out $(FIGURE1_DIR) --devices $(DEVICES) $(FIGURE1_ARGS)
 
 preview: pca
-	$(CLI) preview $(TRAIN_SHARDS) --pca $(PCA_JSON) --out $(WORK)/preview.png --seed $(SEED)
+	$(CLI) preview $(TRAIN_SHARDS) --pca $(PCA_JSON) --out $(WORK)/preview.png --seed $(SEED) \
+		--crop $$($(CLI) recipe $(RECIPE) --get model.crop)
 
 cluster-prepare: $(STAMP)
 	$(CLUSTER_ENV) DATA=$(abspath $(DATA)) cluster/submit.sh prepare

@@ -32,7 +32,7 @@ from cli.options import (
     task_flags,
     with_settings,
 )
-from pipeline.config import SMALLEST_CROP, AlexNetConfig, Loader
+from pipeline.config import SHORT_SIDE, SMALLEST_CROP, AlexNetConfig, Loader
 from pipeline.experiments.claims import VARIANT_NAMES
 
 app = typer.Typer(
@@ -100,7 +100,8 @@ def shard(
     workers: Workers = None,
     task_index: TaskIndex = None,
     num_tasks: NumTasks = None,
-    short_side: Annotated[int, typer.Option(help="Resize so the short side is this many pixels.", min=1)] = 256,
+    short_side: Annotated[int, typer.Option(help="Resize so the short side is this many pixels (the paper's 256; "
+                                            "a run's --crop must fit in it).", min=1)] = SHORT_SIDE,
     quality: Annotated[int, typer.Option(help="JPEG quality of the shard images.", min=1, max=100)] = 95,
     max_classes: Annotated[int | None, typer.Option(help="Shard only the first N classes (sorted wnids) of the "
                                                     "split; give both splits the same N.", min=1)] = None,
@@ -241,6 +242,23 @@ def verify(
     from stages import verify as stage
 
     stage.run(shard_dir, decode=decode, reporter=CliReporter())
+
+
+@app.command()
+def recipe(
+    name: Annotated[str, typer.Argument(metavar="RECIPE", help=f"{RECIPES.replace('|', ', ')}.")] = "paper",
+    get: Annotated[str | None, typer.Option("--get", metavar="TABLE.KEY", help="Print only this value, e.g. "
+                                            "shards.short_side (what `make prepare` shards at) or model.crop.")] = None,
+):
+    """A recipe as training resolves it: every setting of its [model], [train] and [shards] tables, the values the
+    recipe sets marked beside the paper's."""
+    from pipeline.config import recipe_lines, recipe_value
+
+    if get is not None:
+        value = recipe_value(name, get)
+        print(str(value).lower() if isinstance(value, bool) else value)
+        return
+    print("\n".join(recipe_lines(name)))
 
 
 @app.command()

@@ -216,7 +216,17 @@ class TrainConfig(_Settings):
         return self.section(RESULT)
 
 
+@dataclass
+class ShardSettings(_Settings):
+    """What a recipe's images are sharded at (`make prepare RECIPE=…`): the image size's first number; the crop the
+    net sees is the model's."""
+
+    short_side: int = setting(256, "Resize so the short side is this many pixels (§2: 256).", minimum=1)
+
+
+SHORT_SIDE = ShardSettings.short_side  # the shard stage's default (the paper's 256)
 SETTINGS = {"model": AlexNetConfig, "train": TrainConfig}  # a recipe's tables and the run's trajectory sections
+RECIPE_TABLES = {**SETTINGS, "shards": ShardSettings}  # …and what `make prepare` reads from it
 
 
 def user_settings(cls) -> list:
@@ -253,20 +263,21 @@ def recipe_path(recipe: str | Path) -> Path | None:
 
 
 def load_recipe(recipe: str | Path) -> dict[str, dict]:
-    """{"model": {...}, "train": {...}} from a recipe, each key checked against the settings' fields and types."""
+    """{"model": {...}, "train": {...}, "shards": {...}} from a recipe, each key checked against the settings' fields
+    and types, and its crop against its short side."""
     path = recipe_path(recipe)
     if path is None:
-        return {section: {} for section in SETTINGS}
+        return {section: {} for section in RECIPE_TABLES}
     try:
         data = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PipeError(f"{path}: not a valid TOML recipe ({e})") from None
-    unknown = set(data) - set(SETTINGS)
+    unknown = set(data) - set(RECIPE_TABLES)
     if unknown:
         raise PipeError(f"{path}: unknown table or key {sorted(unknown)[0]!r}; a recipe holds the tables "
-                        f"{', '.join(f'[{s}]' for s in SETTINGS)}")
+                        f"{', '.join(f'[{s}]' for s in RECIPE_TABLES)}")
     resolved = {}
-    for section, cls in SETTINGS.items():
+    for section, cls in RECIPE_TABLES.items():
         table = data.get(section, {})
         if not isinstance(table, dict):
             raise PipeError(f"{path}: {section} must be a table [{section}], got {table!r}")
@@ -279,7 +290,42 @@ def load_recipe(recipe: str | Path) -> dict[str, dict]:
             if problem:
                 raise PipeError(f"{path}: {section}.{key} = {value!r}: {problem}")
         resolved[section] = dict(table)
+    crop, side = resolved["model"].get("crop", AlexNetConfig.crop), resolved["shards"].get("short_side", SHORT_SIDE)
+    if crop > side:
+        raise PipeError(f"{path}: model.crop = {crop}: expected at most shards.short_side ({side}), the side it is "
+                        "cut from")
     return resolved
+
+
+def recipe_value(recipe: str | Path, key: str) -> SettingValue:
+    """One resolved value of a recipe, `table.key` (`shards.short_side`): the recipe's, else the default."""
+    table, _, name = key.partition(".")
+    cls = RECIPE_TABLES.get(table)
+    if cls is None or name not in {f.name for f in user_settings(cls)}:
+        keys = [f"{t}.{f.name}" for t, c in RECIPE_TABLES.items() for f in user_settings(c)]
+        raise PipeError(f"{key}: expected a recipe key such as shards.short_side or model.crop; valid keys: "
+                        f"{', '.join(keys)}")
+    return load_recipe(recipe)[table].get(name, getattr(cls(), name))
+
+
+def recipe_lines(recipe: str | Path) -> list[str]:
+    """The recipe's resolved tables as TOML lines; a value the recipe sets is marked with the paper's beside it."""
+    loaded = load_recipe(recipe)
+    lines: list[str] = []
+    for table, cls in RECIPE_TABLES.items():
+        lines += [*([""] if lines else []), f"[{table}]"]
+        for f in user_settings(cls):
+            set_here = f.name in loaded[table]
+            value = loaded[table][f.name] if set_here else default_of(f)
+            note = f"  # this recipe (paper: {_toml(default_of(f))})" if set_here else ""
+            lines.append(f"# {f.name}: not set" if value is None else f"{f.name} = {_toml(value)}{note}")
+    return lines
+
+
+def _toml(value: SettingValue) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f'"{value}"' if isinstance(value, str) else str(value)
 
 
 def _type_problem(value, hint, metadata) -> str | None:

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.config import SHORT_SIDE
+
 EXIF_ORIENTATION = 0x0112
 JPEG_MAX_SIDE = 65_500  # libjpeg's limit on either side of an image it writes
 # Decoded pixels one image may take: Pillow's own decompression-bomb threshold (89.5 MP, 268 MB as RGB), the one
@@ -43,7 +45,7 @@ def resized_size(width: int, height: int, short_side: int) -> tuple[int, int]:
     return max(1, round(width * short_side / height)), short_side
 
 
-def prepare_image(data: bytes, *, short_side: int = 256, quality: int = 95) -> PreparedImage:
+def prepare_image(data: bytes, *, short_side: int = SHORT_SIDE, quality: int = 95) -> PreparedImage:
     """Decode `data` whatever its real format, convert to RGB, resize (antialiased), re-encode as baseline JPEG.
     Sizes are checked from the header before any pixel is decoded, so memory stays bounded whatever the file."""
     if not data:

@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.config import SHORT_SIDE
 from pipeline.engine import Input, QuietReporter, Reporter, Stage, StageResult, task_slice, write_json
 from pipeline.errors import PipeError
 from pipeline.records import MANIFEST, TIMM_INFO, Manifest, ShardIndex, ShardUnit
@@ -49,7 +50,7 @@ class ShardCounts:
 
 def run(source: Path, out: Path, *, split: str, labels: Path | None = None, classes_file: Path | None = None,
         shard_size: int = 1000, workers: int | None = None, task_index: int | None = None,
-        num_tasks: int | None = None, short_side: int = 256, quality: int = 95, seed: int = 0,
+        num_tasks: int | None = None, short_side: int = SHORT_SIDE, quality: int = 95, seed: int = 0,
         max_classes: int | None = None, per_class: int | None = None, force: bool = False,
         reporter: Reporter | None = None) -> StageResult:
     """`max_classes`/`per_class`: shard only the first classes (sorted wnids) and a seeded choice of images of each

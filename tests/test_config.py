@@ -16,6 +16,7 @@ import typer
 
 from cli.main import app
 from pipeline.config import (
+    RECIPE_TABLES,
     RECIPES_DIR,
     SETTINGS,
     AlexNetConfig,
@@ -48,6 +49,8 @@ def other_value(f, value):
         return not value
     if f.name == "dropout":
         return 0.25
+    if f.name == "crop":
+        return 227  # Caffe's: it fits the paper's short side
     return (value or 1) * 3 if isinstance(value, int | float) else value
 
 
@@ -99,6 +102,8 @@ def test_the_command_line_overrides_the_recipe_and_lrn_is_an_alias():
     ("[train]\nmirror = 1\n", r"train\.mirror = 1: expected true or false"),
     ("[model]\ncrop = 62\n", r"model\.crop = 62: expected at least 63"),
     ("[model]\npool = \"max\"\n", r"model\.pool = 'max': expected one of overlap, plain"),
+    ("[shards]\nshort_side = 128\n", r"model\.crop = 224: expected at most shards\.short_side \(128\)"),
+    ("[shards]\nside = 128\n", r"unknown key shards\.side; valid keys: short_side"),
     ("[optim]\nlr = 0.1\n", r"unknown table or key 'optim'; a recipe holds the tables \[model\], \[train\]"),
     ("[train\n", r"not a valid TOML recipe"),
 ])
@@ -141,8 +146,10 @@ def test_the_readme_demo_table_states_the_demo_recipe():
 
 
 def make_dry_run(*variables: str) -> str:
-    """The train command `make train` would run (make -n, the setup stamp taken as done)."""
-    out = subprocess.run(["make", "-n", "-o", ".venv/.setup-stamp", "train", "WORK=/nonexistent", *variables],
+    """The train command `make train` would run (make -n, the setup stamp taken as done, the recipe's short side not
+    read)."""
+    out = subprocess.run(["make", "-n", "-o", ".venv/.setup-stamp", "train", "WORK=/nonexistent", "SHORT_SIDE=256",
+                          *variables],
                          cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
     return next(line for line in out.replace("\\\n", " ").splitlines() if line.split()[1:2] == ["train"])
 
@@ -172,3 +179,18 @@ def test_a_run_folder_written_before_settings_were_declared_once_resumes(tiny_ru
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 27 and len(steps) == len(set(steps)) + 3  # 3 epoch lines share
     assert json.loads((run / "_run.json").read_text())["settings"]["train"]["mirror"] is True
+
+
+def test_the_recipe_command_shows_every_setting_marks_the_recipes_own_and_gets_one_value(cli_here, tmp_path):
+    shown = cli_here("recipe", "tiny").stdout.splitlines()
+    assert shown[0] == "[model]" and "width = 0.125  # this recipe (paper: 1.0)" in shown and "crop = 224" in shown
+    assert shown[-2:] == ["[shards]", "short_side = 256"] and "# max_steps: not set" in shown
+    settings = [line for line in shown if " = " in line or line.endswith(": not set")]
+    assert len(settings) == sum(len(user_settings(c)) for c in RECIPE_TABLES.values())
+    small = tmp_path / "small.toml"
+    small.write_text("[model]\ncrop = 64\n\n[shards]\nshort_side = 72\n")
+    assert cli_here("recipe", small, "--get", "shards.short_side").stdout == "72\n"
+    assert cli_here("recipe", "tiny", "--get", "train.mirror").stdout == "true\n"
+    assert cli_here("recipe", "--get", "model.crop").stdout == "224\n"  # the paper's
+    out = cli_here("recipe", "tiny", "--get", "shards.crop", check=False)
+    assert out.returncode == 2 and out.stderr.startswith("error: shards.crop: expected a recipe key such as")

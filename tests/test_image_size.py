@@ -89,3 +89,27 @@ def test_shards_and_crops_of_other_sizes_are_refused_in_one_line_before_any_run_
     assert "found 80" in line and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     line = one_line_error(cli_here("eval", run, "--val", tiny_data["val"], "--out", tmp_path / "e", check=False))
     assert f"expected val shards of short side {SIDE} (the run's training shards'), found 256" in line
+
+
+@pytest.mark.slow
+def test_make_prepare_shards_at_the_recipes_short_side_in_folders_of_its_own(tmp_path):
+    """A recipe's [shards] short_side is what `make prepare` shards at; the paper's 256 beside it overwrites nothing."""
+    import subprocess
+    import sys
+
+    from pipeline.records import Manifest
+
+    recipe, work = tmp_path / "small.toml", tmp_path / "work"
+    recipe.write_text(f"[model]\ncrop = {CROP}\n\n[shards]\nshort_side = {SIDE}\n")
+    venv = Path(sys.executable).parents[1]  # the venv running the tests, wherever the tree is
+    make = ["make", "-s", "-o", f"{venv}/.setup-stamp", "prepare", f"VENV={venv}", f"WORK={work}", "DEMO_CLASSES=3",
+            "DEMO_TRAIN=4", "DEMO_VAL=2"]
+    repo = Path(__file__).parents[1]
+    subprocess.run([*make, f"RECIPE={recipe}"], cwd=repo, check=True, capture_output=True, timeout=300)
+    small = [work / f"shards-{SIDE}" / split for split in ("train", "val")]
+    assert [Manifest.read(folder).params.short_side for folder in small] == [SIDE, SIDE]
+    assert (work / f"pca-{SIDE}" / "pca.json").is_file()
+    written = {p: p.stat().st_mtime_ns for folder in small for p in folder.iterdir()}
+    subprocess.run(make, cwd=repo, check=True, capture_output=True, timeout=300)  # the demo recipe: 256
+    assert Manifest.read(work / "shards" / "train").params.short_side == 256 and (work / "pca" / "pca.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in written} == written
