@@ -110,7 +110,7 @@ def verifies(path: Path) -> bool:
     return good
 
 
-def _verdicts(folder: Path) -> dict:
+def _verdicts(folder: Path) -> dict[str, list]:
     try:
         return json.loads((folder / VERDICTS).read_text())
     except (OSError, ValueError):  # none yet, or unreadable: every verdict is recomputed
