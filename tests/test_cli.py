@@ -111,6 +111,7 @@ def test_an_output_folder_under_a_file_is_one_line_naming_the_file(command, samp
 def test_help_names_arguments_as_typed_shows_choices_and_wraps_at_any_width(width):
     """Usage lines show OUT (not {out}), flags show no <bool>, the choices of --split, --format and --recipe are
     listed, ablate lists its variants, and no line is wider than the terminal."""
+    from cli.options import RECIPES
     from pipeline.experiments.claims import VARIANT_NAMES
 
     env = {**os.environ, "COLUMNS": str(width), "TERM": "dumb"}
@@ -119,7 +120,7 @@ def test_help_names_arguments_as_typed_shows_choices_and_wraps_at_any_width(widt
     assert "{" not in "".join(line for page in pages.values() for line in page.splitlines() if "Usage:" in line)
     assert all("<bool>" not in page for page in pages.values())
     assert "train|val" in pages["shard"] and "tree|tars" in pages["synth"] and "pt2|onnx" in pages["export"]
-    assert "paper|demo" in pages["train"] and "paper|demo" in pages["ablate"]
+    assert RECIPES.startswith("paper|claims|demo|") and RECIPES in pages["train"] and RECIPES in pages["ablate"]
     assert all(name in "".join(pages["ablate"].replace("│", "").split()) for name in VARIANT_NAMES)  # wrapped
     assert all(len(line) <= width for page in pages.values() for line in page.splitlines())
 

@@ -127,7 +127,7 @@ def test_a_value_the_settings_refuse_names_the_setting_and_where_it_came_from(tm
         resolve_settings(recipe)
     with pytest.raises(PipeError, match=r"^train: dropout must be in \[0, 1\), got 1\.5"):
         resolve_settings("paper", {"dropout": 1.5})
-    with pytest.raises(PipeError, match="expected one of demo, paper, tiny or a TOML file"):
+    with pytest.raises(PipeError, match="expected one of claims, demo, paper, tiny or a TOML file"):
         resolve_settings("nonesuch")
 
 
@@ -194,3 +194,9 @@ def test_the_recipe_command_shows_every_setting_marks_the_recipes_own_and_gets_o
     assert cli_here("recipe", "--get", "model.crop").stdout == "224\n"  # the paper's
     out = cli_here("recipe", "tiny", "--get", "shards.crop", check=False)
     assert out.returncode == 2 and out.stderr.startswith("error: shards.crop: expected a recipe key such as")
+
+
+@pytest.mark.parametrize("name", recipe_names())
+def test_every_shipped_recipe_resolves_and_its_crop_fits_its_short_side(name):
+    model, _ = resolve_settings(name)
+    assert model.crop <= load_recipe(name)["shards"].get("short_side", 256)
