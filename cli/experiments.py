@@ -9,15 +9,15 @@ from typing import Annotated
 import typer
 
 from cli.display import CliReporter
-from cli.options import RECIPES, NumTasks, TaskIndex, numbers, task_flags, with_settings
+from cli.options import RECIPES, NumTasks, PcaJson, TaskIndex, TrainShards, numbers, task_flags, with_settings
 from pipeline.experiments.claims import VARIANT_NAMES
 
 
 @with_settings
 def ablate(
-    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
+    train: TrainShards,
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder.")],
-    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
+    pca: PcaJson,
     out: Annotated[Path, typer.Option("--out", help="Sweep folder: runs/, eval/, ablations.md/.json, plots.")],
     recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The baseline's settings: paper, demo, a shipped "
                                         "recipe by name or a TOML file; the options below override it for every "

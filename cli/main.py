@@ -23,9 +23,11 @@ from cli.options import (
     Force,
     NumTasks,
     Out,
+    PcaJson,
     RunOrCheckpoint,
     Seed,
     TaskIndex,
+    TrainShards,
     UntrainedValClasses,
     Workers,
     out_folder,
@@ -147,13 +149,14 @@ def pca_stats(
 @app.command()
 @with_settings
 def train(
-    train: Annotated[Path, typer.Option("--train", help="Training shard folder.")],
+    train: TrainShards,
     val: Annotated[Path, typer.Option("--val", help="Validation shard folder (per-epoch centre-crop error).")],
-    pca: Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")],
+    pca: PcaJson,
     out: Annotated[Path, typer.Option("--out", help="Run folder: checkpoints/, metrics.jsonl.")],
     recipe: Annotated[str, typer.Option(metavar=RECIPES, help="The settings to start from: paper (§5: the "
                                         "settings' defaults), demo (the embedded demo's), tiny (Tiny ImageNet on a "
-                                        "CPU), or a TOML file with model and train tables. Every option below "
+                                        "CPU), claims (Tiny ImageNet at 128/112 px, where §4's overfitting shows), "
+                                        "or a TOML file with model and train tables. Every option below "
                                         "overrides the recipe.")] = "paper",
     devices: Annotated[str, typer.Option(help="auto (local rank r gets GPUs 2r and 2r+1, else one GPU, else the "
                                          "CPU), or e.g. cuda:0,cuda:1 (tower A, tower B), cuda:0, cpu, cpu,cpu.")

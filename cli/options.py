@@ -43,6 +43,8 @@ setattr(TyperArgument, "_usage_display_name", _usage_name)  # noqa: B010
 setattr(TyperOption, "display_type_rich", _flag_type)  # noqa: B010
 
 
+TrainShards = Annotated[Path, typer.Option("--train", help="Training shard folder.")]
+PcaJson = Annotated[Path, typer.Option("--pca", help="pca.json from `alexnet-pipe pca-stats`.")]
 RECIPES = "|".join(["paper", *(name for name in recipe_names() if name != "paper"), "FILE"])
 
 
